@@ -1,0 +1,276 @@
+"""``pipeline.yaml`` -> typed dataclasses, one per stage, validated at the edge.
+
+``pipeline.yaml`` is read once, by the CLI, into a :class:`PipelineCfg`; each stage function receives only the
+sections it needs. Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key,
+the value and what is allowed. Command-line overrides use the same dotted keys::
+
+    snd sample-views --config pipeline.yaml --set sampling.frame_gap=[4,8] --set sampling.seed=3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage sections
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    """Which scenes the pipeline reads. Both kinds live in the same on-disk layout (see ``scenes/layout.py``)."""
+
+    dataset: Literal["demo", "scannetpp"] = "demo"
+    root: Path = Path("data/demo")
+
+
+@dataclass(frozen=True)
+class DemoCfg:
+    """Generated indoor-like RGB-D scenes, the embedded default dataset (``snd make-demo-data``)."""
+
+    seed: int = 0
+    train_scenes: int = 6
+    eval_scenes: int = 2
+    frames_per_scene: int = 40
+    height: int = 192
+    width: int = 256
+    horizontal_fov_degrees: float = 70.0
+
+    def __post_init__(self) -> None:
+        _require(self.train_scenes >= 1, "demo.train_scenes", self.train_scenes, "an integer >= 1")
+        _require(self.eval_scenes >= 0, "demo.eval_scenes", self.eval_scenes, "an integer >= 0")
+        _require(self.frames_per_scene >= 2, "demo.frames_per_scene", self.frames_per_scene, "an integer >= 2")
+        _require(self.height >= 16, "demo.height", self.height, "an integer >= 16")
+        _require(self.width >= 16, "demo.width", self.width, "an integer >= 16")
+        _require(
+            10.0 <= self.horizontal_fov_degrees <= 150.0,
+            "demo.horizontal_fov_degrees",
+            self.horizontal_fov_degrees,
+            "a number in [10, 150]",
+        )
+
+
+@dataclass(frozen=True)
+class SamplingCfg:
+    """How (scene, two context frames, targets) samples are drawn; frozen into a manifest by ``snd sample-views``.
+
+    ``frame_gap`` is the inclusive range [min, max] of the distance between the two context frames, counted in
+    positions of the filename-sorted frame list. The reference implementation always uses a gap of exactly 8
+    (a sampler bug), which ``frame_gap: [8, 8]`` reproduces.
+    """
+
+    split: Literal["train", "val", "all"] = "train"
+    seed: int = 0
+    samples_per_scene: int = 16
+    frame_gap: tuple[int, int] = (4, 8)
+    targets_per_sample: int = 1
+    exclude_context_targets: bool = True
+    # The reference loader rejects a pair whose file numbers differ by other than the gap (holes in a sequence).
+    require_consecutive_file_numbers: bool = False
+
+    def __post_init__(self) -> None:
+        low, high = self.frame_gap
+        _require(1 <= low <= high, "sampling.frame_gap", list(self.frame_gap), "[min, max] with 1 <= min <= max")
+        _require(self.samples_per_scene >= 1, "sampling.samples_per_scene", self.samples_per_scene, "an integer >= 1")
+        _require(self.targets_per_sample >= 1, "sampling.targets_per_sample", self.targets_per_sample, "an integer >= 1")
+        candidates = low - 1 if self.exclude_context_targets else low + 1
+        _require(
+            candidates >= self.targets_per_sample,
+            "sampling.targets_per_sample",
+            self.targets_per_sample,
+            f"at most {candidates}: that many distinct targets fit between context frames {low} apart "
+            "(raise sampling.frame_gap[0] or lower sampling.targets_per_sample)",
+        )
+
+
+@dataclass(frozen=True)
+class StoreCfg:
+    """Where content-addressed artifacts are cached."""
+
+    root: Path = Path("data/store")
+
+
+@dataclass(frozen=True)
+class PipelineCfg:
+    data: DataCfg = field(default_factory=DataCfg)
+    demo: DemoCfg = field(default_factory=DemoCfg)
+    sampling: SamplingCfg = field(default_factory=SamplingCfg)
+    store: StoreCfg = field(default_factory=StoreCfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = (), allowed_sections=None) -> PipelineCfg:
+    """Read ``path`` (or the defaults if ``None``), apply ``KEY=VALUE`` overrides, validate, return typed config.
+
+    Args:
+        path: a YAML file shaped like :class:`PipelineCfg`.
+        overrides: dotted ``section.key=value`` strings; values are parsed as YAML (``[4, 8]``, ``true``, ``0.5``).
+        allowed_sections: if given, overrides may only touch these sections (the ones the stage reads).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with the path to pipeline.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections at the top level, got {type(loaded).__name__}")
+        raw = loaded
+    source = str(path) if path is not None else "defaults"
+    for override in overrides:
+        key, value = _parse_override(override)
+        section = key.split(".", 1)[0]
+        if allowed_sections is not None and section not in allowed_sections:
+            raise ConfigError(
+                f"override {override!r}: this command reads only the sections {sorted(allowed_sections)}, "
+                f"not {section!r}"
+            )
+        _set_dotted(raw, key, value, override)
+    return build(PipelineCfg, raw, prefix="", source=source)
+
+
+def to_dict(config) -> dict[str, Any]:
+    """Plain YAML-safe dict of a config dataclass (paths as strings, tuples as lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def dump_yaml(config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def dump_sections(**sections) -> str:
+    """YAML of the named config sections a stage used, shaped like pipeline.yaml (written beside its output)."""
+    return yaml.safe_dump({name: to_dict(section) for name, section in sections.items()}, sort_keys=False)
+
+
+def build(cls, raw: Any, prefix: str, source: str = "config"):
+    """Build dataclass ``cls`` from a mapping, validating every key and value."""
+    where = prefix.rstrip(".") or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: {where} must be a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{key}'{suggestion}; allowed keys in {where}: {sorted(fields)}"
+            )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name in fields:
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", source)
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _coerce(annotation, value, key: str, source: str):
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return build(annotation, value, prefix=f"{key}.", source=source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key} = {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a list")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} = {value!r} must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} = {value!r} must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a string")
+        return value
+    if annotation is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a path (a string)")
+        return Path(value)
+    raise AssertionError(f"config field {key} has an unsupported annotation {annotation!r}")
+
+
+def _require(condition: bool, key: str, value, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} = {value!r} is not allowed; expected {allowed}")
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. sampling.seed=3")
+    key, text = override.split("=", 1)
+    key = key.strip()
+    if not key or "." not in key:
+        raise ConfigError(f"override {override!r} must name a dotted key such as sampling.seed")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {override!r}: the value {text!r} is not valid YAML") from None
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value, override: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,83 @@
+"""The one ``Gaussians`` type of snd: pixel-aligned 3D Gaussians in the world frame.
+
+.. note:: Conventions
+   ``quats`` are unit (w, x, y, z); ``scales`` are standard deviations in metres along the Gaussian's local axes
+   (the covariance is R diag(scales)^2 R^T, as in gsplat); ``means`` are world coordinates. Each Gaussian
+   remembers the context view and the pixel it was born from, which is what lifting needs: the feature of
+   pixel ``source_pixel`` (row-major index ``row * width + column``) of view ``source_view`` goes to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .geometry import quaternion_to_rotation_matrix
+
+
+@dataclass
+class Gaussians:
+    """``N`` Gaussians.
+
+    Attributes:
+        means: ``[N, 3]`` world positions.
+        quats: ``[N, 4]`` unit quaternions, wxyz.
+        scales: ``[N, 3]`` standard deviations (metres).
+        opacities: ``[N]`` in [0, 1].
+        source_view: ``[N]`` index of the context view each Gaussian was born from.
+        source_pixel: ``[N]`` row-major pixel index in that view.
+    """
+
+    means: Float[Tensor, "N 3"]
+    quats: Float[Tensor, "N 4"]
+    scales: Float[Tensor, "N 3"]
+    opacities: Float[Tensor, " N"]
+    source_view: Int[Tensor, " N"]
+    source_pixel: Int[Tensor, " N"]
+
+    def __post_init__(self) -> None:
+        count = self.means.shape[0]
+        expected = {
+            "means": (count, 3),
+            "quats": (count, 4),
+            "scales": (count, 3),
+            "opacities": (count,),
+            "source_view": (count,),
+            "source_pixel": (count,),
+        }
+        for name, shape in expected.items():
+            actual = tuple(getattr(self, name).shape)
+            if actual != shape:
+                raise ValueError(f"Gaussians.{name} must have shape {shape}, got {actual}")
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    def to(self, device=None, dtype=None) -> "Gaussians":
+        """Move to ``device``; ``dtype`` applies to the float fields only."""
+        return Gaussians(
+            means=self.means.to(device=device, dtype=dtype),
+            quats=self.quats.to(device=device, dtype=dtype),
+            scales=self.scales.to(device=device, dtype=dtype),
+            opacities=self.opacities.to(device=device, dtype=dtype),
+            source_view=self.source_view.to(device=device),
+            source_pixel=self.source_pixel.to(device=device),
+        )
+
+    def __getitem__(self, index) -> "Gaussians":
+        return Gaussians(
+            self.means[index],
+            self.quats[index],
+            self.scales[index],
+            self.opacities[index],
+            self.source_view[index],
+            self.source_pixel[index],
+        )
+
+    def covariances(self) -> Float[Tensor, "N 3 3"]:
+        """World-frame covariances R diag(scales^2) R^T."""
+        rotation = quaternion_to_rotation_matrix(self.quats)
+        return rotation @ torch.diag_embed(self.scales.square()) @ rotation.transpose(-1, -2)

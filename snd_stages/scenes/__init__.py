@@ -1,0 +1,1 @@
+"""Scene readers, generated demo scenes and view sampling."""

@@ -1,0 +1,336 @@
+"""Content-addressed artifact store with manifests, atomic writes and per-unit resume.
+
+Layout under the store root::
+
+    <stage>/<key>/                 a complete artifact (only ever created by an atomic rename)
+        manifest.json              stage, key, schema version, params, input keys, producer version, counts
+        config.yaml                the resolved pipeline config that produced it
+        data.zarr/                 Zarr v3 group; one child group per unit (scene, sample, ...)
+        *.json                     small documents (e.g. the frozen sample list)
+    <stage>/<key>.partial/         an artifact being written; never read as complete
+        data.zarr/<unit>/          units already finished (each arrived by an atomic rename)
+        tmp/                       units being written
+
+The key is a hash of (stage, schema version, parameters, input keys, producer version): a rerun with the same
+key finds the artifact and does nothing; a changed parameter makes a new key, and :func:`describe_changes`
+says which field changed against the newest artifact of the same stage. A killed writer leaves only a
+``.partial`` directory whose finished units are kept: the rerun skips them and writes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import zarr
+
+from . import __version__
+from .errors import ArtifactError
+from .geometry import CONVENTIONS
+
+MANIFEST = "manifest.json"
+DATA = "data.zarr"
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """Everything that determines an artifact's content, hence its key.
+
+    Attributes:
+        stage: producing stage, e.g. ``"samples"``.
+        schema_version: bumped whenever the stored layout or meaning changes.
+        params: the stage's parameters (JSON-able).
+        inputs: name -> key (or content fingerprint) of every input artifact or dataset.
+    """
+
+    stage: str
+    schema_version: int
+    params: dict[str, Any]
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    def ingredients(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "schema_version": self.schema_version,
+            "params": _jsonable(self.params),
+            "inputs": dict(sorted(self.inputs.items())),
+            "producer_version": __version__,
+        }
+
+    @property
+    def key(self) -> str:
+        return hash_json(self.ingredients())[:20]
+
+
+def hash_json(value: Any) -> str:
+    """sha256 of the canonical JSON of ``value`` (sorted keys, no whitespace)."""
+    text = json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return value.item()
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path, scratch: Path | None = None) -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes ``final`` by one rename if the block succeeds.
+
+    The temporary directory lives in ``scratch`` (default: beside ``final``, hidden by a leading dot) on the same
+    file system, so the rename is atomic: ``final`` either does not exist or is complete. On an exception the
+    temporary directory is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    scratch = Path(scratch) if scratch is not None else final.parent
+    scratch.mkdir(parents=True, exist_ok=True)
+    temporary = scratch / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        yield temporary
+        if final.exists():
+            # Another writer finished the same unit first; theirs is identical by construction (same key).
+            shutil.rmtree(temporary)
+        else:
+            os.rename(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A complete artifact, opened read-only."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def group(self) -> zarr.Group:
+        return zarr.open_group(store=str(self.path / DATA), mode="r")
+
+    def unit(self, name: str) -> zarr.Group:
+        path = self.path / DATA / name
+        if not (path / "zarr.json").is_file():
+            raise ArtifactError(f"artifact {self.path} has no unit {name!r}")
+        return zarr.open_group(store=str(path), mode="r")
+
+    def units(self) -> list[str]:
+        return list_units(self.path / DATA)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+
+def list_units(data_path: Path) -> list[str]:
+    """Names of the finished units under a ``data.zarr`` directory (each one arrived by an atomic rename)."""
+    if not data_path.is_dir():
+        return []
+    return sorted(p.name for p in data_path.iterdir() if p.is_dir() and (p / "zarr.json").is_file())
+
+
+class Store:
+    """The artifact store rooted at ``root`` (see the module docstring for the layout)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def final_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def partial_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / f"{key}.partial"
+
+    def exists(self, spec: ArtifactSpec) -> bool:
+        return (self.final_path(spec.stage, spec.key) / MANIFEST).is_file()
+
+    def open(self, stage: str, key: str, schema_version: int | None = None) -> Artifact:
+        """Open a complete artifact; raise :class:`ArtifactError` if it is missing, partial or of another schema."""
+        path = self.final_path(stage, key)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            if self.partial_path(stage, key).exists():
+                raise ArtifactError(
+                    f"artifact {stage}/{key} in {self.root} is incomplete (an interrupted run left "
+                    f"{self.partial_path(stage, key).name}); rerun the '{stage}' stage to finish it"
+                )
+            raise ArtifactError(
+                f"no artifact {stage}/{key} in {self.root}; run the stage that produces '{stage}' first "
+                "(or check that --config points at the same pipeline.yaml)"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ArtifactError(f"{manifest_path} is not valid JSON ({error}); delete {path} and rerun") from None
+        if not manifest.get("complete", False):
+            raise ArtifactError(f"{manifest_path} does not mark the artifact complete; delete {path} and rerun")
+        if schema_version is not None and manifest.get("schema_version") != schema_version:
+            raise ArtifactError(
+                f"artifact {path} has schema version {manifest.get('schema_version')}, this snd reads "
+                f"version {schema_version}; rerun the '{stage}' stage with --force to rebuild it"
+            )
+        return Artifact(path, manifest)
+
+    def complete_artifacts(self, stage: str) -> list[Artifact]:
+        """Every complete artifact of ``stage``, oldest first."""
+        directory = self.root / stage
+        found = []
+        if directory.is_dir():
+            for path in directory.iterdir():
+                manifest_path = path / MANIFEST
+                if path.is_dir() and not path.name.endswith(".partial") and manifest_path.is_file():
+                    with contextlib.suppress(json.JSONDecodeError):
+                        found.append(Artifact(path, json.loads(manifest_path.read_text())))
+        return sorted(found, key=lambda a: a.manifest.get("created", 0.0))
+
+    def describe_changes(self, spec: ArtifactSpec) -> list[str]:
+        """What differs between ``spec`` and the newest complete artifact of the same stage, one line each."""
+        previous = self.complete_artifacts(spec.stage)
+        if not previous:
+            return []
+        old = previous[-1].manifest
+        new = spec.ingredients()
+        changes = []
+        for section in ("params", "inputs"):
+            for name, (before, after) in _diff(old.get(section, {}), new[section]).items():
+                changes.append(f"{section}.{name}: {json.dumps(before)} -> {json.dumps(after)}")
+        for name in ("schema_version", "producer_version"):
+            if old.get(name) != new[name]:
+                changes.append(f"{name}: {old.get(name)} -> {new[name]}")
+        return changes
+
+    def writer(self, spec: ArtifactSpec, config_yaml: str, force: bool = False) -> "ArtifactWriter":
+        """Start (or resume) writing the artifact of ``spec``. ``force`` deletes any existing copy first."""
+        final = self.final_path(spec.stage, spec.key)
+        partial = self.partial_path(spec.stage, spec.key)
+        if force:
+            shutil.rmtree(final, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
+        return ArtifactWriter(self, spec, config_yaml, final, partial)
+
+
+class ArtifactWriter:
+    """Writes one artifact unit by unit into ``<key>.partial`` and publishes it with one rename when complete."""
+
+    def __init__(self, store: Store, spec: ArtifactSpec, config_yaml: str, final: Path, partial: Path):
+        self.store = store
+        self.spec = spec
+        self.config_yaml = config_yaml
+        self.final = final
+        self.partial = partial
+        self.data = partial / DATA
+        self.scratch = partial / "tmp"
+
+    @property
+    def complete(self) -> bool:
+        return (self.final / MANIFEST).is_file()
+
+    def root_attributes(self) -> dict[str, Any]:
+        return {
+            "snd": {
+                "stage": self.spec.stage,
+                "key": self.spec.key,
+                "schema_version": self.spec.schema_version,
+                "producer_version": __version__,
+                "conventions": CONVENTIONS,
+            }
+        }
+
+    def prepare(self, attributes: dict[str, Any] | None = None) -> None:
+        """Create the partial directory and the root Zarr group (idempotent: a resumed run keeps what exists)."""
+        self.partial.mkdir(parents=True, exist_ok=True)
+        if not (self.data / "zarr.json").is_file():
+            with atomic_directory(self.data, scratch=self.partial) as temporary:
+                group = zarr.open_group(store=str(temporary), mode="w", zarr_format=3)
+                group.attrs.update({**self.root_attributes(), **(attributes or {})})
+
+    def done_units(self) -> set[str]:
+        return set(list_units(self.data))
+
+    @contextlib.contextmanager
+    def unit(self, name: str) -> Iterator[zarr.Group]:
+        """A fresh Zarr group for unit ``name``; it appears in the artifact only if the block completes."""
+        assert "/" not in name and not name.startswith("."), f"bad unit name {name!r}"
+        with atomic_directory(self.data / name, scratch=self.scratch) as temporary:
+            yield zarr.open_group(store=str(temporary), mode="w", zarr_format=3)
+
+    def write_json(self, name: str, value: Any) -> None:
+        """A small JSON document inside the artifact, written atomically."""
+        self.partial.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.partial / name, json.dumps(_jsonable(value), indent=1, sort_keys=False))
+
+    def finish(self, expected_units: Iterable[str] | None = None, counts: dict[str, Any] | None = None) -> Artifact:
+        """Publish the artifact if every expected unit is present; return it.
+
+        Several processes (shards) may call this; a file lock makes exactly one of them publish, and the others
+        find the published artifact.
+        """
+        lock_path = self.final.parent / f".{self.final.name}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.complete:
+                return self.store.open(self.spec.stage, self.spec.key)
+            done = self.done_units()
+            if expected_units is not None:
+                missing = sorted(set(expected_units) - done)
+                if missing:
+                    raise ArtifactError(
+                        f"artifact {self.spec.stage}/{self.spec.key} still lacks {len(missing)} unit(s) "
+                        f"(first: {missing[0]}); run the remaining shards, then this artifact completes"
+                    )
+            manifest = {
+                **self.spec.ingredients(),
+                "key": self.spec.key,
+                "complete": True,
+                "created": time.time(),
+                "units": len(done),
+                "counts": _jsonable(counts or {}),
+                "conventions": CONVENTIONS,
+            }
+            write_text_atomic(self.partial / "config.yaml", self.config_yaml)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            write_text_atomic(self.partial / MANIFEST, json.dumps(manifest, indent=1))
+            os.rename(self.partial, self.final)
+        return self.store.open(self.spec.stage, self.spec.key)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        result = {}
+        for name in sorted(set(old) | set(new)):
+            result.update(_diff(old.get(name), new.get(name), f"{prefix}{name}."))
+        return result
+    if old != new:
+        return {prefix.rstrip("."): (old, new)}
+    return {}

@@ -1,0 +1,103 @@
+"""pipeline.yaml loading: defaults, overrides, and errors that name the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from snd_stages.config import PipelineCfg, dump_yaml, load_config
+from snd_stages.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_pipeline_yaml_loads_and_matches_the_defaults():
+    # The shipped pipeline.yaml spells out every default: drift between the two would confuse users.
+    assert load_config(REPO / "pipeline.yaml") == PipelineCfg()
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    cfg = load_config(write(tmp_path, "sampling:\n  seed: 1\n"), ["sampling.frame_gap=[6, 9]", "demo.width=64"])
+    assert cfg.sampling.seed == 1
+    assert cfg.sampling.frame_gap == (6, 9)
+    assert cfg.demo.width == 64
+    assert isinstance(cfg.data.root, Path)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, ["sampling.frame_gap=[8,8]", "data.root=/x/y"])
+    again = load_config(write(tmp_path, dump_yaml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("sampling:\n  frame_gapp: [4, 8]\n", ["unknown key", "sampling.frame_gapp", "did you mean 'sampling.frame_gap'"]),
+        ("sampler: {}\n", ["unknown key", "'sampler'", "did you mean 'sampling'"]),
+        ("data:\n  dataset: scannet\n", ["data.dataset", "'scannet'", "demo", "scannetpp"]),
+        ("demo:\n  height: 12.5\n", ["demo.height", "12.5", "integer"]),
+        ("demo:\n  height: 8\n", ["demo.height", "8", ">= 16"]),
+        ("sampling:\n  frame_gap: [9, 4]\n", ["sampling.frame_gap", "[9, 4]", "min <= max"]),
+        ("sampling:\n  frame_gap: 8\n", ["sampling.frame_gap", "list of 2"]),
+        ("sampling:\n  exclude_context_targets: 'yes'\n", ["sampling.exclude_context_targets", "true or false"]),
+        ("sampling:\n  frame_gap: [2, 4]\n  targets_per_sample: 3\n", ["sampling.targets_per_sample", "at most 1"]),
+        ("- just\n- a list\n", ["mapping"]),
+        ("data: [1, 2]\n", ["data", "mapping"]),
+        ("demo: {seed: [\n", ["not valid YAML"]),
+    ],
+)
+def test_bad_config_errors_name_key_value_and_allowed(tmp_path, text, fragments):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    for fragment in fragments:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+def test_error_names_the_file(tmp_path):
+    path = write(tmp_path, "demo:\n  seed: x\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+
+
+def test_missing_config_file_says_how_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist.*--config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("sampling.seed", "section.key=value"),
+        ("seed=3", "dotted key"),
+        ("sampling.seed=x", "must be an integer"),
+        ("sampling.nope=1", "unknown key"),
+        ("demo.seed.x=1", "demo.seed .* must be an integer"),
+    ],
+)
+def test_bad_overrides(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_overrides_limited_to_the_sections_a_command_reads():
+    with pytest.raises(ConfigError, match="reads only the sections"):
+        load_config(None, ["demo.seed=1"], allowed_sections={"sampling", "data"})
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == PipelineCfg()
+
+
+def test_dump_is_plain_yaml():
+    document = yaml.safe_load(dump_yaml(PipelineCfg()))
+    assert document["sampling"]["frame_gap"] == [4, 8]
+    assert document["data"]["root"] == "data/demo"
