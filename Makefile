@@ -12,6 +12,8 @@ STAMP  := $(VENV)/.installed
 all: $(STAMP)
 	$(SND) make-demo-data --config $(CONFIG)
 	$(SND) sample-views --config $(CONFIG)
+	$(SND) precompute-gaussians --config $(CONFIG)
+	$(SND) precompute-masks --config $(CONFIG)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

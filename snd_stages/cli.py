@@ -35,6 +35,10 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="Override a config key, e.g. --set sampling.seed=3 (repeatable; YAML values)."),
 ]
 ForceOption = Annotated[bool, typer.Option("--force", help="Recompute even if the artifact already exists.")]
+ShardOption = Annotated[
+    str | None,
+    typer.Option("--shard", help="Do only shard i of n (0-based, 'i/n'); shards share one store, the last one publishes."),
+]
 
 
 @app.callback()
@@ -67,6 +71,9 @@ def _load(config: Path, overrides: list[str], sections: set[str]) -> PipelineCfg
 
 
 def _report(stage: str, result) -> None:
+    if result.artifact is None:
+        console.print(f"[green]{stage}[/]: this shard is done; {result.pending_units} unit(s) left to other shards")
+        return
     if result.skipped:
         console.print(f"[green]{stage}[/]: up to date, nothing to do ({result.artifact.path})")
         return
@@ -111,6 +118,46 @@ def sample_views_command(
         with make_progress() as progress:
             result = sample_views(cfg.data, cfg.sampling, Store(cfg.store.root), force=force, progress=progress)
         _report("sample-views", result)
+
+    _run(action)
+
+
+@app.command("precompute-gaussians")
+def precompute_gaussians_command(
+    config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: ForceOption = False, shard: ShardOption = None
+) -> None:
+    """Reconstruct pixel-aligned 3D Gaussians once per context pair of the frozen samples."""
+    from .stages.common import Shard
+    from .stages.precompute_gaussians import precompute_gaussians
+
+    def action() -> None:
+        cfg = _load(config, set_, {"data", "sampling", "gaussians", "store"})
+        with make_progress() as progress:
+            result = precompute_gaussians(
+                cfg.data, cfg.sampling, cfg.gaussians, Store(cfg.store.root), force=force, shard=Shard.parse(shard),
+                progress=progress,
+            )
+        _report("precompute-gaussians", result)
+
+    _run(action)
+
+
+@app.command("precompute-masks")
+def precompute_masks_command(
+    config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: ForceOption = False, shard: ShardOption = None
+) -> None:
+    """Compute a segment label map for every frame the frozen samples use (gt, sam, felzenszwalb or slic)."""
+    from .stages.common import Shard
+    from .stages.precompute_masks import precompute_masks
+
+    def action() -> None:
+        cfg = _load(config, set_, {"data", "sampling", "masks", "store"})
+        with make_progress() as progress:
+            result = precompute_masks(
+                cfg.data, cfg.sampling, cfg.masks, Store(cfg.store.root), force=force, shard=Shard.parse(shard),
+                progress=progress,
+            )
+        _report("precompute-masks", result)
 
     _run(action)
 

@@ -95,6 +95,46 @@ class SamplingCfg:
 
 
 @dataclass(frozen=True)
+class GaussiansCfg:
+    """``snd precompute-gaussians``: which reconstructor turns each context pair into pixel-aligned Gaussians."""
+
+    reconstructor: Literal["depth"] = "depth"
+    # depth reconstructor: covariance shape and size (standard deviation in pixels of the source view)
+    covariance: Literal["disk", "isotropic"] = "disk"
+    footprint_scale: float = 0.7
+    disk_thickness: float = 0.1
+    opacity: float = 1.0
+    invalid_depth: Literal["drop", "mask"] = "drop"
+    normals: Literal["dataset", "estimate"] = "dataset"
+
+    def __post_init__(self) -> None:
+        _require(0.05 <= self.footprint_scale <= 10.0, "gaussians.footprint_scale", self.footprint_scale, "a number in [0.05, 10]")
+        _require(0.0 < self.disk_thickness <= 1.0, "gaussians.disk_thickness", self.disk_thickness, "a number in (0, 1]")
+        _require(0.0 < self.opacity <= 1.0, "gaussians.opacity", self.opacity, "a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class MasksCfg:
+    """``snd precompute-masks``: where each frame's segment label map comes from."""
+
+    source: Literal["gt", "sam", "felzenszwalb", "slic"] = "gt"
+    felzenszwalb_scale: float = 100.0
+    felzenszwalb_sigma: float = 0.8
+    felzenszwalb_min_size: int = 50
+    slic_segments: int = 150
+    slic_compactness: float = 10.0
+    sam_checkpoint: Path | None = None
+    sam_model: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
+    sam_points_per_side: int = 32
+
+    def __post_init__(self) -> None:
+        _require(self.felzenszwalb_scale > 0, "masks.felzenszwalb_scale", self.felzenszwalb_scale, "a positive number")
+        _require(self.felzenszwalb_min_size >= 1, "masks.felzenszwalb_min_size", self.felzenszwalb_min_size, "an integer >= 1")
+        _require(self.slic_segments >= 2, "masks.slic_segments", self.slic_segments, "an integer >= 2")
+        _require(self.sam_points_per_side >= 1, "masks.sam_points_per_side", self.sam_points_per_side, "an integer >= 1")
+
+
+@dataclass(frozen=True)
 class StoreCfg:
     """Where content-addressed artifacts are cached."""
 
@@ -106,6 +146,8 @@ class PipelineCfg:
     data: DataCfg = field(default_factory=DataCfg)
     demo: DemoCfg = field(default_factory=DemoCfg)
     sampling: SamplingCfg = field(default_factory=SamplingCfg)
+    gaussians: GaussiansCfg = field(default_factory=GaussiansCfg)
+    masks: MasksCfg = field(default_factory=MasksCfg)
     store: StoreCfg = field(default_factory=StoreCfg)
 
 

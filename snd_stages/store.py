@@ -277,6 +277,10 @@ class ArtifactWriter:
     def done_units(self) -> set[str]:
         return set(list_units(self.data))
 
+    def unit_attributes(self, name: str) -> dict[str, Any]:
+        """Attributes of a finished unit (e.g. to total its counts before publishing)."""
+        return dict(zarr.open_group(store=str(self.data / name), mode="r").attrs)
+
     @contextlib.contextmanager
     def unit(self, name: str) -> Iterator[zarr.Group]:
         """A fresh Zarr group for unit ``name``; it appears in the artifact only if the block completes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..errors import ConfigError
 from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store
 
 
@@ -13,16 +14,17 @@ class StageResult:
     """What a stage did.
 
     Attributes:
-        artifact: the complete output.
+        artifact: the complete output; None when this shard is done but other shards still have units to write.
         skipped: True when an artifact with the same key already existed and nothing was recomputed.
         changes: when recomputed, what differs from the newest earlier artifact of the stage (one line each).
         resumed_units: units found finished by an interrupted earlier run and kept.
     """
 
-    artifact: Artifact
+    artifact: Artifact | None
     skipped: bool
     changes: list[str] = field(default_factory=list)
     resumed_units: int = 0
+    pending_units: int = 0
 
 
 def run_stage(
@@ -30,12 +32,49 @@ def run_stage(
     spec: ArtifactSpec,
     config_yaml: str,
     force: bool,
-    build: Callable[[ArtifactWriter], Artifact],
+    build: Callable[[ArtifactWriter], Artifact | None],
+    expected_units: int | None = None,
 ) -> StageResult:
-    """Return the existing artifact of ``spec`` or build it with ``build(writer)`` (resuming a partial one)."""
+    """Return the existing artifact of ``spec`` or build it with ``build(writer)`` (resuming a partial one).
+
+    ``build`` returns None when it wrote its shard's units but others are still missing.
+    """
     if store.exists(spec) and not force:
         return StageResult(store.open(spec.stage, spec.key, spec.schema_version), skipped=True)
     changes = store.describe_changes(spec)
     writer = store.writer(spec, config_yaml, force=force)
     resumed = len(writer.done_units())
-    return StageResult(build(writer), skipped=False, changes=changes, resumed_units=resumed)
+    artifact = build(writer)
+    pending = 0 if artifact is not None or expected_units is None else expected_units - len(writer.done_units())
+    return StageResult(artifact, skipped=False, changes=changes, resumed_units=resumed, pending_units=pending)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a stage's units: unit ``k`` (in sorted order) belongs to shard ``k mod count``."""
+
+    index: int = 0
+    count: int = 1
+
+    @staticmethod
+    def parse(text: str | None) -> "Shard":
+        """``"i/n"`` (0-based i) -> Shard; None -> the whole job."""
+        if text is None:
+            return Shard()
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard {text!r} must look like i/n, e.g. 0/4 for the first of four shards") from None
+        if count < 1 or not 0 <= index < count:
+            raise ConfigError(f"--shard {text!r}: need 0 <= i < n")
+        return Shard(index, count)
+
+    def select(self, units: list[str]) -> list[str]:
+        return [unit for position, unit in enumerate(sorted(units)) if position % self.count == self.index]
+
+
+def finish_if_complete(writer: ArtifactWriter, expected_units: list[str], counts: dict) -> Artifact | None:
+    """Publish the artifact when every unit is present (whichever shard gets here last); None while shards run."""
+    if set(expected_units) - writer.done_units():
+        return None
+    return writer.finish(expected_units=expected_units, counts=counts)

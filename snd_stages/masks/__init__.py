@@ -1,0 +1,1 @@
+"""Segment label maps per frame (gt instances, SAM, Felzenszwalb, SLIC)."""
