@@ -99,6 +99,7 @@ class GaussiansCfg:
     """``snd precompute-gaussians``: which reconstructor turns each context pair into pixel-aligned Gaussians."""
 
     reconstructor: Literal["depth"] = "depth"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     # depth reconstructor: covariance shape and size (standard deviation in pixels of the source view)
     covariance: Literal["disk", "isotropic"] = "disk"
     footprint_scale: float = 0.7

@@ -81,3 +81,25 @@ class Gaussians:
         """World-frame covariances R diag(scales^2) R^T."""
         rotation = quaternion_to_rotation_matrix(self.quats)
         return rotation @ torch.diag_embed(self.scales.square()) @ rotation.transpose(-1, -2)
+
+
+def export_point_cloud_ply(gaussians: Gaussians, colors: Float[Tensor, "N 3"], path) -> None:
+    """Write the Gaussians' centres as a coloured point cloud PLY (open3d), with each Gaussian's thinnest axis
+    as its normal, for viewing in open3d, MeshLab or CloudCompare.
+
+    Args:
+        colors: ``[N, 3]`` RGB in [0, 1] (e.g. the colour of each Gaussian's source pixel).
+    """
+    import open3d as o3d  # heavy import, only needed here
+
+    if colors.shape != (len(gaussians), 3):
+        raise ValueError(f"colors must have shape {(len(gaussians), 3)}, got {tuple(colors.shape)}")
+    rotation = quaternion_to_rotation_matrix(gaussians.quats.double())
+    thinnest = gaussians.scales.argmin(dim=-1)
+    normals = torch.gather(rotation, 2, thinnest[:, None, None].expand(-1, 3, 1))[..., 0]
+    cloud = o3d.geometry.PointCloud()
+    cloud.points = o3d.utility.Vector3dVector(gaussians.means.double().numpy())
+    cloud.colors = o3d.utility.Vector3dVector(colors.double().clamp(0, 1).numpy())
+    cloud.normals = o3d.utility.Vector3dVector(normals.numpy())
+    if not o3d.io.write_point_cloud(str(path), cloud):
+        raise OSError(f"open3d could not write {path}")

@@ -45,6 +45,15 @@ class Reconstructor:
     reconstruct: Callable[[ContextViews], Gaussians]
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("gaussians.device = 'cuda' but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
 def _depth_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
     options = DepthReconstructorOptions(
         covariance=cfg.covariance,
@@ -53,6 +62,7 @@ def _depth_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
         opacity=cfg.opacity,
         invalid_depth=cfg.invalid_depth,
     )
+    device = resolve_device(cfg.device)
 
     def reconstruct(views: ContextViews) -> Gaussians:
         assert views.depth is not None
@@ -63,8 +73,9 @@ def _depth_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
                 raise DataError(f"depth of frame {name} contains NaN or inf")
         normals = None
         if cfg.normals == "dataset" and views.normals is not None:
-            normals = torch.from_numpy(views.normals)
-        return reconstruct_from_depth(torch.from_numpy(views.depth), views.camera, options, normals)
+            normals = torch.from_numpy(views.normals).to(device)
+        depth = torch.from_numpy(views.depth).to(device)
+        return reconstruct_from_depth(depth, views.camera.to(device), options, normals).to("cpu")
 
     return Reconstructor("depth", requires_depth=True, reconstruct=reconstruct)
 

@@ -107,7 +107,7 @@ def reconstruct_from_depth(
     if options.covariance == "isotropic":
         radius = options.footprint_scale * depth / focal[:, None, None]  # metres spanned by the footprint
         scales = radius[..., None].expand(views, height, width, 3)
-        rotation_world = torch.eye(3, dtype=torch.float64).expand(views, height, width, 3, 3)  # no orientation
+        rotation_world = torch.eye(3, dtype=torch.float64, device=depth.device).expand(views, height, width, 3, 3)  # no orientation
     else:
         estimated = normals_from_depth(depth, camera)
         if normals is None:
@@ -121,8 +121,8 @@ def reconstruct_from_depth(
     # A proper rotation is needed for a quaternion; the right-handed frames above already have det +1.
     quats = rotation_matrix_to_quaternion(rotation_world)
     opacities = torch.full_like(depth, options.opacity)
-    source_view = torch.arange(views).reshape(views, 1, 1).expand(views, height, width)
-    source_pixel = torch.arange(height * width).reshape(1, height, width).expand(views, height, width)
+    source_view = torch.arange(views, device=depth.device).reshape(views, 1, 1).expand(views, height, width)
+    source_pixel = torch.arange(height * width, device=depth.device).reshape(1, height, width).expand(views, height, width)
 
     if options.invalid_depth == "mask":
         # Kept so the count stays 2 x H x W, but transparent and tiny, so no renderer ever shows them.
@@ -173,13 +173,13 @@ def _footprint_disks(
     z = z.clamp(min=1e-9)  # invalid pixels (depth 0) are dropped or masked by the caller
     fx = camera.intrinsics[:, 0, 0, None, None]
     fy = camera.intrinsics[:, 1, 1, None, None]
-    jacobian = torch.zeros(*points.shape[:-1], 2, 3, dtype=points.dtype)
+    jacobian = points.new_zeros(*points.shape[:-1], 2, 3)
     jacobian[..., 0, 0], jacobian[..., 0, 2] = fx / z, -fx * x / z**2
     jacobian[..., 1, 1], jacobian[..., 1, 2] = fy / z, -fy * y / z**2
     basis = torch.stack([tangent_1, tangent_2], dim=-1)  # [..., 3, 2]
     image_map = jacobian @ basis  # [..., 2, 2]
     gram = image_map.transpose(-1, -2) @ image_map
-    gram = gram + 1e-12 * torch.eye(2, dtype=gram.dtype)  # edge-on surfaces are singular
+    gram = gram + 1e-12 * torch.eye(2, dtype=gram.dtype, device=gram.device)  # edge-on surfaces are singular
     variances, directions = torch.linalg.eigh(torch.linalg.inv(gram))
     fronto_parallel = options.footprint_scale * z / (0.5 * (fx + fy))
     stds = (options.footprint_scale * variances.clamp(min=0).sqrt()).minimum(MAX_SLANT_STRETCH * fronto_parallel[..., None])

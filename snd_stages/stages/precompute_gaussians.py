@@ -72,7 +72,9 @@ class PairGaussians:
 
 
 def gaussians_spec(gaussians: GaussiansCfg, samples_key: str) -> ArtifactSpec:
-    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=to_dict(gaussians), inputs={"samples": samples_key})
+    # Where the reconstruction runs does not change what it produces, so the device stays out of the key.
+    params = {name: value for name, value in to_dict(gaussians).items() if name != "device"}
+    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs={"samples": samples_key})
 
 
 def pairs_of(samples: list[ViewSample]) -> dict[str, tuple[str, tuple[int, int], list[int]]]:

@@ -1,0 +1,1 @@
+"""Splatting features: mask-aware lifting, rendering (gsplat on CUDA, a torch twin on CPU), blending."""
