@@ -162,6 +162,63 @@ def precompute_masks_command(
     _run(action)
 
 
+@app.command("check-geometry")
+def check_geometry_command(
+    config: ConfigOption = Path("pipeline.yaml"),
+    set_: SetOption = [],
+    pairs: Annotated[int, typer.Option(help="How many context pairs to re-render.")] = 4,
+    out: Annotated[Path, typer.Option(help="Folder for the PNG pictures.")] = Path("data/reports"),
+) -> None:
+    """Re-render stored Gaussians with their source colours at the targets: PSNR and coverage vs the real images."""
+    from rich.table import Table
+
+    from .stages.check_geometry import check_geometry
+
+    def action() -> None:
+        cfg = _load(config, set_, {"data", "sampling", "gaussians", "store"})
+        device = "cuda" if torch_cuda_available() else "cpu"
+        with make_progress() as progress:
+            report = check_geometry(cfg.data, cfg.sampling, cfg.gaussians, Store(cfg.store.root), pairs, out, device, progress)
+        table = Table(title="Colours splatted from the context views vs the real target images")
+        for column in ("pair", "target", "PSNR (dB, covered pixels)", "coverage"):
+            table.add_column(column)
+        for check in report.checks:
+            table.add_row(check.pair, check.target_frame, f"{check.psnr:.2f}", f"{check.coverage:.1%}")
+        table.add_row("mean", "", f"{report.mean_psnr:.2f}", f"{report.mean_coverage:.1%}")
+        Console().print(table)
+        console.print(f"pictures: {', '.join(str(p) for p in report.pictures)}")
+
+    _run(action)
+
+
+@app.command("export-ply")
+def export_ply_command(
+    out: Annotated[Path, typer.Argument(help="PLY file to write.")],
+    config: ConfigOption = Path("pipeline.yaml"),
+    set_: SetOption = [],
+    pair: Annotated[str | None, typer.Option(help="Context pair unit, e.g. demo0000--00003-00009 (default: the first).")] = None,
+) -> None:
+    """Export one context pair's Gaussians as a coloured point cloud (open3d PLY) for viewing."""
+    from .stages.check_geometry import export_pair_ply
+
+    def action() -> None:
+        cfg = _load(config, set_, {"data", "sampling", "gaussians", "store"})
+        name = export_pair_ply(cfg.data, cfg.sampling, cfg.gaussians, Store(cfg.store.root), pair, out)
+        console.print(f"[green]export-ply[/]: wrote {out} (pair {name})")
+
+    _run(action)
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ target_world_to_camera     [T, 4, 4]       float64
 =========================  ==============  ===========  =============================================
 
 Positions stay float32 (a float16 mean would move by ~2 mm at 5 m, a visible fraction of a pixel);
-orientation, size and opacity tolerate half precision: 32 bytes per Gaussian before compression.
+orientation, size and opacity tolerate half precision: 33 bytes per Gaussian before compression.
 """
 
 from __future__ import annotations
