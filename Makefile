@@ -14,6 +14,7 @@ all: $(STAMP)
 	$(SND) sample-views --config $(CONFIG)
 	$(SND) precompute-gaussians --config $(CONFIG)
 	$(SND) precompute-masks --config $(CONFIG)
+	$(SND) check-geometry --config $(CONFIG)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
