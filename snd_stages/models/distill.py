@@ -1,0 +1,513 @@
+"""The distillation model: a LoRA student, its EMA teacher, DINO heads, the per-token loss and the EMA schedule.
+
+The student is a DINOv2 ViT (timm) with LoRA adapters on the attention projections; the teacher is a copy of
+it that follows the student by an exponential moving average of the LoRA matrices and of the DINO head. Both
+backbones share the frozen pretrained weights (the teacher holds its own copy of them; they never change). The
+loss compares, per token, the teacher head's softmax with the student head's log-softmax over 65,536 prototypes.
+
+.. note::
+    ``reference_quirks=True`` reproduces two behaviours of the authors' code that we otherwise correct:
+
+    - LoRA also lands on the patch-embedding convolution ``patch_embed.proj``, because PEFT matched the target
+      names ``["qkv", "proj"]`` as suffixes;
+    - the teacher stays in train mode, so its LoRA dropout (0.1) is active although it runs under ``no_grad``.
+
+Example::
+
+    from snd_stages.models.distill import StudentTeacher, distillation_loss, ema_schedule, export_backbone
+    from snd_stages.models.weights import create_backbone
+
+    model = StudentTeacher(create_backbone("dinov2_vits14", "embedded"))
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=2e-5)
+    for step in range(num_steps):
+        teacher_map = splat_and_blend(model.teacher_tokens(context_images))  # [B, C, h, w]
+        student_map = model.student_tokens(target_images)  # [B, C, h, w]
+        loss = distillation_loss(model.student_logits(student_map), model.teacher_logits(teacher_map))
+        optimizer.zero_grad()
+        loss.backward()
+        if (momentum := ema_schedule(step)) is not None:
+            model.update_teacher(momentum)  # before optimizer.step(), as in the reference
+        optimizer.step()
+    export_backbone(model.teacher, "teacher.safetensors")
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import peft  # about 2 s on top of torch + timm on two CPU cores (it imports transformers)
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+# PEFT's parameter names for LoRA matrices: "<module>.lora_A.<adapter>.weight" and "<module>.lora_B.<adapter>.weight".
+_LORA_PARAMETER = re.compile(r"\.lora_[AB]\.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DINO head
+
+
+class DINOHead(nn.Module):
+    """DINOv2's projection head: a 3-layer MLP to a bottleneck, L2 normalisation, then a weight-normed prototype layer.
+
+    ``Linear(in_dim, hidden_dim) -> GELU -> Linear(hidden_dim, hidden_dim) -> GELU -> Linear(hidden_dim,
+    bottleneck_dim) -> L2-normalise -> weight-normed Linear(bottleneck_dim, out_dim, no bias)``.
+
+    Initialisation as in DINOv2 and the reference: the MLP's weights are trunc-normal with std 0.02 and its biases
+    zero; the prototype layer keeps ``nn.Linear``'s default init for its direction ``v`` (only the direction
+    matters under weight norm) and its magnitude ``g`` is set to 1.
+
+    .. note::
+        State-dict keys (``torch.nn.utils.parametrizations.weight_norm``)::
+
+            mlp.0.weight [hidden_dim, in_dim]           mlp.0.bias [hidden_dim]
+            mlp.2.weight [hidden_dim, hidden_dim]       mlp.2.bias [hidden_dim]
+            mlp.4.weight [bottleneck_dim, hidden_dim]   mlp.4.bias [bottleneck_dim]
+            last_layer.parametrizations.weight.original0 [out_dim, 1]               magnitude g
+            last_layer.parametrizations.weight.original1 [out_dim, bottleneck_dim]  direction v
+
+        DINOv2 and the reference use the older ``torch.nn.utils.weight_norm``, whose keys for the last two are
+        ``last_layer.weight_g`` and ``last_layer.weight_v`` (same shapes, same meaning).
+
+    Args:
+        in_dim: token channels C of the backbone (384 for ViT-S/14, 768 for ViT-B/14).
+        out_dim: number of prototypes K.
+        hidden_dim: width of the two hidden layers.
+        bottleneck_dim: width of the normalised bottleneck.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        with torch.no_grad():
+            self.last_layer.parametrizations.weight.original0.fill_(1.0)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Prototype logits of each token.
+
+        Args:
+            tokens: [..., in_dim].
+
+        Returns:
+            [..., out_dim] logits (unnormalised; temperature 1).
+        """
+        bottleneck = self.mlp(tokens)
+        # DINOv2's eps: 1e-12 underflows in float16.
+        eps = 1e-6 if bottleneck.dtype == torch.float16 else 1e-12
+        return self.last_layer(F.normalize(bottleneck, dim=-1, p=2, eps=eps))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def add_lora(
+    backbone: VisionTransformer,
+    rank: int = 8,
+    alpha: float = 8.0,
+    dropout: float = 0.1,
+    targets: tuple[str, ...] = ("attn.qkv", "attn.proj"),
+    reference_quirks: bool = False,
+) -> peft.PeftModel:
+    """Wrap a timm ViT with PEFT LoRA adapters on the attention projections of every block; freeze the rest.
+
+    The backbone is modified in place (its target layers are replaced by LoRA layers) and becomes the returned
+    model's base model. LoRA B starts at zero, so the wrapped model computes exactly what the backbone computed.
+    The PeftModel forwards attribute access to the ViT: ``forward_features``, ``num_prefix_tokens`` and
+    ``patch_embed`` work on it as on the backbone.
+
+    Args:
+        backbone: a timm VisionTransformer (see :func:`snd_stages.models.weights.create_backbone`).
+        rank: LoRA rank r.
+        alpha: LoRA alpha; the update is scaled by ``alpha / rank`` (1 for the reference's 8 / 8).
+        dropout: dropout on the LoRA branch's input, active in train mode only.
+        targets: module paths inside each block ``blocks.{i}``; LoRA goes on ``blocks.{i}.{target}`` for every i
+            and nowhere else (not on ``patch_embed.proj``, not on the MLPs).
+        reference_quirks: match the targets' last names as suffixes anywhere in the model, as the reference's
+            ``target_modules=["qkv", "proj"]`` did; this also puts LoRA on the patch-embedding convolution
+            ``patch_embed.proj`` (one more module).
+
+    Returns:
+        The PeftModel; its only trainable parameters are the LoRA matrices (``...lora_A.default.weight`` and
+        ``...lora_B.default.weight``).
+
+    Raises:
+        ValueError: a target does not exist in every block.
+    """
+    depth = len(backbone.blocks)
+    module_names = {name for name, _ in backbone.named_modules()}
+    per_block = [f"blocks.{i}.{target}" for i in range(depth) for target in targets]
+    missing = [name for name in per_block if name not in module_names]
+    if missing:
+        raise ValueError(
+            f"LoRA targets {list(targets)} must name modules inside every ViT block, but {missing[:4]} do not "
+            "exist; use paths such as 'attn.qkv', 'attn.proj', 'mlp.fc1'"
+        )
+
+    if reference_quirks:
+        suffixes = sorted({target.rsplit(".", 1)[-1] for target in targets})
+        target_modules: str | list[str] = suffixes  # PEFT matches a list by name suffix
+        expected = {name for name in module_names if name.rsplit(".", 1)[-1] in suffixes}
+    else:
+        # A string is matched by PEFT against the whole module name (re.fullmatch).
+        target_modules = r"blocks\.\d+\.(?:" + "|".join(re.escape(target) for target in targets) + ")"
+        expected = set(per_block)
+
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=target_modules)
+    model = peft.get_peft_model(backbone, config)
+
+    adapted = set(lora_module_names(model))
+    assert adapted == expected, f"LoRA landed on {sorted(adapted)}, expected {sorted(expected)}"
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    lora_parameters = {name for name, _ in model.named_parameters() if _LORA_PARAMETER.search(name)}
+    assert trainable == lora_parameters and len(trainable) == 2 * len(expected), (
+        f"trainable parameters {sorted(trainable - lora_parameters)} are not LoRA, or LoRA matrices "
+        f"{sorted(lora_parameters - trainable)} are frozen"
+    )
+    return model
+
+
+def lora_module_names(model: peft.PeftModel) -> list[str]:
+    """Names (relative to the ViT, e.g. ``blocks.0.attn.qkv``) of the modules that carry LoRA adapters."""
+    prefix = "base_model.model."
+    return [
+        name.removeprefix(prefix)
+        for name, module in model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    ]
+
+
+def merged_backbone(model: peft.PeftModel) -> VisionTransformer:
+    """A plain timm ViT with the LoRA updates merged into its weights; ``model`` itself is left untouched.
+
+    Args:
+        model: a LoRA-wrapped ViT from :func:`add_lora` (student or teacher).
+
+    Returns:
+        A deep copy with ``W + (alpha / r) B A`` folded into every adapted layer and timm's own parameter names
+        (``blocks.0.attn.qkv.weight``, ...), in eval mode, all parameters frozen.
+    """
+    # safe_merge checks the merged weights for NaN/Inf before replacing the originals.
+    merged = copy.deepcopy(model).merge_and_unload(safe_merge=True)
+    assert isinstance(merged, VisionTransformer), f"merge_and_unload returned a {type(merged).__name__}"
+    leftover = [name for name, _ in merged.named_parameters() if "lora_" in name or "base_layer" in name]
+    assert not leftover, f"LoRA parameters survived the merge: {leftover[:4]}"
+    return merged.eval().requires_grad_(False)
+
+
+def export_backbone(model: peft.PeftModel, path: str | Path) -> None:
+    """Save the LoRA-merged backbone as a timm-named safetensors state dict.
+
+    The file loads offline (no hub access, no environment variable needed) with::
+
+        timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          num_classes=0, dynamic_img_size=True)
+
+    and with ``create_backbone(name, path)``. The file is written to a temporary name and renamed, so a reader
+    never sees a partial file.
+
+    Args:
+        model: a LoRA-wrapped ViT from :func:`add_lora`.
+        path: destination ``.safetensors`` file; its folder must exist.
+    """
+    path = Path(path)
+    merged = merged_backbone(model)
+    state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in merged.state_dict().items()}
+    # timm's architecture name (e.g. vit_small_patch14_dinov2) tells a reader which create_model call fits.
+    metadata = {"format": "pt", "architecture": str(getattr(merged, "pretrained_cfg", {}).get("architecture", ""))}
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        safetensors.torch.save_file(state_dict, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Features
+
+
+def patch_tokens(backbone: nn.Module, images: Tensor) -> Tensor:
+    """Patch tokens after the final LayerNorm, as a feature map, the way the reference extracts them.
+
+    Images are bilinearly resized to ``(H - H mod p, W - W mod p)`` (p = patch size, 14; skipped when already
+    multiples), ImageNet-normalised and passed through ``forward_features``; the class and register tokens are
+    dropped.
+
+    Args:
+        backbone: a timm ViT, or a PeftModel wrapping one (:func:`add_lora`).
+        images: [B, 3, H, W] RGB in [0, 1], H and W at least the patch size.
+
+    Returns:
+        [B, C, H // p, W // p] token features. A view of channels-last memory: ``.view`` on it needs
+        ``.contiguous()`` first.
+
+    Raises:
+        ValueError: ``images`` is not [B, 3, H, W] with sides of at least one patch.
+    """
+    patch_height, patch_width = backbone.patch_embed.patch_size
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] < patch_height or images.shape[3] < patch_width:
+        raise ValueError(
+            f"images must be [B, 3, H, W] with H >= {patch_height} and W >= {patch_width}, got {tuple(images.shape)}"
+        )
+    height, width = images.shape[-2:]
+    grid = (height // patch_height, width // patch_width)
+    size = (grid[0] * patch_height, grid[1] * patch_width)
+    if size != (height, width):
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    mean = images.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    tokens = backbone.forward_features((images - mean) / std)  # [B, prefix + h*w, C], after the final norm
+    return tokens[:, backbone.num_prefix_tokens :].unflatten(1, grid).permute(0, 3, 1, 2)
+
+
+def _token_rows(features: Tensor) -> Tensor:
+    """[B, C, h, w] -> [B*h*w, C], rows in (b, y, x) order."""
+    return features.movedim(1, -1).reshape(-1, features.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Student and teacher
+
+
+class StudentTeacher(nn.Module):
+    """A LoRA student with its DINO head, and an EMA teacher that starts as an exact copy of both.
+
+    Attributes:
+        student: the LoRA-wrapped backbone (:func:`add_lora`); only its LoRA matrices train.
+        student_head: :class:`DINOHead`, trained.
+        teacher: a deep copy of ``student``, frozen; its LoRA matrices follow the student's by EMA.
+        teacher_head: a copy of ``student_head``, frozen; follows it by EMA.
+        reference_quirks: LoRA also on ``patch_embed.proj``, and the teacher in train mode whenever this module is
+            (its LoRA dropout active, as in the reference). Otherwise the teacher is always in eval mode.
+
+    Args:
+        backbone: the pretrained timm ViT; modified in place (it becomes the student's base model).
+        out_dim: number of prototypes K of both heads.
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA alpha (scaling ``alpha / r``).
+        lora_dropout: LoRA dropout of the student (and of the teacher under ``reference_quirks``).
+        reference_quirks: see above and :func:`add_lora`.
+    """
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        out_dim: int = 65536,
+        lora_rank: int = 8,
+        lora_alpha: float = 8.0,
+        lora_dropout: float = 0.1,
+        reference_quirks: bool = False,
+    ):
+        super().__init__()
+        self.reference_quirks = reference_quirks
+        self.student = add_lora(
+            backbone, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, reference_quirks=reference_quirks
+        )
+        self.student_head = DINOHead(backbone.embed_dim, out_dim)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> StudentTeacher:
+        """Set the student's mode; the teacher follows only under ``reference_quirks`` and is otherwise in eval."""
+        super().train(mode)
+        teacher_mode = mode and self.reference_quirks
+        self.teacher.train(teacher_mode)
+        self.teacher_head.train(teacher_mode)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's LoRA matrices, then the student head's parameters: all that the optimiser should see."""
+        lora = [parameter for name, parameter in self.student.named_parameters() if _LORA_PARAMETER.search(name)]
+        parameters = lora + list(self.student_head.parameters())
+        requiring_grad = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        assert {id(p) for p in parameters} == {id(p) for p in requiring_grad}, (
+            f"{len(requiring_grad)} parameters require grad but {len(parameters)} are LoRA or student head"
+        )
+        return parameters
+
+    def student_tokens(self, images: Tensor) -> Tensor:
+        """Student patch tokens, with gradients to the LoRA matrices.
+
+        Args:
+            images: [B, 3, H, W] RGB in [0, 1].
+
+        Returns:
+            [B, C, H // 14, W // 14] (see :func:`patch_tokens`).
+        """
+        return patch_tokens(self.student, images)
+
+    @torch.no_grad()
+    def teacher_tokens(self, images: Tensor) -> Tensor:
+        """Teacher patch tokens, without gradients.
+
+        Args:
+            images: [B, 3, H, W] RGB in [0, 1].
+
+        Returns:
+            [B, C, H // 14, W // 14] (see :func:`patch_tokens`).
+        """
+        return patch_tokens(self.teacher, images)
+
+    def student_logits(self, features: Tensor) -> Tensor:
+        """Student head on every token of a feature map.
+
+        Args:
+            features: [B, C, h, w] student tokens (masked tokens zeroed by the caller, still counted).
+
+        Returns:
+            [B*h*w, K] logits, rows in (b, y, x) order.
+        """
+        return self.student_head(_token_rows(features))
+
+    @torch.no_grad()
+    def teacher_logits(self, features: Tensor) -> Tensor:
+        """Teacher head on every token of a feature map, without gradients.
+
+        Args:
+            features: [B, C, h, w] target-view teacher features (splatted, blended, downsampled).
+
+        Returns:
+            [B*h*w, K] logits, rows in (b, y, x) order.
+        """
+        return self.teacher_head(_token_rows(features))
+
+    def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The tensors that the EMA updates: (teacher, student) LoRA matrices and head parameters, paired by name.
+
+        Returns:
+            (teacher tensors, student tensors), equally long; entry i of both has the same parameter name and shape.
+        """
+        teacher_lora = {name: p for name, p in self.teacher.named_parameters() if _LORA_PARAMETER.search(name)}
+        student_lora = {name: p for name, p in self.student.named_parameters() if _LORA_PARAMETER.search(name)}
+        teacher_head = dict(self.teacher_head.named_parameters())
+        student_head = dict(self.student_head.named_parameters())
+        assert teacher_lora.keys() == student_lora.keys() and teacher_lora, (
+            f"teacher and student LoRA differ: {sorted(teacher_lora.keys() ^ student_lora.keys())[:4]}"
+        )
+        assert teacher_head.keys() == student_head.keys(), (
+            f"teacher and student heads differ: {sorted(teacher_head.keys() ^ student_head.keys())}"
+        )
+        names = [("lora", name) for name in student_lora] + [("head", name) for name in student_head]
+        teacher = [teacher_lora[name] if part == "lora" else teacher_head[name] for part, name in names]
+        student = [student_lora[name] if part == "lora" else student_head[name] for part, name in names]
+        mismatched = [name for (_, name), t, s in zip(names, teacher, student) if t.shape != s.shape]
+        assert not mismatched, f"teacher and student shapes differ at {mismatched[:4]}"
+        return teacher, student
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step ``teacher <- momentum * teacher + (1 - momentum) * student`` on LoRA matrices and head.
+
+        One fused ``torch._foreach_lerp_`` over all pairs. Lerp computes ``t + (1 - m) (s - t)``, which equals the
+        formula up to float rounding and leaves a tensor bit-identical where teacher and student already agree
+        (e.g. right after construction). The frozen base weights are equal in both and are not touched.
+
+        Args:
+            momentum: m in [0, 1]; 1 keeps the teacher, 0 copies the student.
+
+        Raises:
+            ValueError: momentum outside [0, 1].
+        """
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+        teacher, student = self.ema_pairs()
+        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+    @torch.no_grad()
+    def _update_teacher(self, momentum: float) -> None:
+        """Reference for :meth:`update_teacher`: the textbook formula, one tensor at a time, as the authors wrote it."""
+        for teacher, student in zip(*self.ema_pairs()):
+            teacher.copy_(teacher * momentum + student * (1.0 - momentum))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss and schedule
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Per-token cross-entropy ``-sum_k softmax(teacher)_k * log_softmax(student)_k``, averaged over all tokens.
+
+    Temperature 1 for both, no centering; the teacher side carries no gradient. Computed in float32 even when the
+    logits come from bf16/fp16 autocast, since a log-softmax over 65,536 classes loses too much in half precision.
+
+    Args:
+        student_logits: [N, K].
+        teacher_logits: [N, K]; detached here.
+
+    Returns:
+        Scalar loss (float32). log(K) when both sides are uniform.
+
+    Raises:
+        ValueError: the two shapes differ or are not [N, K].
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+        raise ValueError(
+            f"student and teacher logits must both be [N, K], got {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        teacher_probabilities = torch.softmax(teacher_logits.detach().float(), dim=-1)
+        # cross_entropy with class probabilities as target is -sum_k p_k log_softmax(x)_k, then mean over rows.
+        return F.cross_entropy(student_logits.float(), teacher_probabilities)
+
+
+def ema_schedule(
+    step: int,
+    every: int = 10,
+    momentum: float = 0.999,
+    final_momentum: float | None = None,
+    total_steps: int | None = None,
+) -> float | None:
+    """The teacher's EMA momentum at an optimiser step, or None when the teacher is not updated at that step.
+
+    The reference updates every ``every``-th step (``step % every == 0``, first at step 0) with a constant 0.999.
+    With ``final_momentum`` and ``total_steps`` the momentum instead follows DINO's cosine ramp from ``momentum``
+    at step 0 to ``final_momentum`` at ``total_steps`` (declared in the reference's config, never used there).
+
+    Args:
+        step: 0-based index of the optimiser step about to be taken.
+        every: update period in steps.
+        momentum: constant momentum, or the start of the cosine ramp.
+        final_momentum: end of the cosine ramp; None for a constant momentum.
+        total_steps: length of the ramp; required with ``final_momentum``.
+
+    Returns:
+        The momentum to pass to :meth:`StudentTeacher.update_teacher`, or None.
+
+    Raises:
+        ValueError: ``final_momentum`` without a positive ``total_steps``, or ``every`` < 1.
+    """
+    if every < 1:
+        raise ValueError(f"the EMA period must be at least one step, got {every}")
+    if step % every != 0:
+        return None
+    if final_momentum is None:
+        return momentum
+    if total_steps is None or total_steps < 1:
+        raise ValueError(f"a cosine EMA ramp to {final_momentum} needs total_steps >= 1, got {total_steps}")
+    progress = min(step / total_steps, 1.0)
+    return final_momentum - (final_momentum - momentum) * (1.0 + math.cos(math.pi * progress)) / 2.0

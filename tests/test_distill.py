@@ -1,0 +1,435 @@
+"""Distillation model: LoRA placement and merging, export to timm, DINO head, loss, EMA teacher, token extraction."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import socket
+
+import peft
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from snd_stages.models.distill import (
+    DINOHead,
+    StudentTeacher,
+    add_lora,
+    distillation_loss,
+    ema_schedule,
+    export_backbone,
+    lora_module_names,
+    merged_backbone,
+    patch_tokens,
+)
+from snd_stages.models.weights import create_backbone
+
+DEPTH = 2
+SMALL_OUT_DIM = 512  # prototypes where a test does not need the real 65,536
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+# One float32 rounding step of slack for the EMA: a fused lerp and the two-term formula round differently.
+EMA_TOLERANCE = dict(rtol=1e-6, atol=1e-7)
+
+
+@functools.cache
+def _pristine_vit(name: str, depth: int) -> VisionTransformer:
+    return timm.create_model(name, pretrained=False, img_size=56, depth=depth, num_classes=0, dynamic_img_size=True)
+
+
+def tiny_vit(name: str = "vit_small_patch14_dinov2", depth: int = DEPTH) -> VisionTransformer:
+    """A random DINOv2-style ViT-S/14 with ``depth`` blocks, built for 56 px (a 4x4 position table).
+
+    Every call returns a fresh copy of the same weights (copying is cheaper than timm's initialisation).
+    """
+    return copy.deepcopy(_pristine_vit(name, depth))
+
+
+def randomize_lora_b(model: torch.nn.Module, std: float = 0.05) -> None:
+    """Give every LoRA B matrix random values, so that LoRA changes the output (B is zero at init)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0.0, std)
+
+
+def perturb_head(head: DINOHead, std: float = 0.01) -> None:
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.add_(torch.randn_like(parameter) * std)
+
+
+@pytest.fixture(autouse=True)
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_lands_on_attention_projections_only():
+    model = add_lora(tiny_vit())
+    expected = [f"blocks.{i}.attn.{name}" for i in range(DEPTH) for name in ("qkv", "proj")]
+    assert sorted(lora_module_names(model)) == sorted(expected)
+    assert len(lora_module_names(model)) == 2 * DEPTH
+    base = model.get_base_model()
+    assert type(base.patch_embed.proj) is torch.nn.Conv2d
+    assert all(type(block.mlp.fc1) is type(block.mlp.fc2) is torch.nn.Linear for block in base.blocks)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable == {
+        f"base_model.model.{module}.lora_{side}.default.weight" for module in expected for side in "AB"
+    }
+
+
+def test_lora_reference_quirks_also_adapt_patch_embedding():
+    model = add_lora(tiny_vit(), reference_quirks=True)
+    names = lora_module_names(model)
+    assert len(names) == 2 * DEPTH + 1
+    assert "patch_embed.proj" in names
+    patch_lora = model.get_base_model().patch_embed.proj
+    assert isinstance(patch_lora, peft.tuners.lora.Conv2d)
+    assert patch_lora.lora_A["default"].weight.shape == (8, 3, 14, 14)
+    assert patch_lora.lora_B["default"].weight.shape == (384, 8, 1, 1)
+    assert not any("mlp" in name for name in names)
+
+
+@pytest.mark.parametrize("reference_quirks", [False, True])
+def test_lora_at_init_leaves_outputs_unchanged(reference_quirks):
+    backbone = tiny_vit()
+    base = copy.deepcopy(backbone)
+    model = add_lora(backbone, reference_quirks=reference_quirks)
+    model.train()  # LoRA dropout active: B = 0 must still contribute exactly nothing
+    images = torch.randn(2, 3, 56, 70)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(images), base.forward_features(images))
+
+
+def test_lora_rejects_targets_missing_from_blocks():
+    with pytest.raises(ValueError, match="attn.qvk"):
+        add_lora(tiny_vit(), targets=("attn.qvk",))
+
+
+@pytest.mark.parametrize("reference_quirks", [False, True])
+def test_merged_backbone_matches_lora_model(reference_quirks):
+    backbone = tiny_vit()
+    base = copy.deepcopy(backbone).eval()
+    model = add_lora(backbone, reference_quirks=reference_quirks)
+    randomize_lora_b(model)
+    model.eval()
+    images = torch.rand(2, 3, 56, 70)
+    merged = merged_backbone(model)
+
+    assert type(merged) is VisionTransformer
+    assert list(merged.state_dict()) == list(base.state_dict())
+    assert len(lora_module_names(model)) == 2 * DEPTH + reference_quirks  # the original keeps its adapters
+    with torch.no_grad():
+        lora_output = model.forward_features(images)
+        assert not torch.equal(lora_output, base.forward_features(images))
+        torch.testing.assert_close(merged.forward_features(images), lora_output, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_exported_backbone_loads_offline_through_timm(tmp_path, monkeypatch):
+    # The full-size ViT-S/14 at 518 px, which the timm call below builds; random values without timm's (slower)
+    # initialisation.
+    with torch.device("meta"):
+        backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True)
+    backbone.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in backbone.parameters():
+            parameter.normal_(0.0, 0.02)
+    model = add_lora(backbone, reference_quirks=True)
+    randomize_lora_b(model, std=0.02)
+    model.eval()
+    path = tmp_path / "student.safetensors"
+    export_backbone(model, path)
+    assert safetensors.safe_open(path, "pt").metadata()["architecture"] == "vit_small_patch14_dinov2"
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a local file needs no offline switch
+    loaded = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        num_classes=0,
+        dynamic_img_size=True,
+    ).eval()
+    reloaded = create_backbone("dinov2_vits14", path).eval()
+
+    images = torch.rand(2, 3, 56, 70)
+    with torch.no_grad():
+        loaded_output = loaded.forward_features(images)
+        assert torch.equal(reloaded.forward_features(images), loaded_output)
+        torch.testing.assert_close(loaded_output, model.forward_features(images), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DINO head
+
+
+def test_dino_head_shapes_init_and_state_dict_keys():
+    head = DINOHead(384, SMALL_OUT_DIM)
+    assert head(torch.randn(3, 5, 384)).shape == (3, 5, SMALL_OUT_DIM)
+    magnitude = head.last_layer.parametrizations.weight.original0
+    assert magnitude.shape == (SMALL_OUT_DIM, 1) and torch.equal(magnitude, torch.ones_like(magnitude))
+    # With g = 1 every prototype is a unit vector.
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(SMALL_OUT_DIM))
+    for layer in (head.mlp[0], head.mlp[2], head.mlp[4]):
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert abs(layer.weight.std().item() - 0.02) < 0.002
+    assert set(head.state_dict()) == {
+        *(f"mlp.{i}.{kind}" for i in (0, 2, 4) for kind in ("weight", "bias")),
+        "last_layer.parametrizations.weight.original0",
+        "last_layer.parametrizations.weight.original1",
+    }
+    assert head.mlp[0].weight.shape == (2048, 384) and head.mlp[4].weight.shape == (256, 2048)
+    assert DINOHead(384).last_layer.parametrizations.weight.original1.shape == (65536, 256)
+
+
+def test_dino_head_normalises_the_bottleneck():
+    head = DINOHead(384, SMALL_OUT_DIM)
+    tokens = torch.randn(7, 384)
+    seen: list[Tensor] = []
+    head.last_layer.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        logits = head(tokens)
+        torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(7))
+        # Scaling what enters the normalisation (the bottleneck layer's output) must not change the logits.
+        head.mlp[4].weight.mul_(3.0)
+        head.mlp[4].bias.mul_(3.0)
+        torch.testing.assert_close(head(tokens), logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def test_distillation_loss_matches_direct_computation_and_gradients():
+    student = torch.randn(6, 11, requires_grad=True)
+    teacher = torch.randn(6, 11, requires_grad=True)
+    loss = distillation_loss(student, teacher)
+    direct = -(torch.softmax(teacher, dim=-1) * torch.log_softmax(student, dim=-1)).sum(dim=-1).mean()
+    torch.testing.assert_close(loss, direct)
+    loss.backward()
+    assert teacher.grad is None
+    # d loss / d student = (softmax(student) - softmax(teacher)) / N
+    expected_grad = (torch.softmax(student, -1) - torch.softmax(teacher, -1)).detach() / 6
+    torch.testing.assert_close(student.grad, expected_grad)
+
+
+def test_distillation_loss_of_uniform_logits_is_log_k():
+    classes = 65536
+    loss = distillation_loss(torch.full((4, classes), 2.5), torch.full((4, classes), -1.0))
+    assert math.isclose(loss.item(), math.log(classes), rel_tol=1e-6)
+
+
+def test_distillation_loss_runs_in_float32_under_autocast():
+    student, teacher = torch.randn(5, 300), torch.randn(5, 300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = distillation_loss(student.bfloat16(), teacher.bfloat16())
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, distillation_loss(student.bfloat16().float(), teacher.bfloat16().float()))
+
+
+def test_distillation_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\(4, 8\) and \(4, 9\)"):
+        distillation_loss(torch.zeros(4, 8), torch.zeros(4, 9))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Student and teacher
+
+
+def small_student_teacher(reference_quirks: bool = False) -> StudentTeacher:
+    return StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM, reference_quirks=reference_quirks)
+
+
+def test_trainable_parameters_are_student_lora_and_student_head():
+    model = small_student_teacher()
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    lora = {
+        f"student.base_model.model.blocks.{i}.attn.{module}.lora_{side}.default.weight"
+        for i in range(DEPTH)
+        for module in ("qkv", "proj")
+        for side in "AB"
+    }
+    head = {f"student_head.{name}" for name in model.student_head.state_dict()}
+    assert trainable == lora | head
+    named = dict(model.named_parameters())
+    assert {id(p) for p in model.trainable_parameters()} == {id(named[name]) for name in lora | head}
+    assert len(model.trainable_parameters()) == 4 * DEPTH + 8
+
+
+def test_teacher_starts_as_an_exact_copy():
+    model = small_student_teacher()
+    teacher_state = model.teacher.state_dict()
+    for name, tensor in model.student.state_dict().items():
+        assert torch.equal(tensor, teacher_state[name]), name
+    teacher_head_state = model.teacher_head.state_dict()
+    for name, tensor in model.student_head.state_dict().items():
+        assert torch.equal(tensor, teacher_head_state[name]), name
+
+
+def test_update_teacher_is_the_ema_formula_on_lora_and_head_only():
+    model = small_student_teacher()
+    randomize_lora_b(model.student)
+    perturb_head(model.student_head)
+    teacher, student = model.ema_pairs()
+    assert len(teacher) == len(student) == 4 * DEPTH + 8
+    old_teacher = [tensor.clone() for tensor in teacher]
+    frozen_before = {name: p.clone() for name, p in model.teacher.named_parameters() if ".lora_" not in name}
+
+    model.update_teacher(0.9)
+
+    for new, old, target in zip(teacher, old_teacher, student):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * target, **EMA_TOLERANCE)
+    student_params = dict(model.student.named_parameters())
+    for name, parameter in model.teacher.named_parameters():
+        if ".lora_" not in name:
+            assert torch.equal(parameter, frozen_before[name]) and torch.equal(parameter, student_params[name]), name
+
+
+def test_update_teacher_matches_its_reference():
+    model = small_student_teacher()
+    randomize_lora_b(model.student)
+    perturb_head(model.student_head)
+    reference = copy.deepcopy(model)
+    model.update_teacher(0.999)
+    reference._update_teacher(0.999)
+    for fast, slow in zip(model.ema_pairs()[0], reference.ema_pairs()[0]):
+        torch.testing.assert_close(fast, slow, **EMA_TOLERANCE)
+
+
+def test_update_teacher_keeps_identical_tensors_bit_identical():
+    model = small_student_teacher()
+    before = [tensor.clone() for tensor in model.ema_pairs()[0]]
+    model.update_teacher(0.999)
+    assert all(torch.equal(new, old) for new, old in zip(model.ema_pairs()[0], before))
+    with pytest.raises(ValueError, match="1.5"):
+        model.update_teacher(1.5)
+
+
+def test_teacher_never_receives_gradients():
+    model = small_student_teacher()
+    randomize_lora_b(model.student)
+    images = torch.rand(2, 3, 56, 56)
+    loss = distillation_loss(
+        model.student_logits(model.student_tokens(images)), model.teacher_logits(model.teacher_tokens(images))
+    )
+    loss.backward()
+    assert all(parameter.grad is None for parameter in model.teacher.parameters())
+    assert all(parameter.grad is None for parameter in model.teacher_head.parameters())
+    assert all(parameter.grad is not None for parameter in model.trainable_parameters())
+    frozen = [p for name, p in model.student.named_parameters() if ".lora_" not in name]
+    assert frozen and all(parameter.grad is None for parameter in frozen)
+
+
+def teacher_dropout_modes(model: StudentTeacher) -> set[bool]:
+    return {module.training for name, module in model.teacher.named_modules() if name.endswith("lora_dropout.default")}
+
+
+def test_teacher_is_deterministic_and_stays_in_eval_mode():
+    model = small_student_teacher()
+    randomize_lora_b(model.teacher)
+    model.train()
+    assert model.training and model.student.training
+    assert not model.teacher.training and not model.teacher_head.training
+    assert teacher_dropout_modes(model) == {False}
+    images = torch.rand(2, 3, 56, 56)
+    assert torch.equal(model.teacher_tokens(images), model.teacher_tokens(images))
+
+
+def test_teacher_dropout_is_active_under_reference_quirks():
+    model = small_student_teacher(reference_quirks=True)
+    randomize_lora_b(model.teacher)
+    assert model.teacher.training and teacher_dropout_modes(model) == {True}
+    images = torch.rand(2, 3, 56, 56)
+    assert not torch.equal(model.teacher_tokens(images), model.teacher_tokens(images))
+    model.eval()  # as in the reference, the teacher follows the module's mode
+    assert not model.teacher.training and teacher_dropout_modes(model) == {False}
+    model.train()
+    assert model.teacher.training
+
+
+def test_logit_helpers_flatten_tokens_in_batch_row_column_order():
+    model = small_student_teacher()
+    features = torch.randn(2, 384, 3, 4)
+    logits = model.student_logits(features)
+    assert logits.shape == (2 * 3 * 4, SMALL_OUT_DIM)
+    torch.testing.assert_close(logits[1 * 12 + 2 * 4 + 3], model.student_head(features[1, :, 2, 3]))
+    assert not model.teacher_logits(features).requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def test_ema_schedule_updates_every_tenth_step():
+    updates = {step: ema_schedule(step) for step in range(35)}
+    assert [step for step, momentum in updates.items() if momentum is not None] == [0, 10, 20, 30]
+    assert updates[10] == 0.999
+    assert [step for step in range(9) if ema_schedule(step, every=4) is not None] == [0, 4, 8]
+
+
+def test_ema_schedule_cosine_ramp():
+    ramp = dict(every=1, momentum=0.996, final_momentum=1.0, total_steps=100)
+    assert ema_schedule(0, **ramp) == pytest.approx(0.996)
+    assert ema_schedule(50, **ramp) == pytest.approx(0.998)
+    assert ema_schedule(100, **ramp) == pytest.approx(1.0)
+    assert ema_schedule(200, **ramp) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        ema_schedule(0, final_momentum=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token extraction
+
+
+def by_hand(backbone: VisionTransformer, images: Tensor, size: tuple[int, int], prefix: int) -> Tensor:
+    """Reference extraction: resize, normalise, forward_features, drop prefix tokens, reshape to [B, C, h, w]."""
+    if images.shape[-2:] != size:
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    tokens = backbone.forward_features((images - IMAGENET_MEAN) / IMAGENET_STD)[:, prefix:]
+    grid = (size[0] // 14, size[1] // 14)
+    return tokens.reshape(images.shape[0], *grid, -1).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix"), [("vit_small_patch14_dinov2", 1), ("vit_small_patch14_reg4_dinov2", 5)]
+)
+def test_patch_tokens_resize_normalise_and_drop_prefix(name, prefix):
+    backbone = tiny_vit(name, depth=1).eval()
+    assert backbone.num_prefix_tokens == prefix
+    images = torch.rand(2, 3, 60, 90)
+    with torch.no_grad():
+        tokens = patch_tokens(backbone, images)
+        assert tokens.shape == (2, 384, 4, 6)
+        assert torch.equal(tokens, by_hand(backbone, images, (56, 84), prefix))
+        already_multiple = torch.rand(1, 3, 42, 70)
+        expected = by_hand(backbone, already_multiple, (42, 70), prefix)
+        assert torch.equal(patch_tokens(backbone, already_multiple), expected)
+
+
+def test_patch_tokens_through_the_lora_model():
+    backbone = tiny_vit()
+    base = copy.deepcopy(backbone).eval()
+    model = add_lora(backbone, reference_quirks=True).eval()
+    images = torch.rand(1, 3, 60, 90)
+    with torch.no_grad():
+        assert torch.equal(patch_tokens(model, images), patch_tokens(base, images))
+
+
+def test_patch_tokens_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 1, 56, 56\)"):
+        patch_tokens(tiny_vit(), torch.rand(2, 1, 56, 56))
+    with pytest.raises(ValueError, match="H >= 14"):
+        patch_tokens(tiny_vit(), torch.rand(2, 3, 10, 56))
