@@ -162,6 +162,32 @@ def precompute_masks_command(
     _run(action)
 
 
+@app.command("train")
+def train_command(
+    config: ConfigOption = Path("pipeline.yaml"),
+    set_: SetOption = [],
+    force: Annotated[bool, typer.Option("--force", help="Delete this configuration's run and start over.")] = False,
+    resume: Annotated[str, typer.Option(help="'auto' (the newest checkpoint of this run) or a checkpoint file.")] = "auto",
+) -> None:
+    """Distill a 3D-aware student: teacher features splatted to novel views (Splat and Distill)."""
+    from .stages.train import train
+
+    def action() -> None:
+        cfg = _load(config, set_, {"data", "sampling", "gaussians", "masks", "train", "store"})
+        with make_progress() as progress:
+            result = train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, Store(cfg.store.root),
+                           resume=resume, force=force, progress=progress)
+        if result.skipped:
+            console.print(f"[green]train[/]: up to date, nothing to do ({result.run_dir})")
+            return
+        if result.start_step:
+            console.print(f"[cyan]train[/]: resumed at step {result.start_step}")
+        console.print(f"[green]train[/]: {result.steps} steps, final loss {result.final_loss:.4f}; "
+                      f"exported {result.student_path} and {result.teacher_path.name}")
+
+    _run(action)
+
+
 @app.command("check-geometry")
 def check_geometry_command(
     config: ConfigOption = Path("pipeline.yaml"),

@@ -16,6 +16,7 @@ from ..config import GaussiansCfg
 from ..errors import ConfigError, DataError
 from ..gaussians import Gaussians
 from ..geometry import Camera
+from ..runtime import resolve_device
 from .depth import DepthReconstructorOptions, reconstruct_from_depth
 
 
@@ -45,15 +46,6 @@ class Reconstructor:
     reconstruct: Callable[[ContextViews], Gaussians]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("gaussians.device = 'cuda' but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
-
-
 def _depth_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
     options = DepthReconstructorOptions(
         covariance=cfg.covariance,
@@ -62,7 +54,7 @@ def _depth_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
         opacity=cfg.opacity,
         invalid_depth=cfg.invalid_depth,
     )
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "gaussians.device")
 
     def reconstruct(views: ContextViews) -> Gaussians:
         assert views.depth is not None

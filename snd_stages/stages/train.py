@@ -1,0 +1,470 @@
+"""``snd train``: Splat-and-Distill distillation with an online EMA teacher.
+
+Usage::
+
+    snd train --config pipeline.yaml                      # resumes an interrupted run of the same config
+    snd train --set train.steps=200 --set train.blending=1.0
+    snd train --resume data/runs/<key>/checkpoints/step-000100.pt
+
+One step, per sample of the batch (see ``reference/method.md`` §1):
+
+1. the teacher (no gradient) embeds the two context images -> patch tokens;
+2. mask-aware upsampling to the Gaussians' image size, with each context view's segments;
+3. lifting: each Gaussian takes its source pixel's feature;
+4. splatting to the target camera (gsplat on CUDA, the torch twin on CPU);
+5. semantic blending with the target's segments; bilinear downsampling to the student's token grid;
+   tokens no Gaussian reached are zeroed (and still averaged, as in the reference);
+6. per-token cross-entropy between the teacher head (stop-grad) and the student head on the target image.
+The teacher follows the student by EMA every ``ema_every`` steps, after backward and before the optimiser step.
+
+The run directory ``<runs_root>/<key>/`` (key = training config + input artifact keys) holds
+``checkpoints/step-NNNNNN.pt`` (everything needed to continue exactly), ``metrics.csv``, ``pictures/``,
+``config.yaml``, and at the end ``student.safetensors`` / ``teacher.safetensors`` (LoRA merged, timm-loadable)
+and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from rich.progress import Progress
+
+from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections, to_dict
+from ..errors import ArtifactError, ConfigError
+from ..geometry import Camera
+from ..models.distill import StudentTeacher, distillation_loss, export_backbone
+from ..models.weights import create_backbone
+from ..runtime import resolve_device
+from ..scenes.layout import Scene, read_scene
+from ..scenes.sampling import ViewSample
+from ..splat.features import blend_with_segments, downsample_to_tokens, lift_features, mask_aware_upsample, token_coverage
+from ..splat.quirks import centred_principal_point, variances_as_scales
+from ..splat.render import render_features
+from ..store import Artifact, ArtifactSpec, Store, write_text_atomic
+from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
+from .precompute_masks import load_masks
+from .sample_views import load_samples
+
+STAGE = "run"
+SCHEMA_VERSION = 1
+PATCH = 14
+log = logging.getLogger(__name__)
+
+# Settings that change how a run is observed or where it runs, not what it computes: kept out of the run key.
+_OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSample:
+    """Everything one distillation sample needs, on the CPU.
+
+    Attributes:
+        context_images: ``[2, 3, H, W]`` float in [0, 1].
+        context_masks: ``[2, H, W]`` segment labels.
+        target_image: ``[3, H, W]``.
+        target_mask: ``[H, W]``.
+        pair: the stored Gaussians and cameras of the context pair.
+        target_camera: ``[1]`` camera of the target frame.
+    """
+
+    context_images: torch.Tensor
+    context_masks: torch.Tensor
+    target_image: torch.Tensor
+    target_mask: torch.Tensor
+    pair: PairGaussians
+    target_camera: Camera
+
+
+class TrainingData:
+    """Samples in an order that is a function of (seed, step) only, read from the precomputed artifacts."""
+
+    def __init__(self, samples: list[ViewSample], dataset_root: Path, gaussians: Artifact, masks: Artifact,
+                 seed: int, cached_pairs: int = 64):
+        if not samples:
+            raise ArtifactError("the sample list is empty; rerun snd sample-views")
+        self.samples = samples
+        self.dataset_root = dataset_root
+        self.gaussians = gaussians
+        self.masks = masks
+        self.seed = seed
+        self._scenes: dict[str, Scene] = {}
+        self._pairs: OrderedDict[str, PairGaussians] = OrderedDict()
+        self._cached_pairs = cached_pairs
+        self._mask_units: dict[str, tuple[dict[int, int], object]] = {}
+
+    def indices(self, step: int, batch_size: int) -> list[int]:
+        """Sample indices of ``step``: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
+        count = len(self.samples)
+        chosen = []
+        for offset in range(step * batch_size, (step + 1) * batch_size):
+            epoch, position = divmod(offset, count)
+            chosen.append(int(np.random.default_rng([self.seed, epoch]).permutation(count)[position]))
+        return chosen
+
+    def batch(self, step: int, batch_size: int) -> list[TrainingSample]:
+        return [self.load(index) for index in self.indices(step, batch_size)]
+
+    def load(self, index: int) -> TrainingSample:
+        sample = self.samples[index]
+        scene = self._scene(sample.scene)
+        pair = self._pair(pair_unit_name(sample.scene, sample.context))
+        target = sample.targets[0]
+        target_index = pair.target_index(target)
+        return TrainingSample(
+            context_images=torch.stack([_image(scene, p) for p in sample.context]),
+            context_masks=torch.stack([self._mask(sample.scene, p) for p in sample.context]),
+            target_image=_image(scene, target),
+            target_mask=self._mask(sample.scene, target),
+            pair=pair,
+            target_camera=pair.target_camera[target_index : target_index + 1],
+        )
+
+    def _scene(self, scene_id: str) -> Scene:
+        if scene_id not in self._scenes:
+            self._scenes[scene_id] = read_scene(self.dataset_root, scene_id)
+        return self._scenes[scene_id]
+
+    def _pair(self, name: str) -> PairGaussians:
+        if name in self._pairs:
+            self._pairs.move_to_end(name)
+        else:
+            self._pairs[name] = read_pair(self.gaussians.unit(name))
+            if len(self._pairs) > self._cached_pairs:
+                self._pairs.popitem(last=False)
+        return self._pairs[name]
+
+    def _mask(self, scene_id: str, position: int) -> torch.Tensor:
+        if scene_id not in self._mask_units:
+            unit = self.masks.unit(scene_id)
+            rows = {int(p): row for row, p in enumerate(unit["positions"][...])}
+            self._mask_units[scene_id] = (rows, unit["labels"])
+        rows, labels = self._mask_units[scene_id]
+        return torch.from_numpy(np.asarray(labels[rows[position]])).long()
+
+
+def _image(scene: Scene, position: int) -> torch.Tensor:
+    return torch.from_numpy(scene.load_image(position)).permute(2, 0, 1).float() / 255.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def token_grid(height: int, width: int) -> tuple[int, int]:
+    """The ViT's token grid for an image: sides are cropped down to multiples of the patch size first."""
+    return height // PATCH, width // PATCH
+
+
+@torch.no_grad()
+def teacher_targets(model: StudentTeacher, batch: list[TrainingSample], cfg: TrainCfg, device: torch.device,
+                    autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Splatted, blended, downsampled teacher features at each target view, and their token coverage.
+
+    Returns:
+        (``[B, C, h, w]`` float32 targets, ``[B, h, w]`` bool coverage)
+    """
+    contexts = torch.cat([sample.context_images for sample in batch]).to(device)
+    with autocast():
+        context_tokens = model.teacher_tokens(contexts).float()  # [2B, C, h, w]
+    targets, coverages = [], []
+    for index, sample in enumerate(batch):
+        tokens = context_tokens[2 * index : 2 * index + 2]
+        masks = sample.context_masks.to(device)
+        height, width = masks.shape[-2:]
+        if cfg.mask_aware_upsampling:
+            upsampled = mask_aware_upsample(tokens, masks)
+        else:
+            upsampled = F.interpolate(tokens, size=(height, width), mode="bilinear", align_corners=True)
+        gaussians = sample.pair.gaussians.to(device)
+        camera = sample.target_camera.to(device=device, dtype=torch.float32)
+        if cfg.reference_quirks:
+            gaussians, camera = variances_as_scales(gaussians), centred_principal_point(camera)
+        rendered = render_features(gaussians, lift_features(upsampled, gaussians), camera)
+        features = rendered.features.permute(0, 3, 1, 2)  # [1, C, H, W]
+        blended = blend_with_segments(features, sample.target_mask[None].to(device), cfg.blending)
+        grid = token_grid(*sample.target_image.shape[-2:])
+        targets.append(downsample_to_tokens(blended, grid)[0])
+        coverages.append(token_coverage(rendered.alpha, grid)[0])
+    return torch.stack(targets), torch.stack(coverages)
+
+
+@dataclass
+class StepResult:
+    """``kl`` = loss - teacher entropy: the part of the loss the student can remove (the loss itself stays near
+    log K while the teacher's prototypes are near uniform, as they are early on)."""
+
+    loss: float
+    kl: float
+    coverage: float
+    targets: torch.Tensor
+    student: torch.Tensor
+
+
+def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: TrainCfg, device: torch.device,
+                      autocast) -> tuple[torch.Tensor, StepResult]:
+    """Forward of one step: returns the loss (with graph) and what to log."""
+    targets, coverage = teacher_targets(model, batch, cfg, device, autocast)
+    images = torch.stack([sample.target_image for sample in batch]).to(device)
+    with autocast():
+        student = model.student_tokens(images)
+        covered = coverage[:, None].to(student.dtype)
+        # Uncovered tokens are zeroed on both sides and still averaged (the reference's "head(0) vs head(0)").
+        teacher_logits = model.teacher_logits((targets * covered).to(student.dtype))
+        student_logits = model.student_logits(student * covered)
+    loss = distillation_loss(student_logits, teacher_logits)
+    with torch.no_grad():
+        teacher_log_probs = torch.log_softmax(teacher_logits.float(), dim=-1)
+        entropy = -(teacher_log_probs.exp() * teacher_log_probs).sum(-1).mean()
+    value = float(loss.detach())
+    return loss, StepResult(value, value - float(entropy), float(coverage.float().mean()), targets,
+                            student.detach().float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    skipped: bool
+    steps: int
+    start_step: int
+    final_loss: float | None
+    student_path: Path
+    teacher_path: Path
+
+
+def run_spec(train: TrainCfg, inputs: dict[str, str]) -> ArtifactSpec:
+    params = {name: value for name, value in to_dict(train).items() if name not in _OBSERVATION_ONLY}
+    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=inputs)
+
+
+def resolve_steps(train: TrainCfg, device: torch.device) -> int:
+    if train.steps is not None:
+        return train.steps
+    return train.steps_gpu if device.type == "cuda" else train.steps_cpu
+
+
+def build_model(train: TrainCfg) -> StudentTeacher:
+    if train.weights == "random" and not train.allow_random_weights:
+        raise ConfigError("train.weights = 'random' needs train.allow_random_weights: true (smoke tests only)")
+    weights = None if train.weights == "random" else train.weights
+    backbone = create_backbone(train.backbone, weights, allow_random=train.allow_random_weights)
+    return StudentTeacher(backbone, out_dim=train.prototypes, lora_rank=train.lora_rank, lora_alpha=train.lora_alpha,
+                          lora_dropout=train.lora_dropout, reference_quirks=train.reference_quirks)
+
+
+def make_optimizer(model: StudentTeacher, train: TrainCfg, steps: int):
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=train.learning_rate, total_steps=steps + 1, pct_start=train.warmup_fraction,
+        anneal_strategy="cos", cycle_momentum=False,
+    )
+    return optimizer, scheduler
+
+
+def train(
+    data: DataCfg,
+    sampling: SamplingCfg,
+    gaussians_cfg: GaussiansCfg,
+    masks_cfg: MasksCfg,
+    train_cfg: TrainCfg,
+    store: Store,
+    resume: str = "auto",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train (or resume, or find finished) the run of this configuration."""
+    device = resolve_device(train_cfg.device, "train.device")
+    samples_artifact, samples = load_samples(store, data, sampling)
+    gaussians = load_gaussians(store, gaussians_cfg, samples_artifact.key)
+    masks = load_masks(store, masks_cfg, samples_artifact.key)
+    steps = resolve_steps(train_cfg, device)
+    spec = run_spec(train_cfg, {"samples": samples_artifact.key, "gaussians": gaussians.key, "masks": masks.key,
+                                "steps": str(steps)})
+    run_dir = Path(train_cfg.runs_root) / spec.key
+    student_path, teacher_path = run_dir / "student.safetensors", run_dir / "teacher.safetensors"
+    if force:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if (run_dir / "manifest.json").is_file() and resume == "auto":
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        return TrainResult(run_dir, True, steps, steps, manifest.get("final_loss"), student_path, teacher_path)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", dump_sections(
+        data=data, sampling=sampling, gaussians=gaussians_cfg, masks=masks_cfg, train=train_cfg))
+
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(train_cfg).to(device)
+    optimizer, scheduler = make_optimizer(model, train_cfg, steps)
+    start_step = 0
+    checkpoint = latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
+    if checkpoint is not None:
+        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, spec.key)
+        log.info("resumed from %s at step %d", checkpoint, start_step)
+    training_data = TrainingData(samples.samples, samples.dataset_root, gaussians, masks, train_cfg.seed)
+    use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    metrics_path = run_dir / "metrics.csv"
+    final_loss = None
+    task = progress.add_task("distilling", total=steps, completed=start_step, rate="") if progress else None
+    started = time.perf_counter()
+    model.train()
+    for step in range(start_step, steps):
+        batch = training_data.batch(step, train_cfg.batch_size)
+        loss, result = distillation_step(model, batch, train_cfg, device, autocast)
+        if not math.isfinite(result.loss):
+            raise ArtifactError(
+                f"loss is {result.loss} at step {step} (samples {training_data.indices(step, train_cfg.batch_size)}); "
+                f"the last good checkpoint is kept in {run_dir / 'checkpoints'}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step % train_cfg.ema_every == 0:  # after backward, before the optimiser step, as in the reference
+            model.update_teacher(train_cfg.ema_momentum)
+        optimizer.step()
+        scheduler.step()
+        final_loss = result.loss
+        done = step + 1
+        elapsed = time.perf_counter() - started
+        rate = (done - start_step) * train_cfg.batch_size / max(elapsed, 1e-9)
+        if step % train_cfg.log_every == 0 or done == steps:
+            _append_metrics(metrics_path, {"step": done, "loss": result.loss, "kl": result.kl,
+                                           "coverage": result.coverage,
+                                           "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
+                                           "elapsed_s": elapsed})
+        if step % train_cfg.picture_every == 0 or done == steps:
+            save_picture(run_dir / "pictures" / f"step-{done:06d}.png", batch[0].target_image, result)
+        if done % train_cfg.checkpoint_every == 0 or done == steps:
+            save_checkpoint(run_dir, done, model, optimizer, scheduler, spec.key, train_cfg.keep_checkpoints)
+        if progress is not None:
+            progress.update(task, completed=done, rate=f"{rate:.2f} samples/s, loss {result.loss:.4f}")
+
+    export_backbone(model.student, student_path)
+    export_backbone(model.teacher, teacher_path)
+    manifest = {**spec.ingredients(), "key": spec.key, "complete": True, "steps": steps, "final_loss": final_loss,
+                "backbone": train_cfg.backbone, "exported": [student_path.name, teacher_path.name]}
+    write_text_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
+    return TrainResult(run_dir, False, steps, start_step, final_loss, student_path, teacher_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints, metrics, pictures
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:06d}.pt"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (each is written to a temporary name and renamed when whole)."""
+    found = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: StudentTeacher, optimizer, scheduler, key: str, keep: int) -> Path:
+    trainable = {name: p for name, p in model.state_dict().items() if _is_state(name)}
+    state = {
+        "step": step,
+        "run_key": key,
+        "model": trainable,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    path = checkpoint_path(run_dir, step)
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(state, temporary)
+    temporary.replace(path)
+    for old in sorted((run_dir / "checkpoints").glob("step-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def _is_state(name: str) -> bool:
+    """What a checkpoint stores: LoRA matrices (student and teacher) and both heads; base weights are pretrained."""
+    return "lora_" in name or name.startswith(("student_head.", "teacher_head."))
+
+
+def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key: str) -> int:
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint {path} does not exist; pass --resume auto or a step-NNNNNN.pt file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ArtifactError(f"checkpoint {path} cannot be read ({error}); delete it to resume from the previous one") from None
+    if state.get("run_key") != key:
+        raise ConfigError(
+            f"checkpoint {path} belongs to run {state.get('run_key')}, not to this configuration's run {key}; "
+            "resume with the config that made it"
+        )
+    expected = {name for name in model.state_dict() if _is_state(name)}
+    if set(state["model"]) != expected:
+        raise ArtifactError(f"checkpoint {path} does not hold this model's LoRA and head tensors")
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return int(state["step"])
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def pca_colours(features: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> np.ndarray:
+    """``[C, h, w]`` features -> ``[h, w, 3]`` uint8 through a fixed 3-component PCA (mean, components, range)."""
+    mean, components, (low, high) = basis[0], basis[1], basis[2]
+    projected = (features.flatten(1).T - mean) @ components  # [h*w, 3]
+    scaled = ((projected - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
+    return (scaled.reshape(*features.shape[1:], 3) * 255).round().byte().cpu().numpy()
+
+
+def save_picture(path: Path, image: torch.Tensor, result: StepResult) -> None:
+    """target image | PCA of the teacher's splatted target | PCA of the student, one shared PCA basis."""
+    teacher, student = result.targets[0].float().cpu(), result.student[0].float().cpu()
+    rows = teacher.flatten(1).T
+    mean = rows.mean(0)
+    _, _, vectors = torch.linalg.svd(rows - mean, full_matrices=False)
+    components = vectors[:3].T
+    projected = (rows - mean) @ components
+    basis = (mean, components, (projected.min(0).values, projected.max(0).values))
+    height, width = image.shape[-2:]
+    panels = [(image.permute(1, 2, 0) * 255).round().byte().numpy()]
+    for features in (teacher, student):
+        panel = Image.fromarray(pca_colours(features, basis)).resize((width, height), Image.NEAREST)
+        panels.append(np.asarray(panel))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
