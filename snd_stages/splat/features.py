@@ -39,26 +39,34 @@ def mask_aware_upsample(
     y0 = ys.floor().long()
     x1 = (x0 + 1).clamp(max=low_w - 1)
     y1 = (y0 + 1).clamp(max=low_h - 1)
-    dx = (xs - x0).to(features.dtype)[None, :]  # [1, W]
-    dy = (ys - y0).to(features.dtype)[:, None]  # [H, 1]
+    dx = (xs - x0).to(features.dtype)[None, :].expand(height, width)
+    dy = (ys - y0).to(features.dtype)[:, None].expand(height, width)
 
     node_rows = torch.linspace(0, height - 1, low_h, dtype=torch.float64, device=device).round().long()
     node_cols = torch.linspace(0, width - 1, low_w, dtype=torch.float64, device=device).round().long()
-    node_labels = masks[:, node_rows][:, :, node_cols]  # [B, h, w]
+    node_labels = masks[:, node_rows][:, :, node_cols].reshape(batch, -1)  # [B, h*w]
 
-    output = features.new_zeros(batch, channels, height, width)
-    total = features.new_zeros(batch, 1, height, width)
-    for rows, cols, weight in (
-        (y0, x0, (1 - dx) * (1 - dy)),
-        (y0, x1, dx * (1 - dy)),
-        (y1, x0, (1 - dx) * dy),
-        (y1, x1, dx * dy),
-    ):
-        same_segment = node_labels[:, rows][:, :, cols] == masks  # [B, H, W]
-        kept = (weight[None] * same_segment)[:, None]  # [B, 1, H, W]
-        output = output + features[:, :, rows][:, :, :, cols] * kept
-        total = total + kept
-    return output / torch.where(total == 0, torch.ones_like(total), total)
+    # The four neighbours of every output pixel, as flat low-res node indices and bilinear weights: [4, H, W].
+    neighbours = torch.stack([
+        y0[:, None] * low_w + x0[None, :], y0[:, None] * low_w + x1[None, :],
+        y1[:, None] * low_w + x0[None, :], y1[:, None] * low_w + x1[None, :],
+    ])
+    weights = torch.stack([(1 - dx) * (1 - dy), dx * (1 - dy), (1 - dx) * dy, dx * dy])
+    pixels = torch.arange(height * width, device=device).repeat(4)
+    output = []
+    for index in range(batch):
+        same_segment = node_labels[index][neighbours] == masks[index]  # [4, H, W]
+        kept = weights * same_segment
+        total = kept.sum(0)
+        kept = kept / torch.where(total == 0, torch.ones_like(total), total)
+        # A sparse [H*W, h*w] operator with four entries a row: one matmul instead of four dense gathers.
+        operator = torch.sparse_coo_tensor(
+            torch.stack([pixels, neighbours.reshape(-1)]), kept.reshape(-1), (height * width, low_h * low_w),
+            check_invariants=False,
+        )
+        flat = torch.sparse.mm(operator, features[index].reshape(channels, -1).T)  # [H*W, C]
+        output.append(flat.T.reshape(channels, height, width))
+    return torch.stack(output)
 
 
 def lift_features(features: Float[Tensor, "V C H W"], gaussians: Gaussians) -> Float[Tensor, "N C"]:
