@@ -108,3 +108,36 @@ def test_training_order_depends_only_on_seed_and_step():
 def test_random_weights_need_the_explicit_flag(project):
     with pytest.raises(ConfigError, match="allow_random_weights"):
         run(project, "train.allow_random_weights=false", "train.steps=1", f"train.runs_root={project / 'runs-x'}")
+
+
+def test_uncovered_tokens_are_zeroed_on_both_sides(project):
+    import contextlib
+
+    from snd_stages.geometry import Camera
+    from snd_stages.models.distill import distillation_loss
+    from snd_stages.stages.precompute_gaussians import load_gaussians
+    from snd_stages.stages.precompute_masks import load_masks
+    from snd_stages.stages.sample_views import load_samples
+    from snd_stages.stages.train import build_model, distillation_step, teacher_targets
+
+    cfg = config(project)
+    store = Store(cfg.store.root)
+    samples_artifact, samples = load_samples(store, cfg.data, cfg.sampling)
+    data = TrainingData(samples.samples, samples.dataset_root, load_gaussians(store, cfg.gaussians, samples_artifact.key),
+                        load_masks(store, cfg.masks, samples_artifact.key), seed=0)
+    sample = data.load(0)
+    # Turn the target camera around: no Gaussian lies in front of it any more.
+    turned = sample.target_camera.world_to_camera.clone()
+    turned[:, :3] *= -1
+    turned[:, 0] *= -1  # keep a proper rotation (det +1): flip z and y, keep x
+    sample.target_camera = Camera(sample.target_camera.intrinsics, turned, sample.target_camera.height,
+                                  sample.target_camera.width)
+    torch.manual_seed(0)
+    model = build_model(cfg.train)
+    targets, coverage = teacher_targets(model, [sample], cfg.train, torch.device("cpu"), contextlib.nullcontext)
+    assert not coverage.any() and targets.abs().max() == 0
+    loss, result = distillation_step(model, [sample], cfg.train, torch.device("cpu"), contextlib.nullcontext)
+    zeros = torch.zeros(coverage.numel(), model.student_head.mlp[0].in_features)
+    expected = distillation_loss(model.student_head(zeros), model.teacher_head(zeros))
+    torch.testing.assert_close(loss, expected)  # "head(0) vs head(0)" at every token, still averaged
+    assert result.coverage == 0.0
