@@ -95,7 +95,6 @@ def main() -> None:
             peak = torch.cuda.max_memory_allocated() / 2**30
             table.add_row(size, f"{height - height % 14}x{width - width % 14}", str(batch_size), f"{teacher_ms:.1f}",
                           f"{step_ms:.1f}", f"{batch_size / step_ms * 1e3:.1f}", f"{peak:.1f}")
-            del model, optimizer
             torch.cuda.empty_cache()
     Console().print(table)
     Console().print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")

@@ -122,24 +122,31 @@ def sample_views_command(
     _run(action)
 
 
+def _precompute(stage: str, section: str, config: Path, overrides: list[str], force: bool, shard: str | None) -> None:
+    """The two precompute commands differ only in their stage function and config section."""
+    from .stages.common import Shard
+
+    if stage == "precompute-gaussians":
+        from .stages.precompute_gaussians import precompute_gaussians as function
+    else:
+        from .stages.precompute_masks import precompute_masks as function
+
+    def action() -> None:
+        cfg = _load(config, overrides, {"data", "sampling", section, "store"})
+        with make_progress() as progress:
+            result = function(cfg.data, cfg.sampling, getattr(cfg, section), Store(cfg.store.root), force=force,
+                              shard=Shard.parse(shard), progress=progress)
+        _report(stage, result)
+
+    _run(action)
+
+
 @app.command("precompute-gaussians")
 def precompute_gaussians_command(
     config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: ForceOption = False, shard: ShardOption = None
 ) -> None:
     """Reconstruct pixel-aligned 3D Gaussians once per context pair of the frozen samples."""
-    from .stages.common import Shard
-    from .stages.precompute_gaussians import precompute_gaussians
-
-    def action() -> None:
-        cfg = _load(config, set_, {"data", "sampling", "gaussians", "store"})
-        with make_progress() as progress:
-            result = precompute_gaussians(
-                cfg.data, cfg.sampling, cfg.gaussians, Store(cfg.store.root), force=force, shard=Shard.parse(shard),
-                progress=progress,
-            )
-        _report("precompute-gaussians", result)
-
-    _run(action)
+    _precompute("precompute-gaussians", "gaussians", config, set_, force, shard)
 
 
 @app.command("precompute-masks")
@@ -147,19 +154,7 @@ def precompute_masks_command(
     config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: ForceOption = False, shard: ShardOption = None
 ) -> None:
     """Compute a segment label map for every frame the frozen samples use (gt, sam, felzenszwalb or slic)."""
-    from .stages.common import Shard
-    from .stages.precompute_masks import precompute_masks
-
-    def action() -> None:
-        cfg = _load(config, set_, {"data", "sampling", "masks", "store"})
-        with make_progress() as progress:
-            result = precompute_masks(
-                cfg.data, cfg.sampling, cfg.masks, Store(cfg.store.root), force=force, shard=Shard.parse(shard),
-                progress=progress,
-            )
-        _report("precompute-masks", result)
-
-    _run(action)
+    _precompute("precompute-masks", "masks", config, set_, force, shard)
 
 
 @app.command("train")

@@ -69,6 +69,11 @@ class Shard:
             raise ConfigError(f"--shard {text!r}: need 0 <= i < n")
         return Shard(index, count)
 
+    def allow_force(self, force: bool) -> None:
+        """``--force`` deletes the whole artifact, which would destroy the other shards' work."""
+        if force and self.count > 1:
+            raise ConfigError("--force deletes the whole artifact, so it cannot be combined with --shard; run it unsharded")
+
     def select(self, units: list[str]) -> list[str]:
         return [unit for position, unit in enumerate(sorted(units)) if position % self.count == self.index]
 

@@ -36,7 +36,7 @@ import torch
 from rich.progress import Progress
 
 from ..config import DataCfg, GaussiansCfg, SamplingCfg, dump_sections, to_dict
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..gaussians import Gaussians
 from ..geometry import Camera
 from ..progress import track
@@ -116,8 +116,7 @@ def precompute_gaussians(
     progress: Progress | None = None,
 ) -> StageResult:
     """Write (or resume, or skip) the Gaussians of every context pair of the frozen samples."""
-    if force and shard.count > 1:
-        raise ConfigError("--force deletes the whole artifact, so it cannot be combined with --shard; run it unsharded")
+    shard.allow_force(force)
     samples_artifact, samples = load_samples(store, data, sampling)
     spec = gaussians_spec(gaussians, samples_artifact.key)
     pairs = pairs_of(samples.samples)

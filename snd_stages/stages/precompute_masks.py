@@ -15,7 +15,7 @@ import numpy as np
 from rich.progress import Progress
 
 from ..config import DataCfg, MasksCfg, SamplingCfg, dump_sections, to_dict
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..masks.sources import SamSegmenter, SuperpixelOptions, felzenszwalb_segments, slic_segments
 from ..progress import track
 from ..scenes.layout import read_scene
@@ -78,8 +78,7 @@ def precompute_masks(
     progress: Progress | None = None,
 ) -> StageResult:
     """Write (or resume, or skip) the label maps of every frame the frozen samples use."""
-    if force and shard.count > 1:
-        raise ConfigError("--force deletes the whole artifact, so it cannot be combined with --shard; run it unsharded")
+    shard.allow_force(force)
     samples_artifact, samples = load_samples(store, data, sampling)
     spec = masks_spec(masks, samples_artifact.key)
     positions = used_positions(samples)
