@@ -1,0 +1,132 @@
+"""One backbone interface for every probe: a frozen DINOv2 by name + weights, or a training run's export.
+
+Probes read dense patch tokens of chosen blocks, with or without the final LayerNorm, optionally with the CLS
+token broadcast and concatenated, exactly as each protocol asks (``reference/method.md`` §2):
+
+- FiT3D/SnD linear depth: last block, no final norm, CLS concatenated (:data:`DEPTH_FEATURES`);
+- FiT3D/SnD linear segmentation: last block, final norm, no CLS (:data:`SEGMENTATION_FEATURES`);
+- Probe3D normals and correspondence: last block, no final norm, dense only (:data:`DENSE_FEATURES`);
+- Probe3D's multi-block dense probe: four evenly spaced blocks, no final norm (:data:`MULTI_BLOCK_FEATURES`).
+
+Images are centre-padded with zeros (after normalisation) to multiples of the patch size, as FiT3D's
+``CenterPadding`` and Probe3D do; :meth:`Features.crop` maps a prediction on the padded grid back to the image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+
+from ..errors import ArtifactError
+from ..models.weights import create_backbone
+
+PATCH = 14
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which tokens a probe sees. ``blocks`` index the ViT's blocks (negative: from the end)."""
+
+    blocks: tuple[int, ...] = (-1,)
+    final_norm: bool = False
+    with_cls: bool = False
+
+    def describe(self) -> str:
+        norm = "final norm" if self.final_norm else "no final norm"
+        return f"blocks {list(self.blocks)}, {norm}{', CLS concatenated' if self.with_cls else ''}"
+
+
+DEPTH_FEATURES = FeatureSpec((-1,), final_norm=False, with_cls=True)
+SEGMENTATION_FEATURES = FeatureSpec((-1,), final_norm=True, with_cls=False)
+DENSE_FEATURES = FeatureSpec((-1,), final_norm=False, with_cls=False)
+MULTI_BLOCK_FEATURES = FeatureSpec((-12, -8, -4, -1), final_norm=False, with_cls=False)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Dense features on the padded token grid.
+
+    Attributes:
+        tokens: ``[B, C_total, h, w]``: the chosen blocks' tokens (then CLS) concatenated along channels.
+        padding: (top, bottom, left, right) pixels of zero padding added around the image.
+        image_size: (H, W) of the unpadded image.
+    """
+
+    tokens: Tensor
+    padding: tuple[int, int, int, int]
+    image_size: tuple[int, int]
+
+    def crop(self, dense: Tensor) -> Tensor:
+        """``[B, K, h', w']`` prediction on the padded grid -> ``[B, K, H, W]`` on the image (bilinear)."""
+        top, bottom, left, right = self.padding
+        height, width = self.image_size
+        padded = F.interpolate(dense, size=(height + top + bottom, width + left + right), mode="bilinear",
+                               align_corners=False)
+        return padded[..., top : top + height, left : left + width]
+
+
+def centre_pad(images: Tensor, multiple: int = PATCH) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """Zero-pad ``[B, C, H, W]`` symmetrically (extra pixel at the end) to multiples of ``multiple``."""
+    height, width = images.shape[-2:]
+    extra_h, extra_w = (-height) % multiple, (-width) % multiple
+    padding = (extra_h // 2, extra_h - extra_h // 2, extra_w // 2, extra_w - extra_w // 2)
+    top, bottom, left, right = padding
+    return F.pad(images, (left, right, top, bottom)), padding
+
+
+class ProbeBackbone:
+    """A frozen backbone that probes query for dense features.
+
+    Args:
+        name: our backbone name (``dinov2_vits14``, ...).
+        weights: ``embedded``, a checkpoint path, or ``random`` (only with ``allow_random``).
+        label: how reports name this model (e.g. "DINOv2 (baseline)").
+    """
+
+    def __init__(self, name: str, weights: str | Path, label: str, device: torch.device | str = "cpu",
+                 allow_random: bool = False):
+        self.name = name
+        self.weights = str(weights)
+        self.label = label
+        self.device = torch.device(device)
+        model = create_backbone(name, None if self.weights == "random" else weights, allow_random=allow_random)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+
+    @staticmethod
+    def from_run(run_dir: Path, which: str = "student", device: torch.device | str = "cpu") -> "ProbeBackbone":
+        """The backbone a training run exported (LoRA merged)."""
+        manifest_path = Path(run_dir) / "manifest.json"
+        if not manifest_path.is_file():
+            raise ArtifactError(f"{run_dir} is not a finished training run (no manifest.json); run snd train first")
+        manifest = json.loads(manifest_path.read_text())
+        weights = Path(run_dir) / f"{which}.safetensors"
+        return ProbeBackbone(manifest["backbone"], weights, f"Splat-and-Distill {which} ({Path(run_dir).name})", device)
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @torch.no_grad()
+    def features(self, images: Tensor, spec: FeatureSpec) -> Features:
+        """Dense features of ``[B, 3, H, W]`` RGB images in [0, 1]."""
+        mean = images.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+        std = images.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+        padded, padding = centre_pad((images.to(self.device) - mean.to(self.device)) / std.to(self.device))
+        indices = sorted({block % self.depth for block in spec.blocks})
+        outputs = self.model.forward_intermediates(
+            padded, indices=indices, norm=spec.final_norm, output_fmt="NCHW", intermediates_only=True,
+            return_prefix_tokens=True,
+        )
+        by_block = dict(zip(indices, outputs))
+        maps = [by_block[block % self.depth][0] for block in spec.blocks]
+        if spec.with_cls:
+            spatial, prefix = by_block[spec.blocks[-1] % self.depth]
+            cls = prefix[:, 0]  # [B, C]; registers, if any, follow it and are not used
+            maps.append(cls[:, :, None, None].expand(-1, -1, *spatial.shape[-2:]))
+        return Features(torch.cat(maps, dim=1).float(), padding, tuple(images.shape[-2:]))
