@@ -16,6 +16,7 @@ all: $(STAMP)
 	$(SND) precompute-masks --config $(CONFIG)
 	$(SND) check-geometry --config $(CONFIG)
 	$(SND) train --config $(CONFIG)
+	$(SND) eval --config $(CONFIG)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -183,6 +183,24 @@ def train_command(
     _run(action)
 
 
+@app.command("eval")
+def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = []) -> None:
+    """Probe the baseline and each fine-tuned model side by side: depth, normals, segmentation, correspondence."""
+    from .stages.evaluate import default_run, evaluate
+
+    def action() -> None:
+        cfg = _load(config, set_, {"data", "sampling", "gaussians", "masks", "train", "eval", "store"})
+        runs = list(cfg.eval.runs) or [default_run(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train,
+                                                   Store(cfg.store.root))]
+        with make_progress() as progress:
+            report = evaluate(cfg.data, cfg.train, cfg.eval, runs, progress)
+        Console().print((report.report_dir / "report.md").read_text())
+        console.print(f"[green]eval[/]: wrote {report.report_dir / 'report.json'}, report.md and "
+                      f"{', '.join(p.name for p in report.figures)}")
+
+    _run(action)
+
+
 @app.command("check-geometry")
 def check_geometry_command(
     config: ConfigOption = Path("pipeline.yaml"),

@@ -41,7 +41,7 @@ class DemoCfg:
 
     seed: int = 0
     train_scenes: int = 6
-    eval_scenes: int = 2
+    eval_scenes: int = 4
     frames_per_scene: int = 40
     height: int = 192
     width: int = 256
@@ -181,6 +181,39 @@ class TrainCfg:
 
 
 @dataclass(frozen=True)
+class EvalCfg:
+    """``snd eval``: probes of 3D awareness, the baseline beside every fine-tuned model, same settings and seeds."""
+
+    # Held-out scenes (data.root's val split): the first probe_train_scenes train the probes, the rest test them.
+    probe_train_scenes: int = 2
+    frame_stride: int = 2
+    probes: tuple[str, ...] = ("depth", "normals", "segmentation", "correspondence")
+    baseline_weights: str = "embedded"
+    runs: list[Path] = field(default_factory=list)  # run directories; empty = the run of this config's train section
+    probe_steps: int = 300
+    probe_batch_size: int = 8
+    probe_learning_rate: float = 1e-3
+    max_depth: float = 10.0
+    correspondence_pairs: int = 12
+    correspondence_gap: tuple[int, int] = (3, 12)
+    correspondence_scale: float = 0.5
+    correspondence_top_k: int = 1000
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    report_dir: Path = Path("data/reports")
+
+    def __post_init__(self) -> None:
+        allowed = {"depth", "normals", "segmentation", "correspondence"}
+        unknown = sorted(set(self.probes) - allowed)
+        _require(not unknown and len(self.probes) > 0, "eval.probes", list(self.probes), f"a non-empty subset of {sorted(allowed)}")
+        _require(self.probe_train_scenes >= 1, "eval.probe_train_scenes", self.probe_train_scenes, "an integer >= 1")
+        for name in ("frame_stride", "probe_steps", "probe_batch_size", "correspondence_pairs", "correspondence_top_k"):
+            _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "an integer >= 1")
+        _require(0 < self.correspondence_scale <= 1, "eval.correspondence_scale", self.correspondence_scale, "a number in (0, 1]")
+        _require(self.max_depth > 0, "eval.max_depth", self.max_depth, "a positive number (metres)")
+
+
+@dataclass(frozen=True)
 class StoreCfg:
     """Where content-addressed artifacts are cached."""
 
@@ -195,6 +228,7 @@ class PipelineCfg:
     gaussians: GaussiansCfg = field(default_factory=GaussiansCfg)
     masks: MasksCfg = field(default_factory=MasksCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
     store: StoreCfg = field(default_factory=StoreCfg)
 
 
@@ -292,6 +326,10 @@ def _coerce(annotation, value, key: str, source: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key, source)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} = {value!r} must be a list")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{source}: {key} = {value!r} must be a list of {len(args)} values")

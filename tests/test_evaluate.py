@@ -1,0 +1,77 @@
+"""snd eval end to end on tiny generated scenes: every probe, baseline beside the trained model, report files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from snd_stages.config import load_config
+from snd_stages.errors import ConfigError
+from snd_stages.stages.evaluate import default_run, evaluate, markdown_report
+from snd_stages.stages.make_demo_data import make_demo_data
+from snd_stages.stages.precompute_gaussians import precompute_gaussians
+from snd_stages.stages.precompute_masks import precompute_masks
+from snd_stages.stages.sample_views import sample_views
+from snd_stages.stages.train import train
+from snd_stages.store import Store
+
+TINY = [
+    "demo.train_scenes=1", "demo.eval_scenes=2", "demo.frames_per_scene=6", "demo.height=56", "demo.width=70",
+    "sampling.samples_per_scene=1", "sampling.frame_gap=[3,4]",
+    "train.weights=random", "train.allow_random_weights=true", "train.prototypes=64", "train.steps=1",
+    "train.batch_size=1", "eval.baseline_weights=random", "eval.probe_train_scenes=1", "eval.probe_steps=3",
+    "eval.correspondence_pairs=2", "eval.correspondence_gap=[2,3]", "eval.correspondence_top_k=50",
+]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_config(None, [*TINY, f"data.root={root / 'demo'}", f"store.root={root / 'store'}",
+                             f"train.runs_root={root / 'runs'}", f"eval.report_dir={root / 'report'}"])
+    make_demo_data(cfg.data, cfg.demo)
+    store = Store(cfg.store.root)
+    sample_views(cfg.data, cfg.sampling, store)
+    precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
+    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    with pytest.warns(UserWarning, match="random weights"):
+        train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    return cfg, store
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_report_compares_the_baseline_with_the_trained_model(project):
+    cfg, store = project
+    run = default_run(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    report = evaluate(cfg.data, cfg.train, cfg.eval, [run])
+    models = report.results["models"]
+    assert len(models) == 2
+    for scores in models.values():
+        assert set(scores) >= {"depth", "normals", "segmentation", "correspondence"}
+        assert math.isfinite(scores["depth"]["rmse"]) and scores["depth"]["rmse"] > 0
+        assert 0 <= scores["normals"]["within_30"] <= 100
+        assert 0 <= scores["segmentation"]["miou"] <= 1
+        assert 0 <= scores["correspondence"]["recall_10px"] <= 1
+    on_disk = json.loads((report.report_dir / "report.json").read_text())
+    assert on_disk["models"].keys() == models.keys()
+    table = (report.report_dir / "report.md").read_text()
+    assert table == markdown_report(on_disk) and "| depth | rmse ↓ |" in table and "Δ Splat-and-Distill" in table
+    assert {p.name for p in report.figures} == {"depth.png", "normals.png", "correspondence.png", "pca.png"}
+    assert all(p.stat().st_size > 0 for p in report.figures)
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_identical_settings_give_identical_scores(project):
+    cfg, _ = project
+    first = evaluate(cfg.data, cfg.train, cfg.eval, []).results["models"]
+    second = evaluate(cfg.data, cfg.train, cfg.eval, []).results["models"]
+    assert first == second
+
+
+def test_no_test_scene_left_is_a_config_error(project):
+    cfg, _ = project
+    bad = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probe_train_scenes=2"])
+    with pytest.raises(ConfigError, match="leaves no test scene"):
+        evaluate(bad.data, bad.train, bad.eval, [])
