@@ -184,7 +184,14 @@ class TrainCfg:
 class EvalCfg:
     """``snd eval``: probes of 3D awareness, the baseline beside every fine-tuned model, same settings and seeds."""
 
-    # Held-out scenes (data.root's val split): the first probe_train_scenes train the probes, the rest test them.
+    # demo: the held-out scenes of data.root (val split): the first probe_train_scenes train the probes, the rest
+    # test them. nyuv2: the labeled .mat's official train/test splits (no correspondence: single views).
+    dataset: Literal["demo", "nyuv2"] = "demo"
+    nyuv2_mat: Path | None = None  # nyu_depth_v2_labeled.mat
+    nyuv2_splits: Path | None = None  # splits.mat
+    nyuv2_mapping_40: Path | None = None  # classMapping40.mat
+    nyuv2_mapping_13: Path | None = None  # class13Mapping.mat (applied on top of the 40-class map)
+    nyuv2_classes: Literal[13, 40] = 13
     probe_train_scenes: int = 2
     frame_stride: int = 2
     probes: tuple[str, ...] = ("depth", "normals", "segmentation", "correspondence")

@@ -75,3 +75,29 @@ def test_no_test_scene_left_is_a_config_error(project):
     bad = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probe_train_scenes=2"])
     with pytest.raises(ConfigError, match="leaves no test scene"):
         evaluate(bad.data, bad.train, bad.eval, [])
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_nyuv2_labeled_mat_through_the_same_probes(project, tmp_path):
+    from tests.test_nyuv2 import write_labeled_mat, write_v5_files
+
+    cfg, _ = project
+    files = write_v5_files(tmp_path)
+    mat = write_labeled_mat(tmp_path / "nyu_depth_v2_labeled.mat")
+    nyu = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.dataset=nyuv2", f"eval.nyuv2_mat={mat}",
+                             f"eval.nyuv2_splits={files['splits']}", f"eval.nyuv2_mapping_40={files['map40']}",
+                             f"eval.nyuv2_mapping_13={files['map13']}", "eval.frame_stride=1",
+                             f"eval.report_dir={tmp_path / 'report'}"])
+    report = evaluate(nyu.data, nyu.train, nyu.eval, [])
+    protocol = report.results["protocol"]
+    assert protocol["dataset"] == "nyuv2" and "correspondence" not in protocol["probes"]
+    assert (protocol["probe_train_frames"], protocol["test_frames"]) == (2, 1)  # splits.mat: train 1, 3; test 2
+    scores = next(iter(report.results["models"].values()))
+    assert math.isfinite(scores["depth"]["rmse"]) and len(scores["segmentation"]["per_class_iou"]) == 13
+
+
+def test_nyuv2_without_its_file_says_what_to_set(project):
+    cfg, _ = project
+    nyu = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.dataset=nyuv2"])
+    with pytest.raises(ConfigError, match="eval.nyuv2_mat"):
+        evaluate(nyu.data, nyu.train, nyu.eval, [])

@@ -59,6 +59,7 @@ from ..runtime import resolve_device
 from ..scenes.correspondence import CorrespondencePair, pairs_from_scene
 from ..scenes.layout import list_scene_ids, read_scene
 from ..store import write_text_atomic
+from ..visualize import pca_rgb
 
 MIN_DEPTH = 1e-3
 
@@ -66,13 +67,40 @@ MIN_DEPTH = 1e-3
 @dataclass
 class ProbeFrames:
     """Frames with their ground truth, stacked: ``images [N, 3, H, W]``, ``depth [N, H, W]``,
-    ``normals [N, 3, H, W]`` (camera frame), ``semantics [N, H, W]`` (255 = ignore)."""
+    ``normals [N, 3, H, W]`` (camera frame), ``semantics [N, H, W]`` (255 = ignore), and the region where depth is
+    scored (``[H, W]`` bool, e.g. NYUv2's Eigen crop; None = everywhere)."""
 
     images: torch.Tensor
     depth: torch.Tensor
     normals: torch.Tensor
     semantics: torch.Tensor
     names: list[str]
+    depth_region: torch.Tensor | None = None
+
+
+def load_nyuv2_frames(cfg: EvalCfg, split: str) -> ProbeFrames:
+    """Every ``frame_stride``-th frame of NYUv2's official ``split``; normals fitted to depth (no GT normals)."""
+    from ..scenes.normals import normals_from_depth_plane_fit
+    from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
+
+    if cfg.nyuv2_mat is None:
+        raise ConfigError("eval.dataset = 'nyuv2' needs eval.nyuv2_mat: the path of nyu_depth_v2_labeled.mat")
+    data = NYUv2Labeled(cfg.nyuv2_mat, cfg.nyuv2_splits, {40: cfg.nyuv2_mapping_40, 13: cfg.nyuv2_mapping_13})
+    camera = data.camera()
+    images, depth, normals, semantics, names = [], [], [], [], []
+    for index in data.split(split)[:: cfg.frame_stride]:
+        frame_depth = data.depth(int(index))
+        images.append(torch.from_numpy(data.image(int(index))).permute(2, 0, 1).float() / 255)
+        depth.append(torch.from_numpy(frame_depth))
+        normals.append(torch.from_numpy(normals_from_depth_plane_fit(frame_depth, camera)).permute(2, 0, 1).float())
+        semantics.append(torch.from_numpy(data.labels(int(index), cfg.nyuv2_classes).astype(np.int64)))
+        names.append(f"nyuv2/{int(index)}")
+    # Depth is scored inside the Eigen crop, which only exists for the dataset's own 480x640 frames.
+    region = None
+    if (data.height, data.width) == (NYU_HEIGHT, NYU_WIDTH):
+        region = torch.from_numpy(eigen_crop_mask(data.height, data.width))
+    return ProbeFrames(torch.stack(images), torch.stack(depth), torch.stack(normals), torch.stack(semantics), names,
+                       region)
 
 
 def load_frames(root: Path, scene_ids: list[str], stride: int) -> ProbeFrames:
@@ -145,6 +173,8 @@ def depth_probe(train: tuple[Features, ProbeFrames], test: tuple[Features, Probe
             prediction = test_features.crop(head(test_features.tokens[index : index + 1].to(device)))[0, 0].cpu()
             target = test_frames.depth[index]
             valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
+            if test_frames.depth_region is not None:
+                valid &= test_frames.depth_region
             per_image.append(depth_metrics(prediction, target, valid))
             predictions.append(prediction)
     return _mean(per_image), predictions
@@ -269,34 +299,43 @@ def default_run(data: DataCfg, sampling: SamplingCfg, gaussians: GaussiansCfg, m
 def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], progress: Progress | None = None) -> EvalReport:
     """Probe the baseline (``train.backbone`` with ``eval.baseline_weights``) and each run; write the report."""
     device = resolve_device(cfg.device, "eval.device")
-    scene_ids = list_scene_ids(data.root, "val")
-    if len(scene_ids) <= cfg.probe_train_scenes:
-        raise ConfigError(
-            f"eval.probe_train_scenes = {cfg.probe_train_scenes} leaves no test scene among the {len(scene_ids)} "
-            f"held-out scenes of {data.root}; lower it or add held-out scenes (demo.eval_scenes)"
-        )
-    train_ids, test_ids = scene_ids[: cfg.probe_train_scenes], scene_ids[cfg.probe_train_scenes :]
-    train_frames = load_frames(data.root, train_ids, cfg.frame_stride)
-    test_frames = load_frames(data.root, test_ids, cfg.frame_stride)
-    classes = class_count(data.root) if "segmentation" in cfg.probes else 0
-    pairs = []
-    if "correspondence" in cfg.probes:
-        per_scene = math.ceil(cfg.correspondence_pairs / len(test_ids))
-        for index, scene_id in enumerate(test_ids):
-            pairs += pairs_from_scene(read_scene(data.root, scene_id), per_scene, *cfg.correspondence_gap, cfg.seed + index)
-        pairs = pairs[: cfg.correspondence_pairs]
+    pairs: list[CorrespondencePair] = []
+    if cfg.dataset == "nyuv2":
+        train_ids, test_ids = ["nyuv2 train split"], ["nyuv2 test split"]
+        train_frames, test_frames = load_nyuv2_frames(cfg, "train"), load_nyuv2_frames(cfg, "test")
+        classes = cfg.nyuv2_classes
+        probes = [probe for probe in cfg.probes if probe != "correspondence"]  # single views: no pairs
+    else:
+        scene_ids = list_scene_ids(data.root, "val")
+        if len(scene_ids) <= cfg.probe_train_scenes:
+            raise ConfigError(
+                f"eval.probe_train_scenes = {cfg.probe_train_scenes} leaves no test scene among the {len(scene_ids)} "
+                f"held-out scenes of {data.root}; lower it or add held-out scenes (demo.eval_scenes)"
+            )
+        train_ids, test_ids = scene_ids[: cfg.probe_train_scenes], scene_ids[cfg.probe_train_scenes :]
+        train_frames = load_frames(data.root, train_ids, cfg.frame_stride)
+        test_frames = load_frames(data.root, test_ids, cfg.frame_stride)
+        classes = class_count(data.root) if "segmentation" in cfg.probes else 0
+        probes = list(cfg.probes)
+        if "correspondence" in probes:
+            per_scene = math.ceil(cfg.correspondence_pairs / len(test_ids))
+            for index, scene_id in enumerate(test_ids):
+                pairs += pairs_from_scene(read_scene(data.root, scene_id), per_scene, *cfg.correspondence_gap,
+                                          cfg.seed + index)
+            pairs = pairs[: cfg.correspondence_pairs]
 
     models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"DINOv2 {train.backbone} ({cfg.baseline_weights})",
                             device, allow_random=cfg.baseline_weights == "random")]
     models += [ProbeBackbone.from_run(run, device=device) for run in runs]
-    results: dict = {"protocol": _protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs)),
+    results: dict = {"protocol": {"dataset": cfg.dataset, "probes": probes,
+                                  **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs))},
                      "models": {}}
     outputs = {}
     for backbone in track(models, "probing models", progress, unit="model"):
         scores, predictions = {}, {}
         specs = {"depth": DEPTH_FEATURES, "normals": DENSE_FEATURES, "segmentation": SEGMENTATION_FEATURES}
         cached = {}
-        for probe in cfg.probes:
+        for probe in probes:
             if probe in specs and specs[probe] not in cached:
                 cached[specs[probe]] = (extract(backbone, train_frames.images, specs[probe]),
                                         extract(backbone, test_frames.images, specs[probe]))
@@ -428,13 +467,7 @@ def save_figures(report_dir: Path, frames: ProbeFrames, outputs: dict) -> list[P
 
 
 def _pca_picture(features: Features, size) -> np.ndarray:
-    tokens = features.tokens[0]
-    rows = tokens.flatten(1).T
-    rows = rows - rows.mean(0)
-    _, _, vectors = torch.linalg.svd(rows, full_matrices=False)
-    projected = rows @ vectors[:3].T
-    projected = (projected - projected.min(0).values) / (projected.max(0).values - projected.min(0).values).clamp(min=1e-6)
-    picture = (projected.reshape(*tokens.shape[1:], 3) * 255).byte().numpy()
+    picture = pca_rgb(features.tokens[0])
     return np.asarray(Image.fromarray(picture).resize((size[1], size[0]), Image.NEAREST))
 
 

@@ -52,6 +52,7 @@ from ..splat.features import blend_with_segments, downsample_to_tokens, lift_fea
 from ..splat.quirks import centred_principal_point, variances_as_scales
 from ..splat.render import render_features
 from ..store import Artifact, ArtifactSpec, Store, write_text_atomic
+from ..visualize import pca_basis, pca_rgb
 from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
 from .precompute_masks import load_masks
 from .sample_views import load_samples
@@ -444,27 +445,14 @@ def _append_metrics(path: Path, row: dict) -> None:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def pca_colours(features: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> np.ndarray:
-    """``[C, h, w]`` features -> ``[h, w, 3]`` uint8 through a fixed 3-component PCA (mean, components, range)."""
-    mean, components, (low, high) = basis[0], basis[1], basis[2]
-    projected = (features.flatten(1).T - mean) @ components  # [h*w, 3]
-    scaled = ((projected - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
-    return (scaled.reshape(*features.shape[1:], 3) * 255).round().byte().cpu().numpy()
-
-
 def save_picture(path: Path, image: torch.Tensor, result: StepResult) -> None:
     """target image | PCA of the teacher's splatted target | PCA of the student, one shared PCA basis."""
     teacher, student = result.targets[0].float().cpu(), result.student[0].float().cpu()
-    rows = teacher.flatten(1).T
-    mean = rows.mean(0)
-    _, _, vectors = torch.linalg.svd(rows - mean, full_matrices=False)
-    components = vectors[:3].T
-    projected = (rows - mean) @ components
-    basis = (mean, components, (projected.min(0).values, projected.max(0).values))
+    basis = pca_basis(teacher)
     height, width = image.shape[-2:]
     panels = [(image.permute(1, 2, 0) * 255).round().byte().numpy()]
     for features in (teacher, student):
-        panel = Image.fromarray(pca_colours(features, basis)).resize((width, height), Image.NEAREST)
+        panel = Image.fromarray(pca_rgb(features, basis)).resize((width, height), Image.NEAREST)
         panels.append(np.asarray(panel))
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(panels, axis=1)).save(path)
