@@ -201,6 +201,9 @@ class EvalCfg:
     probe_batch_size: int = 8
     probe_learning_rate: float = 1e-3
     max_depth: float = 10.0
+    # Probe3D's ScanNet-1500 benchmark instead of pairs from held-out scenes, when both paths are given.
+    scannet1500_pairs: Path | None = None  # SuperGlue's scannet_test_pairs_with_gt.txt
+    scannet1500_root: Path | None = None  # the scannet_test_1500 folder (<scene>/color, <scene>/depth)
     correspondence_pairs: int = 12
     correspondence_gap: tuple[int, int] = (3, 12)
     correspondence_scale: float = 0.5

@@ -101,3 +101,19 @@ def test_nyuv2_without_its_file_says_what_to_set(project):
     nyu = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.dataset=nyuv2"])
     with pytest.raises(ConfigError, match="eval.nyuv2_mat"):
         evaluate(nyu.data, nyu.train, nyu.eval, [])
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_scannet1500_pairs_for_correspondence(project, tmp_path):
+    from tests.test_correspondence_data import write_scannet1500
+
+    cfg, _ = project
+    pairs_txt = write_scannet1500(tmp_path)
+    scannet = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probes=[correspondence]",
+                                 f"eval.scannet1500_pairs={pairs_txt}", f"eval.scannet1500_root={tmp_path / 'scannet_test_1500'}",
+                                 f"eval.report_dir={tmp_path / 'report'}"])
+    report = evaluate(scannet.data, scannet.train, scannet.eval, [])
+    assert report.results["protocol"]["correspondence"] == {**report.results["protocol"]["correspondence"],
+                                                            "source": "ScanNet-1500", "pairs": 2}
+    scores = next(iter(report.results["models"].values()))
+    assert set(scores) >= {"correspondence"} and 0 <= scores["correspondence"]["recall_20px"] <= 1

@@ -56,7 +56,7 @@ from ..probes.metrics import (
 )
 from ..progress import track
 from ..runtime import resolve_device
-from ..scenes.correspondence import CorrespondencePair, pairs_from_scene
+from ..scenes.correspondence import CorrespondencePair, pairs_from_scene, read_scannet1500
 from ..scenes.layout import list_scene_ids, read_scene
 from ..store import write_text_atomic
 from ..visualize import pca_rgb
@@ -324,6 +324,12 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
                                           cfg.seed + index)
             pairs = pairs[: cfg.correspondence_pairs]
 
+    if "correspondence" in cfg.probes and (cfg.scannet1500_pairs is not None or cfg.scannet1500_root is not None):
+        if cfg.scannet1500_pairs is None or cfg.scannet1500_root is None:
+            raise ConfigError("ScanNet-1500 needs both eval.scannet1500_pairs and eval.scannet1500_root")
+        pairs = read_scannet1500(cfg.scannet1500_pairs, cfg.scannet1500_root)[: cfg.correspondence_pairs]
+        probes = list(dict.fromkeys([*probes, "correspondence"]))
+
     models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"DINOv2 {train.backbone} ({cfg.baseline_weights})",
                             device, allow_random=cfg.baseline_weights == "random")]
     models += [ProbeBackbone.from_run(run, device=device) for run in runs]
@@ -376,7 +382,8 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
         "features": {"depth": DEPTH_FEATURES.describe(), "normals": DENSE_FEATURES.describe(),
                      "segmentation": SEGMENTATION_FEATURES.describe(), "correspondence": DENSE_FEATURES.describe()},
         "correspondence": {"pairs": pairs, "scale": cfg.correspondence_scale, "top_k": cfg.correspondence_top_k,
-                           "gap": list(cfg.correspondence_gap)},
+                           "gap": list(cfg.correspondence_gap),
+                           "source": "ScanNet-1500" if cfg.scannet1500_pairs is not None else "held-out scenes"},
     }
 
 
