@@ -266,7 +266,8 @@ def correspondence_probe(backbone: ProbeBackbone, pairs: list[CorrespondencePair
         if first is None:
             first = (pair, pixels0, pixels1, pair_errors)
     all_errors, all_rotations = torch.cat(errors), torch.cat(rotations)
-    return {**correspondence_recall(all_errors), **binned_recall(all_errors, all_rotations)}, first
+    binned = {f"recall_10px_rotation_{bin_name}": value for bin_name, value in binned_recall(all_errors, all_rotations).items()}
+    return {**correspondence_recall(all_errors), **binned}, first
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,8 +427,11 @@ def markdown_report(results: dict) -> str:
         "| probe | metric | " + " | ".join(labels) + " | " + " | ".join(f"Δ {label}" for label in labels[1:]) + " |",
         "|---|---|" + "---|" * (2 * len(labels) - 1),
     ]
-    for probe, metric, higher, fmt in REPORTED:
+    binned = [("correspondence", key, True, "{:.3f}") for key in results["models"][baseline].get("correspondence", {})
+              if key.startswith("recall_10px_rotation_")]
+    for probe, metric, higher, fmt in REPORTED + binned:
         rows = [results["models"][label].get(probe, {}).get(metric) for label in labels]
+        rows = [None if value is not None and math.isnan(value) else value for value in rows]
         if rows[0] is None:
             continue
         deltas = [value - rows[0] if value is not None else None for value in rows[1:]]
@@ -435,11 +439,6 @@ def markdown_report(results: dict) -> str:
         cells = [fmt.format(v) if v is not None else "–" for v in rows]
         delta_cells = [(("+" if d >= 0 else "") + fmt.format(d)) if d is not None else "–" for d in deltas]
         lines.append(f"| {probe} | {metric} {arrow} | " + " | ".join(cells + delta_cells) + " |")
-    binned = [k for k in results["models"][baseline].get("correspondence", {}) if k.startswith("recall_10px_")]
-    for key in binned:
-        rows = [results["models"][label]["correspondence"].get(key) for label in labels]
-        cells = ["{:.3f}".format(v) if v is not None and not math.isnan(v) else "–" for v in rows]
-        lines.append(f"| correspondence | {key} ↑ | " + " | ".join(cells + ["" for _ in labels[1:]]) + " |")
     lines += ["", "Features: " + "; ".join(f"{k}: {v}" for k, v in protocol["features"].items()) + "."]
     return "\n".join(lines) + "\n"
 
