@@ -213,7 +213,7 @@ class EvalCfg:
     report_dir: Path = Path("data/reports")
 
     def __post_init__(self) -> None:
-        allowed = {"depth", "normals", "segmentation", "correspondence"}
+        allowed = {"depth", "depth_dense", "normals", "segmentation", "correspondence"}
         unknown = sorted(set(self.probes) - allowed)
         _require(not unknown and len(self.probes) > 0, "eval.probes", list(self.probes), f"a non-empty subset of {sorted(allowed)}")
         _require(self.probe_train_scenes >= 1, "eval.probe_train_scenes", self.probe_train_scenes, "an integer >= 1")

@@ -63,6 +63,17 @@ def test_report_compares_the_baseline_with_the_trained_model(project):
 
 
 @pytest.mark.filterwarnings("ignore:random weights")
+def test_probe3d_dense_depth_probe_on_four_blocks(project, tmp_path):
+    cfg, _ = project
+    dense = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probes=[depth_dense]",
+                               f"eval.report_dir={tmp_path}"])
+    report = evaluate(dense.data, dense.train, dense.eval, [])
+    scores = next(iter(report.results["models"].values()))
+    assert set(scores) >= {"depth_dense"} and math.isfinite(scores["depth_dense"]["abs_rel"])
+    assert "| depth_dense | rmse ↓ |" in (report.report_dir / "report.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
 def test_identical_settings_give_identical_scores(project):
     cfg, _ = project
     first = evaluate(cfg.data, cfg.train, cfg.eval, []).results["models"]

@@ -10,6 +10,7 @@ Data: the held-out scenes of ``data.root`` (its val split, never sampled for tra
 Probes, on frozen features (``reference/method.md`` §2, with a scaled-down iteration budget):
 
 - depth: FiT3D's linear bin probe (256 bins, SigLoss + 0.5 gradient loss, last block without final norm + CLS);
+- depth_dense (opt-in): Probe3D's multi-block dense probe on four blocks, same loss and metrics;
 - normals: linear probe with the uncertainty-aware angular loss (last block, no final norm);
 - segmentation: linear probe on the final-normed last block, mIoU over the dataset's semantic classes;
 - correspondence: Probe3D's cosine nearest neighbour + ratio test, top-k, recall at 5/10/20 px at
@@ -38,12 +39,13 @@ from ..geometry import pixel_centers, transform_points, unproject_depth
 from ..probes.backbone import (
     DENSE_FEATURES,
     DEPTH_FEATURES,
+    MULTI_BLOCK_FEATURES,
     SEGMENTATION_FEATURES,
     Features,
     FeatureSpec,
     ProbeBackbone,
 )
-from ..probes.heads import DepthBinHead, NormalHead, SegmentationHead, depth_loss, segmentation_loss, uncertainty_angular_loss
+from ..probes.heads import DenseDepthProbe, DepthBinHead, NormalHead, SegmentationHead, depth_loss, segmentation_loss, uncertainty_angular_loss
 from ..probes.metrics import (
     binned_recall,
     correspondence_recall,
@@ -154,10 +156,28 @@ def _fit(head: torch.nn.Module, loss_of, count: int, cfg: EvalCfg, device) -> to
     return head.eval()
 
 
-def depth_probe(train: tuple[Features, ProbeFrames], test: tuple[Features, ProbeFrames], cfg: EvalCfg, device):
+class _MultiBlockDepth(torch.nn.Module):
+    """Probe3D's dense probe on features holding ``blocks`` equally wide blocks concatenated along channels."""
+
+    def __init__(self, channels: int, blocks: int, max_depth: float):
+        super().__init__()
+        self.blocks = blocks
+        self.probe = DenseDepthProbe([channels // blocks] * blocks, max_depth=max_depth)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.probe(list(features.chunk(self.blocks, dim=1)))
+
+
+def depth_probe(train: tuple[Features, ProbeFrames], test: tuple[Features, ProbeFrames], cfg: EvalCfg, device,
+                dense: bool = False):
+    """FiT3D's linear bin probe, or (``dense``) Probe3D's multi-block dense probe; same loss and metrics."""
     features, frames = train
     torch.manual_seed(cfg.seed)
-    head = DepthBinHead(features.tokens.shape[1], max_depth=cfg.max_depth)
+    channels = features.tokens.shape[1]
+    if dense:
+        head = _MultiBlockDepth(channels, len(MULTI_BLOCK_FEATURES.blocks), cfg.max_depth)
+    else:
+        head = DepthBinHead(channels, max_depth=cfg.max_depth)
 
     def loss_of(head, batch, warmup):
         prediction = features.crop(head(features.tokens[batch].to(device)))[:, 0]
@@ -331,6 +351,7 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
         pairs = read_scannet1500(cfg.scannet1500_pairs, cfg.scannet1500_root)[: cfg.correspondence_pairs]
         probes = list(dict.fromkeys([*probes, "correspondence"]))
 
+    torch.manual_seed(cfg.seed)  # a random-weights baseline (smoke runs) is then the same model every time
     models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"DINOv2 {train.backbone} ({cfg.baseline_weights})",
                             device, allow_random=cfg.baseline_weights == "random")]
     models += [ProbeBackbone.from_run(run, device=device) for run in runs]
@@ -340,7 +361,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     outputs = {}
     for backbone in track(models, "probing models", progress, unit="model"):
         scores, predictions = {}, {}
-        specs = {"depth": DEPTH_FEATURES, "normals": DENSE_FEATURES, "segmentation": SEGMENTATION_FEATURES}
+        specs = {"depth": DEPTH_FEATURES, "depth_dense": MULTI_BLOCK_FEATURES, "normals": DENSE_FEATURES,
+                 "segmentation": SEGMENTATION_FEATURES}
         cached = {}
         for probe in probes:
             if probe in specs and specs[probe] not in cached:
@@ -350,6 +372,10 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
                 train_features, test_features = cached[DEPTH_FEATURES]
                 scores["depth"], predictions["depth"] = depth_probe(
                     (train_features, train_frames), (test_features, test_frames), cfg, device)
+            elif probe == "depth_dense":
+                train_features, test_features = cached[MULTI_BLOCK_FEATURES]
+                scores["depth_dense"], _ = depth_probe(
+                    (train_features, train_frames), (test_features, test_frames), cfg, device, dense=True)
             elif probe == "normals":
                 train_features, test_features = cached[DENSE_FEATURES]
                 scores["normals"], predictions["normals"] = normals_probe(
@@ -380,7 +406,8 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
         "probe_train_frames": len(train_frames.names), "test_frames": len(test_frames.names),
         "image_size": [height, width], "probe_steps": cfg.probe_steps, "probe_batch_size": cfg.probe_batch_size,
         "probe_learning_rate": cfg.probe_learning_rate, "seed": cfg.seed,
-        "features": {"depth": DEPTH_FEATURES.describe(), "normals": DENSE_FEATURES.describe(),
+        "features": {"depth": DEPTH_FEATURES.describe(), "depth_dense": MULTI_BLOCK_FEATURES.describe(),
+                     "normals": DENSE_FEATURES.describe(),
                      "segmentation": SEGMENTATION_FEATURES.describe(), "correspondence": DENSE_FEATURES.describe()},
         "correspondence": {"pairs": pairs, "scale": cfg.correspondence_scale, "top_k": cfg.correspondence_top_k,
                            "gap": list(cfg.correspondence_gap),
@@ -404,6 +431,8 @@ def _padded_size(features: Features) -> tuple[int, int]:
 # (probe, metric, higher is better, format)
 REPORTED = [
     ("depth", "rmse", False, "{:.4f}"), ("depth", "abs_rel", False, "{:.4f}"), ("depth", "delta1", True, "{:.3f}"),
+    ("depth_dense", "rmse", False, "{:.4f}"), ("depth_dense", "abs_rel", False, "{:.4f}"),
+    ("depth_dense", "delta1", True, "{:.3f}"),
     ("normals", "rmse", False, "{:.2f}"), ("normals", "mean", False, "{:.2f}"), ("normals", "within_11_25", True, "{:.1f}"),
     ("normals", "within_22_5", True, "{:.1f}"), ("normals", "within_30", True, "{:.1f}"),
     ("segmentation", "miou", True, "{:.4f}"),
