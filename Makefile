@@ -7,7 +7,7 @@ SND    := $(VENV)/bin/snd
 CONFIG ?= pipeline.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: all test venv demo-data samples clean-store
+.PHONY: all test venv clean-store
 
 all: $(STAMP)
 	$(SND) make-demo-data --config $(CONFIG)
