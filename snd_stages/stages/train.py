@@ -29,6 +29,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -305,8 +306,6 @@ def train(
     run_dir = Path(train_cfg.runs_root) / spec.key
     student_path, teacher_path = run_dir / "student.safetensors", run_dir / "teacher.safetensors"
     if force:
-        import shutil
-
         shutil.rmtree(run_dir, ignore_errors=True)
     if (run_dir / "manifest.json").is_file() and resume == "auto":
         manifest = json.loads((run_dir / "manifest.json").read_text())
