@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from snd_stages.config import GaussiansCfg, TrainCfg
+from snd_stages.geometry import image_to_tensor
 from snd_stages.reconstruct import build_reconstructor
 from snd_stages.scenes.layout import read_scene
 from snd_stages.stages.precompute_gaussians import PairGaussians, context_views
@@ -29,7 +30,7 @@ from snd_stages.stages.train import TrainingSample, build_model, distillation_st
 def sample_of(root: Path, size: str) -> TrainingSample:
     scene = read_scene(root, f"bench{size}")
     gaussians = build_reconstructor(GaussiansCfg(device="cpu")).reconstruct(context_views(scene, (0, 1), True))
-    image = lambda p: torch.from_numpy(scene.load_image(p)).permute(2, 0, 1).float() / 255  # noqa: E731
+    image = lambda p: image_to_tensor(scene.load_image(p))  # noqa: E731
     mask = lambda p: torch.from_numpy(scene.load_instances(p)).long()  # noqa: E731
     pair = PairGaussians(scene.scene_id, (0, 1), gaussians, scene.camera[[0, 1]], [1], scene.camera[[1]])
     return TrainingSample(torch.stack([image(0), image(1)]), torch.stack([mask(0), mask(1)]), image(1), mask(1),

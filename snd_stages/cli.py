@@ -186,11 +186,12 @@ def train_command(
 @app.command("eval")
 def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = []) -> None:
     """Probe the baseline and each fine-tuned model side by side: depth, normals, segmentation, correspondence."""
-    from .stages.evaluate import default_run, evaluate
+    from .stages.evaluate import evaluate
+    from .stages.train import run_directory
 
     def action() -> None:
         cfg = _load(config, set_, {"data", "sampling", "gaussians", "masks", "train", "eval", "store"})
-        runs = list(cfg.eval.runs) or [default_run(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train,
+        runs = list(cfg.eval.runs) or [run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train,
                                                    Store(cfg.store.root))]
         with make_progress() as progress:
             report = evaluate(cfg.data, cfg.train, cfg.eval, runs, progress)

@@ -100,6 +100,11 @@ class Camera:
         return Camera(K, self.world_to_camera, height, width)
 
 
+def image_to_tensor(image) -> Float[Tensor, "3 H W"]:
+    """``[H, W, 3]`` uint8 RGB (as stored) -> ``[3, H, W]`` float in [0, 1] (as used in memory)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
 def invert_rigid(transform: Float[Tensor, "*batch 4 4"]) -> Float[Tensor, "*batch 4 4"]:
     """Inverse of rigid 4x4 transforms, exact (transpose of the rotation) rather than a general inverse."""
     rotation = transform[..., :3, :3]

@@ -9,12 +9,12 @@ import pytest
 
 from snd_stages.config import load_config
 from snd_stages.errors import ConfigError
-from snd_stages.stages.evaluate import default_run, evaluate, markdown_report
+from snd_stages.stages.evaluate import evaluate, markdown_report
 from snd_stages.stages.make_demo_data import make_demo_data
 from snd_stages.stages.precompute_gaussians import precompute_gaussians
 from snd_stages.stages.precompute_masks import precompute_masks
 from snd_stages.stages.sample_views import sample_views
-from snd_stages.stages.train import train
+from snd_stages.stages.train import run_directory, train
 from snd_stages.store import Store
 
 TINY = [
@@ -44,7 +44,7 @@ def project(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore:random weights")
 def test_report_compares_the_baseline_with_the_trained_model(project):
     cfg, store = project
-    run = default_run(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    run = run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
     report = evaluate(cfg.data, cfg.train, cfg.eval, [run])
     models = report.results["models"]
     assert len(models) == 2

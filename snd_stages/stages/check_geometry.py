@@ -22,7 +22,9 @@ from PIL import Image
 from rich.progress import Progress
 
 from ..config import DataCfg, GaussiansCfg, SamplingCfg
-from ..geometry import Camera
+from ..errors import ArtifactError
+from ..gaussians import export_point_cloud_ply
+from ..geometry import Camera, image_to_tensor
 from ..progress import track
 from ..scenes.layout import read_scene
 from ..splat.features import lift_features
@@ -100,11 +102,11 @@ def check_geometry(
     for name in track(artifact.units()[:max_pairs], "re-rendering colours", progress, unit="pair"):
         pair = read_pair(artifact.unit(name))
         scene = read_scene(samples.dataset_root, pair.scene)
-        context = torch.stack([_image(scene, p) for p in pair.context_positions])
+        context = torch.stack([image_to_tensor(scene.load_image(p)) for p in pair.context_positions])
         rendered, alpha = render_source_colours(pair, context, pair.target_camera, device)
         rows = []
         for index, position in enumerate(pair.target_positions):
-            target = _image(scene, position).permute(1, 2, 0)
+            target = image_to_tensor(scene.load_image(position)).permute(1, 2, 0)
             psnr, coverage = psnr_where_covered(rendered[index], target, alpha[index])
             checks.append(TargetCheck(name, scene.frames[position].name, psnr, coverage))
             rows.append(_picture_row(target, rendered[index], alpha[index]))
@@ -120,9 +122,6 @@ def export_pair_ply(
     data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, store: Store, pair_name: str | None, path: Path
 ) -> str:
     """Write one stored pair's Gaussians, coloured by their source pixels, as a PLY point cloud; returns the pair."""
-    from ..errors import ArtifactError
-    from ..gaussians import export_point_cloud_ply
-
     samples_artifact, samples = load_samples(store, data, sampling)
     artifact = load_gaussians(store, gaussians_cfg, samples_artifact.key)
     names = artifact.units()
@@ -131,13 +130,9 @@ def export_pair_ply(
         raise ArtifactError(f"no pair {pair_name!r} in {artifact.path}; pairs look like {names[0]!r}")
     pair = read_pair(artifact.unit(pair_name))
     scene = read_scene(samples.dataset_root, pair.scene)
-    context = torch.stack([_image(scene, p) for p in pair.context_positions])
+    context = torch.stack([image_to_tensor(scene.load_image(p)) for p in pair.context_positions])
     export_point_cloud_ply(pair.gaussians, lift_features(context, pair.gaussians), path)
     return pair_name
-
-
-def _image(scene, position: int) -> torch.Tensor:
-    return torch.from_numpy(scene.load_image(position)).permute(2, 0, 1).float() / 255.0
 
 
 def _picture_row(target: torch.Tensor, rendered: torch.Tensor, alpha: torch.Tensor) -> np.ndarray:

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
-from ..config import DataCfg, EvalCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections
+from ..config import DataCfg, EvalCfg, TrainCfg, dump_sections
 from ..errors import ConfigError, DataError
-from ..geometry import pixel_centers, transform_points, unproject_depth
+from ..geometry import image_to_tensor, pixel_centers, transform_points, unproject_depth
 from ..probes.backbone import (
     DENSE_FEATURES,
     DEPTH_FEATURES,
@@ -60,6 +60,8 @@ from ..progress import track
 from ..runtime import resolve_device
 from ..scenes.correspondence import CorrespondencePair, pairs_from_scene, read_scannet1500
 from ..scenes.layout import list_scene_ids, read_scene
+from ..scenes.normals import normals_from_depth_plane_fit
+from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
 from ..store import write_text_atomic
 from ..visualize import pca_rgb
 
@@ -82,9 +84,6 @@ class ProbeFrames:
 
 def load_nyuv2_frames(cfg: EvalCfg, split: str) -> ProbeFrames:
     """Every ``frame_stride``-th frame of NYUv2's official ``split``; normals fitted to depth (no GT normals)."""
-    from ..scenes.normals import normals_from_depth_plane_fit
-    from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
-
     if cfg.nyuv2_mat is None:
         raise ConfigError("eval.dataset = 'nyuv2' needs eval.nyuv2_mat: the path of nyu_depth_v2_labeled.mat")
     data = NYUv2Labeled(cfg.nyuv2_mat, cfg.nyuv2_splits, {40: cfg.nyuv2_mapping_40, 13: cfg.nyuv2_mapping_13})
@@ -92,7 +91,7 @@ def load_nyuv2_frames(cfg: EvalCfg, split: str) -> ProbeFrames:
     images, depth, normals, semantics, names = [], [], [], [], []
     for index in data.split(split)[:: cfg.frame_stride]:
         frame_depth = data.depth(int(index))
-        images.append(torch.from_numpy(data.image(int(index))).permute(2, 0, 1).float() / 255)
+        images.append(image_to_tensor(data.image(int(index))))
         depth.append(torch.from_numpy(frame_depth))
         normals.append(torch.from_numpy(normals_from_depth_plane_fit(frame_depth, camera)).permute(2, 0, 1).float())
         semantics.append(torch.from_numpy(data.labels(int(index), cfg.nyuv2_classes).astype(np.int64)))
@@ -113,7 +112,7 @@ def load_frames(root: Path, scene_ids: list[str], stride: int) -> ProbeFrames:
             if not scene.has(kind):
                 raise DataError(f"scene {scene.directory} has no {kind}/ folder, which the probes need as ground truth")
         for position in range(0, len(scene), stride):
-            images.append(torch.from_numpy(scene.load_image(position)).permute(2, 0, 1).float() / 255)
+            images.append(image_to_tensor(scene.load_image(position)))
             depth.append(torch.from_numpy(scene.load_depth(position)))
             normals.append(torch.from_numpy(scene.load_normals(position)).permute(2, 0, 1))
             semantics.append(torch.from_numpy(scene.load_semantics(position)))
@@ -250,7 +249,7 @@ def pair_correspondences(backbone: ProbeBackbone, pair: CorrespondencePair, cfg:
     points' pixel coordinates in each full-size image)."""
     views = []
     for view in (0, 1):
-        image = torch.from_numpy(pair.load_image(view)).permute(2, 0, 1).float()[None] / 255
+        image = image_to_tensor(pair.load_image(view))[None]
         camera = (pair.camera0, pair.camera1)[view]
         height, width = image.shape[-2:]
         small = (max(1, round(height * cfg.correspondence_scale)), max(1, round(width * cfg.correspondence_scale)))
@@ -300,21 +299,6 @@ class EvalReport:
     report_dir: Path
     results: dict
     figures: list[Path]
-
-
-def default_run(data: DataCfg, sampling: SamplingCfg, gaussians: GaussiansCfg, masks: MasksCfg, train: TrainCfg,
-                store) -> Path:
-    """The run directory ``snd train`` makes for this config (it must have finished)."""
-    from .precompute_gaussians import load_gaussians
-    from .precompute_masks import load_masks
-    from .sample_views import load_samples
-    from .train import resolve_steps, run_spec
-
-    samples_artifact, _ = load_samples(store, data, sampling)
-    steps = resolve_steps(train, resolve_device(train.device, "train.device"))
-    spec = run_spec(train, {"samples": samples_artifact.key, "gaussians": load_gaussians(store, gaussians, samples_artifact.key).key,
-                            "masks": load_masks(store, masks, samples_artifact.key).key, "steps": str(steps)})
-    return Path(train.runs_root) / spec.key
 
 
 def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], progress: Progress | None = None) -> EvalReport:

@@ -26,6 +26,7 @@ and ``manifest.json``.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ from rich.progress import Progress
 
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections, to_dict
 from ..errors import ArtifactError, ConfigError
-from ..geometry import Camera
+from ..geometry import Camera, image_to_tensor
 from ..models.distill import StudentTeacher, distillation_loss, export_backbone
 from ..models.weights import create_backbone
 from ..runtime import resolve_device
@@ -56,7 +57,7 @@ from ..store import Artifact, ArtifactSpec, Store, write_text_atomic
 from ..visualize import pca_basis, pca_rgb
 from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
 from .precompute_masks import load_masks
-from .sample_views import load_samples
+from .sample_views import SampleSet, load_samples
 
 STAGE = "run"
 SCHEMA_VERSION = 1
@@ -93,6 +94,12 @@ class TrainingSample:
     target_camera: Camera
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    """The sample order of one epoch; cached, since every step of the epoch reads it."""
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
 class TrainingData:
     """Samples in an order that is a function of (seed, step) only, read from the precomputed artifacts."""
 
@@ -116,7 +123,7 @@ class TrainingData:
         chosen = []
         for offset in range(step * batch_size, (step + 1) * batch_size):
             epoch, position = divmod(offset, count)
-            chosen.append(int(np.random.default_rng([self.seed, epoch]).permutation(count)[position]))
+            chosen.append(int(epoch_order(self.seed, epoch, count)[position]))
         return chosen
 
     def batch(self, step: int, batch_size: int) -> list[TrainingSample]:
@@ -129,9 +136,9 @@ class TrainingData:
         target = sample.targets[0]
         target_index = pair.target_index(target)
         return TrainingSample(
-            context_images=torch.stack([_image(scene, p) for p in sample.context]),
+            context_images=torch.stack([image_to_tensor(scene.load_image(p)) for p in sample.context]),
             context_masks=torch.stack([self._mask(sample.scene, p) for p in sample.context]),
-            target_image=_image(scene, target),
+            target_image=image_to_tensor(scene.load_image(target)),
             target_mask=self._mask(sample.scene, target),
             pair=pair,
             target_camera=pair.target_camera[target_index : target_index + 1],
@@ -158,10 +165,6 @@ class TrainingData:
             self._mask_units[scene_id] = (rows, unit["labels"])
         rows, labels = self._mask_units[scene_id]
         return torch.from_numpy(np.asarray(labels[rows[position]])).long()
-
-
-def _image(scene: Scene, position: int) -> torch.Tensor:
-    return torch.from_numpy(scene.load_image(position)).permute(2, 0, 1).float() / 255.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,9 +258,34 @@ class TrainResult:
     teacher_path: Path
 
 
-def run_spec(train: TrainCfg, inputs: dict[str, str]) -> ArtifactSpec:
+@dataclass(frozen=True)
+class RunInputs:
+    """The artifacts a run reads: the frozen samples, their Gaussians and their masks."""
+
+    samples_artifact: Artifact
+    samples: SampleSet
+    gaussians: Artifact
+    masks: Artifact
+
+
+def run_inputs(data: DataCfg, sampling: SamplingCfg, gaussians: GaussiansCfg, masks: MasksCfg, store: Store) -> RunInputs:
+    samples_artifact, samples = load_samples(store, data, sampling)
+    return RunInputs(samples_artifact, samples, load_gaussians(store, gaussians, samples_artifact.key),
+                     load_masks(store, masks, samples_artifact.key))
+
+
+def run_spec(train: TrainCfg, inputs: RunInputs, steps: int) -> ArtifactSpec:
     params = {name: value for name, value in to_dict(train).items() if name not in _OBSERVATION_ONLY}
-    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=inputs)
+    keys = {"samples": inputs.samples_artifact.key, "gaussians": inputs.gaussians.key, "masks": inputs.masks.key,
+            "steps": str(steps)}
+    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=keys)
+
+
+def run_directory(data: DataCfg, sampling: SamplingCfg, gaussians: GaussiansCfg, masks: MasksCfg, train: TrainCfg,
+                  store: Store) -> Path:
+    """Where ``snd train`` puts (or has put) the run of this configuration."""
+    steps = resolve_steps(train, resolve_device(train.device, "train.device"))
+    return Path(train.runs_root) / run_spec(train, run_inputs(data, sampling, gaussians, masks, store), steps).key
 
 
 def resolve_steps(train: TrainCfg, device: torch.device) -> int:
@@ -297,12 +325,10 @@ def train(
 ) -> TrainResult:
     """Train (or resume, or find finished) the run of this configuration."""
     device = resolve_device(train_cfg.device, "train.device")
-    samples_artifact, samples = load_samples(store, data, sampling)
-    gaussians = load_gaussians(store, gaussians_cfg, samples_artifact.key)
-    masks = load_masks(store, masks_cfg, samples_artifact.key)
+    inputs = run_inputs(data, sampling, gaussians_cfg, masks_cfg, store)
+    samples, gaussians, masks = inputs.samples, inputs.gaussians, inputs.masks
     steps = resolve_steps(train_cfg, device)
-    spec = run_spec(train_cfg, {"samples": samples_artifact.key, "gaussians": gaussians.key, "masks": masks.key,
-                                "steps": str(steps)})
+    spec = run_spec(train_cfg, inputs, steps)
     run_dir = Path(train_cfg.runs_root) / spec.key
     student_path, teacher_path = run_dir / "student.safetensors", run_dir / "teacher.safetensors"
     if force:
