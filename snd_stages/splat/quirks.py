@@ -39,3 +39,11 @@ def variances_as_scales(gaussians: Gaussians) -> Gaussians:
         source_view=gaussians.source_view,
         source_pixel=gaussians.source_pixel,
     )
+
+
+def render_inputs(gaussians: Gaussians, camera: Camera, reference_quirks: bool) -> tuple[Gaussians, Camera]:
+    """The Gaussians and target camera the feature render receives (float32 camera; quirks on demand)."""
+    camera = camera.to(device=gaussians.means.device, dtype=torch.float32)
+    if reference_quirks:
+        return variances_as_scales(gaussians), centred_principal_point(camera)
+    return gaussians, camera

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..gaussians import Gaussians
@@ -293,84 +293,187 @@ def _render_features_torch(
     """
     height, width = camera.height, camera.width
     dtype = torch.promote_types(torch.promote_types(gaussians.means.dtype, features.dtype), torch.float32)
-    device = features.device
+    values = features.to(dtype)
+    channels = values.shape[1]
+    views, pixels, tile_features, tile_transmittances = [], [], [], []
+    for view, pixel_ids, tile in _tiles(gaussians, camera, near, far, dtype, tile_size):
+        features_here = values.new_zeros(len(pixel_ids), channels)
+        transmittance = values.new_ones(len(pixel_ids))
+        for gaussian_ids, weights, transmittance in _composite_weights(tile, max_pairs // (tile_size * tile_size)):
+            features_here = features_here + weights @ values[gaussian_ids]
+        views.append(torch.full_like(pixel_ids, view))
+        pixels.append(pixel_ids)
+        tile_features.append(features_here)
+        tile_transmittances.append(transmittance)
+    # Every pixel belongs to exactly one tile: one scatter assembles the images (and carries the gradient).
+    where = (torch.cat(views), torch.cat(pixels))
+    count = camera.batch_shape[0]
+    composited = values.new_zeros(count, height * width, channels).index_put(where, torch.cat(tile_features))
+    transmittance = values.new_ones(count, height * width).index_put(where, torch.cat(tile_transmittances))
+    return Rendered(
+        composited.reshape(count, height, width, channels).to(features.dtype),
+        (1 - transmittance).reshape(count, height, width).to(features.dtype),
+    )
+
+
+@dataclass
+class RenderWeights:
+    """The compositing weights of one camera's render: ``F(u) = sum over entries with pixel u of weight * f``.
+
+    Every pixel-Gaussian pair that contributes to a pixel (``a_i prod_{j<i} (1 - a_j)`` > 0) is listed once;
+    ``alpha(u)`` is the sum of the pixel's weights.
+
+    Attributes:
+        pixel: ``[M]`` row-major pixel index.
+        gaussian: ``[M]`` Gaussian index.
+        weight: ``[M]`` float64 compositing weight.
+    """
+
+    pixel: Int[Tensor, " M"]
+    gaussian: Int[Tensor, " M"]
+    weight: Float[Tensor, " M"]
+    height: int
+    width: int
+
+    def alpha(self) -> Float[Tensor, "H W"]:
+        total = self.weight.new_zeros(self.height * self.width).index_add_(0, self.pixel, self.weight)
+        return total.reshape(self.height, self.width)
+
+
+@torch.no_grad()
+def render_weights(
+    gaussians: Gaussians, camera: Camera, backend: Backend = "auto", near: float = 0.01, far: float = 1e10
+) -> RenderWeights:
+    """The per-pixel compositing weights behind :func:`render_features` for one camera (``camera[None]``).
+
+    Rendering is linear in the features: ``render_features(...).features[0]`` equals
+    ``sum weight * features[gaussian]`` over each pixel's entries. The ``gsplat`` backend asks gsplat's CUDA
+    kernels which pairs contribute (its projection, tile intersection and ``rasterize_to_indices_in_range``, so
+    culling, thresholds and early stopping are gsplat's own) and recomputes their alphas; the ``torch`` backend
+    takes them from the twin's tile loop.
+    """
+    if len(camera.batch_shape) != 1 or camera.batch_shape[0] != 1:
+        raise ValueError(f"render_weights takes one camera (batch shape [1]), got {tuple(camera.batch_shape)}")
+    _check_inputs(gaussians, gaussians.means[:, :1], camera, near, far)
+    device = gaussians.means.device
+    if backend == "auto":
+        backend = "gsplat" if device.type == "cuda" else "torch"
+    if backend == "gsplat":
+        return _render_weights_gsplat(gaussians, camera, near, far)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'auto', 'gsplat' or 'torch', got {backend!r}")
+    pixels, ids, weights = [], [], []
+    dtype = torch.promote_types(gaussians.means.dtype, torch.float32)
+    for _, pixel_ids, tile in _tiles(gaussians, camera, near, far, dtype, tile_size=16):
+        for gaussian_ids, tile_weights, _ in _composite_weights(tile, (1 << 20) // 256):
+            rows, columns = tile_weights.nonzero(as_tuple=True)
+            pixels.append(pixel_ids[rows])
+            ids.append(gaussian_ids[columns])
+            weights.append(tile_weights[rows, columns].double())
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    return RenderWeights(
+        torch.cat(pixels) if pixels else empty,
+        torch.cat(ids) if ids else empty,
+        torch.cat(weights) if weights else empty.double(),
+        camera.height,
+        camera.width,
+    )
+
+
+def _render_weights_gsplat(gaussians: Gaussians, camera: Camera, near: float, far: float) -> RenderWeights:
+    from gsplat import rasterization, rasterize_to_indices_in_range
+
+    height, width = camera.height, camera.width
+    # Unpacked projection: rasterize_to_indices_in_range indexes the [cameras, N] layout.
+    _, _, meta = rasterization(
+        means=gaussians.means.float(), quats=gaussians.quats.float(), scales=gaussians.scales.float(),
+        opacities=gaussians.opacities.float(), colors=gaussians.means.new_zeros(len(gaussians), 1).float(),
+        viewmats=camera.world_to_camera.float(), Ks=camera.intrinsics.float(), width=width, height=height,
+        near_plane=near, far_plane=far, eps2d=EPS2D, sh_degree=None, packed=False, render_mode="RGB",
+        rasterize_mode="classic",
+    )
+    means2d, conics, opacities = meta["means2d"], meta["conics"], meta["opacities"]
+    ids, pixel_ids, _ = rasterize_to_indices_in_range(
+        0, 1 << 30, torch.ones(1, height, width, device=means2d.device), means2d, conics, opacities,
+        width, height, meta["tile_size"], meta["isect_offsets"], meta["flatten_ids"],
+    )
+    # Pairs arrive grouped by pixel, front to back within a pixel, already thresholded and early-stopped by
+    # gsplat's own kernel; only their alphas and the transmittance in front of each are recomputed here.
+    rows, columns = torch.div(pixel_ids, width, rounding_mode="floor"), pixel_ids % width
+    delta = means2d[0, ids] - torch.stack([columns, rows], dim=-1).float() - 0.5
+    conic = conics[0, ids]
+    sigma = 0.5 * (conic[:, 0] * delta[:, 0] ** 2 + conic[:, 2] * delta[:, 1] ** 2) + conic[:, 1] * delta[:, 0] * delta[:, 1]
+    alpha = torch.clamp(opacities[0, ids] * torch.exp(-sigma), max=MAX_ALPHA).double()
+    log_keep = torch.log1p(-alpha)
+    inclusive = torch.cumsum(log_keep, 0)
+    starts = torch.ones_like(pixel_ids, dtype=torch.bool)
+    starts[1:] = pixel_ids[1:] != pixel_ids[:-1]
+    segment = torch.cumsum(starts.long(), 0) - 1
+    offset = (inclusive - log_keep)[starts][segment]  # the prefix sum just before each pixel's first pair
+    weight = alpha * torch.exp(inclusive - log_keep - offset)
+    return RenderWeights(pixel_ids, ids, weight, height, width)
+
+
+@dataclass
+class _Tile:
+    """One pixel tile of one view and the depth-sorted Gaussians whose boxes overlap it."""
+
+    pixels: Float[Tensor, "P 2"]  # pixel centres (u, v)
+    gaussian_ids: Int[Tensor, " M"]  # indices into the Gaussians, front to back
+    means2d: Float[Tensor, "M 2"]
+    conics: Float[Tensor, "M 3"]
+    opacities: Float[Tensor, " M"]
+
+
+def _tiles(gaussians: Gaussians, camera: Camera, near: float, far: float, dtype: torch.dtype, tile_size: int):
+    """Yields ``(view, flat pixel ids, _Tile)`` for every tile of every view, as the twin composites them."""
+    height, width = camera.height, camera.width
+    device = gaussians.means.device
     projected = _project_gaussians(gaussians, camera, near, far, dtype)
     opacities = gaussians.opacities.to(dtype)
-    values = features.to(dtype)
-    gaussian_chunk = max(1, max_pairs // (tile_size * tile_size))
-    tile_rows = range(0, height, tile_size)
-    tile_cols = range(0, width, tile_size)
-
-    view_features, view_alphas = [], []
     for view in range(camera.batch_shape[0]):
         ids = projected.visible[view].nonzero()[:, 0]
         ids = ids[torch.argsort(projected.depths[view, ids].detach(), stable=True)]  # front to back
         means2d = projected.means2d[view, ids]  # [M, 2]
         conics = projected.conics[view, ids]  # [M, 3]
-        view_opacities = opacities[ids]  # [M]
-        view_values = values[ids]  # [M, C]
-        box_min = (means2d.detach() - projected.radii[view, ids])  # [M, 2]
-        box_max = (means2d.detach() + projected.radii[view, ids])
-
-        feature_rows, alpha_rows = [], []
-        for top in tile_rows:
+        box_min = means2d.detach() - projected.radii[view, ids]  # [M, 2]
+        box_max = means2d.detach() + projected.radii[view, ids]
+        for top in range(0, height, tile_size):
             bottom = min(top + tile_size, height)
             # Gaussians whose box overlaps this row of tiles; narrowed per tile below.
             in_row = ((box_max[:, 1] > top) & (box_min[:, 1] < bottom)).nonzero()[:, 0]
-            feature_tiles, alpha_tiles = [], []
-            for left in tile_cols:
+            for left in range(0, width, tile_size):
                 right = min(left + tile_size, width)
                 in_tile = in_row[(box_max[in_row, 0] > left) & (box_min[in_row, 0] < right)]  # still depth-sorted
-                rows = torch.arange(top, bottom, dtype=dtype, device=device) + 0.5
-                cols = torch.arange(left, right, dtype=dtype, device=device) + 0.5
+                rows = torch.arange(top, bottom, device=device)
+                cols = torch.arange(left, right, device=device)
                 grid_v, grid_u = torch.meshgrid(rows, cols, indexing="ij")
-                pixels = torch.stack([grid_u, grid_v], dim=-1).reshape(-1, 2)  # [P, 2], pixel centres (u, v)
-                tile_features, tile_alpha = _composite_tile(
-                    pixels,
-                    means2d[in_tile],
-                    conics[in_tile],
-                    view_opacities[in_tile],
-                    view_values[in_tile],
-                    gaussian_chunk,
+                pixels = torch.stack([grid_u, grid_v], dim=-1).reshape(-1, 2).to(dtype) + 0.5
+                yield view, (grid_v * width + grid_u).reshape(-1), _Tile(
+                    pixels, ids[in_tile], means2d[in_tile], conics[in_tile], opacities[ids[in_tile]]
                 )
-                feature_tiles.append(tile_features.reshape(bottom - top, right - left, -1))
-                alpha_tiles.append(tile_alpha.reshape(bottom - top, right - left))
-            feature_rows.append(torch.cat(feature_tiles, dim=1))
-            alpha_rows.append(torch.cat(alpha_tiles, dim=1))
-        view_features.append(torch.cat(feature_rows, dim=0))
-        view_alphas.append(torch.cat(alpha_rows, dim=0))
-    return Rendered(
-        torch.stack(view_features).to(features.dtype), torch.stack(view_alphas).to(features.dtype)
-    )
 
 
-def _composite_tile(
-    pixels: Float[Tensor, "P 2"],
-    means2d: Float[Tensor, "M 2"],
-    conics: Float[Tensor, "M 3"],
-    opacities: Float[Tensor, " M"],
-    values: Float[Tensor, "M C"],
-    gaussian_chunk: int,
-) -> tuple[Float[Tensor, "P C"], Float[Tensor, " P"]]:
-    """Front-to-back compositing of depth-sorted Gaussians at ``P`` pixel centres, gsplat's per-pixel loop
-    (``rasterize_to_pixels_3dgs_fwd_kernel``) vectorised over pixels and Gaussians.
+def _composite_weights(tile: _Tile, gaussian_chunk: int):
+    """Front-to-back compositing weights of a tile's depth-sorted Gaussians at its pixel centres, gsplat's
+    per-pixel loop (``rasterize_to_pixels_3dgs_fwd_kernel``) vectorised over pixels and Gaussians.
 
-    Returns:
-        ``[P, C]`` composited values and ``[P]`` accumulated alpha.
+    Yields, per chunk of at most ``gaussian_chunk`` Gaussians: their indices, the ``[P, K]`` weights
+    ``a_i prod_{j<i} (1 - a_j)`` and the transmittance after the chunk (``[P]``).
     """
-    count, channels = values.shape
+    pixels = tile.pixels
     transmittance = pixels.new_ones(pixels.shape[0])  # product of (1 - a) over the terms composited so far
     done = torch.zeros(pixels.shape[0], dtype=torch.bool, device=pixels.device)
-    composited = pixels.new_zeros(pixels.shape[0], channels)
-    for start in range(0, count, gaussian_chunk):
+    gaussian_chunk = max(1, gaussian_chunk)
+    for start in range(0, len(tile.gaussian_ids), gaussian_chunk):
         if bool(done.all()):
             break
         chunk = slice(start, start + gaussian_chunk)
-        delta = means2d[None, chunk] - pixels[:, None]  # [P, K, 2], centre minus pixel as in gsplat
+        delta = tile.means2d[None, chunk] - pixels[:, None]  # [P, K, 2], centre minus pixel as in gsplat
         dx, dy = delta.unbind(-1)
-        conic_a, conic_b, conic_c = conics[chunk].unbind(-1)  # [K]
+        conic_a, conic_b, conic_c = tile.conics[chunk].unbind(-1)  # [K]
         sigma = 0.5 * (conic_a * dx * dx + conic_c * dy * dy) + conic_b * dx * dy  # [P, K]
-        alpha = torch.clamp(opacities[chunk] * torch.exp(-sigma), max=MAX_ALPHA)
+        alpha = torch.clamp(tile.opacities[chunk] * torch.exp(-sigma), max=MAX_ALPHA)
         alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_THRESHOLD), alpha, torch.zeros_like(alpha))
         with torch.no_grad():
             # gsplat stops a pixel before the first term whose inclusion would bring T to <= 1e-4. The running
@@ -382,6 +485,5 @@ def _composite_tile(
         after = torch.cumprod(1 - alpha, dim=1)  # transmittance after each term, relative to the chunk start
         before = torch.cat([torch.ones_like(after[:, :1]), after[:, :-1]], dim=1)
         weights = alpha * before * transmittance[:, None]  # a_i prod_{j<i} (1 - a_j)
-        composited = composited + weights @ values[chunk]
         transmittance = transmittance * after[:, -1]
-    return composited, 1 - transmittance
+        yield tile.gaussian_ids[chunk], weights, transmittance

@@ -12,6 +12,7 @@ at the images' resolution. The source and its parameters are recorded in the uni
 from __future__ import annotations
 
 import numpy as np
+import torch
 from rich.progress import Progress
 
 from ..config import DataCfg, MasksCfg, SamplingCfg, dump_sections, to_dict
@@ -138,3 +139,20 @@ def _checked(labels: np.ndarray, scene, position: int) -> np.ndarray:
 def load_masks(store: Store, masks: MasksCfg, samples_key: str) -> Artifact:
     spec = masks_spec(masks, samples_key)
     return store.open(spec.stage, spec.key, SCHEMA_VERSION)
+
+
+class MaskReader:
+    """Reads one frame's labels from a masks artifact, keeping each scene's unit open."""
+
+    def __init__(self, masks: Artifact):
+        self.masks = masks
+        self._units: dict[str, tuple[dict[int, int], object]] = {}
+
+    def __call__(self, scene_id: str, position: int) -> torch.Tensor:
+        """``[H, W]`` int64 labels of frame ``position`` of ``scene_id``."""
+        if scene_id not in self._units:
+            unit = self.masks.unit(scene_id)
+            rows = {int(p): row for row, p in enumerate(unit["positions"][...])}
+            self._units[scene_id] = (rows, unit["labels"])
+        rows, labels = self._units[scene_id]
+        return torch.from_numpy(np.asarray(labels[rows[position]])).long()
