@@ -64,8 +64,8 @@ def upsample_taps(mask: Int[Tensor, "H W"], low_h: int, low_w: int) -> tuple[Int
     y0 = ys.floor().long()
     x1 = (x0 + 1).clamp(max=low_w - 1)
     y1 = (y0 + 1).clamp(max=low_h - 1)
-    dx = (xs - x0).float()[None, :].expand(height, width)
-    dy = (ys - y0).float()[:, None].expand(height, width)
+    dx = (xs - x0)[None, :].expand(height, width)  # float64 weights; callers cast to their features' dtype
+    dy = (ys - y0)[:, None].expand(height, width)
 
     node_rows = torch.linspace(0, height - 1, low_h, dtype=torch.float64, device=device).round().long()
     node_cols = torch.linspace(0, width - 1, low_w, dtype=torch.float64, device=device).round().long()
