@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,7 +99,8 @@ class SamplingCfg:
 class GaussiansCfg:
     """``snd precompute-gaussians``: which reconstructor turns each context pair into pixel-aligned Gaussians."""
 
-    reconstructor: Literal["depth"] = "depth"
+    # depth: from the dataset's metric depth; mvsplat: MVSplat's encoder on the RGB pair (needs its checkpoint)
+    reconstructor: Literal["depth", "mvsplat"] = "depth"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     # depth reconstructor: covariance shape and size (standard deviation in pixels of the source view)
     covariance: Literal["disk", "isotropic"] = "disk"
@@ -107,11 +109,25 @@ class GaussiansCfg:
     opacity: float = 1.0
     invalid_depth: Literal["drop", "mask"] = "drop"
     normals: Literal["dataset", "estimate"] = "dataset"
+    # mvsplat reconstructor: the authors' RE10K checkpoint (re10k.ckpt, or a safetensors copy), loaded strictly,
+    # and the depth range of its cost volume in metres (the authors' 1 and 100)
+    mvsplat_checkpoint: Path | None = None
+    near: float = 1.0
+    far: float = 100.0
 
     def __post_init__(self) -> None:
         _require(0.05 <= self.footprint_scale <= 10.0, "gaussians.footprint_scale", self.footprint_scale, "a number in [0.05, 10]")
         _require(0.0 < self.disk_thickness <= 1.0, "gaussians.disk_thickness", self.disk_thickness, "a number in (0, 1]")
         _require(0.0 < self.opacity <= 1.0, "gaussians.opacity", self.opacity, "a number in (0, 1]")
+        _require(self.near > 0, "gaussians.near", self.near, "a positive number (metres)")
+        _require(self.far > self.near, "gaussians.far", self.far, f"a number (metres) > gaussians.near = {self.near}")
+        _require(
+            self.reconstructor != "mvsplat" or self.mvsplat_checkpoint is not None,
+            "gaussians.mvsplat_checkpoint",
+            self.mvsplat_checkpoint,
+            "the path to MVSplat's RE10K checkpoint (re10k.ckpt from the authors' release, or a .safetensors copy) "
+            "when gaussians.reconstructor = 'mvsplat'",
+        )
 
 
 @dataclass(frozen=True)
@@ -156,6 +172,10 @@ class TrainCfg:
     ema_every: int = 10
     blending: float = 0.5  # 1 = no semantic blending
     mask_aware_upsampling: bool = True
+    # How the teacher's targets are made. operator: apply each sample's precomputed sparse operator
+    # (snd precompute-operators), the fast path; render: upsample, lift, splat and blend every step. They agree
+    # to float rounding, so the choice is not part of the run's key.
+    teacher_splatting: Literal["operator", "render"] = "operator"
     # The reference implementation's quirks: scales passed as variances (eig of the covariance), principal point
     # centred in the feature render, LoRA also on the patch embedding, teacher LoRA dropout active.
     reference_quirks: bool = False
@@ -185,8 +205,11 @@ class EvalCfg:
     """``snd eval``: probes of 3D awareness, the baseline beside every fine-tuned model, same settings and seeds."""
 
     # demo: the held-out scenes of data.root (val split): the first probe_train_scenes train the probes, the rest
-    # test them. nyuv2: the labeled .mat's official train/test splits (no correspondence: single views).
-    dataset: Literal["demo", "nyuv2"] = "demo"
+    # test them. scannetpp: the same on ScanNet++ (FiT3D-prepared) under scannetpp_root (default data.root): the
+    # scenes of metadata/nvs_sem_val.txt, normals fitted to depth where a scene has none, segmentation only with
+    # semantic labels. nyuv2: the labeled .mat's official train/test splits (no correspondence: single views).
+    dataset: Literal["demo", "scannetpp", "nyuv2"] = "demo"
+    scannetpp_root: Path | None = None  # the folder holding scenes/ and metadata/; None = data.root
     nyuv2_mat: Path | None = None  # nyu_depth_v2_labeled.mat
     nyuv2_splits: Path | None = None  # splits.mat
     nyuv2_mapping_40: Path | None = None  # classMapping40.mat
@@ -201,6 +224,9 @@ class EvalCfg:
     probe_batch_size: int = 8
     probe_learning_rate: float = 1e-3
     max_depth: float = 10.0
+    # Features are cached in the store as float16; a cached set up to this size is read into memory once, a
+    # larger one is read from the store for every minibatch.
+    feature_memory_gb: float = 8.0
     # Probe3D's ScanNet-1500 benchmark instead of pairs from held-out scenes, when both paths are given.
     scannet1500_pairs: Path | None = None  # SuperGlue's scannet_test_pairs_with_gt.txt
     scannet1500_root: Path | None = None  # the scannet_test_1500 folder (<scene>/color, <scene>/depth)
@@ -221,6 +247,7 @@ class EvalCfg:
             _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "an integer >= 1")
         _require(0 < self.correspondence_scale <= 1, "eval.correspondence_scale", self.correspondence_scale, "a number in (0, 1]")
         _require(self.max_depth > 0, "eval.max_depth", self.max_depth, "a positive number (metres)")
+        _require(self.feature_memory_gb >= 0, "eval.feature_memory_gb", self.feature_memory_gb, "a number >= 0 (GiB)")
 
 
 @dataclass(frozen=True)
@@ -365,6 +392,8 @@ def _coerce(annotation, value, key: str, source: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} = {value!r} must be a number")
+        if not math.isfinite(value):  # .nan passes every range check; .inf most of them
+            raise ConfigError(f"{source}: {key} = {value!r} must be a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

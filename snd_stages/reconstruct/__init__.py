@@ -2,6 +2,10 @@
 
 A reconstructor is a callable ``(views: ContextViews) -> Gaussians``; ``requires_depth`` says whether it reads
 the dataset's depth. New members register in ``RECONSTRUCTORS``.
+
+- ``depth``: one Gaussian per valid pixel from the dataset's metric depth (:mod:`.depth`).
+- ``mvsplat``: MVSplat's encoder on the RGB pair with the authors' checkpoint (:mod:`.mvsplat`); it also
+  exposes its predicted depth maps (``reconstruct_with_depth``).
 """
 
 from __future__ import annotations
@@ -41,9 +45,20 @@ class ContextViews:
 
 @dataclass(frozen=True)
 class Reconstructor:
+    """A named reconstructor.
+
+    Attributes:
+        name: its key in :data:`RECONSTRUCTORS` (``gaussians.reconstructor``).
+        requires_depth: whether it reads the dataset's depth.
+        reconstruct: context views -> Gaussians (on the CPU).
+        reconstruct_with_depth: for reconstructors that predict depth, context views -> (Gaussians, their own
+            ``[V, H, W]`` depth maps in metres, on the CPU), e.g. to evaluate that depth; None otherwise.
+    """
+
     name: str
     requires_depth: bool
     reconstruct: Callable[[ContextViews], Gaussians]
+    reconstruct_with_depth: Callable[[ContextViews], tuple[Gaussians, torch.Tensor]] | None = None
 
 
 def _depth_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
@@ -72,7 +87,36 @@ def _depth_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
     return Reconstructor("depth", requires_depth=True, reconstruct=reconstruct)
 
 
-RECONSTRUCTORS: dict[str, Callable[[GaussiansCfg], Reconstructor]] = {"depth": _depth_reconstructor}
+def _mvsplat_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
+    # Imported here: only this reconstructor needs the encoder (and, through it, e3nn).
+    from .mvsplat import load_mvsplat_encoder, reconstruct_pair
+
+    if cfg.mvsplat_checkpoint is None:
+        raise ConfigError("gaussians.reconstructor = 'mvsplat' needs gaussians.mvsplat_checkpoint (re10k.ckpt)")
+    if not cfg.mvsplat_checkpoint.is_file():
+        raise ConfigError(
+            f"gaussians.mvsplat_checkpoint = {str(cfg.mvsplat_checkpoint)!r} does not exist; point it at the MVSplat "
+            "authors' RE10K checkpoint (re10k.ckpt) or a .safetensors copy of it"
+        )
+    device = resolve_device(cfg.device, "gaussians.device")
+    encoder = load_mvsplat_encoder(cfg.mvsplat_checkpoint, device)
+
+    def reconstruct_with_depth(views: ContextViews) -> tuple[Gaussians, torch.Tensor]:
+        result = reconstruct_pair(encoder, views.images, views.camera, cfg.near, cfg.far, views.names)
+        return result.gaussians, result.depth
+
+    return Reconstructor(
+        "mvsplat",
+        requires_depth=False,
+        reconstruct=lambda views: reconstruct_with_depth(views)[0],
+        reconstruct_with_depth=reconstruct_with_depth,
+    )
+
+
+RECONSTRUCTORS: dict[str, Callable[[GaussiansCfg], Reconstructor]] = {
+    "depth": _depth_reconstructor,
+    "mvsplat": _mvsplat_reconstructor,
+}
 
 
 def build_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
