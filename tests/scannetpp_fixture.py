@@ -27,8 +27,13 @@ def look_at_opengl(eye, target) -> np.ndarray:
     return pose
 
 
-def write_fixture(root: Path, scene_id: str = "0a5c013435", frame_numbers=(12, 3, 7)) -> dict:
-    """A ScanNet++ DSLR scene: plane z = 0 seen from above, frames listed out of order in the JSON."""
+def write_fixture(root: Path, scene_id: str = "0a5c013435", frame_numbers=(12, 3, 7), semantic_classes: int = 0) -> dict:
+    """A ScanNet++ DSLR scene: plane z = 0 seen from above, frames listed out of order in the JSON.
+
+    With ``semantic_classes`` > 0 it also has 16-bit ``semantic_segmentation/<image>.png`` class maps (the top rows
+    65535, an id outside every class list) and ``metadata/semantic_classes.txt``, which real ScanNet++ DSLR data
+    lacks.
+    """
     scene = root / "scenes" / scene_id
     for folder in ("images", "instance_segmentation", "depth"):
         (scene / folder).mkdir(parents=True)
@@ -45,10 +50,23 @@ def write_fixture(root: Path, scene_id: str = "0a5c013435", frame_numbers=(12, 3
         Image.fromarray(labels).save(scene / "instance_segmentation" / f"{name}.png")
         depth_mm = np.full((HEIGHT, WIDTH), 2000 + number, np.uint16)
         Image.fromarray(depth_mm).save(scene / "depth" / f"{name}.png")
+        if semantic_classes:
+            (scene / "semantic_segmentation").mkdir(exist_ok=True)
+            classes = np.zeros((HEIGHT, WIDTH), np.uint16)
+            classes[:, WIDTH // 2 :] = number % semantic_classes
+            classes[:2] = 65535
+            Image.fromarray(classes).save(scene / "semantic_segmentation" / f"{name}.png")
     meta = {"fl_x": FL_X, "fl_y": FL_Y, "cx": CX, "cy": CY, "w": WIDTH, "h": HEIGHT, "camera_model": "PINHOLE",
             "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "frames": frames}
     (scene / "transforms_train.json").write_text(json.dumps(meta))
     (root / "metadata").mkdir(exist_ok=True)
     (root / "metadata" / "nvs_sem_train.txt").write_text(f"{scene_id}\n")
     (root / "metadata" / "nvs_sem_val.txt").write_text("")
+    if semantic_classes:
+        (root / "metadata" / "semantic_classes.txt").write_text("".join(f"class{i}\n" for i in range(semantic_classes)))
     return poses
+
+
+def write_val_split(root: Path, scene_ids) -> None:
+    """FiT3D's held-out list ``metadata/nvs_sem_val.txt`` naming ``scene_ids`` (write_fixture leaves it empty)."""
+    (root / "metadata" / "nvs_sem_val.txt").write_text("".join(f"{scene_id}\n" for scene_id in scene_ids))

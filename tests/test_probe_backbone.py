@@ -68,3 +68,24 @@ def test_crop_maps_padded_predictions_to_the_image(backbone):
 def test_run_without_manifest_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match="not a finished training run"):
         ProbeBackbone.from_run(tmp_path)
+
+
+def test_one_pass_for_several_specs_gives_what_separate_passes_give(backbone):
+    images = torch.rand(2, 3, 50, 61)
+    specs = [DEPTH_FEATURES, SEGMENTATION_FEATURES, MULTI_BLOCK_FEATURES]
+    for spec, together in zip(specs, backbone.features_many(images, specs)):
+        alone = backbone.features(images, spec)
+        torch.testing.assert_close(together.tokens, alone.tokens, rtol=0, atol=0)
+        assert together.padding == alone.padding and together.image_size == alone.image_size
+
+
+def test_checkpoint_identity_is_the_file_content(backbone, tmp_path):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in backbone.model.state_dict().items()}, path)
+    loaded = ProbeBackbone("dinov2_vits14", path, "from a file")
+    assert loaded.identity == f"checkpoint sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    assert backbone.identity.startswith("random tensors sha256:") and backbone.identity != loaded.identity

