@@ -15,11 +15,16 @@ The key is a hash of (stage, schema version, parameters, input keys, producer ve
 key finds the artifact and does nothing; a changed parameter makes a new key, and :func:`describe_changes`
 says which field changed against the newest artifact of the same stage. A killed writer leaves only a
 ``.partial`` directory whose finished units are kept: the rerun skips them and writes the rest.
+
+Readers trust nothing but a published manifest: :meth:`Store.open` refuses a directory without one, a manifest
+that is not complete, names another stage or key, or counts other units than the directory holds, and an
+artifact of another schema version, each with one line that says what to run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -39,6 +44,20 @@ from .geometry import CONVENTIONS
 
 MANIFEST = "manifest.json"
 DATA = "data.zarr"
+
+# The command that writes each stage's artifacts, so that messages can say what to run.
+PRODUCERS = {
+    "samples": "snd sample-views",
+    "gaussians": "snd precompute-gaussians",
+    "masks": "snd precompute-masks",
+    "operators": "snd precompute-operators",
+    "features": "snd eval",
+}
+
+
+def producer(stage: str) -> str:
+    """The command that (re)builds artifacts of ``stage``, for error messages."""
+    return PRODUCERS.get(stage, f"the '{stage}' stage")
 
 
 @dataclass(frozen=True)
@@ -115,11 +134,14 @@ def atomic_directory(final: Path, scratch: Path | None = None) -> Iterator[Path]
     temporary.mkdir()
     try:
         yield temporary
-        if final.exists():
-            # Another writer finished the same unit first; theirs is identical by construction (same key).
-            shutil.rmtree(temporary)
-        else:
+        try:
             os.rename(temporary, final)
+        except OSError as error:
+            # Another writer finished the same unit first (rename refuses a non-empty target); theirs is
+            # identical by construction (same key).
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                raise
+            shutil.rmtree(temporary)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -154,9 +176,10 @@ class Artifact:
 
 def list_units(data_path: Path) -> list[str]:
     """Names of the finished units under a ``data.zarr`` directory (each one arrived by an atomic rename)."""
-    if not data_path.is_dir():
+    try:
+        return sorted(p.name for p in data_path.iterdir() if p.is_dir() and (p / "zarr.json").is_file())
+    except FileNotFoundError:  # not started, or published (renamed away) by another shard meanwhile
         return []
-    return sorted(p.name for p in data_path.iterdir() if p.is_dir() and (p / "zarr.json").is_file())
 
 
 class Store:
@@ -175,29 +198,54 @@ class Store:
         return (self.final_path(spec.stage, spec.key) / MANIFEST).is_file()
 
     def open(self, stage: str, key: str, schema_version: int | None = None) -> Artifact:
-        """Open a complete artifact; raise :class:`ArtifactError` if it is missing, partial or of another schema."""
+        """Open a complete artifact; raise :class:`ArtifactError` if it is missing, partial or of another schema.
+
+        Only a published manifest makes an artifact complete, and it must agree with the directory: same stage
+        and key, and as many finished units as it counts.
+        """
         path = self.final_path(stage, key)
         manifest_path = path / MANIFEST
+        command = producer(stage)
         if not manifest_path.is_file():
+            if path.exists():
+                raise ArtifactError(
+                    f"{path} has no {MANIFEST}, so it is not a complete artifact (copied in part, or not written "
+                    f"by snd); delete it and rerun {command}"
+                )
             if self.partial_path(stage, key).exists():
                 raise ArtifactError(
                     f"artifact {stage}/{key} in {self.root} is incomplete (an interrupted run left "
-                    f"{self.partial_path(stage, key).name}); rerun the '{stage}' stage to finish it"
+                    f"{self.partial_path(stage, key).name}); rerun {command} with the same config to finish it"
                 )
             raise ArtifactError(
                 f"no artifact {stage}/{key} in {self.root}; run the stage that produces '{stage}' first "
-                "(or check that --config points at the same pipeline.yaml)"
+                f"({command}), or check that --config points at the same pipeline.yaml"
             )
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as error:
-            raise ArtifactError(f"{manifest_path} is not valid JSON ({error}); delete {path} and rerun") from None
-        if not manifest.get("complete", False):
-            raise ArtifactError(f"{manifest_path} does not mark the artifact complete; delete {path} and rerun")
+            raise ArtifactError(
+                f"{manifest_path} is not valid JSON ({error}); delete {path} and rerun {command}"
+            ) from None
+        if not isinstance(manifest, dict) or not manifest.get("complete", False):
+            raise ArtifactError(
+                f"{manifest_path} does not mark the artifact complete; delete {path} and rerun {command}"
+            )
         if schema_version is not None and manifest.get("schema_version") != schema_version:
             raise ArtifactError(
                 f"artifact {path} has schema version {manifest.get('schema_version')}, this snd reads "
-                f"version {schema_version}; rerun the '{stage}' stage with --force to rebuild it"
+                f"version {schema_version}; rebuild it with {command} --force"
+            )
+        if (manifest.get("stage"), manifest.get("key")) != (stage, key):
+            raise ArtifactError(
+                f"{manifest_path} describes artifact {manifest.get('stage')}/{manifest.get('key')}, not "
+                f"{stage}/{key} (the directory was renamed or copied over); delete {path} and rerun {command}"
+            )
+        units = list_units(path / DATA)
+        if manifest.get("units") != len(units):
+            raise ArtifactError(
+                f"{path} holds {len(units)} finished unit(s) but its manifest counts {manifest.get('units')}: units "
+                f"were added or removed after it was published; delete {path} and rerun {command}"
             )
         return Artifact(path, manifest)
 
@@ -275,11 +323,20 @@ class ArtifactWriter:
                 group.attrs.update({**self.root_attributes(), **(attributes or {})})
 
     def done_units(self) -> set[str]:
-        return set(list_units(self.data))
+        units = list_units(self.data)
+        if not units and self.complete:  # another shard published the artifact meanwhile
+            units = list_units(self.final / DATA)
+        return set(units)
 
     def unit_attributes(self, name: str) -> dict[str, Any]:
         """Attributes of a finished unit (e.g. to total its counts before publishing)."""
-        return dict(zarr.open_group(store=str(self.data / name), mode="r").attrs)
+        try:
+            return dict(zarr.open_group(store=str(self.data / name), mode="r").attrs)
+        except FileNotFoundError:
+            if not self.complete:
+                raise
+            # Another shard published the artifact (renamed the partial directory) while this one read it.
+            return dict(zarr.open_group(store=str(self.final / DATA / name), mode="r").attrs)
 
     @contextlib.contextmanager
     def unit(self, name: str) -> Iterator[zarr.Group]:
@@ -305,6 +362,11 @@ class ArtifactWriter:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.complete:
                 return self.store.open(self.spec.stage, self.spec.key)
+            if self.final.exists():
+                raise ArtifactError(
+                    f"{self.final} exists but has no {MANIFEST} (not written by snd, or copied in part); delete it "
+                    f"or rerun with --force"
+                )
             done = self.done_units()
             if expected_units is not None:
                 missing = sorted(set(expected_units) - done)
@@ -324,6 +386,12 @@ class ArtifactWriter:
             }
             write_text_atomic(self.partial / "config.yaml", self.config_yaml)
             shutil.rmtree(self.scratch, ignore_errors=True)
+            # Temporaries of a killed run's atomic writes (".<name>.tmp-...") are never part of the artifact.
+            for leftover in self.partial.glob(".*.tmp-*"):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
             write_text_atomic(self.partial / MANIFEST, json.dumps(manifest, indent=1))
             os.rename(self.partial, self.final)
         return self.store.open(self.spec.stage, self.spec.key)

