@@ -13,6 +13,7 @@ from typing import Annotated, Callable
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from .config import PipelineCfg, load_config
 from .errors import SndError
@@ -53,17 +54,31 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 
 
 def _run(action: Callable[[], None]) -> None:
-    """Run a stage; user errors become one red line and exit code 1 (tracebacks only with --debug)."""
+    """Run a stage; user errors become one red line and exit code 1 (tracebacks only with --debug).
+
+    A failing file system (full disk, permissions) is reported the same way: it is not a bug in snd.
+    """
     try:
         action()
     except SndError as error:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {error}")
+        _error_line(str(error))
+        raise typer.Exit(code=1) from None
+    except OSError as error:
+        if _state["debug"]:
+            raise
+        _error_line(f"{error}; finished units and checkpoints are kept: fix the cause and rerun the same command "
+                    "(snd --debug shows the traceback)")
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/] finished units are kept; rerun the same command to resume")
         raise typer.Exit(code=130) from None
+
+
+def _error_line(message: str) -> None:
+    # Printed verbatim on one line: no markup (messages quote lists such as [min, max]) and no wrapping.
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def _load(config: Path, overrides: list[str], sections: set[str]) -> PipelineCfg:
@@ -123,19 +138,22 @@ def sample_views_command(
 
 
 def _precompute(stage: str, section: str, config: Path, overrides: list[str], force: bool, shard: str | None) -> None:
-    """The two precompute commands differ only in their stage function and config section."""
+    """The precompute commands differ only in their stage function and the config sections they read."""
     from .stages.common import Shard
 
     if stage == "precompute-gaussians":
         from .stages.precompute_gaussians import precompute_gaussians as function
-    else:
+    elif stage == "precompute-masks":
         from .stages.precompute_masks import precompute_masks as function
+    else:
+        from .stages.precompute_operators import precompute_operators as function
+    sections = ["gaussians", "masks", "train"] if stage == "precompute-operators" else [section]
 
     def action() -> None:
-        cfg = _load(config, overrides, {"data", "sampling", section, "store"})
+        cfg = _load(config, overrides, {"data", "sampling", *sections, "store"})
         with make_progress() as progress:
-            result = function(cfg.data, cfg.sampling, getattr(cfg, section), Store(cfg.store.root), force=force,
-                              shard=Shard.parse(shard), progress=progress)
+            result = function(cfg.data, cfg.sampling, *(getattr(cfg, name) for name in sections),
+                              Store(cfg.store.root), force=force, shard=Shard.parse(shard), progress=progress)
         _report(stage, result)
 
     _run(action)
@@ -155,6 +173,14 @@ def precompute_masks_command(
 ) -> None:
     """Compute a segment label map for every frame the frozen samples use (gt, sam, felzenszwalb or slic)."""
     _precompute("precompute-masks", "masks", config, set_, force, shard)
+
+
+@app.command("precompute-operators")
+def precompute_operators_command(
+    config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: ForceOption = False, shard: ShardOption = None
+) -> None:
+    """Compose each sample's teacher path (upsample, lift, splat, blend, downsample) into a sparse operator."""
+    _precompute("precompute-operators", "train", config, set_, force, shard)
 
 
 @app.command("train")
@@ -194,8 +220,11 @@ def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption =
         runs = list(cfg.eval.runs) or [run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train,
                                                    Store(cfg.store.root))]
         with make_progress() as progress:
-            report = evaluate(cfg.data, cfg.train, cfg.eval, runs, progress)
+            report = evaluate(cfg.data, cfg.train, cfg.eval, runs, progress, store=Store(cfg.store.root))
         Console().print((report.report_dir / "report.md").read_text())
+        reused = sum(use.status == "reused" for use in report.feature_uses)
+        console.print(f"[green]eval[/]: features: {reused} of {len(report.feature_uses)} feature sets were up to date "
+                      f"in {cfg.store.root / 'features'}, {len(report.feature_uses) - reused} extracted")
         console.print(f"[green]eval[/]: wrote {report.report_dir / 'report.json'}, report.md and "
                       f"{', '.join(p.name for p in report.figures)}")
 

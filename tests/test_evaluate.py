@@ -13,6 +13,7 @@ from snd_stages.stages.evaluate import evaluate, markdown_report
 from snd_stages.stages.make_demo_data import make_demo_data
 from snd_stages.stages.precompute_gaussians import precompute_gaussians
 from snd_stages.stages.precompute_masks import precompute_masks
+from snd_stages.stages.precompute_operators import precompute_operators
 from snd_stages.stages.sample_views import sample_views
 from snd_stages.stages.train import run_directory, train
 from snd_stages.store import Store
@@ -36,6 +37,7 @@ def project(tmp_path_factory):
     sample_views(cfg.data, cfg.sampling, store)
     precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
     precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
     with pytest.warns(UserWarning, match="random weights"):
         train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
     return cfg, store
@@ -128,3 +130,66 @@ def test_scannet1500_pairs_for_correspondence(project, tmp_path):
                                                             "source": "ScanNet-1500", "pairs": 2}
     scores = next(iter(report.results["models"].values()))
     assert set(scores) >= {"correspondence"} and 0 <= scores["correspondence"]["recall_20px"] <= 1
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_a_second_eval_reuses_the_cached_features(project, tmp_path):
+    from tests.test_probe_cache import counting_backbone_passes
+
+    cfg, store = project
+    run = run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    features = Store(tmp_path / "store")
+    first = evaluate(cfg.data, cfg.train, cfg.eval, [run], store=features)
+    assert {use.status for use in first.feature_uses} == {"computed"}
+    assert len(features.complete_artifacts("features")) == len(first.feature_uses) == 2 * 7  # 2 models x 7 sets
+
+    other_steps = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probe_steps=4",
+                                     "eval.feature_memory_gb=0", f"eval.report_dir={tmp_path / 'again'}"])
+    with counting_backbone_passes() as passes:
+        cached = evaluate(other_steps.data, other_steps.train, other_steps.eval, [run], store=features)
+    assert passes == [] and {use.status for use in cached.feature_uses} == {"reused"}
+    fresh = evaluate(other_steps.data, other_steps.train, other_steps.eval, [run])  # no store: extracted anew
+    assert cached.results["models"] == fresh.results["models"]
+    assert cached.results["models"] != first.results["models"]  # 4 probe steps instead of 3
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_scannetpp_held_out_scenes_with_fitted_normals(project, tmp_path):
+    from tests.scannetpp_fixture import write_fixture, write_val_split
+
+    cfg, _ = project
+    root = tmp_path / "scannetpp"
+    for scene_id in ("0a5c013435", "1ada7a0617"):
+        write_fixture(root, scene_id, frame_numbers=(1, 2, 3, 4, 7))  # frame 7 is marked bad
+    write_val_split(root, ["0a5c013435", "1ada7a0617"])
+    spp = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.dataset=scannetpp", f"eval.scannetpp_root={root}",
+                             "eval.frame_stride=1", "eval.correspondence_gap=[1,2]", f"eval.report_dir={tmp_path / 'report'}"])
+    report = evaluate(spp.data, spp.train, spp.eval, [], store=Store(tmp_path / "store"))
+    protocol = report.results["protocol"]
+    assert protocol["dataset"] == "scannetpp" and protocol["probes"] == ["depth", "normals", "correspondence"]
+    assert (protocol["probe_train_scenes"], protocol["test_scenes"]) == (["0a5c013435"], ["1ada7a0617"])
+    assert (protocol["probe_train_frames"], protocol["test_frames"]) == (4, 4)  # the bad frame is left out
+    scores = next(iter(report.results["models"].values()))
+    assert math.isfinite(scores["depth"]["rmse"]) and math.isfinite(scores["normals"]["rmse"])
+    assert 0 <= scores["correspondence"]["recall_10px"] <= 1 and "segmentation" not in scores
+    skipped, fitted = report.results["notes"]
+    assert skipped.startswith("segmentation skipped") and "no semantic_segmentation/ folder" in skipped
+    assert fitted.startswith("normals: 8 of the 8 frames")
+    assert "- segmentation skipped" in (report.report_dir / "report.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_scannetpp_segmentation_where_the_scenes_have_labels(project, tmp_path):
+    from tests.scannetpp_fixture import write_fixture, write_val_split
+
+    cfg, _ = project
+    root = tmp_path / "scannetpp"
+    for scene_id in ("aaa", "bbb"):
+        write_fixture(root, scene_id, frame_numbers=(1, 2, 3), semantic_classes=3)
+    write_val_split(root, ["aaa", "bbb"])
+    spp = load_config(None, [*TINY, "eval.dataset=scannetpp", f"data.root={root}", "eval.probes=[segmentation]",
+                             "eval.frame_stride=1", f"eval.report_dir={tmp_path / 'report'}"])
+    report = evaluate(spp.data, spp.train, spp.eval, [])
+    scores = next(iter(report.results["models"].values()))
+    assert report.results["notes"] == [] and len(scores["segmentation"]["per_class_iou"]) == 3
+    assert 0 <= scores["segmentation"]["miou"] <= 1

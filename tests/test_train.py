@@ -15,6 +15,7 @@ from snd_stages.errors import ConfigError
 from snd_stages.stages.make_demo_data import make_demo_data
 from snd_stages.stages.precompute_gaussians import precompute_gaussians
 from snd_stages.stages.precompute_masks import precompute_masks
+from snd_stages.stages.precompute_operators import precompute_operators
 from snd_stages.stages.sample_views import sample_views
 from snd_stages.stages.train import TrainingData, checkpoint_path, latest_checkpoint, train
 from snd_stages.store import Store
@@ -36,6 +37,7 @@ def project(tmp_path_factory):
     sample_views(cfg.data, cfg.sampling, store)
     precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
     precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
     return root
 
 
@@ -120,7 +122,7 @@ def test_uncovered_tokens_are_zeroed_on_both_sides(project):
     from snd_stages.stages.sample_views import load_samples
     from snd_stages.stages.train import build_model, distillation_step, teacher_targets
 
-    cfg = config(project)
+    cfg = config(project, "train.teacher_splatting=render")  # the turned camera is rendered, not precomputed
     store = Store(cfg.store.root)
     samples_artifact, samples = load_samples(store, cfg.data, cfg.sampling)
     data = TrainingData(samples.samples, samples.dataset_root, load_gaussians(store, cfg.gaussians, samples_artifact.key),

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from rich.progress import Progress
 
@@ -50,22 +49,22 @@ from ..models.weights import create_backbone
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..scenes.sampling import ViewSample
-from ..splat.features import blend_with_segments, downsample_to_tokens, lift_features, mask_aware_upsample, token_coverage
-from ..splat.quirks import centred_principal_point, variances_as_scales
-from ..splat.render import render_features
+from ..splat.operator import SplatOperator, apply_operators, splat_tokens
+from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactSpec, Store, write_text_atomic
 from ..visualize import pca_basis, pca_rgb
 from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
-from .precompute_masks import load_masks
+from .precompute_masks import MaskReader, load_masks
+from .precompute_operators import load_operators, operator_unit_name, read_operator, token_grid
 from .sample_views import SampleSet, load_samples
 
 STAGE = "run"
 SCHEMA_VERSION = 1
-PATCH = 14
 log = logging.getLogger(__name__)
 
 # Settings that change how a run is observed or where it runs, not what it computes: kept out of the run key.
-_OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root")
+_OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root",
+                     "teacher_splatting")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,6 +83,7 @@ class TrainingSample:
         target_mask: ``[H, W]``.
         pair: the stored Gaussians and cameras of the context pair.
         target_camera: ``[1]`` camera of the target frame.
+        operator: the sample's precomputed teacher operator (``train.teacher_splatting: operator``), else None.
     """
 
     context_images: torch.Tensor
@@ -92,6 +92,7 @@ class TrainingSample:
     target_mask: torch.Tensor
     pair: PairGaussians
     target_camera: Camera
+    operator: SplatOperator | None = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -104,18 +105,18 @@ class TrainingData:
     """Samples in an order that is a function of (seed, step) only, read from the precomputed artifacts."""
 
     def __init__(self, samples: list[ViewSample], dataset_root: Path, gaussians: Artifact, masks: Artifact,
-                 seed: int, cached_pairs: int = 64):
+                 seed: int, cached_pairs: int = 64, operators: Artifact | None = None):
         if not samples:
             raise ArtifactError("the sample list is empty; rerun snd sample-views")
         self.samples = samples
         self.dataset_root = dataset_root
         self.gaussians = gaussians
-        self.masks = masks
+        self.operators = operators
         self.seed = seed
         self._scenes: dict[str, Scene] = {}
         self._pairs: OrderedDict[str, PairGaussians] = OrderedDict()
         self._cached_pairs = cached_pairs
-        self._mask_units: dict[str, tuple[dict[int, int], object]] = {}
+        self._mask = MaskReader(masks)
 
     def indices(self, step: int, batch_size: int) -> list[int]:
         """Sample indices of ``step``: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
@@ -142,6 +143,8 @@ class TrainingData:
             target_mask=self._mask(sample.scene, target),
             pair=pair,
             target_camera=pair.target_camera[target_index : target_index + 1],
+            operator=None if self.operators is None else read_operator(
+                self.operators.unit(operator_unit_name(sample.scene, sample.context, target))),
         )
 
     def _scene(self, scene_id: str) -> Scene:
@@ -158,23 +161,10 @@ class TrainingData:
                 self._pairs.popitem(last=False)
         return self._pairs[name]
 
-    def _mask(self, scene_id: str, position: int) -> torch.Tensor:
-        if scene_id not in self._mask_units:
-            unit = self.masks.unit(scene_id)
-            rows = {int(p): row for row, p in enumerate(unit["positions"][...])}
-            self._mask_units[scene_id] = (rows, unit["labels"])
-        rows, labels = self._mask_units[scene_id]
-        return torch.from_numpy(np.asarray(labels[rows[position]])).long()
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The step
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def token_grid(height: int, width: int) -> tuple[int, int]:
-    """The ViT's token grid for an image: sides are cropped down to multiples of the patch size first."""
-    return height // PATCH, width // PATCH
 
 
 @torch.no_grad()
@@ -188,25 +178,18 @@ def teacher_targets(model: StudentTeacher, batch: list[TrainingSample], cfg: Tra
     contexts = torch.cat([sample.context_images for sample in batch]).to(device)
     with autocast():
         context_tokens = model.teacher_tokens(contexts).float()  # [2B, C, h, w]
+    if cfg.teacher_splatting == "operator":
+        return apply_operators([sample.operator.to(device) for sample in batch], context_tokens, cfg.blending)
     targets, coverages = [], []
     for index, sample in enumerate(batch):
-        tokens = context_tokens[2 * index : 2 * index + 2]
-        masks = sample.context_masks.to(device)
-        height, width = masks.shape[-2:]
-        if cfg.mask_aware_upsampling:
-            upsampled = mask_aware_upsample(tokens, masks)
-        else:
-            upsampled = F.interpolate(tokens, size=(height, width), mode="bilinear", align_corners=True)
-        gaussians = sample.pair.gaussians.to(device)
-        camera = sample.target_camera.to(device=device, dtype=torch.float32)
-        if cfg.reference_quirks:
-            gaussians, camera = variances_as_scales(gaussians), centred_principal_point(camera)
-        rendered = render_features(gaussians, lift_features(upsampled, gaussians), camera)
-        features = rendered.features.permute(0, 3, 1, 2)  # [1, C, H, W]
-        blended = blend_with_segments(features, sample.target_mask[None].to(device), cfg.blending)
-        grid = token_grid(*sample.target_image.shape[-2:])
-        targets.append(downsample_to_tokens(blended, grid)[0])
-        coverages.append(token_coverage(rendered.alpha, grid)[0])
+        gaussians, camera = render_inputs(sample.pair.gaussians.to(device), sample.target_camera, cfg.reference_quirks)
+        target, coverage = splat_tokens(
+            context_tokens[2 * index : 2 * index + 2], gaussians, camera, sample.context_masks.to(device),
+            sample.target_mask.to(device), token_grid(*sample.target_image.shape[-2:]), cfg.blending,
+            cfg.mask_aware_upsampling,
+        )
+        targets.append(target)
+        coverages.append(coverage)
     return torch.stack(targets), torch.stack(coverages)
 
 
@@ -272,6 +255,15 @@ def run_inputs(data: DataCfg, sampling: SamplingCfg, gaussians: GaussiansCfg, ma
     samples_artifact, samples = load_samples(store, data, sampling)
     return RunInputs(samples_artifact, samples, load_gaussians(store, gaussians, samples_artifact.key),
                      load_masks(store, masks, samples_artifact.key))
+
+
+def teacher_operators(train: TrainCfg, inputs: RunInputs, store: Store) -> Artifact:
+    """The run's precomputed teacher operators, with the two ways forward when they are missing."""
+    try:
+        return load_operators(store, train, inputs.samples_artifact.key, inputs.gaussians.key, inputs.masks.key)
+    except ArtifactError as error:
+        raise ArtifactError(f"{error} (train.teacher_splatting is 'operator'; or set it to 'render' to splat "
+                            "every step without them)") from None
 
 
 def run_spec(train: TrainCfg, inputs: RunInputs, steps: int) -> ArtifactSpec:
@@ -348,7 +340,9 @@ def train(
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, spec.key)
         log.info("resumed from %s at step %d", checkpoint, start_step)
-    training_data = TrainingData(samples.samples, samples.dataset_root, gaussians, masks, train_cfg.seed)
+    operators = teacher_operators(train_cfg, inputs, store) if train_cfg.teacher_splatting == "operator" else None
+    training_data = TrainingData(samples.samples, samples.dataset_root, gaussians, masks, train_cfg.seed,
+                                 operators=operators)
     use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
 
     def autocast():
@@ -363,9 +357,17 @@ def train(
         batch = training_data.batch(step, train_cfg.batch_size)
         loss, result = distillation_step(model, batch, train_cfg, device, autocast)
         if not math.isfinite(result.loss):
+            # Stop before backward: nothing of this step reaches the weights or a checkpoint.
+            culprits = ", ".join(
+                f"#{index} ({sample.scene}, context {list(sample.context)}, targets {list(sample.targets)})"
+                for index in training_data.indices(step, train_cfg.batch_size)
+                for sample in [training_data.samples[index]]
+            )
+            kept = latest_checkpoint(run_dir)
             raise ArtifactError(
-                f"loss is {result.loss} at step {step} (samples {training_data.indices(step, train_cfg.batch_size)}); "
-                f"the last good checkpoint is kept in {run_dir / 'checkpoints'}"
+                f"loss is {result.loss} in step {step + 1} of {steps}, samples {culprits}; "
+                f"{f'the last good checkpoint {kept} is kept' if kept else 'no checkpoint was written yet'}: check "
+                "these samples' inputs (snd check-geometry) or lower train.learning_rate, then rerun to resume"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -407,8 +409,17 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (each is written to a temporary name and renamed when whole)."""
-    found = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    """The newest checkpoint of a run, or None.
+
+    Each checkpoint is written to ``.step-NNNNNN.pt.tmp`` and renamed when whole, so a run killed while writing
+    one leaves only that temporary: it is never picked, and it is deleted here. A step file that is unreadable
+    all the same (a disk fault, a copy cut short) is still picked, and :func:`load_checkpoint` stops with an error
+    naming it and the checkpoint before it: resuming silently from an older one would hide the fault.
+    """
+    directory = run_dir / "checkpoints"
+    for leftover in directory.glob(".step-*.pt.tmp"):
+        leftover.unlink(missing_ok=True)
+    found = sorted(directory.glob("step-*.pt"))
     return found[-1] if found else None
 
 
@@ -425,8 +436,17 @@ def save_checkpoint(run_dir: Path, step: int, model: StudentTeacher, optimizer, 
     }
     path = checkpoint_path(run_dir, step)
     temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(state, temporary)
-    temporary.replace(path)
+    try:
+        torch.save(state, temporary)
+        temporary.replace(path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write (e.g. a full disk) as RuntimeError
+        temporary.unlink(missing_ok=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
+        raise ArtifactError(
+            f"cannot write checkpoint {path} ({str(error).strip().splitlines()[0][:200]}); {kept}: free space in "
+            f"{path.parent} and rerun the same command to resume"
+        ) from None
     for old in sorted((run_dir / "checkpoints").glob("step-*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -438,12 +458,24 @@ def _is_state(name: str) -> bool:
 
 
 def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key: str) -> int:
+    """Restore the state saved by :func:`save_checkpoint`; return the number of steps done.
+
+    An unreadable file stops the run with an error naming the checkpoint to fall back to (see
+    :func:`latest_checkpoint`).
+    """
     if not path.is_file():
         raise ArtifactError(f"checkpoint {path} does not exist; pass --resume auto or a step-NNNNNN.pt file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"step", "run_key", "model", "optimizer", "scheduler"} <= state.keys():
+            raise ValueError("it holds no training state")
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ArtifactError(f"checkpoint {path} cannot be read ({error}); delete it to resume from the previous one") from None
+        earlier = [other for other in sorted(path.parent.glob("step-*.pt")) if other.name < path.name]
+        then = f"--resume auto then continues from {earlier[-1].name}" if earlier else "the run then starts over"
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:200]
+        raise ArtifactError(
+            f"checkpoint {path} is truncated or not a training checkpoint ({detail}); delete it and rerun: {then}"
+        ) from None
     if state.get("run_key") != key:
         raise ConfigError(
             f"checkpoint {path} belongs to run {state.get('run_key')}, not to this configuration's run {key}; "

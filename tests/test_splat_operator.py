@@ -1,0 +1,141 @@
+"""The precomputed teacher operator agrees with the plain upsample-lift-render-blend-downsample path."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from snd_stages.config import load_config
+from snd_stages.errors import ArtifactError
+from snd_stages.geometry import Camera
+from snd_stages.splat.operator import SplatOperator, build_splat_operator, splat_tokens
+from snd_stages.splat.quirks import render_inputs
+from snd_stages.splat.render import gsplat_cuda_available, render_features, render_weights
+from snd_stages.stages.make_demo_data import make_demo_data
+from snd_stages.stages.precompute_gaussians import load_gaussians, precompute_gaussians
+from snd_stages.stages.precompute_masks import load_masks, precompute_masks
+from snd_stages.stages.precompute_operators import load_operators, precompute_operators, token_grid
+from snd_stages.stages.sample_views import load_samples, sample_views
+from snd_stages.stages.train import TrainingData, build_model, teacher_targets, train
+from snd_stages.store import Store
+
+# Float32 rendering on both paths; the operator sums the same products in another order.
+RELATIVE_TOLERANCE = 1e-5
+
+TINY = [
+    "demo.train_scenes=1", "demo.eval_scenes=0", "demo.frames_per_scene=8", "demo.height=84", "demo.width=112",
+    "sampling.samples_per_scene=2", "sampling.frame_gap=[3,4]",
+    "train.weights=random", "train.allow_random_weights=true", "train.prototypes=256", "train.batch_size=2",
+]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("operator")
+    cfg = config(root)
+    make_demo_data(cfg.data, cfg.demo)
+    store = Store(cfg.store.root)
+    sample_views(cfg.data, cfg.sampling, store)
+    precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
+    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    return root
+
+
+def config(root, *extra):
+    return load_config(None, [*TINY, f"data.root={root / 'demo'}", f"store.root={root / 'store'}", *extra])
+
+
+def training_data(cfg, store, operators=None):
+    samples_artifact, samples = load_samples(store, cfg.data, cfg.sampling)
+    return TrainingData(samples.samples, samples.dataset_root, load_gaussians(store, cfg.gaussians, samples_artifact.key),
+                        load_masks(store, cfg.masks, samples_artifact.key), seed=0, operators=operators)
+
+
+def relative_error(value, reference) -> float:
+    return float((value.double() - reference.double()).abs().max() / reference.double().abs().max())
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+@pytest.mark.parametrize("mask_aware", [True, False])
+@pytest.mark.parametrize("blending", [0.5, 1.0, 0.0])
+def test_operator_equals_the_plain_path(project, quirks, mask_aware, blending):
+    cfg = config(project)
+    sample = training_data(cfg, Store(cfg.store.root)).load(0)
+    gaussians, camera = render_inputs(sample.pair.gaussians, sample.target_camera, quirks)
+    grid = token_grid(camera.height, camera.width)
+    tokens = torch.randn(2, 24, *grid, generator=torch.Generator().manual_seed(0))
+    operator = build_splat_operator(gaussians, camera, sample.context_masks, sample.target_mask, grid, grid, mask_aware)
+    expected, coverage = splat_tokens(tokens, gaussians, camera, sample.context_masks, sample.target_mask, grid,
+                                      blending, mask_aware)
+    assert relative_error(operator.apply(tokens, blending), expected) < RELATIVE_TOLERANCE
+    assert torch.equal(operator.coverage, coverage) and coverage.any()
+
+
+def test_render_weights_reproduce_the_render():
+    generator = torch.Generator().manual_seed(3)
+    from snd_stages.gaussians import Gaussians
+
+    count = 400
+    means = torch.randn(count, 3, generator=generator) * torch.tensor([0.6, 0.4, 0.3]) + torch.tensor([0, 0, 3.0])
+    quats = torch.nn.functional.normalize(torch.randn(count, 4, generator=generator), dim=-1)
+    gaussians = Gaussians(means, quats, torch.rand(count, 3, generator=generator) * 0.08 + 0.01,
+                          torch.rand(count, generator=generator) * 0.9 + 0.05,
+                          torch.zeros(count, dtype=torch.long), torch.arange(count))
+    camera = Camera(torch.tensor([[[60.0, 0, 31], [0, 60.0, 22], [0, 0, 1]]]), torch.eye(4)[None], 40, 56)
+    features = torch.randn(count, 5, generator=generator)
+    rendered = render_features(gaussians, features, camera)
+    weights = render_weights(gaussians, camera)
+    composed = torch.zeros(40 * 56, 5, dtype=torch.float64).index_add_(
+        0, weights.pixel, weights.weight[:, None] * features[weights.gaussian].double())
+    assert relative_error(composed.reshape(40, 56, 5), rendered.features[0]) < RELATIVE_TOLERANCE
+    torch.testing.assert_close(weights.alpha().float(), rendered.alpha[0], atol=1e-6, rtol=0)
+    assert (weights.weight > 0).all()
+
+
+def test_stored_operators_drive_training_like_rendering(project):
+    cfg = config(project)
+    store = Store(cfg.store.root)
+    with pytest.raises(ArtifactError, match="precompute-operators.*teacher_splatting"):
+        train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    result = precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    counts = result.artifact.manifest["counts"]
+    samples_artifact, samples = load_samples(store, cfg.data, cfg.sampling)
+    distinct = {(s.scene, s.context, target) for s in samples.samples for target in s.targets}
+    assert counts["samples"] == len(distinct) == len(result.artifact.units())
+    assert 0 < counts["bytes_per_sample"] < 200_000
+    operators = load_operators(store, cfg.train, samples_artifact.key, load_gaussians(store, cfg.gaussians, samples_artifact.key).key,
+                               load_masks(store, cfg.masks, samples_artifact.key).key)
+    batch = training_data(cfg, store, operators).batch(0, 2)
+    assert all(isinstance(sample.operator, SplatOperator) for sample in batch)
+    torch.manual_seed(0)
+    model = build_model(cfg.train)
+    device = torch.device("cpu")
+    fast, fast_coverage = teacher_targets(model, batch, cfg.train, device, contextlib.nullcontext)
+    plain, plain_coverage = teacher_targets(model, batch, config(project, "train.teacher_splatting=render").train,
+                                            device, contextlib.nullcontext)
+    assert relative_error(fast, plain) < RELATIVE_TOLERANCE and torch.equal(fast_coverage, plain_coverage)
+    run = train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, config(project, "train.steps=1").train, store)
+    assert np.isfinite(run.final_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gsplat_cuda_available(), reason="needs a CUDA device and gsplat's CUDA extension")
+@pytest.mark.parametrize("blending", [0.5, 1.0])
+def test_gsplat_operator_equals_the_gsplat_path(project, blending):
+    cfg = config(project)
+    sample = training_data(cfg, Store(cfg.store.root)).load(1)
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gaussians, camera = render_inputs(sample.pair.gaussians.to(device), sample.target_camera, False)
+    grid = token_grid(camera.height, camera.width)
+    tokens = torch.randn(2, 64, *grid, generator=torch.Generator().manual_seed(1)).to(device)
+    masks, target_mask = sample.context_masks.to(device), sample.target_mask.to(device)
+    operator = build_splat_operator(gaussians, camera, masks, target_mask, grid, grid, backend="gsplat")
+    expected, coverage = splat_tokens(tokens, gaussians, camera, masks, target_mask, grid, blending, backend="gsplat")
+    assert relative_error(operator.apply(tokens, blending), expected) < RELATIVE_TOLERANCE
+    assert torch.equal(operator.coverage, coverage)
+    twin = build_splat_operator(gaussians, camera, masks, target_mask, grid, grid, backend="torch")
+    assert relative_error(twin.apply(tokens, blending), expected) < 1e-4
