@@ -1,10 +1,25 @@
-"""Training-step cost: the full Splat-and-Distill step and its teacher side, per image size and batch.
+"""Training-step cost: the full Splat-and-Distill step, its parts, and the network-only step, in one process.
 
 Inputs are the two-frame scenes that ``benchmarks/precompute.py --write-inputs DIR`` writes; the sample is
 (context 0, 1 -> target 1), repeated ``--batch`` times, with depth-reconstructed Gaussians and ground-truth
-instance masks. Prints median step time, samples/s and peak GPU memory.
+instance masks. For each (model, size, batch) it times, with warm-up and medians:
 
-    python benchmarks/train_step.py --inputs DIR --sizes 448x448 576x880 --batch 8 [--weights PATH]
+- the parts: teacher forward (2B context images), the plain path's upsample+lift, render (gsplat) and
+  blend+downsample, the fast path's sparse-operator apply, student forward+backward with both heads and the loss,
+  the optimiser step, the EMA update;
+- three steps: **full (render)**, the plain path; **full (operator)**, the default fast path
+  (``train.teacher_splatting: operator``); **network only**, the same teacher and student forwards, backward,
+  heads, optimiser and EMA with the 3D part removed (targets = the teacher's first context view resized to the
+  target grid);
+- the ratio full (operator) / network only, samples/s, peak memory, and the network's share of the GPU's dense
+  bf16 matrix throughput. FLOPs counted: per image and block ``24 n d^2 + 4 n^2 d`` forward; the teacher runs
+  forward only (2B images), the student forward + activation backward (its base weights are frozen: no weight
+  gradients, LoRA's are negligible), i.e. 2x forward; heads ``2 (d 2048 + 2048^2 + 2048 256 + 256 K)`` per token,
+  teacher forward (1x), student forward + backward (3x).
+
+It also composes one operator at each size (``build_splat_operator`` with gsplat) and prints its cost and bytes.
+
+    python benchmarks/train_step.py --inputs DIR --sizes 448x448 576x880 --batch 8 16 [--weights PATH] [--compile]
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -23,13 +39,19 @@ from snd_stages.config import GaussiansCfg, TrainCfg
 from snd_stages.geometry import image_to_tensor
 from snd_stages.reconstruct import build_reconstructor
 from snd_stages.scenes.layout import read_scene
+from snd_stages.splat.features import blend_with_segments, downsample_to_tokens, lift_features, mask_aware_upsample
+from snd_stages.splat.operator import apply_operators, build_splat_operator
+from snd_stages.splat.render import render_features
 from snd_stages.stages.precompute_gaussians import PairGaussians, context_views
+from snd_stages.stages.precompute_operators import token_grid
 from snd_stages.stages.train import TrainingSample, build_model, distillation_step, make_optimizer, teacher_targets
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
 
 
 def sample_of(root: Path, size: str) -> TrainingSample:
     scene = read_scene(root, f"bench{size}")
-    gaussians = build_reconstructor(GaussiansCfg(device="cpu")).reconstruct(context_views(scene, (0, 1), True))
+    gaussians = build_reconstructor(GaussiansCfg(device="cuda")).reconstruct(context_views(scene, (0, 1), True))
     image = lambda p: image_to_tensor(scene.load_image(p))  # noqa: E731
     mask = lambda p: torch.from_numpy(scene.load_instances(p)).long()  # noqa: E731
     pair = PairGaussians(scene.scene_id, (0, 1), gaussians, scene.camera[[0, 1]], [1], scene.camera[[1]])
@@ -37,8 +59,9 @@ def sample_of(root: Path, size: str) -> TrainingSample:
                           pair, scene.camera[[1]])
 
 
-def median_seconds(function, repeats: int) -> float:
-    function()
+def median_ms(function, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        function()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -46,7 +69,21 @@ def median_seconds(function, repeats: int) -> float:
         function()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times) * 1e3
+
+
+def network_flops(embed_dim: int, depth: int, image_tokens: int, batch: int, prototypes: int) -> float:
+    block = 24 * image_tokens * embed_dim**2 + 4 * image_tokens**2 * embed_dim
+    backbone = depth * block
+    head = 2 * (embed_dim * 2048 + 2048 * 2048 + 2048 * 256 + 256 * prototypes)
+    teacher = 2 * batch * backbone + batch * image_tokens * head
+    student = 2 * batch * backbone + 3 * batch * image_tokens * head
+    return float(teacher + student)
+
+
+def peak_tflops() -> float:
+    name = torch.cuda.get_device_name()
+    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), float("nan"))
 
 
 def main() -> None:
@@ -54,51 +91,154 @@ def main() -> None:
     parser.add_argument("--inputs", type=Path, required=True)
     parser.add_argument("--sizes", nargs="+", default=["448x448", "576x880"])
     parser.add_argument("--batch", type=int, nargs="+", default=[8])
-    parser.add_argument("--backbone", default="dinov2_vits14")
+    parser.add_argument("--backbones", nargs="+", default=["dinov2_vits14"])
     parser.add_argument("--weights", default="random")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-render", action="store_true", help="do not time the plain (render) path")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones and the loss")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark times the GPU path"
+    torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
-    cfg = TrainCfg(backbone=args.backbone, weights=args.weights, allow_random_weights=args.weights == "random")
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    console = Console()
 
-    table = Table(title=f"Splat-and-Distill training step, {args.backbone}, bf16 autocast, 65,536 prototypes")
-    for column in ("image", "student input", "batch", "teacher side ms", "full step ms", "samples/s", "peak GiB"):
-        table.add_column(column, justify="right")
+    parts = Table(title="Parts of one step (median ms)")
+    for column in ("model", "image", "batch", "teacher fwd", "upsample+lift", "render", "blend+down", "operator",
+                   "student fwd+bwd", "optimiser", "EMA"):
+        parts.add_column(column, justify="right")
+    steps = Table(title="Steps (median ms), samples/s, network share of the bf16 peak")
+    for column in ("model", "image", "batch", "full (render)", "full (operator)", "network only", "operator/network",
+                   "samples/s", "network TFLOP/s", "% of peak", "peak GiB"):
+        steps.add_column(column, justify="right")
+    operators = Table(title="Composing one sample's operator (gsplat)")
+    for column in ("image", "Gaussians", "compose ms", "samples/s", "non-zeros", "stored bytes"):
+        operators.add_column(column, justify="right")
+
     for size in args.sizes:
         sample = sample_of(args.inputs, size)
         height, width = sample.target_image.shape[-2:]
-        for batch_size in args.batch:
-            torch.manual_seed(0)
-            model = build_model(cfg).to(device)
-            optimizer, scheduler = make_optimizer(model, cfg, 10_000)
-            batch = [sample] * batch_size
+        grid = token_grid(height, width)
+        gaussians = sample.pair.gaussians.to(device)
+        camera = sample.target_camera.to(device=device, dtype=torch.float32)
+        masks, target_mask = sample.context_masks.to(device), sample.target_mask.to(device)
 
-            def teacher_side():
-                teacher_targets(model, batch, cfg, device, autocast)
+        def compose():
+            return build_splat_operator(gaussians, camera, masks, target_mask, grid, grid)
 
-            def full_step():
-                loss, _ = distillation_step(model, batch, cfg, device, autocast)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                model.update_teacher(cfg.ema_momentum)
-                optimizer.step()
-                scheduler.step()
+        compose_ms = median_ms(compose, 3, warmup=1)
+        operator = compose()
+        stored = sum(array.nbytes for array in operator.to_arrays().values())
+        operators.add_row(size, f"{len(gaussians):,}", f"{compose_ms:.1f}", f"{1e3 / compose_ms:.1f}",
+                          f"{operator.nonzeros():,}", f"{stored:,}")
+        sample.operator = operator  # on the GPU, as train keeps its cached operators
 
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                teacher_ms = median_seconds(teacher_side, args.repeats) * 1e3
-                step_ms = median_seconds(full_step, args.repeats) * 1e3
-            except torch.cuda.OutOfMemoryError:
-                table.add_row(size, "", str(batch_size), "OOM", "OOM", "", "")
-                continue
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            table.add_row(size, f"{height - height % 14}x{width - width % 14}", str(batch_size), f"{teacher_ms:.1f}",
-                          f"{step_ms:.1f}", f"{batch_size / step_ms * 1e3:.1f}", f"{peak:.1f}")
-            torch.cuda.empty_cache()
-    Console().print(table)
-    Console().print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+        for backbone in args.backbones:
+            cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
+            render_cfg = TrainCfg(**{**cfg.__dict__, "teacher_splatting": "render"})
+            for batch_size in args.batch:
+                torch.manual_seed(0)
+                model = build_model(cfg).to(device)
+                embed_dim = model.student_head.mlp[0].in_features
+                blocks = len(model.teacher.get_base_model().blocks)
+                if args.compile:
+                    model.student = torch.compile(model.student)
+                    model.teacher = torch.compile(model.teacher)
+                optimizer, scheduler = make_optimizer(model, cfg, 10_000)
+                batch = [sample] * batch_size
+                contexts = torch.cat([s.context_images for s in batch]).to(device)
+
+                def teacher_forward():
+                    with autocast():
+                        return model.teacher_tokens(contexts).float()
+
+                tokens = teacher_forward()
+                index_masks = [s.context_masks.to(device) for s in batch]
+
+                def upsample_lift():
+                    return [lift_features(mask_aware_upsample(tokens[2 * i : 2 * i + 2], index_masks[i]), gaussians)
+                            for i in range(batch_size)]
+
+                def render():
+                    return [render_features(gaussians, features, camera).features for features in lifted]
+
+                lifted = rendered = None
+                if not args.skip_render:
+                    lifted = upsample_lift()
+                    rendered = render()
+
+                def blend_downsample():
+                    return [downsample_to_tokens(blend_with_segments(r.permute(0, 3, 1, 2), target_mask[None], 0.5), grid)
+                            for r in rendered]
+
+                device_operators = [operator] * batch_size
+
+                def apply():
+                    return apply_operators(device_operators, tokens, cfg.blending)
+
+                targets = apply()
+
+                def network_targets():
+                    with torch.no_grad(), autocast():
+                        context_tokens = model.teacher_tokens(contexts).float()
+                    resized = F.interpolate(context_tokens[0::2], size=grid, mode="bilinear", align_corners=False)
+                    return resized, torch.ones(batch_size, *grid, dtype=torch.bool, device=device)
+
+                def step(targets_fn, step_cfg):
+                    def run():
+                        loss, _ = distillation_step(model, batch, step_cfg, device, autocast, targets=targets_fn())
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        model.update_teacher(cfg.ema_momentum)
+                        optimizer.step()
+                        scheduler.step()
+                    return run
+
+                def student_side():
+                    loss, _ = distillation_step(model, batch, cfg, device, autocast, targets=targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    timed = {
+                        "teacher": median_ms(teacher_forward, args.repeats),
+                        "operator": median_ms(apply, args.repeats),
+                        "student": median_ms(student_side, args.repeats),
+                        "optimiser": median_ms(optimizer.step, args.repeats),
+                        "ema": median_ms(lambda: model.update_teacher(cfg.ema_momentum), args.repeats),
+                        "full_operator": median_ms(step(lambda: teacher_targets(model, batch, cfg, device, autocast), cfg),
+                                                   args.repeats),
+                        "network": median_ms(step(network_targets, cfg), args.repeats),
+                    }
+                    if not args.skip_render:
+                        timed["upsample"] = median_ms(upsample_lift, args.repeats)
+                        timed["render"] = median_ms(render, args.repeats)
+                        timed["blend"] = median_ms(blend_downsample, args.repeats)
+                        timed["full_render"] = median_ms(
+                            step(lambda: teacher_targets(model, batch, render_cfg, device, autocast), render_cfg),
+                            args.repeats)
+                except torch.cuda.OutOfMemoryError:
+                    steps.add_row(backbone, size, str(batch_size), "OOM", "", "", "", "", "", "", "")
+                    del model, optimizer
+                    torch.cuda.empty_cache()
+                    continue
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                flops = network_flops(embed_dim, blocks, grid[0] * grid[1], batch_size, cfg.prototypes)
+                achieved = flops / (timed["network"] * 1e-3) / 1e12
+                dash = lambda key: f"{timed[key]:.1f}" if key in timed else "-"  # noqa: E731
+                parts.add_row(backbone, size, str(batch_size), dash("teacher"), dash("upsample"), dash("render"),
+                              dash("blend"), dash("operator"), dash("student"), dash("optimiser"), dash("ema"))
+                steps.add_row(backbone, size, str(batch_size), dash("full_render"), dash("full_operator"),
+                              dash("network"), f"{timed['full_operator'] / timed['network']:.3f}",
+                              f"{batch_size / timed['full_operator'] * 1e3:.1f}", f"{achieved:.0f}",
+                              f"{100 * achieved / peak_tflops():.1f}", f"{peak:.1f}")
+                del model, optimizer, tokens, lifted, rendered, targets
+                torch.cuda.empty_cache()
+            console.print(parts)
+            console.print(steps)
+    console.print(operators)
+    console.print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, compile={args.compile}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ instead of upsampling, lifting and rasterising a million Gaussians with hundreds
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,8 @@ from .features import (
 from .render import Backend, render_features, render_weights
 
 _MATRICES = ("local", "segment_means", "segment_spread")
+# The CSR products used here are exact and tested; torch's "beta" notice on every CSR construction is noise.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 @dataclass
