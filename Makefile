@@ -1,13 +1,16 @@
-# snd: `make all` runs the whole pipeline on the embedded demo scenes; `make test` runs the test suite.
-# Both create the project's virtual environment (.venv) on first use and install everything into it.
+# snd: `make all` runs the whole pipeline on the embedded demo scenes; `make test` runs the test suite;
+# `make precompute SHARDS=4` runs the precompute stages as 4 parallel shards each. Each target creates the
+# project's virtual environment (.venv) on first use and installs everything into it.
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SND    := $(VENV)/bin/snd
 CONFIG ?= pipeline.yaml
+SHARDS ?= 4
 STAMP  := $(VENV)/.installed
+PRECOMPUTE := precompute-gaussians precompute-masks precompute-operators
 
-.PHONY: all test venv clean-store
+.PHONY: all test venv precompute clean-store
 
 all: $(STAMP)
 	$(SND) make-demo-data --config $(CONFIG)
@@ -18,6 +21,20 @@ all: $(STAMP)
 	$(SND) check-geometry --config $(CONFIG)
 	$(SND) train --config $(CONFIG)
 	$(SND) eval --config $(CONFIG)
+
+# Each precompute stage as SHARDS processes at once (--shard i/SHARDS), waiting for all of them before the next
+# stage; whichever shard finishes last publishes the artifact. A failed shard fails the target after its
+# siblings finish; rerunning keeps every finished unit.
+precompute: $(STAMP)
+	$(SND) sample-views --config $(CONFIG)
+	@for stage in $(PRECOMPUTE); do \
+	    echo "$$stage: $(SHARDS) shards"; pids=; \
+	    for i in $$(seq 0 $$(($(SHARDS) - 1))); do \
+	        $(SND) $$stage --config $(CONFIG) --shard $$i/$(SHARDS) & pids="$$pids $$!"; \
+	    done; \
+	    failed=0; for pid in $$pids; do wait $$pid || failed=1; done; \
+	    if [ $$failed = 1 ]; then echo "$$stage: a shard failed (see above); rerun make precompute"; exit 1; fi; \
+	done
 
 test: $(STAMP)
 	$(PY) -m pytest -q

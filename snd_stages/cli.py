@@ -6,6 +6,7 @@ it reads, ``--force`` to recompute an existing artifact, and the global ``--debu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Annotated, Callable
@@ -190,14 +191,21 @@ def train_command(
     force: Annotated[bool, typer.Option("--force", help="Delete this configuration's run and start over.")] = False,
     resume: Annotated[str, typer.Option(help="'auto' (the newest checkpoint of this run) or a checkpoint file.")] = "auto",
 ) -> None:
-    """Distill a 3D-aware student: teacher features splatted to novel views (Splat and Distill)."""
+    """Distill a 3D-aware student: teacher features splatted to novel views (Splat and Distill).
+
+    One process, or several under torchrun: torchrun --nproc-per-node N -m snd_stages.cli train (global batch).
+    """
+    from .distributed import is_main_process
     from .stages.train import train
 
     def action() -> None:
         cfg = _load(config, set_, {"data", "sampling", "gaussians", "masks", "train", "store"})
-        with make_progress() as progress:
+        main = is_main_process()  # under torchrun, rank 0 alone shows progress and the summary
+        with make_progress() if main else contextlib.nullcontext() as progress:
             result = train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, Store(cfg.store.root),
                            resume=resume, force=force, progress=progress)
+        if not main:
+            return
         if result.skipped:
             console.print(f"[green]train[/]: up to date, nothing to do ({result.run_dir})")
             return

@@ -5,6 +5,7 @@ Usage::
     snd train --config pipeline.yaml                      # resumes an interrupted run of the same config
     snd train --set train.steps=200 --set train.blending=1.0
     snd train --resume data/runs/<key>/checkpoints/step-000100.pt
+    torchrun --nproc-per-node 4 -m snd_stages.cli train --config pipeline.yaml   # 4 GPUs, same global batch
 
 One step, per sample of the batch (see ``reference/method.md`` §1):
 
@@ -21,11 +22,16 @@ The run directory ``<runs_root>/<key>/`` (key = training config + input artifact
 ``checkpoints/step-NNNNNN.pt`` (everything needed to continue exactly), ``metrics.csv``, ``pictures/``,
 ``config.yaml``, and at the end ``student.safetensors`` / ``teacher.safetensors`` (LoRA merged, timm-loadable)
 and ``manifest.json``.
+
+Under torchrun the step's global batch (``train.batch_size``) is split over the processes and DDP averages the
+student's gradients (see :mod:`snd_stages.distributed`); rank 0 writes every file, and a checkpoint of any
+number of processes resumes with any other.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -40,11 +46,14 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.progress import Progress
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .. import distributed
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections, to_dict
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_tensor
-from ..models.distill import StudentTeacher, distillation_loss, export_backbone
+from ..models.distill import StudentTeacher, distillation_loss, export_backbone, patch_tokens
 from ..models.weights import create_backbone
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
@@ -81,8 +90,8 @@ class TrainingSample:
         context_masks: ``[2, H, W]`` segment labels.
         target_image: ``[3, H, W]``.
         target_mask: ``[H, W]``.
-        pair: the stored Gaussians and cameras of the context pair.
-        target_camera: ``[1]`` camera of the target frame.
+        pair: the stored Gaussians and cameras of the context pair (None on the operator path).
+        target_camera: ``[1]`` camera of the target frame (None on the operator path).
         operator: the sample's precomputed teacher operator (``train.teacher_splatting: operator``), else None.
     """
 
@@ -90,8 +99,8 @@ class TrainingSample:
     context_masks: torch.Tensor
     target_image: torch.Tensor
     target_mask: torch.Tensor
-    pair: PairGaussians
-    target_camera: Camera
+    pair: PairGaussians | None
+    target_camera: Camera | None
     operator: SplatOperator | None = None
 
 
@@ -105,7 +114,8 @@ class TrainingData:
     """Samples in an order that is a function of (seed, step) only, read from the precomputed artifacts."""
 
     def __init__(self, samples: list[ViewSample], dataset_root: Path, gaussians: Artifact, masks: Artifact,
-                 seed: int, cached_pairs: int = 64, operators: Artifact | None = None):
+                 seed: int, cached_pairs: int = 64, operators: Artifact | None = None,
+                 operator_device: torch.device | str = "cpu", cached_operators: int = 4096):
         if not samples:
             raise ArtifactError("the sample list is empty; rerun snd sample-views")
         self.samples = samples
@@ -117,6 +127,10 @@ class TrainingData:
         self._pairs: OrderedDict[str, PairGaussians] = OrderedDict()
         self._cached_pairs = cached_pairs
         self._mask = MaskReader(masks)
+        # Operators are small (tens to hundreds of kB) and reused every epoch: keep them, already on the device.
+        self._operators: OrderedDict[str, SplatOperator] = OrderedDict()
+        self._operator_device = operator_device
+        self._cached_operators = cached_operators
 
     def indices(self, step: int, batch_size: int) -> list[int]:
         """Sample indices of ``step``: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
@@ -127,30 +141,45 @@ class TrainingData:
             chosen.append(int(epoch_order(self.seed, epoch, count)[position]))
         return chosen
 
-    def batch(self, step: int, batch_size: int) -> list[TrainingSample]:
-        return [self.load(index) for index in self.indices(step, batch_size)]
+    def batch(self, step: int, batch_size: int, world: distributed.World | None = None) -> list[TrainingSample]:
+        """The samples of ``step``; with ``world``, only that rank's slice of the global batch of ``batch_size``."""
+        indices = self.indices(step, batch_size)
+        return [self.load(index) for index in (indices if world is None else world.shard(indices))]
 
     def load(self, index: int) -> TrainingSample:
         sample = self.samples[index]
         scene = self._scene(sample.scene)
-        pair = self._pair(pair_unit_name(sample.scene, sample.context))
         target = sample.targets[0]
-        target_index = pair.target_index(target)
+        if self.operators is not None:  # the operator replaces the Gaussians: no need to read a million of them
+            pair, target_camera = None, None
+            operator = self._operator(operator_unit_name(sample.scene, sample.context, target))
+        else:
+            pair, operator = self._pair(pair_unit_name(sample.scene, sample.context)), None
+            target_index = pair.target_index(target)
+            target_camera = pair.target_camera[target_index : target_index + 1]
         return TrainingSample(
             context_images=torch.stack([image_to_tensor(scene.load_image(p)) for p in sample.context]),
             context_masks=torch.stack([self._mask(sample.scene, p) for p in sample.context]),
             target_image=image_to_tensor(scene.load_image(target)),
             target_mask=self._mask(sample.scene, target),
             pair=pair,
-            target_camera=pair.target_camera[target_index : target_index + 1],
-            operator=None if self.operators is None else read_operator(
-                self.operators.unit(operator_unit_name(sample.scene, sample.context, target))),
+            target_camera=target_camera,
+            operator=operator,
         )
 
     def _scene(self, scene_id: str) -> Scene:
         if scene_id not in self._scenes:
             self._scenes[scene_id] = read_scene(self.dataset_root, scene_id)
         return self._scenes[scene_id]
+
+    def _operator(self, name: str) -> SplatOperator:
+        if name in self._operators:
+            self._operators.move_to_end(name)
+        else:
+            self._operators[name] = read_operator(self.operators.unit(name)).to(self._operator_device)
+            if len(self._operators) > self._cached_operators:
+                self._operators.popitem(last=False)
+        return self._operators[name]
 
     def _pair(self, name: str) -> PairGaussians:
         if name in self._pairs:
@@ -193,6 +222,52 @@ def teacher_targets(model: StudentTeacher, batch: list[TrainingSample], cfg: Tra
     return torch.stack(targets), torch.stack(coverages)
 
 
+class StudentSide(nn.Module):
+    """The student's part of a step as one module: LoRA backbone and head, which own every trainable parameter.
+
+    Under several processes this is what DDP wraps (:func:`student_side`): its forward is the only place where
+    trainable parameters are used, so DDP's backward hooks see the whole gradient and average it over the ranks
+    while backward still runs; the teacher (no gradient, updated by EMA) stays outside. It computes exactly
+    :meth:`StudentTeacher.student_tokens` followed by :meth:`StudentTeacher.student_logits` on the covered tokens.
+    """
+
+    def __init__(self, model: StudentTeacher):
+        super().__init__()
+        self.student = model.student
+        self.student_head = model.student_head
+
+    def forward(self, images: torch.Tensor, coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student tokens, and the head's logits with uncovered tokens zeroed (still counted).
+
+        Args:
+            images: ``[B, 3, H, W]`` target images in [0, 1].
+            coverage: ``[B, h, w]`` bool, the teacher's token coverage.
+
+        Returns:
+            (``[B, C, h, w]`` tokens, ``[B*h*w, K]`` logits, rows in (b, y, x) order)
+        """
+        tokens = patch_tokens(self.student, images)
+        covered = coverage[:, None].to(tokens.dtype)
+        return tokens, self.student_head((tokens * covered).movedim(1, -1).flatten(0, 2))
+
+
+def student_side(model: StudentTeacher, world: distributed.World) -> nn.Module:
+    """:class:`StudentSide`, wrapped in DistributedDataParallel when there are several processes.
+
+    Each rank's loss is the mean over its own samples (all ranks have as many samples, of as many tokens), and
+    DDP averages the gradients, so every rank steps with the gradient of the global batch's mean loss, as one
+    process would. The parameters stay bitwise equal on every rank (same averaged gradient, same Adam step),
+    hence so does the teacher that follows them; :meth:`distributed.World.assert_replicas_agree` checks this at
+    the end of a run.
+    """
+    side = StudentSide(model)
+    if not world.distributed:
+        return side
+    device_ids = [world.local_rank] if world.device.type == "cuda" else None
+    # No buffers to keep in step (the ViT and the head have none that training changes).
+    return DistributedDataParallel(side, device_ids=device_ids, broadcast_buffers=False)
+
+
 @dataclass
 class StepResult:
     """``kl`` = loss - teacher entropy: the part of the loss the student can remove (the loss itself stays near
@@ -206,16 +281,21 @@ class StepResult:
 
 
 def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: TrainCfg, device: torch.device,
-                      autocast) -> tuple[torch.Tensor, StepResult]:
-    """Forward of one step: returns the loss (with graph) and what to log."""
-    targets, coverage = teacher_targets(model, batch, cfg, device, autocast)
+                      autocast, targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      student_forward: nn.Module | None = None) -> tuple[torch.Tensor, StepResult]:
+    """Forward of one step: returns the loss (with graph; the mean over ``batch``'s tokens) and what to log.
+
+    ``targets`` (teacher targets and coverage) replaces :func:`teacher_targets`, e.g. to time the network alone.
+    ``student_forward`` is the student side to run (:func:`student_side`); by default :class:`StudentSide`.
+    """
+    targets, coverage = teacher_targets(model, batch, cfg, device, autocast) if targets is None else targets
     images = torch.stack([sample.target_image for sample in batch]).to(device)
+    student_forward = StudentSide(model) if student_forward is None else student_forward
     with autocast():
-        student = model.student_tokens(images)
-        covered = coverage[:, None].to(student.dtype)
         # Uncovered tokens are zeroed on both sides and still averaged (the reference's "head(0) vs head(0)").
+        student, student_logits = student_forward(images, coverage)
+        covered = coverage[:, None].to(student.dtype)
         teacher_logits = model.teacher_logits((targets * covered).to(student.dtype))
-        student_logits = model.student_logits(student * covered)
     loss = distillation_loss(student_logits, teacher_logits)
     with torch.no_grad():
         teacher_log_probs = torch.log_softmax(teacher_logits.float(), dim=-1)
@@ -315,34 +395,56 @@ def train(
     force: bool = False,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Train (or resume, or find finished) the run of this configuration."""
+    """Train (or resume, or find finished) the run of this configuration.
+
+    Under torchrun every process calls this; they form one process group for the duration of the call (left
+    again on an error too, see :func:`snd_stages.distributed.process_group`), and only rank 0 writes files and
+    advances ``progress``. Every rank returns the same result once rank 0 has written the run's files.
+    """
     device = resolve_device(train_cfg.device, "train.device")
+    with distributed.process_group(device) as world:
+        return _train(data, sampling, gaussians_cfg, masks_cfg, train_cfg, store, world, resume, force,
+                      progress if world.is_main else None)
+
+
+def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, masks_cfg: MasksCfg,
+           train_cfg: TrainCfg, store: Store, world: distributed.World, resume: str, force: bool,
+           progress: Progress | None) -> TrainResult:
     inputs = run_inputs(data, sampling, gaussians_cfg, masks_cfg, store)
     samples, gaussians, masks = inputs.samples, inputs.gaussians, inputs.masks
+    device = world.device
     steps = resolve_steps(train_cfg, device)
     spec = run_spec(train_cfg, inputs, steps)
+    world.local_batch_size(train_cfg.batch_size)  # a global batch that does not split stops every rank here
     run_dir = Path(train_cfg.runs_root) / spec.key
     student_path, teacher_path = run_dir / "student.safetensors", run_dir / "teacher.safetensors"
-    if force:
+    if force and world.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
+    world.barrier()  # every rank then finds the run directory in the same state, whatever --force removed
     if (run_dir / "manifest.json").is_file() and resume == "auto":
         manifest = json.loads((run_dir / "manifest.json").read_text())
         return TrainResult(run_dir, True, steps, steps, manifest.get("final_loss"), student_path, teacher_path)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", dump_sections(
-        data=data, sampling=sampling, gaussians=gaussians_cfg, masks=masks_cfg, train=train_cfg))
+    if world.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", dump_sections(
+            data=data, sampling=sampling, gaussians=gaussians_cfg, masks=masks_cfg, train=train_cfg))
 
     torch.manual_seed(train_cfg.seed)
     model = build_model(train_cfg).to(device)
     optimizer, scheduler = make_optimizer(model, train_cfg, steps)
     start_step = 0
+    # Every rank reads the same checkpoint (nothing is written before the first step's gradient all-reduce, which
+    # waits for all of them): a checkpoint holds no per-rank state, so any number of processes can resume it.
     checkpoint = latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, spec.key)
-        log.info("resumed from %s at step %d", checkpoint, start_step)
+        if world.is_main:
+            log.info("resumed from %s at step %d", checkpoint, start_step)
+    world.seed_dropout(train_cfg.seed, start_step)
+    student_forward = student_side(model, world)
     operators = teacher_operators(train_cfg, inputs, store) if train_cfg.teacher_splatting == "operator" else None
     training_data = TrainingData(samples.samples, samples.dataset_root, gaussians, masks, train_cfg.seed,
-                                 operators=operators)
+                                 operators=operators, operator_device=device)
     use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
 
     def autocast():
@@ -354,8 +456,12 @@ def train(
     started = time.perf_counter()
     model.train()
     for step in range(start_step, steps):
-        batch = training_data.batch(step, train_cfg.batch_size)
-        loss, result = distillation_step(model, batch, train_cfg, device, autocast)
+        batch = training_data.batch(step, train_cfg.batch_size, world)
+        loss, result = distillation_step(model, batch, train_cfg, device, autocast, student_forward=student_forward)
+        # What is checked and logged is the global batch's mean, the same on every rank (so all of them stop
+        # together below: one rank alone would leave the others waiting in backward's gradient all-reduce).
+        loss_value, kl, coverage = world.mean([result.loss, result.kl, result.coverage])
+        result = dataclasses.replace(result, loss=loss_value, kl=kl, coverage=coverage)
         if not math.isfinite(result.loss):
             # Stop before backward: nothing of this step reaches the weights or a checkpoint.
             culprits = ", ".join(
@@ -370,13 +476,15 @@ def train(
                 "these samples' inputs (snd check-geometry) or lower train.learning_rate, then rerun to resume"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP, also averages the gradients over the ranks
         if step % train_cfg.ema_every == 0:  # after backward, before the optimiser step, as in the reference
             model.update_teacher(train_cfg.ema_momentum)
         optimizer.step()
         scheduler.step()
         final_loss = result.loss
         done = step + 1
+        if not world.is_main:
+            continue
         elapsed = time.perf_counter() - started
         rate = (done - start_step) * train_cfg.batch_size / max(elapsed, 1e-9)
         if step % train_cfg.log_every == 0 or done == steps:
@@ -391,11 +499,17 @@ def train(
         if progress is not None:
             progress.update(task, completed=done, rate=f"{rate:.2f} samples/s, loss {result.loss:.4f}")
 
-    export_backbone(model.student, student_path)
-    export_backbone(model.teacher, teacher_path)
-    manifest = {**spec.ingredients(), "key": spec.key, "complete": True, "steps": steps, "final_loss": final_loss,
-                "backbone": train_cfg.backbone, "exported": [student_path.name, teacher_path.name]}
-    write_text_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
+    teacher_tensors, _ = model.ema_pairs()
+    world.assert_replicas_agree([*model.trainable_parameters(), *teacher_tensors],
+                                "the student's LoRA and head or the teacher's EMA tensors")
+    if world.is_main:
+        export_backbone(model.student, student_path)
+        export_backbone(model.teacher, teacher_path)
+        manifest = {**spec.ingredients(), "key": spec.key, "complete": True, "steps": steps,
+                    "final_loss": final_loss, "backbone": train_cfg.backbone,
+                    "exported": [student_path.name, teacher_path.name]}
+        write_text_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
+    world.barrier()  # the other ranks return once the run's files are complete
     return TrainResult(run_dir, False, steps, start_step, final_loss, student_path, teacher_path)
 
 
@@ -489,7 +603,8 @@ def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+        # One state per GPU of the machine that saved it; a machine with fewer GPUs restores those it has.
+        torch.cuda.set_rng_state_all(state["rng_cuda"][: torch.cuda.device_count()])
     return int(state["step"])
 
 
