@@ -21,3 +21,22 @@ def tree_digest(root: Path, exclude_names: tuple[str, ...] = ()) -> dict[str, st
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def build_demo_artifacts(cfg, operators: bool = True):
+    """Generate ``cfg``'s demo scenes and every precompute artifact the training stage reads; returns the store."""
+    from snd_stages.stages.make_demo_data import make_demo_data  # open3d: CPU tier
+    from snd_stages.stages.precompute_gaussians import precompute_gaussians
+    from snd_stages.stages.precompute_masks import precompute_masks
+    from snd_stages.stages.precompute_operators import precompute_operators
+    from snd_stages.stages.sample_views import sample_views
+    from snd_stages.store import Store
+
+    make_demo_data(cfg.data, cfg.demo)
+    store = Store(cfg.store.root)
+    sample_views(cfg.data, cfg.sampling, store)
+    precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
+    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    if operators:
+        precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    return store

@@ -10,13 +10,9 @@ import pytest
 from snd_stages.config import load_config
 from snd_stages.errors import ConfigError
 from snd_stages.stages.evaluate import evaluate, markdown_report
-from snd_stages.stages.make_demo_data import make_demo_data
-from snd_stages.stages.precompute_gaussians import precompute_gaussians
-from snd_stages.stages.precompute_masks import precompute_masks
-from snd_stages.stages.precompute_operators import precompute_operators
-from snd_stages.stages.sample_views import sample_views
 from snd_stages.stages.train import run_directory, train
 from snd_stages.store import Store
+from tests.conftest import build_demo_artifacts
 
 TINY = [
     "demo.train_scenes=1", "demo.eval_scenes=2", "demo.frames_per_scene=6", "demo.height=56", "demo.width=70",
@@ -32,12 +28,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     cfg = load_config(None, [*TINY, f"data.root={root / 'demo'}", f"store.root={root / 'store'}",
                              f"train.runs_root={root / 'runs'}", f"eval.report_dir={root / 'report'}"])
-    make_demo_data(cfg.data, cfg.demo)
-    store = Store(cfg.store.root)
-    sample_views(cfg.data, cfg.sampling, store)
-    precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
-    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
-    precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    store = build_demo_artifacts(cfg, operators=True)
     with pytest.warns(UserWarning, match="random weights"):
         train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
     return cfg, store

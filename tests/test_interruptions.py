@@ -30,13 +30,13 @@ from typer.testing import CliRunner
 from snd_stages.cli import app
 from snd_stages.config import dump_yaml, load_config
 from snd_stages.errors import ArtifactError
-from snd_stages.stages.make_demo_data import make_demo_data
-from snd_stages.stages.precompute_gaussians import load_gaussians, precompute_gaussians
-from snd_stages.stages.precompute_masks import load_masks, precompute_masks
-from snd_stages.stages.sample_views import load_samples, sample_views
+from snd_stages.stages.precompute_gaussians import load_gaussians
+from snd_stages.stages.precompute_masks import load_masks
+from snd_stages.stages.sample_views import load_samples
 from snd_stages.stages.train import latest_checkpoint
 from snd_stages.store import DATA, MANIFEST, ArtifactSpec, Store, atomic_directory
 from tests import test_train
+from tests.conftest import build_demo_artifacts
 from tests.test_bad_input import assert_one_line_error
 from tests.test_pipeline import run_cli, tiny_config
 from tests.test_train import config as train_config
@@ -116,11 +116,7 @@ def reference(tmp_path_factory) -> Path:
     """Demo data, and every precompute artifact written without interruption into ``<root>/store``."""
     root = tmp_path_factory.mktemp("interruptions")
     cfg = tiny_config(root, "demo.train_scenes=2")
-    make_demo_data(cfg.data, cfg.demo)
-    store = Store(cfg.store.root)
-    sample_views(cfg.data, cfg.sampling, store)
-    precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
-    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    build_demo_artifacts(cfg, operators=False)
     return root
 
 

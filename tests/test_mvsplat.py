@@ -446,13 +446,10 @@ def test_registry_entry_needs_no_depth(reference_state, tmp_path):
 @pytest.mark.slow
 @needs_fixture
 def test_training_runs_on_mvsplat_gaussians(tmp_path):
-    from snd_stages.stages.make_demo_data import make_demo_data
-    from snd_stages.stages.precompute_gaussians import load_gaussians, precompute_gaussians, read_pair
-    from snd_stages.stages.precompute_masks import precompute_masks
-    from snd_stages.stages.precompute_operators import precompute_operators
-    from snd_stages.stages.sample_views import load_samples, sample_views
+    from snd_stages.stages.precompute_gaussians import load_gaussians, read_pair
+    from snd_stages.stages.sample_views import load_samples
     from snd_stages.stages.train import train
-    from snd_stages.store import Store
+    from tests.conftest import build_demo_artifacts
 
     cfg = load_config(None, [
         "demo.train_scenes=1", "demo.eval_scenes=0", "demo.frames_per_scene=8", "demo.height=48", "demo.width=64",
@@ -463,12 +460,7 @@ def test_training_runs_on_mvsplat_gaussians(tmp_path):
         "train.log_every=1", "train.steps=2", "train.device=cpu",
         f"data.root={tmp_path / 'demo'}", f"store.root={tmp_path / 'store'}", f"train.runs_root={tmp_path / 'runs'}",
     ])
-    make_demo_data(cfg.data, cfg.demo)
-    store = Store(cfg.store.root)
-    sample_views(cfg.data, cfg.sampling, store)
-    precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
-    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
-    precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    store = build_demo_artifacts(cfg, operators=True)
 
     samples_artifact, _ = load_samples(store, cfg.data, cfg.sampling)
     artifact = load_gaussians(store, cfg.gaussians, samples_artifact.key)

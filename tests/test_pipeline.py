@@ -17,12 +17,10 @@ from snd_stages.config import load_config
 from snd_stages.geometry import Camera
 from snd_stages.scenes.layout import read_scene
 from snd_stages.stages.check_geometry import check_geometry, psnr_where_covered, render_source_colours
-from snd_stages.stages.make_demo_data import make_demo_data
-from snd_stages.stages.precompute_gaussians import load_gaussians, precompute_gaussians, read_pair
-from snd_stages.stages.precompute_masks import load_masks, precompute_masks
-from snd_stages.stages.sample_views import load_samples, sample_views
-from snd_stages.store import Store
-from tests.conftest import tree_digest
+from snd_stages.stages.precompute_gaussians import load_gaussians, read_pair
+from snd_stages.stages.precompute_masks import load_masks
+from snd_stages.stages.sample_views import load_samples
+from tests.conftest import build_demo_artifacts, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -39,11 +37,7 @@ def tiny_config(root: Path, *extra: str):
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     cfg = tiny_config(root)
-    make_demo_data(cfg.data, cfg.demo)
-    store = Store(cfg.store.root)
-    sample_views(cfg.data, cfg.sampling, store)
-    precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
-    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    store = build_demo_artifacts(cfg, operators=False)
     return cfg, store
 
 

@@ -14,12 +14,13 @@ from snd_stages.geometry import Camera
 from snd_stages.splat.operator import SplatOperator, build_splat_operator, splat_tokens
 from snd_stages.splat.quirks import render_inputs
 from snd_stages.splat.render import gsplat_cuda_available, render_features, render_weights
-from snd_stages.stages.precompute_gaussians import load_gaussians, precompute_gaussians
-from snd_stages.stages.precompute_masks import load_masks, precompute_masks
+from snd_stages.stages.precompute_gaussians import load_gaussians
+from snd_stages.stages.precompute_masks import load_masks
 from snd_stages.stages.precompute_operators import load_operators, precompute_operators, token_grid
-from snd_stages.stages.sample_views import load_samples, sample_views
+from snd_stages.stages.sample_views import load_samples
 from snd_stages.stages.train import TrainingData, build_model, teacher_targets, train
 from snd_stages.store import Store
+from tests.conftest import build_demo_artifacts
 
 # Float32 rendering on both paths; the operator sums the same products in another order.
 RELATIVE_TOLERANCE = 1e-5
@@ -33,15 +34,9 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from snd_stages.stages.make_demo_data import make_demo_data  # open3d: CPU tier only
-
     root = tmp_path_factory.mktemp("operator")
     cfg = config(root)
-    make_demo_data(cfg.data, cfg.demo)
-    store = Store(cfg.store.root)
-    sample_views(cfg.data, cfg.sampling, store)
-    precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
-    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    build_demo_artifacts(cfg, operators=False)
     return root
 
 
