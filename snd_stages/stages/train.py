@@ -282,11 +282,13 @@ class StepResult:
 
 def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: TrainCfg, device: torch.device,
                       autocast, targets: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      student_forward: nn.Module | None = None) -> tuple[torch.Tensor, StepResult]:
+                      student_forward: nn.Module | None = None, with_kl: bool = True) -> tuple[torch.Tensor, StepResult]:
     """Forward of one step: returns the loss (with graph; the mean over ``batch``'s tokens) and what to log.
 
     ``targets`` (teacher targets and coverage) replaces :func:`teacher_targets`, e.g. to time the network alone.
     ``student_forward`` is the student side to run (:func:`student_side`); by default :class:`StudentSide`.
+    ``with_kl=False`` skips the teacher-entropy pass over the [tokens, K] logits that only the log needs
+    (``kl`` is then NaN): at 65,536 prototypes that pass costs as much as a few ViT blocks.
     """
     targets, coverage = teacher_targets(model, batch, cfg, device, autocast) if targets is None else targets
     images = torch.stack([sample.target_image for sample in batch]).to(device)
@@ -297,11 +299,13 @@ def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: T
         covered = coverage[:, None].to(student.dtype)
         teacher_logits = model.teacher_logits((targets * covered).to(student.dtype))
     loss = distillation_loss(student_logits, teacher_logits)
-    with torch.no_grad():
-        teacher_log_probs = torch.log_softmax(teacher_logits.float(), dim=-1)
-        entropy = -(teacher_log_probs.exp() * teacher_log_probs).sum(-1).mean()
     value = float(loss.detach())
-    return loss, StepResult(value, value - float(entropy), float(coverage.float().mean()), targets,
+    kl = math.nan
+    if with_kl:
+        with torch.no_grad():
+            teacher_log_probs = torch.log_softmax(teacher_logits.float(), dim=-1)
+            kl = value - float(-(teacher_log_probs.exp() * teacher_log_probs).sum(-1).mean())
+    return loss, StepResult(value, kl, float(coverage.float().mean()), targets,
                             student.detach().float())
 
 
@@ -457,7 +461,9 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     model.train()
     for step in range(start_step, steps):
         batch = training_data.batch(step, train_cfg.batch_size, world)
-        loss, result = distillation_step(model, batch, train_cfg, device, autocast, student_forward=student_forward)
+        logged = step % train_cfg.log_every == 0 or step + 1 == steps
+        loss, result = distillation_step(model, batch, train_cfg, device, autocast, student_forward=student_forward,
+                                         with_kl=logged)
         # What is checked and logged is the global batch's mean, the same on every rank (so all of them stop
         # together below: one rank alone would leave the others waiting in backward's gradient all-reduce).
         loss_value, kl, coverage = world.mean([result.loss, result.kl, result.coverage])
@@ -487,7 +493,7 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
             continue
         elapsed = time.perf_counter() - started
         rate = (done - start_step) * train_cfg.batch_size / max(elapsed, 1e-9)
-        if step % train_cfg.log_every == 0 or done == steps:
+        if logged:
             _append_metrics(metrics_path, {"step": done, "loss": result.loss, "kl": result.kl,
                                            "coverage": result.coverage,
                                            "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
