@@ -179,8 +179,10 @@ def main() -> None:
                 targets = apply()
 
                 def network_targets():
+                    # The same host-to-device upload of the context images as the full step, then no 3D part.
+                    uploaded = torch.cat([s.context_images for s in batch]).to(device)
                     with torch.no_grad(), autocast():
-                        context_tokens = model.teacher_tokens(contexts).float()
+                        context_tokens = model.teacher_tokens(uploaded).float()
                     resized = F.interpolate(context_tokens[0::2], size=grid, mode="bilinear", align_corners=False)
                     return resized, torch.ones(batch_size, *grid, dtype=torch.bool, device=device)
 
