@@ -292,7 +292,7 @@ def test_missing_unexpected_and_misshapen_keys_are_reported_together(reference_s
     assert "1 missing keys: encoder.backbone.transformer.layers.3.self_attn.q_proj.weight" in message
     assert "2 unexpected keys" in message and "decoder.background_color" in message
     assert "encoder.depth_predictor.extra_head.weight" in message
-    assert "1 shape mismatches: encoder.depth_predictor.to_disparity.2.bias: file (4,) vs model (2,)" in message
+    assert "1 shape mismatches: encoder.depth_predictor.to_disparity.2.bias: checkpoint (4,) vs model (2,)" in message
 
 
 @pytest.mark.parametrize(

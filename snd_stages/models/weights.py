@@ -250,7 +250,7 @@ def _unwrap_state_dict(content: Any, path: Path) -> dict[str, Tensor]:
     not_tensors = [key for key, value in content.items() if not isinstance(value, Tensor)]
     if not_tensors:
         raise DataError(
-            f"{path} is not a plain state dict: entries {_short_list(not_tensors)} are not tensors; expected the "
+            f"{path} is not a plain state dict: entries {short_list(not_tensors)} are not tensors; expected the "
             "weights at the top level or under 'model' / 'state_dict'"
         )
     return dict(content)
@@ -292,7 +292,7 @@ def _strip_backbone_prefix(state_dict: Mapping[str, Tensor], source: str) -> dic
     if not prefixes:
         raise DataError(
             f"{source} holds no ViT backbone that this loader knows: none of its keys ends in "
-            f"{' or '.join(_PATCH_WEIGHT_KEYS)} (first keys: {_short_list(list(state_dict))}). "
+            f"{' or '.join(_PATCH_WEIGHT_KEYS)} (first keys: {short_list(list(state_dict))}). "
             "Expected a timm, torch-hub DINOv2 or transformers Dinov2 state dict; LoRA adapters must be merged."
         )
     if len(prefixes) > 1:
@@ -424,7 +424,22 @@ def load_state_dict_strict(
 def _check_matches(
     expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str, target: str
 ) -> None:
-    """Raise DataError listing missing keys, unexpected keys and shape mismatches, if there are any."""
+    """:func:`check_state_dict` with a fix suggested from the two architectures."""
+    check_state_dict(expected, state_dict, source, target, _suggest_fix(state_dict, expected))
+
+
+def check_state_dict(
+    expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str, target: str, fix: str
+) -> None:
+    """Raise a one-line DataError listing missing keys, unexpected keys and shape mismatches, if there are any.
+
+    Args:
+        expected: the model's state dict (names and shapes).
+        state_dict: what the file holds, under the same naming.
+        source: the file (and format), for the message.
+        target: the model, for the message.
+        fix: how to get a matching file, appended to the message.
+    """
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     mismatched = [
@@ -435,12 +450,12 @@ def _check_matches(
     if missing or unexpected or mismatched:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys: {_short_list(missing)}")
+            parts.append(f"{len(missing)} missing keys: {short_list(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {_short_list(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected keys: {short_list(unexpected)}")
         if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches: {_short_list(mismatched)}")
-        parts.append(f"fix: {_suggest_fix(state_dict, expected)}")
+            parts.append(f"{len(mismatched)} shape mismatches: {short_list(mismatched)}")
+        parts.append(f"fix: {fix}")
         raise DataError(f"cannot load {source} into {target} strictly: " + "; ".join(parts))
 
 
@@ -490,7 +505,8 @@ def _suggest_fix(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor
     )
 
 
-def _short_list(items: list[str]) -> str:
+def short_list(items: list[str]) -> str:
+    """The first few items, and how many more: offending keys in an error message."""
     shown = ", ".join(items[:_LISTED_KEYS])
     return shown + (f", ... ({len(items) - _LISTED_KEYS} more)" if len(items) > _LISTED_KEYS else "")
 

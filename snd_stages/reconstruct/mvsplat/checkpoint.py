@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from ...errors import DataError
+from ...models.weights import check_state_dict, short_list
 from .encoder import MVSplatEncoder
 
 CHECKPOINT_PREFIX = "encoder."
-_LISTED_KEYS = 5
 
 
 def read_mvsplat_checkpoint(path: Path) -> dict[str, Tensor]:
@@ -66,7 +66,7 @@ def read_mvsplat_checkpoint(path: Path) -> dict[str, Tensor]:
     not_tensors = [str(key) for key, value in content.items() if not isinstance(value, Tensor)]
     if not_tensors:
         raise DataError(
-            f"{path} is not a state dict: entries {_short_list(not_tensors)} are not tensors; expected the weights "
+            f"{path} is not a state dict: entries {short_list(not_tensors)} are not tensors; expected the weights "
             "at the top level or under 'state_dict' (a Lightning checkpoint)"
         )
     return dict(content)
@@ -125,31 +125,17 @@ def load_state_dict_strict(encoder: MVSplatEncoder, state_dict: Mapping[str, Ten
     """Load a checkpoint-named state dict into ``encoder`` if, and only if, every key and shape matches.
 
     Raises:
-        DataError: naming ``source``, with the counts and the first few of the missing keys, unexpected keys and
-            shape mismatches (names as the file spells them).
+        DataError: one line naming ``source``, with the counts and the first few of the missing keys, unexpected
+            keys and shape mismatches (names as the file spells them).
     """
-    converted, foreign, prefix = convert_mvsplat_state_dict(state_dict)
-    expected = encoder.state_dict()
-    missing = [prefix + key for key in expected if key not in converted]
-    unexpected = foreign + [prefix + key for key in converted if key not in expected]
-    mismatched = [
-        f"{prefix}{key}: file {tuple(converted[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if key in converted and converted[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"cannot load {source} into the MVSplat encoder strictly (expected {len(expected)} tensors):"]
-        if missing:
-            lines.append(f"  {len(missing)} missing keys: {_short_list(missing)}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys: {_short_list(unexpected)}")
-        if mismatched:
-            lines.append(f"  {len(mismatched)} shape mismatches: {_short_list(mismatched)}")
-        lines.append(
-            "  fix: use the authors' RE10K checkpoint (re10k.ckpt, the costvolume encoder with 128 depth "
-            "candidates and 2 context views) or a state dict converted from it"
-        )
-        raise DataError("\n".join(lines))
+    converted, _, prefix = convert_mvsplat_state_dict(state_dict)
+    # Compared under the file's names, so that the message spells keys as the user will find them in it.
+    expected = {prefix + key: value for key, value in encoder.state_dict().items()}
+    check_state_dict(
+        expected, state_dict, source, f"the MVSplat encoder ({len(expected)} tensors)",
+        "use the authors' RE10K checkpoint (re10k.ckpt, the costvolume encoder with 128 depth candidates and 2 "
+        "context views) or a state dict converted from it",
+    )
     encoder.load_state_dict(converted, strict=True)
 
 
@@ -159,9 +145,3 @@ def load_mvsplat_encoder(path: Path, device: torch.device | str = "cpu") -> MVSp
     encoder = MVSplatEncoder()
     load_state_dict_strict(encoder, state_dict, f"MVSplat checkpoint {path}")
     return encoder.to(device).eval()
-
-
-def _short_list(items: list[str]) -> str:
-    shown = ", ".join(items[:_LISTED_KEYS])
-    return shown + (f", ... ({len(items) - _LISTED_KEYS} more)" if len(items) > _LISTED_KEYS else "")
-
