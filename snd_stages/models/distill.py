@@ -283,7 +283,7 @@ def patch_tokens(backbone: nn.Module, images: Tensor) -> Tensor:
     return tokens[:, backbone.num_prefix_tokens :].unflatten(1, grid).permute(0, 3, 1, 2)
 
 
-def _token_rows(features: Tensor) -> Tensor:
+def token_rows(features: Tensor) -> Tensor:
     """[B, C, h, w] -> [B*h*w, C], rows in (b, y, x) order."""
     return features.movedim(1, -1).reshape(-1, features.shape[1])
 
@@ -381,7 +381,7 @@ class StudentTeacher(nn.Module):
         Returns:
             [B*h*w, K] logits, rows in (b, y, x) order.
         """
-        return self.student_head(_token_rows(features))
+        return self.student_head(token_rows(features))
 
     @torch.no_grad()
     def teacher_logits(self, features: Tensor) -> Tensor:
@@ -393,7 +393,7 @@ class StudentTeacher(nn.Module):
         Returns:
             [B*h*w, K] logits, rows in (b, y, x) order.
         """
-        return self.teacher_head(_token_rows(features))
+        return self.teacher_head(token_rows(features))
 
     def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
         """The tensors that the EMA updates: (teacher, student) LoRA matrices and head parameters, paired by name.

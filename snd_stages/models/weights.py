@@ -59,6 +59,8 @@ from ..errors import ConfigError, DataError
 EMBEDDED = "embedded"
 
 # Our names follow torch-hub DINOv2 (``dinov2_vits14``, ``dinov2_vits14_reg``); values are timm architectures.
+PATCH = 14  # every backbone in BACKBONES cuts its input into 14x14-pixel patches
+
 BACKBONES: dict[str, str] = {
     "dinov2_vits14": "vit_small_patch14_dinov2",
     "dinov2_vitb14": "vit_base_patch14_dinov2",

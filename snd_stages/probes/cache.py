@@ -41,7 +41,8 @@ from ..errors import DataError
 from ..geometry import image_to_tensor
 from ..progress import track
 from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store, hash_json
-from .backbone import PATCH, Features, FeatureSpec, ProbeBackbone, centre_padding, crop_to_image
+from ..models.weights import PATCH
+from .backbone import Features, FeatureSpec, ProbeBackbone, centre_padding, crop_to_image
 
 STAGE = "features"
 SCHEMA_VERSION = 1

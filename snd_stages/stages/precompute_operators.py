@@ -34,8 +34,9 @@ import torch
 from rich.progress import Progress
 
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections
-from ..runtime import resolve_device
+from ..models.weights import PATCH
 from ..progress import track
+from ..runtime import resolve_device
 from ..splat.operator import SplatOperator, build_splat_operator
 from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store
@@ -46,7 +47,6 @@ from .sample_views import load_samples
 
 STAGE = "operators"
 SCHEMA_VERSION = 1
-PATCH = 14  # every DINOv2 backbone snd builds has 14-pixel patches
 
 
 def token_grid(height: int, width: int) -> tuple[int, int]:

@@ -53,7 +53,7 @@ from .. import distributed
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections, to_dict
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_tensor
-from ..models.distill import StudentTeacher, distillation_loss, export_backbone, patch_tokens
+from ..models.distill import StudentTeacher, distillation_loss, export_backbone, patch_tokens, token_rows
 from ..models.weights import create_backbone
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
@@ -248,7 +248,7 @@ class StudentSide(nn.Module):
         """
         tokens = patch_tokens(self.student, images)
         covered = coverage[:, None].to(tokens.dtype)
-        return tokens, self.student_head((tokens * covered).movedim(1, -1).flatten(0, 2))
+        return tokens, self.student_head(token_rows(tokens * covered))
 
 
 def student_side(model: StudentTeacher, world: distributed.World) -> nn.Module:
