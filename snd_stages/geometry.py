@@ -221,5 +221,25 @@ def rotation_matrix_to_quaternion(rotation: Float[Tensor, "*batch 3 3"]) -> Floa
     )  # [*batch, 4 branches, 4]; branch k is 4 q_k q, so its norm is largest where |q_k| is largest
     best = torch.stack([trace, m00, m11, m22], dim=-1).argmax(dim=-1)
     chosen = torch.gather(candidates, -2, best[..., None, None].expand(*best.shape, 1, 4))[..., 0, :]
-    quaternion = torch.nn.functional.normalize(chosen, dim=-1)
+    return canonical_quaternion(chosen)
+
+
+def canonical_quaternion(quaternions: Float[Tensor, "*batch 4"]) -> Float[Tensor, "*batch 4"]:
+    """Unit (w, x, y, z) quaternions with w >= 0: one of the two quaternions of each rotation."""
+    quaternion = torch.nn.functional.normalize(quaternions, dim=-1)
     return torch.where(quaternion[..., :1] < 0, -quaternion, quaternion)
+
+
+def quaternion_multiply(a: Float[Tensor, "*batch 4"], b: Float[Tensor, "*batch 4"]) -> Float[Tensor, "*batch 4"]:
+    """Hamilton product of (w, x, y, z) quaternions: the rotation ``R(a) R(b)``."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        dim=-1,
+    )

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...errors import DataError
 from ...gaussians import Gaussians
-from ...geometry import Camera, rotation_matrix_to_quaternion
+from ...geometry import Camera, canonical_quaternion, quaternion_multiply, rotation_matrix_to_quaternion
 from .encoder import SIZE_MULTIPLE, MVSplatEncoder, MVSplatOutput
 
 
@@ -91,9 +91,7 @@ def to_gaussians(output: MVSplatOutput, camera_to_world: Float[Tensor, "V 4 4"],
     device = output.means.device
     camera_rotation = rotation_matrix_to_quaternion(camera_to_world[:, :3, :3].to(device, torch.float64))  # wxyz
     local = output.rotations[sample].to(torch.float64)[..., [3, 0, 1, 2]]  # xyzw -> wxyz, camera frame
-    world = quaternion_multiply(camera_rotation[:, None, None, :], local)
-    world = torch.nn.functional.normalize(world, dim=-1)
-    world = torch.where(world[..., :1] < 0, -world, world)  # one sign, as elsewhere in snd
+    world = canonical_quaternion(quaternion_multiply(camera_rotation[:, None, None, :], local))
     count = views * height * width
     source_view = torch.arange(views, device=device).repeat_interleave(height * width)
     source_pixel = torch.arange(height * width, device=device).repeat(views)
@@ -104,21 +102,6 @@ def to_gaussians(output: MVSplatOutput, camera_to_world: Float[Tensor, "V 4 4"],
         opacities=output.opacities[sample].reshape(count).float(),
         source_view=source_view,
         source_pixel=source_pixel,
-    )
-
-
-def quaternion_multiply(a: Float[Tensor, "*batch 4"], b: Float[Tensor, "*batch 4"]) -> Float[Tensor, "*batch 4"]:
-    """Hamilton product of (w, x, y, z) quaternions: the rotation ``R(a) R(b)``."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack(
-        [
-            aw * bw - ax * bx - ay * by - az * bz,
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-        ],
-        dim=-1,
     )
 
 
