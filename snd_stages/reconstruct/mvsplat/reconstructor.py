@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...errors import DataError
 from ...gaussians import Gaussians
-from ...geometry import Camera, canonical_quaternion, quaternion_multiply, rotation_matrix_to_quaternion
+from ...geometry import Camera, canonical_quaternion, image_to_tensor, quaternion_multiply, rotation_matrix_to_quaternion
 from .encoder import SIZE_MULTIPLE, MVSplatEncoder, MVSplatOutput
 
 
@@ -69,7 +69,7 @@ def encoder_inputs(
     views, height, width = images.shape[:3]
     if (height, width) != (camera.height, camera.width):
         raise DataError(f"context images are {height}x{width} but their cameras are {camera.height}x{camera.width}")
-    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    pixels = torch.stack([image_to_tensor(image) for image in images])
     intrinsics = camera.intrinsics.to(torch.float64).clone()
     intrinsics[..., 0, :] /= width
     intrinsics[..., 1, :] /= height
