@@ -134,3 +134,43 @@ def test_uncovered_tokens_are_zeroed_on_both_sides(project):
     expected = distillation_loss(model.student_head(zeros), model.teacher_head(zeros))
     torch.testing.assert_close(loss, expected)  # "head(0) vs head(0)" at every token, still averaged
     assert result.coverage == 0.0
+
+
+def training_data_of(root: Path) -> TrainingData:
+    from snd_stages.stages.precompute_gaussians import load_gaussians
+    from snd_stages.stages.precompute_masks import load_masks
+    from snd_stages.stages.sample_views import load_samples
+
+    cfg = config(root)
+    store = Store(cfg.store.root)
+    samples_artifact, samples = load_samples(store, cfg.data, cfg.sampling)
+    return TrainingData(samples.samples, samples.dataset_root, load_gaussians(store, cfg.gaussians, samples_artifact.key),
+                        load_masks(store, cfg.masks, samples_artifact.key), seed=0)
+
+
+def test_batches_read_ahead_are_the_batches_of_their_steps(project):
+    read_ahead = list(training_data_of(project).batches(range(3, 8), batch_size=3))
+    one_at_a_time = training_data_of(project)
+    assert len(read_ahead) == 5
+    for step, batch in zip(range(3, 8), read_ahead):
+        for sample, expected in zip(batch, one_at_a_time.batch(step, 3), strict=True):
+            for name in ("context_images", "context_masks", "target_image", "target_mask"):
+                torch.testing.assert_close(getattr(sample, name), getattr(expected, name), rtol=0, atol=0)
+            torch.testing.assert_close(sample.pair.gaussians.means, expected.pair.gaussians.means, rtol=0, atol=0)
+    assert list(training_data_of(project).batches(range(0), batch_size=3)) == []
+
+
+def test_a_batch_that_fails_to_read_ahead_raises_when_it_is_due(project, monkeypatch):
+    data = training_data_of(project)
+    real_batch = TrainingData.batch
+
+    def fails_at_step_2(self, step, *args):
+        if step == 2:
+            raise OSError("unreadable image of step 2")
+        return real_batch(self, step, *args)
+
+    monkeypatch.setattr(TrainingData, "batch", fails_at_step_2)
+    batches = data.batches(range(0, 4), batch_size=1)
+    assert len(next(batches)) == 1 and len(next(batches)) == 1  # step 2 is being read meanwhile, and fails
+    with pytest.raises(OSError, match="step 2"):
+        next(batches)

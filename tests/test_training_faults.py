@@ -2,7 +2,7 @@
 
 Each stops the run with one line that names what happened and what to do, keeps the last good checkpoint, and
 rerunning after the fault is fixed lands on the weights of a run that never failed. Faults are injected at the
-boundary only: the loss function the training step calls (``snd_stages.stages.train.distillation_loss``) and
+boundary only: the loss function the training step calls (``snd_stages.stages.train.prototype_cross_entropy``) and
 ``torch.save``.
 """
 
@@ -60,14 +60,14 @@ def assert_finishes_like_straight(project, runs_root: Path, straight, start_step
 def test_non_finite_loss_stops_with_the_step_and_samples_and_keeps_the_last_checkpoint(
     project, straight, tmp_path, monkeypatch
 ):
-    real_loss, calls = train_module.distillation_loss, []
+    real_loss, calls = train_module.prototype_cross_entropy, []
 
     def loss_that_overflows_in_step_3(*args, **kwargs):
         calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        return loss * float("inf") if len(calls) == 3 else loss
+        loss, entropy = real_loss(*args, **kwargs)
+        return (loss * float("inf") if len(calls) == 3 else loss), entropy
 
-    monkeypatch.setattr(train_module, "distillation_loss", loss_that_overflows_in_step_3)
+    monkeypatch.setattr(train_module, "prototype_cross_entropy", loss_that_overflows_in_step_3)
     runs_root = tmp_path / "runs"
     result = train_cli(project, runs_root)
     run_dir = run_dir_of(runs_root)
@@ -77,7 +77,7 @@ def test_non_finite_loss_stops_with_the_step_and_samples_and_keeps_the_last_chec
     assert latest_checkpoint(run_dir) == kept and not (run_dir / "manifest.json").exists()
     assert not checkpoint_path(run_dir, 3).exists()
 
-    monkeypatch.setattr(train_module, "distillation_loss", real_loss)
+    monkeypatch.setattr(train_module, "prototype_cross_entropy", real_loss)
     assert_finishes_like_straight(project, runs_root, straight, start_step=2)
 
 

@@ -39,6 +39,8 @@ import math
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +55,7 @@ from .. import distributed
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections, to_dict
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_tensor
-from ..models.distill import StudentTeacher, distillation_loss, export_backbone, patch_tokens, token_rows
+from ..models.distill import StudentTeacher, export_backbone, patch_tokens, prototype_cross_entropy, token_rows
 from ..models.weights import create_backbone
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
@@ -115,7 +117,7 @@ class TrainingData:
 
     def __init__(self, samples: list[ViewSample], dataset_root: Path, gaussians: Artifact, masks: Artifact,
                  seed: int, cached_pairs: int = 64, operators: Artifact | None = None,
-                 operator_device: torch.device | str = "cpu", cached_operators: int = 4096):
+                 operator_device: torch.device | str = "cpu", cached_operators: int = 4096, pin_memory: bool = False):
         if not samples:
             raise ArtifactError("the sample list is empty; rerun snd sample-views")
         self.samples = samples
@@ -131,6 +133,8 @@ class TrainingData:
         self._operators: OrderedDict[str, SplatOperator] = OrderedDict()
         self._operator_device = operator_device
         self._cached_operators = cached_operators
+        # Page-locked images upload asynchronously (``non_blocking``) and several times faster than pageable ones.
+        self._pin_memory = pin_memory
 
     def indices(self, step: int, batch_size: int) -> list[int]:
         """Sample indices of ``step``: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
@@ -146,6 +150,22 @@ class TrainingData:
         indices = self.indices(step, batch_size)
         return [self.load(index) for index in (indices if world is None else world.shard(indices))]
 
+    def batches(self, steps: range, batch_size: int, world: distributed.World | None = None
+                ) -> Iterator[list[TrainingSample]]:
+        """:meth:`batch` of each step in ``steps``, the next one read in a background thread meanwhile.
+
+        Decoding images and reading masks and operators then overlaps the step on the device instead of
+        preceding it. The batches are the same as :meth:`batch`'s; an error while reading a batch is raised when
+        that batch is due. Only the background thread touches this object's caches while the iteration runs.
+        """
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snd-batches") as reader:
+            upcoming = reader.submit(self.batch, steps[0], batch_size, world) if steps else None
+            for position in range(len(steps)):
+                current = upcoming.result()
+                if position + 1 < len(steps):
+                    upcoming = reader.submit(self.batch, steps[position + 1], batch_size, world)
+                yield current
+
     def load(self, index: int) -> TrainingSample:
         sample = self.samples[index]
         scene = self._scene(sample.scene)
@@ -157,10 +177,14 @@ class TrainingData:
             pair, operator = self._pair(pair_unit_name(sample.scene, sample.context)), None
             target_index = pair.target_index(target)
             target_camera = pair.target_camera[target_index : target_index + 1]
+        context_images = torch.stack([image_to_tensor(scene.load_image(p)) for p in sample.context])
+        target_image = image_to_tensor(scene.load_image(target))
+        if self._pin_memory:
+            context_images, target_image = context_images.pin_memory(), target_image.pin_memory()
         return TrainingSample(
-            context_images=torch.stack([image_to_tensor(scene.load_image(p)) for p in sample.context]),
+            context_images=context_images,
             context_masks=torch.stack([self._mask(sample.scene, p) for p in sample.context]),
-            target_image=image_to_tensor(scene.load_image(target)),
+            target_image=target_image,
             target_mask=self._mask(sample.scene, target),
             pair=pair,
             target_camera=target_camera,
@@ -196,6 +220,12 @@ class TrainingData:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def upload(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Host tensors concatenated (dim 0) on ``device``; each copied on its own, so page-locked ones go
+    asynchronously (a concatenation on the host would land in pageable memory first)."""
+    return torch.cat([image.to(device, non_blocking=True) for image in images])
+
+
 @torch.no_grad()
 def teacher_targets(model: StudentTeacher, batch: list[TrainingSample], cfg: TrainCfg, device: torch.device,
                     autocast) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +234,7 @@ def teacher_targets(model: StudentTeacher, batch: list[TrainingSample], cfg: Tra
     Returns:
         (``[B, C, h, w]`` float32 targets, ``[B, h, w]`` bool coverage)
     """
-    contexts = torch.cat([sample.context_images for sample in batch]).to(device)
+    contexts = upload([sample.context_images for sample in batch], device)
     with autocast():
         context_tokens = model.teacher_tokens(contexts).float()  # [2B, C, h, w]
     if cfg.teacher_splatting == "operator":
@@ -227,8 +257,9 @@ class StudentSide(nn.Module):
 
     Under several processes this is what DDP wraps (:func:`student_side`): its forward is the only place where
     trainable parameters are used, so DDP's backward hooks see the whole gradient and average it over the ranks
-    while backward still runs; the teacher (no gradient, updated by EMA) stays outside. It computes exactly
-    :meth:`StudentTeacher.student_tokens` followed by :meth:`StudentTeacher.student_logits` on the covered tokens.
+    while backward still runs; the teacher (no gradient, updated by EMA) stays outside. It computes
+    :meth:`StudentTeacher.student_tokens`, then the head on the covered tokens up to its prototype layer, whose
+    product with the bottleneck :func:`prototype_cross_entropy` forms a chunk at a time.
     """
 
     def __init__(self, model: StudentTeacher):
@@ -236,19 +267,20 @@ class StudentSide(nn.Module):
         self.student = model.student
         self.student_head = model.student_head
 
-    def forward(self, images: torch.Tensor, coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student tokens, and the head's logits with uncovered tokens zeroed (still counted).
+    def forward(self, images: torch.Tensor, coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Student tokens, the head's bottleneck with uncovered tokens zeroed (still counted), and its prototypes.
 
         Args:
             images: ``[B, 3, H, W]`` target images in [0, 1].
             coverage: ``[B, h, w]`` bool, the teacher's token coverage.
 
         Returns:
-            (``[B, C, h, w]`` tokens, ``[B*h*w, K]`` logits, rows in (b, y, x) order)
+            (``[B, C, h, w]`` tokens, ``[B*h*w, D]`` normalised bottleneck, rows in (b, y, x) order, ``[K, D]``
+            prototypes); the logits are ``bottleneck @ prototypes.T``.
         """
         tokens = patch_tokens(self.student, images)
         covered = coverage[:, None].to(tokens.dtype)
-        return tokens, self.student_head(token_rows(tokens * covered))
+        return tokens, self.student_head.bottleneck(token_rows(tokens * covered)), self.student_head.prototypes()
 
 
 def student_side(model: StudentTeacher, world: distributed.World) -> nn.Module:
@@ -287,24 +319,24 @@ def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: T
 
     ``targets`` (teacher targets and coverage) replaces :func:`teacher_targets`, e.g. to time the network alone.
     ``student_forward`` is the student side to run (:func:`student_side`); by default :class:`StudentSide`.
-    ``with_kl=False`` skips the teacher-entropy pass over the [tokens, K] logits that only the log needs
-    (``kl`` is then NaN): at 65,536 prototypes that pass costs as much as a few ViT blocks.
+    ``with_kl=False`` skips the teacher-entropy reduction over the [tokens, K] logits that only the log needs
+    (``kl`` is then NaN).
     """
     targets, coverage = teacher_targets(model, batch, cfg, device, autocast) if targets is None else targets
-    images = torch.stack([sample.target_image for sample in batch]).to(device)
+    images = upload([sample.target_image[None] for sample in batch], device)
     student_forward = StudentSide(model) if student_forward is None else student_forward
     with autocast():
         # Uncovered tokens are zeroed on both sides and still averaged (the reference's "head(0) vs head(0)").
-        student, student_logits = student_forward(images, coverage)
+        student, student_bottleneck, student_prototypes = student_forward(images, coverage)
         covered = coverage[:, None].to(student.dtype)
-        teacher_logits = model.teacher_logits((targets * covered).to(student.dtype))
-    loss = distillation_loss(student_logits, teacher_logits)
-    value = float(loss.detach())
-    kl = math.nan
-    if with_kl:
         with torch.no_grad():
-            teacher_log_probs = torch.log_softmax(teacher_logits.float(), dim=-1)
-            kl = value - float(-(teacher_log_probs.exp() * teacher_log_probs).sum(-1).mean())
+            teacher_bottleneck = model.teacher_head.bottleneck(token_rows((targets * covered).to(student.dtype)))
+        loss, teacher_entropy = prototype_cross_entropy(
+            student_bottleneck, student_prototypes, teacher_bottleneck, model.teacher_head.prototypes(),
+            with_teacher_entropy=with_kl,
+        )
+    value = float(loss.detach())
+    kl = value - float(teacher_entropy) if with_kl else math.nan
     return loss, StepResult(value, kl, float(coverage.float().mean()), targets,
                             student.detach().float())
 
@@ -448,7 +480,7 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     student_forward = student_side(model, world)
     operators = teacher_operators(train_cfg, inputs, store) if train_cfg.teacher_splatting == "operator" else None
     training_data = TrainingData(samples.samples, samples.dataset_root, gaussians, masks, train_cfg.seed,
-                                 operators=operators, operator_device=device)
+                                 operators=operators, operator_device=device, pin_memory=device.type == "cuda")
     use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
 
     def autocast():
@@ -459,8 +491,8 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     task = progress.add_task("distilling", total=steps, completed=start_step, rate="") if progress else None
     started = time.perf_counter()
     model.train()
-    for step in range(start_step, steps):
-        batch = training_data.batch(step, train_cfg.batch_size, world)
+    for step, batch in zip(range(start_step, steps),
+                           training_data.batches(range(start_step, steps), train_cfg.batch_size, world)):
         logged = step % train_cfg.log_every == 0 or step + 1 == steps
         loss, result = distillation_step(model, batch, train_cfg, device, autocast, student_forward=student_forward,
                                          with_kl=logged)
