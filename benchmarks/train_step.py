@@ -44,7 +44,14 @@ from snd_stages.splat.operator import apply_operators, build_splat_operator
 from snd_stages.splat.render import render_features
 from snd_stages.stages.precompute_gaussians import PairGaussians, context_views
 from snd_stages.stages.precompute_operators import token_grid
-from snd_stages.stages.train import TrainingSample, build_model, distillation_step, make_optimizer, teacher_targets
+from snd_stages.stages.train import (
+    TrainingSample,
+    build_model,
+    distillation_step,
+    make_optimizer,
+    teacher_targets,
+    upload,
+)
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
 
@@ -55,8 +62,9 @@ def sample_of(root: Path, size: str) -> TrainingSample:
     image = lambda p: image_to_tensor(scene.load_image(p))  # noqa: E731
     mask = lambda p: torch.from_numpy(scene.load_instances(p)).long()  # noqa: E731
     pair = PairGaussians(scene.scene_id, (0, 1), gaussians, scene.camera[[0, 1]], [1], scene.camera[[1]])
-    return TrainingSample(torch.stack([image(0), image(1)]), torch.stack([mask(0), mask(1)]), image(1), mask(1),
-                          pair, scene.camera[[1]])
+    # Page-locked, as training's batches are on a GPU.
+    return TrainingSample(torch.stack([image(0), image(1)]).pin_memory(), torch.stack([mask(0), mask(1)]),
+                          image(1).pin_memory(), mask(1), pair, scene.camera[[1]])
 
 
 def median_ms(function, repeats: int, warmup: int = 2) -> float:
@@ -95,7 +103,7 @@ def main() -> None:
     parser.add_argument("--weights", default="random")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-render", action="store_true", help="do not time the plain (render) path")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones and the loss")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (train.compile)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark times the GPU path"
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -142,8 +150,7 @@ def main() -> None:
                 embed_dim = model.student_head.mlp[0].in_features
                 blocks = len(model.teacher.get_base_model().blocks)
                 if args.compile:
-                    model.student = torch.compile(model.student)
-                    model.teacher = torch.compile(model.teacher)
+                    model.compile_backbones()
                 optimizer, scheduler = make_optimizer(model, cfg, 10_000)
                 batch = [sample] * batch_size
                 contexts = torch.cat([s.context_images for s in batch]).to(device)
@@ -180,7 +187,7 @@ def main() -> None:
 
                 def network_targets():
                     # The same host-to-device upload of the context images as the full step, then no 3D part.
-                    uploaded = torch.cat([s.context_images for s in batch]).to(device)
+                    uploaded = upload([s.context_images for s in batch], device)
                     with torch.no_grad(), autocast():
                         context_tokens = model.teacher_tokens(uploaded).float()
                     resized = F.interpolate(context_tokens[0::2], size=grid, mode="bilinear", align_corners=False)

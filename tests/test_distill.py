@@ -337,14 +337,22 @@ def test_fused_prototype_loss_on_cuda_at_65536_prototypes_matches_the_plain_path
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss, bottleneck_grad, prototype_grad, entropy = fused_loss_and_gradients(*inputs, with_teacher_entropy=True)
         plain, plain_bottleneck_grad, plain_prototype_grad = plain_loss_and_gradients(*inputs)
-    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=0)
-    assert relative_error(bottleneck_grad, plain_bottleneck_grad) < 2e-2
-    assert relative_error(prototype_grad, plain_prototype_grad) < 2e-2
-    cosine = F.cosine_similarity(prototype_grad.flatten(), plain_prototype_grad.flatten(), dim=0)
-    assert cosine > 0.9999
-    logits = F.linear(inputs[2], inputs[3]).bfloat16().float()
+    float32, float32_bottleneck_grad, float32_prototype_grad = plain_loss_and_gradients(*inputs)
+    logits = F.linear(inputs[2], inputs[3])
     log_probabilities = torch.log_softmax(logits, dim=-1)
-    torch.testing.assert_close(entropy, -(log_probabilities.exp() * log_probabilities).sum(-1).mean(), rtol=1e-5, atol=0)
+    float32_entropy = -(log_probabilities.exp() * log_probabilities).sum(-1).mean()
+    measured = dict(
+        loss=relative_error(loss, plain), plain_loss_to_float32=relative_error(plain, float32),
+        loss_to_float32=relative_error(loss, float32), entropy_to_float32=relative_error(entropy, float32_entropy),
+        bottleneck_grad=relative_error(bottleneck_grad, plain_bottleneck_grad),
+        prototype_grad=relative_error(prototype_grad, plain_prototype_grad),
+        bottleneck_grad_to_float32=relative_error(bottleneck_grad, float32_bottleneck_grad),
+        plain_bottleneck_grad_to_float32=relative_error(plain_bottleneck_grad, float32_bottleneck_grad),
+    )
+    print(measured)
+    assert measured["loss"] < 1e-5 and measured["entropy_to_float32"] < 1e-3, measured
+    assert measured["bottleneck_grad"] < 2e-2 and measured["prototype_grad"] < 2e-2, measured
+    assert measured["bottleneck_grad_to_float32"] < 2 * measured["plain_bottleneck_grad_to_float32"] + 1e-3, measured
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -535,3 +543,36 @@ def test_patch_tokens_rejects_bad_shapes():
         patch_tokens(tiny_vit(), torch.rand(2, 1, 56, 56))
     with pytest.raises(ValueError, match="H >= 14"):
         patch_tokens(tiny_vit(), torch.rand(2, 3, 10, 56))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled token extraction is timed and checked on CUDA")
+def test_compiled_backbones_give_the_eager_tokens_and_gradients():
+    model = StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM).cuda()
+    randomize_lora_b(model.student)
+    randomize_lora_b(model.teacher)
+    model.eval()  # no dropout: both runs must see the same computation
+    images = torch.rand(2, 3, 70, 98, device="cuda")
+
+    def tokens_and_lora_gradients():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            student = model.student_tokens(images)
+            teacher = model.teacher_tokens(images)
+        student.float().square().mean().backward()
+        gradients = [p.grad.clone() for p in model.trainable_parameters() if p.grad is not None]
+        return student.detach().float(), teacher.float(), gradients
+
+    eager = tokens_and_lora_gradients()
+    model.compile_backbones()
+    compiled = tokens_and_lora_gradients()
+    assert model.patch_tokens is not patch_tokens
+    # bf16 activations, fused differently: agreement to a few bf16 rounding steps.
+    assert relative_error(compiled[0], eager[0]) < 2e-2 and relative_error(compiled[1], eager[1]) < 2e-2
+    assert len(compiled[2]) == len(eager[2]) > 0
+    for compiled_gradient, eager_gradient in zip(compiled[2], eager[2]):
+        assert F.cosine_similarity(compiled_gradient.flatten(), eager_gradient.flatten(), dim=0) > 0.999
+    # Export merges a copy of the backbone; it computes the student's tokens on its own, compiled or not.
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        exported = patch_tokens(merged_backbone(model.student), images).float()
+    assert relative_error(exported, eager[0]) < 2e-2

@@ -55,7 +55,7 @@ from .. import distributed
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections, to_dict
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_tensor
-from ..models.distill import StudentTeacher, export_backbone, patch_tokens, prototype_cross_entropy, token_rows
+from ..models.distill import StudentTeacher, export_backbone, prototype_cross_entropy, token_rows
 from ..models.weights import create_backbone
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 # Settings that change how a run is observed or where it runs, not what it computes: kept out of the run key.
 _OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root",
-                     "teacher_splatting")
+                     "teacher_splatting", "compile")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,6 +266,7 @@ class StudentSide(nn.Module):
         super().__init__()
         self.student = model.student
         self.student_head = model.student_head
+        self.patch_tokens = model.patch_tokens
 
     def forward(self, images: torch.Tensor, coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Student tokens, the head's bottleneck with uncovered tokens zeroed (still counted), and its prototypes.
@@ -278,7 +279,7 @@ class StudentSide(nn.Module):
             (``[B, C, h, w]`` tokens, ``[B*h*w, D]`` normalised bottleneck, rows in (b, y, x) order, ``[K, D]``
             prototypes); the logits are ``bottleneck @ prototypes.T``.
         """
-        tokens = patch_tokens(self.student, images)
+        tokens = self.patch_tokens(self.student, images)
         covered = coverage[:, None].to(tokens.dtype)
         return tokens, self.student_head.bottleneck(token_rows(tokens * covered)), self.student_head.prototypes()
 
@@ -477,6 +478,8 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
         if world.is_main:
             log.info("resumed from %s at step %d", checkpoint, start_step)
     world.seed_dropout(train_cfg.seed, start_step)
+    if train_cfg.compile:
+        model.compile_backbones()
     student_forward = student_side(model, world)
     operators = teacher_operators(train_cfg, inputs, store) if train_cfg.teacher_splatting == "operator" else None
     training_data = TrainingData(samples.samples, samples.dataset_root, gaussians, masks, train_cfg.seed,
