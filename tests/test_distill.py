@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import shutil
 import socket
 
 import peft
@@ -545,21 +546,24 @@ def test_patch_tokens_rejects_bad_shapes():
         patch_tokens(tiny_vit(), torch.rand(2, 3, 10, 56))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled token extraction is timed and checked on CUDA")
-def test_compiled_backbones_give_the_eager_tokens_and_gradients():
-    model = StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM).cuda()
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor on CPU needs g++")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]),
+])
+def test_compiled_backbones_give_the_eager_tokens_and_gradients(device):
+    model = StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM).to(device)
     randomize_lora_b(model.student)
     randomize_lora_b(model.teacher)
     model.eval()  # no dropout: both runs must see the same computation
-    images = torch.rand(2, 3, 70, 98, device="cuda")
+    images = torch.rand(2, 3, 70, 98, device=device)
+    direction = torch.randn(2, 384, 5, 7, device=device)
 
     def tokens_and_lora_gradients():
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             student = model.student_tokens(images)
             teacher = model.teacher_tokens(images)
-        student.float().square().mean().backward()
+        (student.float() * direction).sum().backward()
         gradients = [p.grad.clone() for p in model.trainable_parameters() if p.grad is not None]
         return student.detach().float(), teacher.float(), gradients
 
@@ -571,8 +575,8 @@ def test_compiled_backbones_give_the_eager_tokens_and_gradients():
     assert relative_error(compiled[0], eager[0]) < 2e-2 and relative_error(compiled[1], eager[1]) < 2e-2
     assert len(compiled[2]) == len(eager[2]) > 0
     for compiled_gradient, eager_gradient in zip(compiled[2], eager[2]):
-        assert F.cosine_similarity(compiled_gradient.flatten(), eager_gradient.flatten(), dim=0) > 0.999
+        assert relative_error(compiled_gradient, eager_gradient) < 5e-2
     # Export merges a copy of the backbone; it computes the student's tokens on its own, compiled or not.
-    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+    with torch.autocast(device, dtype=torch.bfloat16), torch.no_grad():
         exported = patch_tokens(merged_backbone(model.student), images).float()
     assert relative_error(exported, eager[0]) < 2e-2
