@@ -75,6 +75,9 @@ def test_resume_continues_exactly(project):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # Steps 3 and 4 were logged before the interruption and again after it: each is in metrics.csv once.
+    assert read_metric(resumed.run_dir, "step") == [1, 2, 3, 4]
+    assert read_metric(resumed.run_dir, "loss") == read_metric(straight.run_dir, "loss")
     again = run(project, "train.steps=4", "train.checkpoint_every=2", f"train.runs_root={runs}")
     assert again.skipped
 

@@ -490,6 +490,8 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     metrics_path = run_dir / "metrics.csv"
+    if world.is_main:
+        _forget_metrics_after(metrics_path, start_step)
     final_loss = None
     task = progress.add_task("distilling", total=steps, completed=start_step, rate="") if progress else None
     started = time.perf_counter()
@@ -647,6 +649,20 @@ def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key
         # One state per GPU of the machine that saved it; a machine with fewer GPUs restores those it has.
         torch.cuda.set_rng_state_all(state["rng_cuda"][: torch.cuda.device_count()])
     return int(state["step"])
+
+
+def _forget_metrics_after(path: Path, step: int) -> None:
+    """Drop the rows of steps after ``step`` (logged before an interruption, to be trained again on resume), so
+    each step appears once; rewritten atomically."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [row for row in rows if int(row["step"]) <= step]
+    if len(kept) == len(rows):
+        return
+    lines = [",".join(rows[0].keys())] + [",".join(row.values()) for row in kept]
+    write_text_atomic(path, "\r\n".join(lines) + "\r\n")
 
 
 def _append_metrics(path: Path, row: dict) -> None:
