@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ from typing import Any, Iterable, Iterator
 import zarr
 
 from . import __version__
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 from .geometry import CONVENTIONS
 
 MANIFEST = "manifest.json"
@@ -94,6 +95,33 @@ def hash_json(value: Any) -> str:
     """sha256 of the canonical JSON of ``value`` (sorted keys, no whitespace)."""
     text = json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: str | Path, setting: str | None = None) -> str:
+    """sha256 of a file's bytes: what a key records of a checkpoint, so that replacing the file at the same path
+    makes new artifacts and moving it keeps the old ones.
+
+    Hashed once per (path, size, modification time) in a process (a SAM ViT-H checkpoint takes seconds).
+
+    Raises:
+        ConfigError: the file does not exist; names ``setting`` (e.g. ``gaussians.mvsplat_checkpoint``) if given.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        where = f"{setting} = {path}" if setting else str(path)
+        raise ConfigError(f"{where} does not exist ({error.strerror}); point it at the checkpoint file") from None
+    return _sha256_of(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: Path, size: int, modified_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

@@ -189,3 +189,36 @@ def test_killed_writer_resumes_to_an_identical_artifact(tmp_path):
     )
     for unit in artifact.units():
         np.testing.assert_array_equal(artifact.unit(unit)["values"][:], reference_artifact.unit(unit)["values"][:])
+
+
+def test_checkpoint_keys_follow_the_file_contents_not_the_path(tmp_path):
+    from types import SimpleNamespace
+
+    from snd_stages.config import GaussiansCfg, MasksCfg, TrainCfg
+    from snd_stages.errors import ConfigError
+    from snd_stages.stages.precompute_gaussians import gaussians_spec
+    from snd_stages.stages.precompute_masks import masks_spec
+    from snd_stages.stages.train import run_spec
+
+    first, moved, other = tmp_path / "a.ckpt", tmp_path / "elsewhere" / "b.ckpt", tmp_path / "c.ckpt"
+    moved.parent.mkdir()
+    first.write_bytes(b"checkpoint one")
+    moved.write_bytes(b"checkpoint one")
+    other.write_bytes(b"checkpoint two")
+    artifact = SimpleNamespace(key="k")
+    inputs = SimpleNamespace(samples_artifact=artifact, gaussians=artifact, masks=artifact)
+    keys = {
+        "gaussians": lambda path: gaussians_spec(GaussiansCfg(reconstructor="mvsplat", mvsplat_checkpoint=path), "s").key,
+        "masks": lambda path: masks_spec(MasksCfg(source="sam", sam_checkpoint=path), "s").key,
+        "train": lambda path: run_spec(TrainCfg(weights=str(path)), inputs, 10).key,
+    }
+    for stage, key in keys.items():
+        assert key(first) == key(moved), stage  # same bytes elsewhere: same artifact
+        assert key(first) != key(other), stage  # other bytes at a path: another artifact
+        time.sleep(0.01)
+        first.write_bytes(b"checkpoint three")  # replaced in place: noticed, despite the in-process cache
+        assert key(first) not in (key(moved), key(other)), stage
+        first.write_bytes(b"checkpoint one")
+    with pytest.raises(ConfigError, match=r"gaussians.mvsplat_checkpoint = .*missing.ckpt does not exist"):
+        keys["gaussians"](tmp_path / "missing.ckpt")
+    assert run_spec(TrainCfg(weights="embedded"), inputs, 10).ingredients()["params"]["weights"] == "embedded"

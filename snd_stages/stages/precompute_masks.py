@@ -20,7 +20,7 @@ from ..errors import DataError
 from ..masks.sources import SamSegmenter, SuperpixelOptions, felzenszwalb_segments, slic_segments
 from ..progress import track
 from ..scenes.layout import read_scene
-from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store
+from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store, file_sha256
 from .common import Shard, StageResult, finish_if_complete, run_stage
 from .sample_views import SampleSet, load_samples
 
@@ -40,7 +40,11 @@ def masks_spec(masks: MasksCfg, samples_key: str) -> ArtifactSpec:
     params = to_dict(masks)
     if masks.source != "sam":  # SAM settings do not change other sources' output, so keep them out of the key
         params = {k: v for k, v in params.items() if not k.startswith("sam_")}
-    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs={"samples": samples_key})
+    inputs = {"samples": samples_key}
+    if masks.source == "sam" and masks.sam_checkpoint is not None:  # the checkpoint's contents, not where it lies
+        del params["sam_checkpoint"]
+        inputs["sam_checkpoint_sha256"] = file_sha256(masks.sam_checkpoint, "masks.sam_checkpoint")
+    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=inputs)
 
 
 def make_segmenter(masks: MasksCfg):

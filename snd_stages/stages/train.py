@@ -56,13 +56,13 @@ from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dum
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_tensor
 from ..models.distill import StudentTeacher, export_backbone, prototype_cross_entropy, token_rows
-from ..models.weights import create_backbone
+from ..models.weights import EMBEDDED, create_backbone
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..scenes.sampling import ViewSample
 from ..splat.operator import SplatOperator, apply_operators, splat_tokens
 from ..splat.quirks import render_inputs
-from ..store import Artifact, ArtifactSpec, Store, write_text_atomic
+from ..store import Artifact, ArtifactSpec, Store, file_sha256, write_text_atomic
 from ..visualize import pca_basis, pca_rgb
 from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
 from .precompute_masks import MaskReader, load_masks
@@ -387,6 +387,9 @@ def run_spec(train: TrainCfg, inputs: RunInputs, steps: int) -> ArtifactSpec:
     params = {name: value for name, value in to_dict(train).items() if name not in _OBSERVATION_ONLY}
     keys = {"samples": inputs.samples_artifact.key, "gaussians": inputs.gaussians.key, "masks": inputs.masks.key,
             "steps": str(steps)}
+    if train.weights not in (EMBEDDED, "random"):  # a checkpoint: its contents, not where it lies
+        del params["weights"]
+        keys["weights_sha256"] = file_sha256(train.weights, "train.weights")
     return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=keys)
 
 
