@@ -12,8 +12,8 @@ instance masks. For each (model, size, batch) it times, with warm-up and medians
   heads, optimiser and EMA with the 3D part removed (targets = the teacher's first context view resized to the
   target grid);
 - the ratio full (operator) / network only, samples/s, peak memory, and the network's share of the GPU's dense
-  bf16 matrix throughput. FLOPs counted: per image and block ``24 n d^2 + 4 n^2 d`` forward; the teacher runs
-  forward only (2B images), the student forward + activation backward (its base weights are frozen: no weight
+  bf16 matrix throughput, with torch's own FLOP count of the network-only step (``FlopCounterMode``) beside
+  the formula. FLOPs counted: per image and block ``24 n d^2 + 4 n^2 d`` forward; the teacher runs forward only (2B images), the student forward + activation backward (its base weights are frozen: no weight
   gradients, LoRA's are negligible), i.e. 2x forward; heads ``2 (d 2048 + 2048^2 + 2048 256 + 256 K)`` per token,
   teacher forward (1x), student forward + backward (3x).
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
 
 from snd_stages.config import GaussiansCfg, TrainCfg
 from snd_stages.geometry import image_to_tensor
@@ -89,6 +90,43 @@ def network_flops(embed_dim: int, depth: int, image_tokens: int, batch: int, pro
     return float(teacher + student)
 
 
+def count_flops(args) -> None:
+    """torch's own count of the network-only step (matrix products and attention, forward and backward)."""
+    device = torch.device("cuda")
+    table = Table(title="FLOPs of the network-only step: formula vs torch's FlopCounterMode")
+    for column in ("model", "image", "batch", "formula TFLOP", "counted TFLOP"):
+        table.add_column(column, justify="right")
+    for size in args.sizes:
+        scene = read_scene(args.inputs, f"bench{size}")
+        images = torch.stack([image_to_tensor(scene.load_image(p)) for p in (0, 1)]).to(device)
+        grid = token_grid(*images.shape[-2:])
+        for backbone in args.backbones:
+            cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
+            model = build_model(cfg).to(device)
+            optimizer, _ = make_optimizer(model, cfg, 10_000)
+            for batch_size in args.batch:
+                contexts = images.repeat(batch_size, 1, 1, 1)
+                batch = [TrainingSample(images, None, images[1], None, None, None)] * batch_size
+                with FlopCounterMode(display=False) as counter:
+                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                        tokens = model.teacher_tokens(contexts).float()
+                    targets = F.interpolate(tokens[0::2], size=grid, mode="bilinear", align_corners=False)
+                    coverage = torch.ones(batch_size, *grid, dtype=torch.bool, device=device)
+                    loss, _ = distillation_step(model, batch, cfg, device,
+                                                lambda: torch.autocast("cuda", dtype=torch.bfloat16),
+                                                targets=(targets, coverage), with_kl=False)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                embed_dim = model.student_head.mlp[0].in_features
+                blocks = len(model.teacher.get_base_model().blocks)
+                formula = network_flops(embed_dim, blocks, grid[0] * grid[1], batch_size, cfg.prototypes)
+                table.add_row(backbone, size, str(batch_size), f"{formula / 1e12:.2f}",
+                              f"{counter.get_total_flops() / 1e12:.2f}")
+            del model, optimizer
+            torch.cuda.empty_cache()
+    Console().print(table)
+
+
 def peak_tflops() -> float:
     name = torch.cuda.get_device_name()
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), float("nan"))
@@ -104,8 +142,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-render", action="store_true", help="do not time the plain (render) path")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (train.compile)")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="only count the network-only step's FLOPs with torch's FlopCounterMode, beside the formula")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark times the GPU path"
+    if args.count_flops:
+        # Apart from the timings: running the compiled loss under a dispatch mode leaves later steps slower.
+        count_flops(args)
+        return
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -117,7 +161,7 @@ def main() -> None:
         parts.add_column(column, justify="right")
     steps = Table(title="Steps (median ms), samples/s, network share of the bf16 peak")
     for column in ("model", "image", "batch", "full (render)", "full (operator)", "network only", "operator/network",
-                   "samples/s", "network TFLOP/s", "% of peak", "peak GiB"):
+                   "samples/s", "TFLOP/step", "network TFLOP/s", "% of peak", "peak GiB"):
         steps.add_column(column, justify="right")
     operators = Table(title="Composing one sample's operator (gsplat)")
     for column in ("image", "Gaussians", "compose ms", "samples/s", "non-zeros", "stored bytes"):
@@ -228,7 +272,7 @@ def main() -> None:
                             step(lambda: teacher_targets(model, batch, render_cfg, device, autocast), render_cfg),
                             args.repeats)
                 except torch.cuda.OutOfMemoryError:
-                    steps.add_row(backbone, size, str(batch_size), "OOM", "", "", "", "", "", "", "")
+                    steps.add_row(backbone, size, str(batch_size), "OOM", *[""] * 8)
                     del model, optimizer
                     torch.cuda.empty_cache()
                     continue
@@ -240,7 +284,8 @@ def main() -> None:
                               dash("blend"), dash("operator"), dash("student"), dash("optimiser"), dash("ema"))
                 steps.add_row(backbone, size, str(batch_size), dash("full_render"), dash("full_operator"),
                               dash("network"), f"{timed['full_operator'] / timed['network']:.3f}",
-                              f"{batch_size / timed['full_operator'] * 1e3:.1f}", f"{achieved:.0f}",
+                              f"{batch_size / timed['full_operator'] * 1e3:.1f}", f"{flops / 1e12:.2f}",
+                              f"{achieved:.0f}",
                               f"{100 * achieved / peak_tflops():.1f}", f"{peak:.1f}")
                 del model, optimizer, tokens, lifted, rendered, targets
                 torch.cuda.empty_cache()
