@@ -574,8 +574,8 @@ def _soft_cross_entropy_rows(student_logits: Tensor, teacher_logits: Tensor, wit
     return loss, entropy, gradient
 
 
-# Inductor fuses the row function into two passes over the chunk (the reductions, then loss and gradient); eager
-# makes about ten. Compiled lazily on first CUDA use; the CPU runs the same function eagerly.
+# Inductor fuses the row function into one kernel over the chunk (the reductions, then loss and gradient); eager
+# makes about ten passes. Compiled lazily on first CUDA use; the CPU runs the same function eagerly.
 _compiled_rows = None
 
 
@@ -584,7 +584,16 @@ def _rows_function(device: torch.device):
     if device.type != "cuda":
         return _soft_cross_entropy_rows
     if _compiled_rows is None:
-        _compiled_rows = torch.compile(_soft_cross_entropy_rows, dynamic=False)
+        compiled = torch.compile(_soft_cross_entropy_rows)
+
+        def rows_with_any_count(student_logits: Tensor, teacher_logits: Tensor, with_teacher_entropy: bool):
+            # One kernel for every number of rows: the last chunk of each batch size would otherwise compile
+            # anew, until dynamo's cache limit sent the loss back to eager.
+            torch._dynamo.mark_dynamic(student_logits, 0)
+            torch._dynamo.mark_dynamic(teacher_logits, 0)
+            return compiled(student_logits, teacher_logits, with_teacher_entropy)
+
+        _compiled_rows = rows_with_any_count
     return _compiled_rows
 
 
