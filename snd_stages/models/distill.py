@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import re
@@ -574,27 +575,24 @@ def _soft_cross_entropy_rows(student_logits: Tensor, teacher_logits: Tensor, wit
     return loss, entropy, gradient
 
 
-# Inductor fuses the row function into one kernel over the chunk (the reductions, then loss and gradient); eager
-# makes about ten passes. Compiled lazily on first CUDA use; the CPU runs the same function eagerly.
-_compiled_rows = None
-
-
 def _rows_function(device: torch.device):
-    global _compiled_rows
-    if device.type != "cuda":
-        return _soft_cross_entropy_rows
-    if _compiled_rows is None:
-        compiled = torch.compile(_soft_cross_entropy_rows)
+    """The row function for ``device``: compiled on CUDA, where Inductor fuses it into one kernel over the chunk
+    (the reductions, then loss and gradient) instead of eager's ten or so passes; eager on the CPU."""
+    return _compiled_soft_cross_entropy_rows() if device.type == "cuda" else _soft_cross_entropy_rows
 
-        def rows_with_any_count(student_logits: Tensor, teacher_logits: Tensor, with_teacher_entropy: bool):
-            # One kernel for every number of rows: the last chunk of each batch size would otherwise compile
-            # anew, until dynamo's cache limit sent the loss back to eager.
-            torch._dynamo.mark_dynamic(student_logits, 0)
-            torch._dynamo.mark_dynamic(teacher_logits, 0)
-            return compiled(student_logits, teacher_logits, with_teacher_entropy)
 
-        _compiled_rows = rows_with_any_count
-    return _compiled_rows
+@functools.cache  # compiled lazily, on first CUDA use
+def _compiled_soft_cross_entropy_rows():
+    compiled = torch.compile(_soft_cross_entropy_rows)
+
+    def rows_with_any_count(student_logits: Tensor, teacher_logits: Tensor, with_teacher_entropy: bool):
+        # One kernel for every number of rows: the last chunk of each batch size would otherwise compile anew,
+        # until dynamo's cache limit sent the loss back to eager.
+        torch._dynamo.mark_dynamic(student_logits, 0)
+        torch._dynamo.mark_dynamic(teacher_logits, 0)
+        return compiled(student_logits, teacher_logits, with_teacher_entropy)
+
+    return rows_with_any_count
 
 
 class _PrototypeCrossEntropy(torch.autograd.Function):
@@ -623,21 +621,21 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
                 prototype_grad += logits_grad.T @ student_bottleneck[rows]
             del student_logits, teacher_logits, logits_grad
         ctx.tokens = tokens
-        ctx.save_for_backward(*(grad for grad in (bottleneck_grad, prototype_grad) if grad is not None))
-        ctx.saved_which = (needs_bottleneck_grad, needs_prototype_grad)
-        ctx.dtypes = (student_bottleneck.dtype, student_prototypes.dtype)
+        ctx.prototype_dtype = student_prototypes.dtype  # its gradient was accumulated in float32
+        ctx.save_for_backward(bottleneck_grad, prototype_grad)  # None where not needed
         mean_entropy = entropy / tokens
         ctx.mark_non_differentiable(mean_entropy)
         return loss / tokens, mean_entropy
 
     @staticmethod
     def backward(ctx, loss_grad, entropy_grad):
-        saved = iter(ctx.saved_tensors)
-        scale = loss_grad / ctx.tokens
-        bottleneck_grad, prototype_grad = (
-            (next(saved) * scale).to(dtype) if needed else None for needed, dtype in zip(ctx.saved_which, ctx.dtypes)
+        bottleneck_grad, prototype_grad = ctx.saved_tensors
+        scale = loss_grad / ctx.tokens  # a 0-dim float32: the products keep the gradients' own dtypes
+        return (
+            None if bottleneck_grad is None else bottleneck_grad * scale,
+            None if prototype_grad is None else (prototype_grad * scale).to(ctx.prototype_dtype),
+            None, None, None, None,
         )
-        return bottleneck_grad, prototype_grad, None, None, None, None
 
 
 def ema_schedule(
