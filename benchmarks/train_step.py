@@ -12,10 +12,11 @@ instance masks. For each (model, size, batch) it times, with warm-up and medians
   heads, optimiser and EMA with the 3D part removed (targets = the teacher's first context view resized to the
   target grid);
 - the ratio full (operator) / network only, samples/s, peak memory, and the network's share of the GPU's dense
-  bf16 matrix throughput, with torch's own FLOP count of the network-only step (``FlopCounterMode``) beside
-  the formula. FLOPs counted: per image and block ``24 n d^2 + 4 n^2 d`` forward; the teacher runs forward only (2B images), the student forward + activation backward (its base weights are frozen: no weight
+  bf16 matrix throughput. FLOPs counted: per image and block ``24 n d^2 + 4 n^2 d`` forward; the teacher runs
+  forward only (2B images), the student forward + activation backward (its base weights are frozen: no weight
   gradients, LoRA's are negligible), i.e. 2x forward; heads ``2 (d 2048 + 2048^2 + 2048 256 + 256 K)`` per token,
-  teacher forward (1x), student forward + backward (3x).
+  teacher forward (1x), student forward + backward (3x). ``--count-flops`` instead prints torch's own count of
+  the network-only step (``FlopCounterMode``) beside this formula.
 
 It also composes one operator at each size (``build_splat_operator`` with gsplat) and prints its cost and bytes.
 
@@ -90,6 +91,21 @@ def network_flops(embed_dim: int, depth: int, image_tokens: int, batch: int, pro
     return float(teacher + student)
 
 
+def bf16_autocast():
+    """The training loop's autocast on CUDA."""
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def network_targets(model, batch: list[TrainingSample], grid: tuple[int, int], device: torch.device, autocast):
+    """The network-only step's teacher targets: the full step's upload of the context images and teacher forward,
+    then no 3D part (the first context view's tokens resized to the target grid, every token covered)."""
+    uploaded = upload([sample.context_images for sample in batch], device)
+    with torch.no_grad(), autocast():
+        context_tokens = model.teacher_tokens(uploaded).float()
+    resized = F.interpolate(context_tokens[0::2], size=grid, mode="bilinear", align_corners=False)
+    return resized, torch.ones(len(batch), *grid, dtype=torch.bool, device=device)
+
+
 def count_flops(args) -> None:
     """torch's own count of the network-only step (matrix products and attention, forward and backward)."""
     device = torch.device("cuda")
@@ -105,16 +121,10 @@ def count_flops(args) -> None:
             model = build_model(cfg).to(device)
             optimizer, _ = make_optimizer(model, cfg, 10_000)
             for batch_size in args.batch:
-                contexts = images.repeat(batch_size, 1, 1, 1)
                 batch = [TrainingSample(images, None, images[1], None, None, None)] * batch_size
                 with FlopCounterMode(display=False) as counter:
-                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                        tokens = model.teacher_tokens(contexts).float()
-                    targets = F.interpolate(tokens[0::2], size=grid, mode="bilinear", align_corners=False)
-                    coverage = torch.ones(batch_size, *grid, dtype=torch.bool, device=device)
-                    loss, _ = distillation_step(model, batch, cfg, device,
-                                                lambda: torch.autocast("cuda", dtype=torch.bfloat16),
-                                                targets=(targets, coverage), with_kl=False)
+                    targets = network_targets(model, batch, grid, device, bf16_autocast)
+                    loss, _ = distillation_step(model, batch, cfg, device, bf16_autocast, targets=targets, with_kl=False)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 embed_dim = model.student_head.mlp[0].in_features
@@ -152,7 +162,7 @@ def main() -> None:
         return
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    autocast = bf16_autocast
     console = Console()
 
     parts = Table(title="Parts of one step (median ms)")
@@ -229,13 +239,6 @@ def main() -> None:
 
                 targets = apply()
 
-                def network_targets():
-                    # The same host-to-device upload of the context images as the full step, then no 3D part.
-                    uploaded = upload([s.context_images for s in batch], device)
-                    with torch.no_grad(), autocast():
-                        context_tokens = model.teacher_tokens(uploaded).float()
-                    resized = F.interpolate(context_tokens[0::2], size=grid, mode="bilinear", align_corners=False)
-                    return resized, torch.ones(batch_size, *grid, dtype=torch.bool, device=device)
 
                 def step(targets_fn, step_cfg):
                     def run():
@@ -262,7 +265,8 @@ def main() -> None:
                         "ema": median_ms(lambda: model.update_teacher(cfg.ema_momentum), args.repeats),
                         "full_operator": median_ms(step(lambda: teacher_targets(model, batch, cfg, device, autocast), cfg),
                                                    args.repeats),
-                        "network": median_ms(step(network_targets, cfg), args.repeats),
+                        "network": median_ms(step(lambda: network_targets(model, batch, grid, device, autocast), cfg),
+                                              args.repeats),
                     }
                     if not args.skip_render:
                         timed["upsample"] = median_ms(upsample_lift, args.repeats)
