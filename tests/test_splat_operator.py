@@ -150,3 +150,17 @@ def test_gsplat_operator_equals_the_gsplat_path(blending):
     # The twin's operator against gsplat's render: the two rasterisers agree to float32 rounding.
     twin = build_splat_operator(gaussians, camera, masks, target_mask, grid, grid, backend="torch")
     assert relative_error(twin.apply(tokens, blending), expected) < 1e-4
+
+
+def test_a_damaged_stored_operator_is_an_error_not_an_out_of_bounds_read():
+    gaussians, camera, masks, target_mask = synthetic_sample(torch.Generator().manual_seed(3))
+    grid = token_grid(camera.height, camera.width)
+    operator = build_splat_operator(gaussians, camera, masks, target_mask, grid, grid)
+    arrays = operator.to_arrays()
+    restored = SplatOperator.from_arrays(arrays)
+    for name in ("local", "segment_means", "segment_spread"):
+        assert torch.equal(getattr(restored, name).to_dense(), getattr(operator, name).to_dense()), name
+    damaged = dict(arrays, local_col=arrays["local_col"].copy())
+    damaged["local_col"][-1] = int(arrays["local_shape"][1])  # one past the last column
+    with pytest.raises(ArtifactError, match="operator matrix 'local' is damaged.*col_indices.*precompute-operators --force"):
+        SplatOperator.from_arrays(damaged)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..errors import ArtifactError
 from ..gaussians import Gaussians
 from ..geometry import Camera
 from .features import (
@@ -111,12 +112,21 @@ class SplatOperator:
         """The inverse of :meth:`to_arrays` (``arrays`` maps names to array-likes, e.g. a Zarr group)."""
         matrices = {}
         for name in _MATRICES:
-            matrices[name] = torch.sparse_csr_tensor(
-                torch.from_numpy(np.asarray(arrays[f"{name}_crow"][...]).astype(np.int64)),
-                torch.from_numpy(np.asarray(arrays[f"{name}_col"][...]).astype(np.int64)),
-                torch.from_numpy(np.asarray(arrays[f"{name}_values"][...])),
-                size=tuple(int(v) for v in np.asarray(arrays[f"{name}_shape"][...])),
-            )
+            try:
+                # Checked once per load (operators are then cached): damaged indices stop here, with a message,
+                # instead of reading out of bounds in a sparse product.
+                matrices[name] = torch.sparse_csr_tensor(
+                    torch.from_numpy(np.asarray(arrays[f"{name}_crow"][...]).astype(np.int64)),
+                    torch.from_numpy(np.asarray(arrays[f"{name}_col"][...]).astype(np.int64)),
+                    torch.from_numpy(np.asarray(arrays[f"{name}_values"][...])),
+                    size=tuple(int(v) for v in np.asarray(arrays[f"{name}_shape"][...])),
+                    check_invariants=True,
+                )
+            except RuntimeError as error:
+                raise ArtifactError(
+                    f"stored operator matrix {name!r} is damaged ({str(error).splitlines()[0]}); "
+                    "rerun snd precompute-operators --force"
+                ) from None
         grid = tuple(int(v) for v in np.asarray(arrays["context_grid"][...]))
         return cls(**matrices, coverage=torch.from_numpy(np.asarray(arrays["coverage"][...])), context_grid=grid)
 
