@@ -50,6 +50,7 @@ from snd_stages.stages.train import (
     TrainingSample,
     build_model,
     distillation_step,
+    learn,
     make_optimizer,
     teacher_targets,
     upload,
@@ -241,13 +242,10 @@ def main() -> None:
 
 
                 def step(targets_fn, step_cfg):
-                    def run():
-                        loss, _ = distillation_step(model, batch, step_cfg, device, autocast, targets=targets_fn(), with_kl=False)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        model.update_teacher(cfg.ema_momentum)
-                        optimizer.step()
-                        scheduler.step()
+                    def run():  # as the training loop runs a step (reading the loss included)
+                        loss, result = distillation_step(model, batch, step_cfg, device, autocast,
+                                                         targets=targets_fn(), with_kl=False)
+                        learn(loss, result.statistics, model, optimizer, scheduler, cfg.ema_momentum)
                     return run
 
                 def student_side():

@@ -79,13 +79,14 @@ class World:
         share = self.local_batch_size(len(indices))
         return list(indices[self.rank * share : (self.rank + 1) * share])
 
-    def mean(self, values: Sequence[float]) -> list[float]:
-        """The mean of each value over all ranks (one all-reduce); the values themselves in a single process."""
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean of ``values`` over all ranks, on their device (one all-reduce, queued without
+        waiting for it); ``values`` itself in a single process."""
         if not self.distributed:
-            return list(values)
-        reduced = torch.tensor(values, dtype=torch.float64, device=self.device)
+            return values
+        reduced = values.clone()
         dist.all_reduce(reduced)
-        return (reduced / self.size).tolist()
+        return reduced / self.size
 
     def barrier(self) -> None:
         """Wait until every rank gets here (e.g. until rank 0 has written what the others read)."""

@@ -126,7 +126,7 @@ import torch
 from snd_stages.distributed import process_group
 
 with process_group(torch.device("cpu")) as world:
-    assert world.size == 2 and world.mean([float(world.rank), 1.0]) == [0.5, 1.0]
+    assert world.size == 2 and world.mean(torch.tensor([float(world.rank), 1.0])).tolist() == [0.5, 1.0]
     assert world.shard([10, 11, 12, 13]) == [[10, 11], [12, 13]][world.rank]
     tensors = [torch.arange(6.0).reshape(2, 3), torch.ones(4)]
     world.assert_replicas_agree(tensors, "the test tensors")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from snd_stages.config import load_config
-from snd_stages.errors import ConfigError
+from snd_stages.errors import ArtifactError, ConfigError
 from snd_stages.stages.train import TrainingData, checkpoint_path, latest_checkpoint, train
 from snd_stages.store import Store
 from tests.conftest import build_demo_artifacts
@@ -136,7 +136,7 @@ def test_uncovered_tokens_are_zeroed_on_both_sides(project):
     zeros = torch.zeros(coverage.numel(), model.student_head.mlp[0].in_features)
     expected = distillation_loss(model.student_head(zeros), model.teacher_head(zeros))
     torch.testing.assert_close(loss, expected)  # "head(0) vs head(0)" at every token, still averaged
-    assert result.coverage == 0.0
+    assert result.values()[2] == 0.0
 
 
 def training_data_of(root: Path) -> TrainingData:
@@ -177,3 +177,41 @@ def test_a_batch_that_fails_to_read_ahead_raises_when_it_is_due(project, monkeyp
     assert len(next(batches)) == 1 and len(next(batches)) == 1  # step 2 is being read meanwhile, and fails
     with pytest.raises(OSError, match="step 2"):
         next(batches)
+
+
+def test_a_non_finite_loss_changes_nothing_that_lasts(project):
+    import copy
+    import math
+
+    from snd_stages.stages.train import build_model, learn, make_optimizer
+
+    cfg = config(project)
+    torch.manual_seed(0)
+    model = build_model(cfg.train)
+    optimizer, scheduler = make_optimizer(model, cfg.train, 10)
+    before = copy.deepcopy(model.state_dict())
+    head_weight = model.student_head.mlp[0].weight
+
+    def loss_of(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = head_weight.square().mean() * scale
+        return loss, torch.stack([loss.detach().double(), torch.tensor(0.0, dtype=torch.float64),
+                                  torch.tensor(1.0, dtype=torch.float64)])
+
+    value, _, _ = learn(*loss_of(math.nan), model, optimizer, scheduler, ema_momentum=0.5)
+    assert math.isnan(value)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # weights and teacher (EMA) untouched
+    assert not optimizer.state and scheduler.last_epoch == 0
+    value, _, coverage = learn(*loss_of(1.0), model, optimizer, scheduler, ema_momentum=0.5)
+    assert math.isfinite(value) and coverage == 1.0
+    assert not torch.equal(before["student_head.mlp.0.weight"], model.state_dict()["student_head.mlp.0.weight"])
+    learn(*loss_of(1.0), model, optimizer, scheduler, ema_momentum=0.5)  # EMA comes before the optimiser step
+    assert not torch.equal(before["teacher_head.mlp.0.weight"], model.state_dict()["teacher_head.mlp.0.weight"])
+    assert scheduler.last_epoch == 2
+
+
+def test_training_stops_with_the_step_and_samples_of_a_non_finite_loss(project):
+    # A huge learning rate sends the first Adam step's weights to overflow: the second step's loss is not finite.
+    with pytest.raises(ArtifactError, match=r"loss is (nan|inf|-inf) in step 2 of 3, samples #\d+ \(") as error:
+        run(project, "train.steps=3", "train.learning_rate=1e36", f"train.runs_root={project / 'runs-nan'}")
+    assert "check these samples' inputs" in str(error.value)

@@ -31,7 +31,6 @@ number of processes resumes with any other.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import json
 import logging
@@ -303,14 +302,23 @@ def student_side(model: StudentTeacher, world: distributed.World) -> nn.Module:
 
 @dataclass
 class StepResult:
-    """``kl`` = loss - teacher entropy: the part of the loss the student can remove (the loss itself stays near
-    log K while the teacher's prototypes are near uniform, as they are early on)."""
+    """What a step gives besides its loss: statistics still on the device (reading them would make the host wait
+    for the forward to finish before it could queue backward; :func:`learn` reads them once backward is queued)
+    and the feature maps of the step's picture.
 
-    loss: float
-    kl: float
-    coverage: float
+    ``statistics`` is float64 ``[loss, kl, coverage]``. ``kl`` = loss - teacher entropy: the part of the loss the
+    student can remove (the loss itself stays near log K while the teacher's prototypes are near uniform, as they
+    are early on); NaN on steps that do not compute it.
+    """
+
+    statistics: torch.Tensor
     targets: torch.Tensor
     student: torch.Tensor
+
+    def values(self) -> tuple[float, float, float]:
+        """(loss, kl, coverage) on the host; waits for the step's forward."""
+        loss, kl, coverage = self.statistics.tolist()
+        return loss, kl, coverage
 
 
 def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: TrainCfg, device: torch.device,
@@ -318,10 +326,10 @@ def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: T
                       student_forward: nn.Module | None = None, with_kl: bool = True) -> tuple[torch.Tensor, StepResult]:
     """Forward of one step: returns the loss (with graph; the mean over ``batch``'s tokens) and what to log.
 
-    ``targets`` (teacher targets and coverage) replaces :func:`teacher_targets`, e.g. to time the network alone.
-    ``student_forward`` is the student side to run (:func:`student_side`); by default :class:`StudentSide`.
-    ``with_kl=False`` skips the teacher-entropy reduction over the [tokens, K] logits that only the log needs
-    (``kl`` is then NaN).
+    Nothing here waits for the device. ``targets`` (teacher targets and coverage) replaces
+    :func:`teacher_targets`, e.g. to time the network alone. ``student_forward`` is the student side to run
+    (:func:`student_side`); by default :class:`StudentSide`. ``with_kl=False`` skips the teacher-entropy reduction
+    over the [tokens, K] logits that only the log needs (``kl`` is then NaN).
     """
     targets, coverage = teacher_targets(model, batch, cfg, device, autocast) if targets is None else targets
     images = upload([sample.target_image[None] for sample in batch], device)
@@ -336,10 +344,40 @@ def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: T
             student_bottleneck, student_prototypes, teacher_bottleneck, model.teacher_head.prototypes(),
             with_teacher_entropy=with_kl,
         )
-    value = float(loss.detach())
-    kl = value - float(teacher_entropy) if with_kl else math.nan
-    return loss, StepResult(value, kl, float(coverage.float().mean()), targets,
-                            student.detach().float())
+    value = loss.detach().double()
+    kl = value - teacher_entropy.double() if with_kl else torch.full_like(value, math.nan)
+    statistics = torch.stack([value, kl, coverage.double().mean()])
+    return loss, StepResult(statistics, targets, student.detach().float())
+
+
+def learn(loss: torch.Tensor, statistics: torch.Tensor, model: StudentTeacher, optimizer: torch.optim.Optimizer,
+          scheduler, ema_momentum: float | None) -> tuple[float, float, float]:
+    """The rest of a step after :func:`distillation_step`: backward, then, if the loss is finite, the EMA update
+    (when ``ema_momentum`` is given) and the optimiser and schedule steps.
+
+    ``statistics`` (the step's, or their mean over the ranks) are copied to the host as soon as the forward has
+    made them and read once backward is queued, so the device never idles while the host checks the loss. A
+    non-finite loss changes nothing that lasts: its gradients stay in ``.grad`` (cleared by the next step), the
+    weights, the teacher and the optimiser's state are left as they were.
+
+    Returns:
+        (loss, kl, coverage) on the host.
+    """
+    on_host = statistics.to("cpu", non_blocking=True)  # page-locked: a device-to-host copy that does not block
+    forward_done = torch.cuda.Event() if statistics.is_cuda else None
+    if forward_done is not None:
+        forward_done.record()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP, also averages the gradients over the ranks
+    if forward_done is not None:
+        forward_done.synchronize()
+    value, kl, coverage = on_host.tolist()
+    if math.isfinite(value):
+        if ema_momentum is not None:  # after backward, before the optimiser step, as in the reference
+            model.update_teacher(ema_momentum)
+        optimizer.step()
+        scheduler.step()
+    return value, kl, coverage
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -505,11 +543,11 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
         loss, result = distillation_step(model, batch, train_cfg, device, autocast, student_forward=student_forward,
                                          with_kl=logged)
         # What is checked and logged is the global batch's mean, the same on every rank (so all of them stop
-        # together below: one rank alone would leave the others waiting in backward's gradient all-reduce).
-        loss_value, kl, coverage = world.mean([result.loss, result.kl, result.coverage])
-        result = dataclasses.replace(result, loss=loss_value, kl=kl, coverage=coverage)
-        if not math.isfinite(result.loss):
-            # Stop before backward: nothing of this step reaches the weights or a checkpoint.
+        # together below: one rank alone would leave the others waiting in the next step's gradient all-reduce).
+        loss_value, kl, coverage = learn(loss, world.mean(result.statistics), model, optimizer, scheduler,
+                                         train_cfg.ema_momentum if step % train_cfg.ema_every == 0 else None)
+        if not math.isfinite(loss_value):
+            # learn made no update: nothing of this step reaches the weights, the teacher or a checkpoint.
             culprits = ", ".join(
                 f"#{index} ({sample.scene}, context {list(sample.context)}, targets {list(sample.targets)})"
                 for index in training_data.indices(step, train_cfg.batch_size)
@@ -517,25 +555,18 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
             )
             kept = latest_checkpoint(run_dir)
             raise ArtifactError(
-                f"loss is {result.loss} in step {step + 1} of {steps}, samples {culprits}; "
+                f"loss is {loss_value} in step {step + 1} of {steps}, samples {culprits}; "
                 f"{f'the last good checkpoint {kept} is kept' if kept else 'no checkpoint was written yet'}: check "
                 "these samples' inputs (snd check-geometry) or lower train.learning_rate, then rerun to resume"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP, also averages the gradients over the ranks
-        if step % train_cfg.ema_every == 0:  # after backward, before the optimiser step, as in the reference
-            model.update_teacher(train_cfg.ema_momentum)
-        optimizer.step()
-        scheduler.step()
-        final_loss = result.loss
+        final_loss = loss_value
         done = step + 1
         if not world.is_main:
             continue
         elapsed = time.perf_counter() - started
         rate = (done - start_step) * train_cfg.batch_size / max(elapsed, 1e-9)
         if logged:
-            _append_metrics(metrics_path, {"step": done, "loss": result.loss, "kl": result.kl,
-                                           "coverage": result.coverage,
+            _append_metrics(metrics_path, {"step": done, "loss": loss_value, "kl": kl, "coverage": coverage,
                                            "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
                                            "elapsed_s": elapsed})
         if step % train_cfg.picture_every == 0 or done == steps:
@@ -543,7 +574,7 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
         if done % train_cfg.checkpoint_every == 0 or done == steps:
             save_checkpoint(run_dir, done, model, optimizer, scheduler, spec.key, train_cfg.keep_checkpoints)
         if progress is not None:
-            progress.update(task, completed=done, rate=f"{rate:.2f} samples/s, loss {result.loss:.4f}")
+            progress.update(task, completed=done, rate=f"{rate:.2f} samples/s, loss {loss_value:.4f}")
 
     teacher_tensors, _ = model.ema_pairs()
     world.assert_replicas_agree([*model.trainable_parameters(), *teacher_tensors],
