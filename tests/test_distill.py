@@ -459,6 +459,40 @@ def test_teacher_is_deterministic_and_stays_in_eval_mode():
     assert torch.equal(model.teacher_tokens(images), model.teacher_tokens(images))
 
 
+def test_teacher_runs_merged_and_matches_its_lora_model_after_every_update():
+    model = small_student_teacher()
+    randomize_lora_b(model.student)
+    model.eval()
+    images = torch.rand(2, 3, 56, 70)
+    for _ in range(2):  # the merged weights follow each EMA step
+        model.update_teacher(0.5)
+        with torch.no_grad():
+            through_lora = patch_tokens(model.teacher, images)
+        assert relative_error(model.teacher_tokens(images), through_lora) < 1e-5
+    plain = model._merged_teacher()
+    assert type(plain) is VisionTransformer
+    # Only the adapted weights are the view's own; the frozen rest is the teacher's own tensors, not copies.
+    teacher = dict(model.teacher.named_parameters())
+    shared = [name for name, p in plain.named_parameters()
+              if any(p is q for q in teacher.values())]
+    own = {name for name, _ in plain.named_parameters()} - set(shared)
+    assert own == {f"blocks.{i}.attn.{layer}.weight" for i in range(DEPTH) for layer in ("qkv", "proj")}
+    assert plain.blocks[0].attn.qkv.bias is teacher["base_model.model.blocks.0.attn.qkv.base_layer.bias"]
+
+
+def test_merged_teacher_view_follows_the_teacher_to_another_dtype():
+    model = small_student_teacher()
+    randomize_lora_b(model.teacher)
+    model.eval()
+    images = torch.rand(1, 3, 56, 56)
+    model.teacher_tokens(images)
+    model.double()
+    with torch.no_grad():
+        expected = patch_tokens(model.teacher, images.double())
+    tokens = model.teacher_tokens(images.double())
+    assert tokens.dtype == torch.float64 and relative_error(tokens, expected) < 1e-12
+
+
 def test_teacher_dropout_is_active_under_reference_quirks():
     model = small_student_teacher(reference_quirks=True)
     randomize_lora_b(model.teacher)

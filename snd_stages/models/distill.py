@@ -224,6 +224,54 @@ def merged_backbone(model: peft.PeftModel) -> VisionTransformer:
     return merged.eval().requires_grad_(False)
 
 
+class MergedView:
+    """A plain timm ViT computing what a LoRA-wrapped one computes in eval mode, from that model's current LoRA.
+
+    Calling the view refreshes ``W + (alpha / r) B A`` in every adapted layer from the wrapped model's LoRA
+    matrices and returns the plain ViT. Every other tensor is shared with the wrapped model, so the frozen weights
+    exist once. Why: PEFT's unmerged layers run two skinny matrix products and a full-size addition each, per
+    call; a model that needs no gradient and changes once per step (the EMA teacher) is cheaper merged once per
+    step. At 574x868 the teacher forward on 16 images took 12.6 instead of 17.0 ms on an H100 (compiled).
+
+    Args:
+        model: a LoRA-wrapped ViT from :func:`add_lora`.
+    """
+
+    def __init__(self, model: peft.PeftModel):
+        self.wrapped = model
+        self._plain: VisionTransformer | None = None
+        self._merged: list[tuple[Tensor, nn.Module]] = []
+
+    def __call__(self) -> VisionTransformer:
+        if self._plain is None or any(
+            merged.device != layer.get_base_layer().weight.device or merged.dtype != layer.get_base_layer().weight.dtype
+            for merged, layer in self._merged[:1]
+        ):
+            self._build()
+        with torch.no_grad():
+            for merged, layer in self._merged:
+                base = layer.get_base_layer().weight
+                merged.copy_(base + layer.get_delta_weight(layer.active_adapters[0]).to(base.dtype))
+        return self._plain
+
+    def _build(self) -> None:
+        plain = merged_backbone(self.wrapped)
+        layers = {name: module for name, module in self.wrapped.named_modules()
+                  if isinstance(module, peft.tuners.lora.LoraLayer)}
+        wrapped_parameters = dict(self.wrapped.named_parameters())
+        self._merged = []
+        for name, parameter in list(plain.named_parameters()):
+            module_name, _, leaf = name.rpartition(".")
+            layer = layers.get(f"base_model.model.{module_name}")
+            if layer is not None and leaf == "weight":
+                self._merged.append((parameter, layer))  # the view's own tensor, refreshed on every call
+                continue
+            adapted = "base_layer" if layer is not None else ""  # an adapted layer's bias sits in its base layer
+            source = ".".join(part for part in ("base_model.model", module_name, adapted, leaf) if part)
+            plain.get_submodule(module_name).register_parameter(leaf, wrapped_parameters[source])
+        self._plain = plain
+
+
 def export_backbone(model: peft.PeftModel, path: str | Path) -> None:
     """Save the LoRA-merged backbone as a timm-named safetensors state dict.
 
@@ -340,6 +388,8 @@ class StudentTeacher(nn.Module):
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
         # How tokens are taken from either backbone: patch_tokens, or its compiled twin (compile_backbones).
         self.patch_tokens = patch_tokens
+        # The teacher in eval mode runs as a plain ViT with its LoRA merged (not a submodule: no state of its own).
+        self._merged_teacher = MergedView(self.teacher)
         self.train()
 
     def compile_backbones(self) -> None:
@@ -392,7 +442,9 @@ class StudentTeacher(nn.Module):
         Returns:
             [B, C, H // 14, W // 14] (see :func:`patch_tokens`).
         """
-        return self.patch_tokens(self.teacher, images)
+        if self.teacher.training:  # reference quirks: its LoRA dropout is active, so the update cannot be merged
+            return self.patch_tokens(self.teacher, images)
+        return self.patch_tokens(self._merged_teacher(), images)
 
     def student_logits(self, features: Tensor) -> Tensor:
         """Student head on every token of a feature map.
