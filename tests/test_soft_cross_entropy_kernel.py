@@ -1,7 +1,8 @@
 """The Triton soft cross-entropy kernel against its plain twin ``_soft_cross_entropy_rows``.
 
 On the CPU the kernel runs under Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before
-the kernel is decorated, that is before its module is first imported: those checks run in a fresh interpreter.
+the kernel is decorated, that is before its module is first imported: a fresh Python process runs it on inputs
+saved by the test and saves its outputs, and the comparisons are made here.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ pytest.importorskip("triton")
 from snd_stages.models.distill import _soft_cross_entropy_rows  # noqa: E402
 from snd_stages.models.soft_cross_entropy_kernel import soft_cross_entropy_rows  # noqa: E402
 
-# Relative errors (max |difference| / max |expected|), bounds set at several times the values measured under
-# the interpreter (numpy's exp and log) and on an H100; see the module's notes at the cases.
+# Relative errors, max |difference| / max |expected|. Measured under the interpreter (numpy's exp and log) and on
+# an H100: loss and entropy within 2.6e-6 of the reference, float32 gradients within 3.8e-6. Where the loss and
+# entropy differ, the kernel's are the closer to float64.
 FLOAT32_BOUND = 1e-5
-BFLOAT16_GRADIENT_BOUND = 2**-7  # one bf16 rounding (2**-8) either side of a float32 value near a boundary
+# The interpreter casts float32 to bfloat16 by truncation (the GPU rounds to nearest): one bf16 step, 2**-8 of
+# the largest gradient, measured there; 5e-4 on the H100.
+BFLOAT16_GRADIENT_BOUND = 2**-7
 FLOAT16_GRADIENT_BOUND = 2**-10
 OFFSET_STATISTICS_BOUND = 5e-6  # against float64; the float32 reference is off by 3e-5 (loss), 1e-3 (entropy)
 OFFSET_GRADIENT_BOUND = 1e-4  # s - lse at |s| ~ 500 carries float32's 3e-5 spacing, in both implementations

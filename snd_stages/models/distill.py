@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 import re
@@ -564,7 +563,7 @@ def prototype_cross_entropy(
     prototypes. At the authors' size (20,336 tokens x 65,536 prototypes) each logits matrix takes 2.7 GB in bf16
     and the plain loss makes some ten passes over float32 copies of it; here the tokens are taken ``chunk_rows``
     at a time: both chunks of logits are formed, the loss rows and their gradient ``softmax(student) -
-    softmax(teacher)`` come out of one fused pass (``torch.compile`` on CUDA), and the gradient is multiplied
+    softmax(teacher)`` come out of one fused kernel (Triton, on CUDA), and the gradient is multiplied
     straight back into the bottleneck and prototype gradients, which are all that backward keeps.
 
     Under autocast the two matrix products run in the autocast dtype, as ``nn.Linear`` would, and everything
@@ -628,23 +627,14 @@ def _soft_cross_entropy_rows(student_logits: Tensor, teacher_logits: Tensor, wit
 
 
 def _rows_function(device: torch.device):
-    """The row function for ``device``: compiled on CUDA, where Inductor fuses it into one kernel over the chunk
-    (the reductions, then loss and gradient) instead of eager's ten or so passes; eager on the CPU."""
-    return _compiled_soft_cross_entropy_rows() if device.type == "cuda" else _soft_cross_entropy_rows
+    """The row function for ``device``: on CUDA the Triton kernel of :mod:`.soft_cross_entropy_kernel`, which
+    reads each logit twice where Inductor's fusion of this function read it three times (0.95 against 1.41 ms per
+    4,096 x 65,536 bf16 chunk on an H100); on the CPU this function's plain twin."""
+    if device.type != "cuda":
+        return _soft_cross_entropy_rows
+    from .soft_cross_entropy_kernel import soft_cross_entropy_rows  # Triton compiles on first use, CUDA only
 
-
-@functools.cache  # compiled lazily, on first CUDA use
-def _compiled_soft_cross_entropy_rows():
-    compiled = torch.compile(_soft_cross_entropy_rows)
-
-    def rows_with_any_count(student_logits: Tensor, teacher_logits: Tensor, with_teacher_entropy: bool):
-        # One kernel for every number of rows: the last chunk of each batch size would otherwise compile anew,
-        # until dynamo's cache limit sent the loss back to eager.
-        torch._dynamo.mark_dynamic(student_logits, 0)
-        torch._dynamo.mark_dynamic(teacher_logits, 0)
-        return compiled(student_logits, teacher_logits, with_teacher_entropy)
-
-    return rows_with_any_count
+    return soft_cross_entropy_rows
 
 
 class _PrototypeCrossEntropy(torch.autograd.Function):

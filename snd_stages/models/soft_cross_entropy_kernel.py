@@ -130,10 +130,15 @@ def _soft_cross_entropy_rows_kernel(
 
 
 def _launch_config(columns: int) -> tuple[int, int]:
-    """BLOCK and num_warps for rows of ``columns`` logits: 2048-column blocks over 8 warps (8 logits per thread,
-    16-byte loads in 16-bit dtypes) for long rows; a smaller block, down to 128 over 1 warp, for short ones."""
+    """BLOCK and num_warps for rows of ``columns`` logits: four logits per thread, 2048-column blocks over 16 warps
+    for long rows, down to 128 columns over 1 warp for short ones.
+
+    On an H100 at 4096 x 65536 in bfloat16, four logits per thread (2048 over 16 warps, or 1024 over 8) took
+    0.95 ms, eight (2048 over 8) 1.12 ms and sixteen (4096 over 8) 1.41 ms; a copy of the same bytes took 0.89 ms.
+    The six per-lane accumulators are kept for every logit a thread holds: fewer leave room for more rows at once.
+    """
     block = min(_MAX_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(columns)))
-    return block, max(1, min(8, block // 256))
+    return block, block // 128
 
 
 def soft_cross_entropy_rows(
