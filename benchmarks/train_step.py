@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import time
 from pathlib import Path
@@ -138,6 +139,73 @@ def count_flops(args) -> None:
     Console().print(table)
 
 
+def kernel_floor(args) -> None:
+    """The step's matrix products and attention, each timed alone at the step's shapes with the library kernels
+    (cuBLAS through ``torch.matmul``, SDPA's fastest backend), summed with their counts: what the network-only step
+    would take if nothing else ran (no LayerNorm, GELU, residual, LoRA, loss rows, optimiser or launch gaps)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = torch.device("cuda")
+    table = Table(title="Kernel floor: the network-only step's matrix products and attention alone (bf16, median ms)")
+    for column in ("model", "image", "batch", "backbone GEMMs", "attention", "head GEMMs", "logits GEMMs",
+                   "sum ms", "formula TFLOP", "% of peak at the floor"):
+        table.add_column(column, justify="right")
+
+    def matmul_ms(rows: int, inner: int, columns: int) -> float:
+        a = torch.randn(rows, inner, device=device, dtype=torch.bfloat16)
+        b = torch.randn(inner, columns, device=device, dtype=torch.bfloat16)
+        return median_ms(lambda: a @ b, args.repeats)
+
+    def attention_ms(images: int, heads: int, tokens: int, backward: bool) -> float:
+        best = math.inf
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+            q, k, v = (torch.randn(images, heads, tokens, 64, device=device, dtype=torch.bfloat16, requires_grad=backward)
+                       for _ in range(3))
+
+            def run():
+                out = F.scaled_dot_product_attention(q, k, v)
+                if backward:
+                    out.backward(torch.ones_like(out))
+            try:
+                with sdpa_kernel(backend):
+                    best = min(best, median_ms(run, args.repeats))
+            except RuntimeError:  # backend not available for this shape or build
+                pass
+        return best
+
+    for size in args.sizes:
+        height, width = (int(side) for side in size.split("x"))
+        grid = token_grid(height, width)
+        patches = grid[0] * grid[1]
+        for backbone in args.backbones:
+            cfg = TrainCfg(backbone=backbone, weights="random", allow_random_weights=True)
+            vit = build_model(cfg).teacher.get_base_model()
+            width_, depth, heads = vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads
+            tokens = patches + vit.num_prefix_tokens
+            for batch in args.batch:
+                # Per block: qkv, proj, fc1, fc2 as (inner, columns); the student's activation gradient runs each
+                # product transposed (its base weights are frozen: no weight gradients).
+                products = [(width_, 3 * width_), (width_, width_), (width_, 4 * width_), (4 * width_, width_)]
+                teacher = sum(matmul_ms(2 * batch * tokens, i, o) for i, o in products)
+                student = sum(matmul_ms(batch * tokens, i, o) + matmul_ms(batch * tokens, o, i) for i, o in products)
+                backbone_ms = depth * (teacher + student)
+                attention = depth * (attention_ms(2 * batch, heads, tokens, False) + attention_ms(batch, heads, tokens, True))
+                rows = batch * patches
+                head = [(width_, 2048), (2048, 2048), (2048, 256)]
+                # Teacher forward; student forward, activation and weight gradients.
+                head_ms = sum(2 * matmul_ms(rows, i, o) + matmul_ms(rows, o, i) + matmul_ms(i, rows, o) for i, o in head)
+                # Student and teacher logits, then the bottleneck and prototype gradients.
+                logits_ms = (2 * matmul_ms(rows, 256, cfg.prototypes) + matmul_ms(rows, cfg.prototypes, 256)
+                             + matmul_ms(cfg.prototypes, rows, 256))
+                total = backbone_ms + attention + head_ms + logits_ms
+                flops = network_flops(width_, depth, patches, batch, cfg.prototypes)
+                table.add_row(backbone, size, str(batch), f"{backbone_ms:.1f}", f"{attention:.1f}", f"{head_ms:.1f}",
+                              f"{logits_ms:.1f}", f"{total:.1f}", f"{flops / 1e12:.2f}",
+                              f"{100 * flops / (total * 1e-3) / 1e12 / peak_tflops():.1f}")
+                torch.cuda.empty_cache()
+    Console().print(table)
+
+
 def peak_tflops() -> float:
     name = torch.cuda.get_device_name()
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), float("nan"))
@@ -153,10 +221,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-render", action="store_true", help="do not time the plain (render) path")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (train.compile)")
+    parser.add_argument("--kernel-floor", action="store_true",
+                        help="only time the step's matrix products and attention alone and print their sum")
     parser.add_argument("--count-flops", action="store_true",
                         help="only count the network-only step's FLOPs with torch's FlopCounterMode, beside the formula")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark times the GPU path"
+    if args.kernel_floor:
+        kernel_floor(args)
+        return
     if args.count_flops:
         # Apart from the timings: running the compiled loss under a dispatch mode leaves later steps slower.
         count_flops(args)
