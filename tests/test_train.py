@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from snd_stages.config import load_config
-from snd_stages.errors import ArtifactError, ConfigError
+from snd_stages.errors import ConfigError
 from snd_stages.stages.train import TrainingData, checkpoint_path, latest_checkpoint, train
 from snd_stages.store import Store
 from tests.conftest import build_demo_artifacts
@@ -208,10 +208,3 @@ def test_a_non_finite_loss_changes_nothing_that_lasts(project):
     learn(*loss_of(1.0), model, optimizer, scheduler, ema_momentum=0.5)  # EMA comes before the optimiser step
     assert not torch.equal(before["teacher_head.mlp.0.weight"], model.state_dict()["teacher_head.mlp.0.weight"])
     assert scheduler.last_epoch == 2
-
-
-def test_training_stops_with_the_step_and_samples_of_a_non_finite_loss(project):
-    # A huge learning rate sends the first Adam step's weights to overflow: the second step's loss is not finite.
-    with pytest.raises(ArtifactError, match=r"loss is (nan|inf|-inf) in step 2 of 3, samples #\d+ \(") as error:
-        run(project, "train.steps=3", "train.learning_rate=1e36", f"train.runs_root={project / 'runs-nan'}")
-    assert "check these samples' inputs" in str(error.value)
