@@ -53,6 +53,7 @@ PRODUCERS = {
     "masks": "snd precompute-masks",
     "operators": "snd precompute-operators",
     "features": "snd eval",
+    "ground_truth": "snd eval",
 }
 
 

@@ -133,12 +133,14 @@ def test_a_second_eval_reuses_the_cached_features(project, tmp_path):
     first = evaluate(cfg.data, cfg.train, cfg.eval, [run], store=features)
     assert {use.status for use in first.feature_uses} == {"computed"}
     assert len(features.complete_artifacts("features")) == len(first.feature_uses) == 2 * 7  # 2 models x 7 sets
+    assert len(features.complete_artifacts("ground_truth")) == 2  # train and test frames, shared by both models
 
     other_steps = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probe_steps=4",
                                      "eval.feature_memory_gb=0", f"eval.report_dir={tmp_path / 'again'}"])
     with counting_backbone_passes() as passes:
         cached = evaluate(other_steps.data, other_steps.train, other_steps.eval, [run], store=features)
     assert passes == [] and {use.status for use in cached.feature_uses} == {"reused"}
+    assert len(features.complete_artifacts("ground_truth")) == 2  # the same frames' ground truth, read back
     fresh = evaluate(other_steps.data, other_steps.train, other_steps.eval, [run])  # no store: extracted anew
     assert cached.results["models"] == fresh.results["models"]
     assert cached.results["models"] != first.results["models"]  # 4 probe steps instead of 3

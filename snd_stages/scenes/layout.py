@@ -73,7 +73,8 @@ class Scene:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def _path(self, kind: str, index: int) -> Path:
+    def path(self, kind: str, index: int) -> Path:
+        """The file of frame ``index`` in the folder ``kind`` (``images``, ``depth``, ``normals``, ...)."""
         name = self.frames[index].name
         if kind == "images":
             return self.directory / "images" / name
@@ -85,13 +86,13 @@ class Scene:
 
     def load_image(self, index: int) -> np.ndarray:
         """``[H, W, 3]`` uint8 RGB."""
-        image = _open_image(self._path("images", index), "RGB")
-        self._check_size(image.shape[:2], self._path("images", index), "image")
+        image = _open_image(self.path("images", index), "RGB")
+        self._check_size(image.shape[:2], self.path("images", index), "image")
         return image
 
     def load_depth(self, index: int) -> np.ndarray:
         """``[H, W]`` float32 metres, 0 where invalid."""
-        path = self._path("depth", index)
+        path = self.path("depth", index)
         raw = _open_image(path, None)
         if raw.ndim != 2 or raw.dtype != np.uint16:
             raise DataError(f"{path}: depth must be a single-channel 16-bit PNG of millimetres, got {raw.dtype} {raw.shape}")
@@ -107,7 +108,7 @@ class Scene:
         labels = self._load_labels("instance_segmentation", index, fix=_MASK_FIX)
         if not labels.any():
             raise DataError(
-                f"{self._path('instance_segmentation', index)}: instance mask has no labelled pixel (all 0 = "
+                f"{self.path('instance_segmentation', index)}: instance mask has no labelled pixel (all 0 = "
                 f"unlabelled); regenerate it, or {_MASK_FIX}"
             )
         return labels
@@ -118,7 +119,7 @@ class Scene:
 
     def load_normals(self, index: int) -> np.ndarray:
         """``[H, W, 3]`` float32 unit normals in the OpenCV camera frame; (0, 0, 0) where unknown."""
-        path = self._path("normals", index)
+        path = self.path("normals", index)
         encoded = _open_image(path, "RGB").astype(np.float32)
         self._check_size(encoded.shape[:2], path, "normals")
         normals = encoded / 255.0 * 2.0 - 1.0
@@ -127,7 +128,7 @@ class Scene:
         return np.where(valid, normals / np.maximum(length, 1e-6), 0.0).astype(np.float32)
 
     def _load_labels(self, kind: str, index: int, fix: str | None = None) -> np.ndarray:
-        path = self._path(kind, index)
+        path = self.path(kind, index)
         labels = _open_image(path, None, fix)
         if labels.ndim != 2:
             raise DataError(f"{path}: {kind} must be a single-channel PNG of integer ids, got shape {labels.shape}")

@@ -31,7 +31,8 @@ Probes, on frozen features (``reference/method.md`` §2, with a scaled-down iter
   ``correspondence_scale`` of the image size, and recall@10 binned by relative rotation.
 
 Features come from the artifact store (:mod:`snd_stages.probes.cache`): the backbone runs once per model, frame
-set and feature spec, and a later eval with other probe settings reuses its output.
+set and feature spec, and a later eval with other probe settings reuses its output. So does the probes' ground
+truth (:mod:`snd_stages.probes.ground_truth`): depth is decoded and normals are fitted once per frame set.
 
 Writes ``<report_dir>/report.json``, ``report.md`` (one table, baseline beside each model with deltas, then notes)
 and PNG figures (depth and normal predictions vs truth, correspondences coloured by error, PCA feature maps).
@@ -65,6 +66,7 @@ from ..probes.backbone import (
     ProbeBackbone,
 )
 from ..probes.cache import CacheUse, FeatureSet, FrameSet, probe_features
+from ..probes.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
 from ..probes.heads import DenseDepthProbe, DepthBinHead, NormalHead, SegmentationHead, depth_loss, segmentation_loss, uncertainty_angular_loss
 from ..probes.metrics import (
     binned_recall,
@@ -79,10 +81,10 @@ from ..probes.metrics import (
 from ..progress import track
 from ..runtime import resolve_device
 from ..scenes.correspondence import CorrespondencePair, pairs_from_scene, read_scannet1500
-from ..scenes.layout import list_scene_ids, read_scene
+from ..scenes.layout import Scene, list_scene_ids, read_scene
 from ..scenes.normals import normals_from_depth_plane_fit
 from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
-from ..store import Store, write_text_atomic
+from ..store import Store, file_sha256, write_text_atomic
 from ..visualize import pca_rgb
 
 MIN_DEPTH = 1e-3
@@ -128,43 +130,60 @@ class ProbeFrames:
         return FrameSet(name, names, self.load_image, self.image_size, identity)
 
 
-def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device,
-                      progress: Progress | None = None) -> ProbeFrames:
-    """Every ``frame_stride``-th frame of NYUv2's official ``split``; normals fitted to depth (no GT normals)."""
+def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device, progress: Progress | None = None,
+                      store: Store | None = None, config_yaml: str = "") -> ProbeFrames:
+    """Every ``frame_stride``-th frame of NYUv2's official ``split``; normals fitted to depth (no GT normals).
+
+    With a ``store`` the ground truth is cached there (:mod:`snd_stages.probes.ground_truth`).
+    """
     if cfg.nyuv2_mat is None:
         raise ConfigError("eval.dataset = 'nyuv2' needs eval.nyuv2_mat: the path of nyu_depth_v2_labeled.mat")
     data = NYUv2Labeled(cfg.nyuv2_mat, cfg.nyuv2_splits, {40: cfg.nyuv2_mapping_40, 13: cfg.nyuv2_mapping_13})
     camera = data.camera()
     indices = [int(index) for index in data.split(split)[:: cfg.frame_stride]]
-    depth, normals, semantics = [], [], []
-    for index in track(indices, f"ground truth · nyuv2 {split}", progress, unit="frame"):
-        frame_depth = data.depth(index)
-        depth.append(torch.from_numpy(frame_depth))
-        if "normals" in probes:
+    with_normals, with_semantics = "normals" in probes, "segmentation" in probes
+
+    def compute(i: int) -> FrameTruth:
+        frame_depth = data.depth(indices[i])
+        normals = semantics = None
+        if with_normals:
             fitted = normals_from_depth_plane_fit(frame_depth, camera, device=device)
-            normals.append(torch.from_numpy(fitted).permute(2, 0, 1).to(torch.float16))
-        if "segmentation" in probes:
-            semantics.append(torch.from_numpy(data.labels(index, cfg.nyuv2_classes).astype(np.uint8)))
+            normals = torch.from_numpy(fitted).permute(2, 0, 1).to(torch.float16)
+        if with_semantics:
+            semantics = torch.from_numpy(data.labels(indices[i], cfg.nyuv2_classes).astype(np.uint8))
+        return FrameTruth(torch.from_numpy(frame_depth), normals, semantics, fitted=with_normals)
+
     # Depth is scored inside the Eigen crop, which only exists for the dataset's own 480x640 frames.
     region = None
     if (data.height, data.width) == (NYU_HEIGHT, NYU_WIDTH):
-        region = torch.from_numpy(eigen_crop_mask(data.height, data.width))
+        region = eigen_crop_mask(data.height, data.width)
     mat = Path(cfg.nyuv2_mat)
     identity = {"nyuv2_mat": mat.name, "bytes": mat.stat().st_size}
-    return ProbeFrames([f"nyuv2/{index}" for index in indices], lambda i: data.image(indices[i]),
-                       (data.height, data.width), identity, torch.stack(depth),
-                       torch.stack(normals) if normals else None, torch.stack(semantics) if semantics else None,
-                       region, fitted_normals=len(normals))
+    # The .mat is hashed by name and size (2.8 GB); the small splits and class mapping files by content.
+    source = {**identity, "splits": _small_file_identity(cfg.nyuv2_splits),
+              "camera": camera.intrinsics.tolist() if with_normals else None,
+              "mappings": {"classes": cfg.nyuv2_classes, "40": _small_file_identity(cfg.nyuv2_mapping_40),
+                           "13": _small_file_identity(cfg.nyuv2_mapping_13)} if with_semantics else None}
+    names = [f"nyuv2/{index}" for index in indices]
+    request = GroundTruthRequest(f"nyuv2 {split}", tuple(names), (data.height, data.width), cfg.frame_stride, source,
+                                 normals=with_normals, classes=cfg.nyuv2_classes if with_semantics else None,
+                                 fits_normals=with_normals)
+    truth = load_ground_truth(request, compute, store, config_yaml, region, progress)
+    return ProbeFrames(names, lambda i: data.image(indices[i]), (data.height, data.width), identity, truth.depth,
+                       truth.normals, truth.semantics, truth.region, fitted_normals=truth.fitted_normals)
 
 
 def load_frames(root: Path, scene_ids: list[str], stride: int, probes: list[str], classes: int, device,
-                progress: Progress | None = None, role: str = "frames") -> ProbeFrames:
+                progress: Progress | None = None, role: str = "frames", store: Store | None = None,
+                config_yaml: str = "") -> ProbeFrames:
     """Every ``stride``-th good frame (not marked ``is_bad``) of each scene, with the ground truth ``probes`` need.
 
     Normals come from the scene's ``normals/`` folder, else they are fitted to its depth. Semantic classes outside
-    ``[0, classes)`` become 255 (ignored).
+    ``[0, classes)`` become 255 (ignored). With a ``store`` the ground truth is cached there
+    (:mod:`snd_stages.probes.ground_truth`).
     """
-    entries, image_files = [], []
+    with_normals, with_semantics = "normals" in probes, "segmentation" in probes
+    entries, image_files, source = [], [], []
     size = None
     for scene_id in scene_ids:
         scene = read_scene(root, scene_id)
@@ -178,31 +197,66 @@ def load_frames(root: Path, scene_ids: list[str], stride: int, probes: list[str]
         good = [position for position in range(len(scene)) if not scene.frames[position].is_bad]
         for position in good[::stride]:
             entries.append((scene, position))
-            name = scene.frames[position].name
-            image_files.append([f"{scene_id}/{name}", (scene.directory / "images" / name).stat().st_size])
+            name = f"{scene_id}/{scene.frames[position].name}"
+            image_files.append([name, scene.path("images", position).stat().st_size])
+            source.append(_ground_truth_files(scene, position, name, with_normals, with_semantics))
     if not entries:
         raise DataError(f"the scenes {scene_ids} of {root} have no good frames")
-    depth, normals, semantics, fitted = [], [], [], 0
-    for scene, position in track(entries, f"ground truth · {role}", progress, unit="frame"):
+
+    def compute(i: int) -> FrameTruth:
+        scene, position = entries[i]
         frame_depth = scene.load_depth(position)
-        depth.append(torch.from_numpy(frame_depth))
-        if "normals" in probes:
+        normals = semantics = None
+        fitted = False
+        if with_normals:
             if scene.has("normals"):
                 frame_normals = scene.load_normals(position)
             else:
                 frame_normals = normals_from_depth_plane_fit(frame_depth, scene.camera[position], device=device)
-                fitted += 1
-            normals.append(torch.from_numpy(frame_normals).permute(2, 0, 1).to(torch.float16))
-        if "segmentation" in probes:
+                fitted = True
+            normals = torch.from_numpy(frame_normals).permute(2, 0, 1).to(torch.float16)
+        if with_semantics:
             labels = scene.load_semantics(position)
             labels = np.where((labels >= 0) & (labels < classes), labels, IGNORE_LABEL)
-            semantics.append(torch.from_numpy(labels.astype(np.uint8)))
+            semantics = torch.from_numpy(labels.astype(np.uint8))
+        return FrameTruth(torch.from_numpy(frame_depth), normals, semantics, fitted)
+
+    names = [name for name, _ in image_files]
+    request = GroundTruthRequest(role, tuple(names), size, stride, source, normals=with_normals,
+                                 classes=classes if with_semantics else None,
+                                 fits_normals=with_normals and not all(scene.has("normals") for scene, _ in entries))
+    truth = load_ground_truth(request, compute, store, config_yaml, progress=progress)
     loaders = [functools.partial(scene.load_image, position) for scene, position in entries]
-    return ProbeFrames(
-        [name for name, _ in image_files], lambda i: loaders[i](), size, image_files, torch.stack(depth),
-        torch.stack(normals) if normals else None, torch.stack(semantics) if semantics else None,
-        fitted_normals=fitted,
-    )
+    return ProbeFrames(names, lambda i: loaders[i](), size, image_files, truth.depth, truth.normals, truth.semantics,
+                       fitted_normals=truth.fitted_normals)
+
+
+def _ground_truth_files(scene: Scene, position: int, name: str, normals: bool, semantics: bool) -> list:
+    """What one frame's ground truth is computed from: the names and sizes of its files (None: missing, which
+    computing it reports), and the intrinsics its normals are fitted with where the scene has no normals."""
+    record = [name, ["depth", _file_size(scene.path("depth", position))]]
+    if normals:
+        if scene.has("normals"):
+            record.append(["normals", _file_size(scene.path("normals", position))])
+        else:
+            record.append(["fitted normals", scene.camera[position].intrinsics.tolist()])
+    if semantics:
+        record.append(["semantics", _file_size(scene.path("semantic_segmentation", position))])
+    return record
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def _small_file_identity(path: Path | None) -> dict | None:
+    """Name and sha256 of a small input file; None where it is unset or missing (reading it reports that)."""
+    if path is None or not Path(path).is_file():
+        return None
+    return {"name": Path(path).name, "sha256": file_sha256(path)}
 
 
 def class_count(root: Path) -> int:
@@ -442,19 +496,21 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
              store: Store | None = None) -> EvalReport:
     """Probe the baseline (``train.backbone`` with ``eval.baseline_weights``) and each run; write the report.
 
-    With a ``store``, features are cached there (:mod:`snd_stages.probes.cache`); without one they are extracted
-    and kept in memory, as the same float16 values, so the scores are the same either way.
+    With a ``store``, features and ground truth are cached there (:mod:`snd_stages.probes.cache`,
+    :mod:`snd_stages.probes.ground_truth`); without one they are computed and kept in memory, as the same values
+    (features as float16), so the scores are the same either way.
     """
     device = resolve_device(cfg.device, "eval.device")
     pairs: list[CorrespondencePair] = []
     pairs_identity = None
     notes: list[str] = []
     probes = list(cfg.probes)
+    config_yaml = dump_sections(data=data, train=train, eval=cfg)
     if cfg.dataset == "nyuv2":
         train_ids, test_ids = ["nyuv2 train split"], ["nyuv2 test split"]
         probes = [probe for probe in probes if probe != "correspondence"]  # single views: no pairs
-        train_frames = load_nyuv2_frames(cfg, "train", probes, device, progress)
-        test_frames = load_nyuv2_frames(cfg, "test", probes, device, progress)
+        train_frames = load_nyuv2_frames(cfg, "train", probes, device, progress, store, config_yaml)
+        test_frames = load_nyuv2_frames(cfg, "test", probes, device, progress, store, config_yaml)
         classes = cfg.nyuv2_classes
     else:
         root = scenes_root(data, cfg)
@@ -476,8 +532,10 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
                 why = (" Real ScanNet++ DSLR scenes carry no 2D semantic labels; FiT3D renders them from the annotated "
                        "meshes." if cfg.dataset == "scannetpp" else "")
                 notes.append(f"segmentation skipped: {reason}.{why}")
-        train_frames = load_frames(root, train_ids, cfg.frame_stride, probes, classes, device, progress, "train")
-        test_frames = load_frames(root, test_ids, cfg.frame_stride, probes, classes, device, progress, "test")
+        train_frames = load_frames(root, train_ids, cfg.frame_stride, probes, classes, device, progress, "train",
+                                   store, config_yaml)
+        test_frames = load_frames(root, test_ids, cfg.frame_stride, probes, classes, device, progress, "test",
+                                  store, config_yaml)
         if "correspondence" in probes:
             per_scene = math.ceil(cfg.correspondence_pairs / len(test_ids))
             for index, scene_id in enumerate(test_ids):
@@ -505,7 +563,6 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     results: dict = {"protocol": {"dataset": cfg.dataset, "probes": probes,
                                   **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs))},
                      "models": {}, "notes": notes}
-    config_yaml = dump_sections(data=data, train=train, eval=cfg)
     memory_bytes = cfg.feature_memory_gb * 2**30
     frame_specs = [PROBE_FEATURES[probe] for probe in probes if probe in PROBE_FEATURES]
     outputs, uses = {}, []
