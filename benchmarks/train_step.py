@@ -19,6 +19,8 @@ instance masks. For each (model, size, batch) it times, with warm-up and medians
   the network-only step (``FlopCounterMode``) beside this formula.
 
 It also composes one operator at each size (``build_splat_operator`` with gsplat) and prints its cost and bytes.
+``--kernel-floor`` instead times the network-only step's matrix products and attention alone, at its shapes, and
+prints their sum: the step's cost if nothing else ran, and the share of the peak that would be.
 
     python benchmarks/train_step.py --inputs DIR --sizes 448x448 576x880 --batch 8 16 [--weights PATH] [--compile]
 """
