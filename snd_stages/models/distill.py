@@ -395,7 +395,7 @@ class StudentTeacher(nn.Module):
         """Run token extraction through ``torch.compile`` (Inductor): student and teacher, forward and backward.
 
         Inductor fuses the ViT's LayerNorms, residual additions, GELUs, LoRA dropout and autocast casts into a few
-        kernels per block; at 574x868 the network-only step on an H100 went from 81 to 59 ms. The first step
+        kernels per block; at 574x868 the network-only step on an H100 went from 69 to 52 ms. The first step
         of each image size compiles (about a minute). Results equal the eager ones up to float rounding of the
         fused operations. The function is compiled, not the modules, so copies of the backbones (export) stay
         plain modules.
