@@ -315,7 +315,6 @@ def main() -> None:
 
                 targets = apply()
 
-
                 def step(targets_fn, step_cfg):
                     def run():  # as the training loop runs a step (reading the loss included)
                         loss, result = distillation_step(model, batch, step_cfg, device, autocast,

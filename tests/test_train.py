@@ -136,7 +136,7 @@ def test_uncovered_tokens_are_zeroed_on_both_sides(project):
     zeros = torch.zeros(coverage.numel(), model.student_head.mlp[0].in_features)
     expected = distillation_loss(model.student_head(zeros), model.teacher_head(zeros))
     torch.testing.assert_close(loss, expected)  # "head(0) vs head(0)" at every token, still averaged
-    assert result.values()[2] == 0.0
+    assert result.statistics.tolist()[2] == 0.0  # coverage
 
 
 def training_data_of(root: Path) -> TrainingData:

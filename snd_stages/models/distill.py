@@ -242,16 +242,20 @@ class MergedView:
         self._merged: list[tuple[Tensor, nn.Module]] = []
 
     def __call__(self) -> VisionTransformer:
-        if self._plain is None or any(
-            merged.device != layer.get_base_layer().weight.device or merged.dtype != layer.get_base_layer().weight.dtype
-            for merged, layer in self._merged[:1]
-        ):
+        if self._plain is None or self._left_behind():
             self._build()
         with torch.no_grad():
             for merged, layer in self._merged:
                 base = layer.get_base_layer().weight
                 merged.copy_(base + layer.get_delta_weight(layer.active_adapters[0]).to(base.dtype))
         return self._plain
+
+    def _left_behind(self) -> bool:
+        """Whether the wrapped model moved to another device or dtype since the view was built: the shared tensors
+        moved with it, the view's own merged weights did not."""
+        merged, layer = self._merged[0]
+        base = layer.get_base_layer().weight
+        return merged.device != base.device or merged.dtype != base.dtype
 
     def _build(self) -> None:
         plain = merged_backbone(self.wrapped)

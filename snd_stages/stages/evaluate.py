@@ -300,7 +300,7 @@ def _scene_images_identity(root: Path, scene_ids: list[str]) -> list:
     files = []
     for scene_id in scene_ids:
         scene = read_scene(root, scene_id)
-        files += [[f"{scene_id}/{frame.name}", (scene.directory / "images" / scene.frames[position].name).stat().st_size]
+        files += [[f"{scene_id}/{frame.name}", scene.path("images", position).stat().st_size]
                   for position, frame in enumerate(scene.frames)]
     return files
 

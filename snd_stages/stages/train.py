@@ -315,11 +315,6 @@ class StepResult:
     targets: torch.Tensor
     student: torch.Tensor
 
-    def values(self) -> tuple[float, float, float]:
-        """(loss, kl, coverage) on the host; waits for the step's forward."""
-        loss, kl, coverage = self.statistics.tolist()
-        return loss, kl, coverage
-
 
 def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: TrainCfg, device: torch.device,
                       autocast, targets: tuple[torch.Tensor, torch.Tensor] | None = None,
