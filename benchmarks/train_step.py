@@ -22,7 +22,11 @@ It also composes one operator at each size (``build_splat_operator`` with gsplat
 ``--kernel-floor`` instead times the network-only step's matrix products and attention alone, at its shapes, and
 prints their sum: the step's cost if nothing else ran, and the share of the peak that would be.
 
-    python benchmarks/train_step.py --inputs DIR --sizes 448x448 576x880 --batch 8 16 [--weights PATH] [--compile]
+``--batch`` takes sizes and ``max``: the largest batch (a multiple of 8) whose full step, optimiser state included,
+peaks within ``--max-memory-fraction`` (0.85) of the GPU's memory, found by doubling and then bisecting with eager
+steps before any timing.
+
+    python benchmarks/train_step.py --inputs DIR --sizes 448x448 576x880 --batch 8 max [--weights PATH] [--compile]
 """
 
 from __future__ import annotations
@@ -84,6 +88,58 @@ def median_ms(function, repeats: int, warmup: int = 2) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def largest_batch(fits, start: int = 8, step: int = 8, limit: int = 4096) -> int:
+    """The largest multiple of ``step`` (from ``start``) for which ``fits(batch)`` is true: double until it fails,
+    then bisect. Memory grows with the batch, so ``fits`` is monotone. 0 when not even ``start`` fits."""
+    if not fits(start):
+        return 0
+    low, high = start, None
+    while high is None:
+        candidate = 2 * low
+        if candidate > limit:
+            return low
+        if fits(candidate):
+            low = candidate
+        else:
+            high = candidate
+    while high - low > step:
+        middle = (low + high) // 2 // step * step
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def step_fits(model, optimizer, scheduler, sample: TrainingSample, cfg: TrainCfg, batch_size: int,
+              device: torch.device, memory_fraction: float) -> bool:
+    """Whether two full steps at ``batch_size`` (the second with the optimiser's state allocated) run within
+    ``memory_fraction`` of the GPU's memory. The headroom covers what the timings hold besides a step (the parts'
+    outputs) and compiled kernels' different buffers; a batch that only just fits in eager mode fails there."""
+    batch = [sample] * batch_size
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        for _ in range(2):
+            loss, result = distillation_step(model, batch, cfg, device, bf16_autocast,
+                                             targets=teacher_targets(model, batch, cfg, device, bf16_autocast),
+                                             with_kl=False)
+            learn(loss, result.statistics, model, optimizer, scheduler, cfg.ema_momentum)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() <= memory_fraction * torch.cuda.get_device_properties(device).total_memory
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def batch_sizes(requested: list[str]) -> list[str]:
+    for value in requested:
+        if value != "max" and not (value.isdigit() and int(value) > 0):
+            raise SystemExit(f"--batch {value}: give positive integers or 'max' (the largest batch that fits)")
+    return requested
 
 
 def network_flops(embed_dim: int, depth: int, image_tokens: int, batch: int, prototypes: int) -> float:
@@ -150,7 +206,7 @@ def kernel_floor(args) -> None:
     device = torch.device("cuda")
     table = Table(title="Kernel floor: the network-only step's matrix products and attention alone (bf16, median ms)")
     for column in ("model", "image", "batch", "backbone GEMMs", "attention", "head GEMMs", "logits GEMMs",
-                   "sum ms", "formula TFLOP", "% of peak at the floor"):
+                   "sum ms", "formula TFLOP", "% of peak at the floor", "% of GEMM ceiling at the floor"):
         table.add_column(column, justify="right")
 
     def matmul_ms(rows: int, inner: int, columns: int) -> float:
@@ -175,6 +231,8 @@ def kernel_floor(args) -> None:
                 pass
         return best
 
+    # What cuBLAS reaches on this GPU at its most favourable shapes: the datasheet peak is not reachable in practice.
+    ceiling = max(2 * n**3 / (matmul_ms(n, n, n) * 1e-3) / 1e12 for n in (4096, 8192, 16384))
     for size in args.sizes:
         height, width = (int(side) for side in size.split("x"))
         grid = token_grid(height, width)
@@ -203,9 +261,12 @@ def kernel_floor(args) -> None:
                 flops = network_flops(width_, depth, patches, batch, cfg.prototypes)
                 table.add_row(backbone, size, str(batch), f"{backbone_ms:.1f}", f"{attention:.1f}", f"{head_ms:.1f}",
                               f"{logits_ms:.1f}", f"{total:.1f}", f"{flops / 1e12:.2f}",
-                              f"{100 * flops / (total * 1e-3) / 1e12 / peak_tflops():.1f}")
+                              f"{100 * flops / (total * 1e-3) / 1e12 / peak_tflops():.1f}",
+                              f"{100 * flops / (total * 1e-3) / 1e12 / ceiling:.1f}")
                 torch.cuda.empty_cache()
     Console().print(table)
+    Console().print(f"GEMM ceiling: {ceiling:.0f} TFLOP/s, the fastest large square bf16 product here "
+                    f"({100 * ceiling / peak_tflops():.0f} % of the {peak_tflops():.0f} TFLOP/s datasheet peak)")
 
 
 def peak_tflops() -> float:
@@ -217,10 +278,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", type=Path, required=True)
     parser.add_argument("--sizes", nargs="+", default=["448x448", "576x880"])
-    parser.add_argument("--batch", type=int, nargs="+", default=[8])
+    parser.add_argument("--batch", nargs="+", default=["8"], help="batch sizes, or max: the largest that fits")
     parser.add_argument("--backbones", nargs="+", default=["dinov2_vits14"])
     parser.add_argument("--weights", default="random")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-memory-fraction", type=float, default=0.85,
+                        help="--batch max: the largest batch whose step peaks within this share of the GPU's memory")
     parser.add_argument("--skip-render", action="store_true", help="do not time the plain (render) path")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (train.compile)")
     parser.add_argument("--kernel-floor", action="store_true",
@@ -229,6 +292,15 @@ def main() -> None:
                         help="only count the network-only step's FLOPs with torch's FlopCounterMode, beside the formula")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark times the GPU path"
+    args.batch = batch_sizes(args.batch)
+    if (args.kernel_floor or args.count_flops) and "max" in args.batch:
+        raise SystemExit("--batch max only applies to the timed steps; give --kernel-floor and --count-flops sizes")
+    if args.kernel_floor or args.count_flops:
+        args.batch = [int(value) for value in args.batch]
+    if args.compile:
+        # Every (backbone, shape) compiled here is one more entry for the same function; past Dynamo's default
+        # limit of 8 it would silently run eager and the later rows would not be compiled timings.
+        torch._dynamo.config.recompile_limit = 64
     if args.kernel_floor:
         kernel_floor(args)
         return
@@ -274,7 +346,23 @@ def main() -> None:
         for backbone in args.backbones:
             cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
             render_cfg = TrainCfg(**{**cfg.__dict__, "teacher_splatting": "render"})
-            for batch_size in args.batch:
+            for requested in args.batch:
+                label = requested
+                if requested == "max":
+                    torch.manual_seed(0)
+                    model = build_model(cfg).to(device)
+                    optimizer, scheduler = make_optimizer(model, cfg, 10_000)
+                    batch_size = largest_batch(
+                        lambda size: step_fits(model, optimizer, scheduler, sample, cfg, size, device,
+                                               args.max_memory_fraction))
+                    del model, optimizer, scheduler
+                    torch.cuda.empty_cache()
+                    if batch_size == 0:
+                        steps.add_row(backbone, size, "max", "OOM at 8", *[""] * 8)
+                        continue
+                    label = f"{batch_size} (max)"
+                else:
+                    batch_size = int(requested)
                 torch.manual_seed(0)
                 model = build_model(cfg).to(device)
                 embed_dim = model.student_head.mlp[0].in_features
@@ -348,7 +436,7 @@ def main() -> None:
                             step(lambda: teacher_targets(model, batch, render_cfg, device, autocast), render_cfg),
                             args.repeats)
                 except torch.cuda.OutOfMemoryError:
-                    steps.add_row(backbone, size, str(batch_size), "OOM", *[""] * 8)
+                    steps.add_row(backbone, size, label, "OOM", *[""] * 8)
                     del model, optimizer
                     torch.cuda.empty_cache()
                     continue
@@ -356,9 +444,9 @@ def main() -> None:
                 flops = network_flops(embed_dim, blocks, grid[0] * grid[1], batch_size, cfg.prototypes)
                 achieved = flops / (timed["network"] * 1e-3) / 1e12
                 dash = lambda key: f"{timed[key]:.1f}" if key in timed else "-"  # noqa: E731
-                parts.add_row(backbone, size, str(batch_size), dash("teacher"), dash("upsample"), dash("render"),
+                parts.add_row(backbone, size, label, dash("teacher"), dash("upsample"), dash("render"),
                               dash("blend"), dash("operator"), dash("student"), dash("optimiser"), dash("ema"))
-                steps.add_row(backbone, size, str(batch_size), dash("full_render"), dash("full_operator"),
+                steps.add_row(backbone, size, label, dash("full_render"), dash("full_operator"),
                               dash("network"), f"{timed['full_operator'] / timed['network']:.3f}",
                               f"{batch_size / timed['full_operator'] * 1e3:.1f}", f"{flops / 1e12:.2f}",
                               f"{achieved:.0f}",

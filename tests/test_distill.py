@@ -422,6 +422,26 @@ def test_update_teacher_matches_its_reference():
         torch.testing.assert_close(fast, slow, **EMA_TOLERANCE)
 
 
+def test_update_teacher_reaches_the_models_tensors_after_a_cast():
+    model = small_student_teacher()
+    assert model.ema_pairs() is model.ema_pairs()  # paired once
+    model.update_teacher(0.5)  # pairs the float32 tensors
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # casting then makes new parameter objects
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    randomize_lora_b(model.student)
+    expected = {name: 0.5 * p + 0.5 * dict(model.student.named_parameters())[name]
+                for name, p in model.teacher.named_parameters() if ".lora_B." in name}
+    model.update_teacher(0.5)
+    for name, parameter in model.teacher.named_parameters():
+        if name in expected:
+            assert parameter.dtype == torch.float64
+            torch.testing.assert_close(parameter, expected[name], **EMA_TOLERANCE)
+
+
 def test_update_teacher_keeps_identical_tensors_bit_identical():
     model = small_student_teacher()
     before = [tensor.clone() for tensor in model.ema_pairs()[0]]
@@ -480,6 +500,21 @@ def test_teacher_runs_merged_and_matches_its_lora_model_after_every_update():
     own = {name for name, _ in plain.named_parameters()} - set(shared)
     assert own == {f"blocks.{i}.attn.{layer}.weight" for i in range(DEPTH) for layer in ("qkv", "proj")}
     assert plain.blocks[0].attn.qkv.bias is teacher["base_model.model.blocks.0.attn.qkv.base_layer.bias"]
+
+
+def test_merged_teacher_refreshes_linear_layers_in_one_product_and_convolutions_through_peft():
+    # Under the reference quirks LoRA also sits on the patch-embedding convolution, which PEFT merges itself.
+    model = small_student_teacher(reference_quirks=True)
+    randomize_lora_b(model.student)
+    model.eval()
+    model.update_teacher(0.5)
+    images = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        through_lora = patch_tokens(model.teacher, images)
+    assert relative_error(model.teacher_tokens(images), through_lora) < 1e-5
+    refreshed_by_peft = {type(layer).__name__ for _, layer, product in model._merged_teacher._merged if product is None}
+    assert refreshed_by_peft == {"Conv2d"}
+    assert sum(product is not None for _, _, product in model._merged_teacher._merged) == 2 * DEPTH
 
 
 def test_merged_teacher_view_follows_the_teacher_to_another_dtype():

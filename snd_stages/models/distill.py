@@ -239,21 +239,25 @@ class MergedView:
     def __init__(self, model: peft.PeftModel):
         self.wrapped = model
         self._plain: VisionTransformer | None = None
-        self._merged: list[tuple[Tensor, nn.Module]] = []
+        self._merged: list[tuple[Tensor, nn.Module, tuple | None]] = []
 
     def __call__(self) -> VisionTransformer:
         if self._plain is None or self._left_behind():
             self._build()
         with torch.no_grad():
-            for merged, layer in self._merged:
-                base = layer.get_base_layer().weight
-                merged.copy_(base + layer.get_delta_weight(layer.active_adapters[0]).to(base.dtype))
+            for merged, layer, product in self._merged:
+                if product is not None:
+                    base, b, a, scaling = product
+                    torch.addmm(base, b, a, alpha=scaling, out=merged)
+                else:
+                    base = layer.get_base_layer().weight
+                    merged.copy_(base + layer.get_delta_weight(layer.active_adapters[0]).to(base.dtype))
         return self._plain
 
     def _left_behind(self) -> bool:
         """Whether the wrapped model moved to another device or dtype since the view was built: the shared tensors
         moved with it, the view's own merged weights did not."""
-        merged, layer = self._merged[0]
+        merged, layer, _ = self._merged[0]
         base = layer.get_base_layer().weight
         return merged.device != base.device or merged.dtype != base.dtype
 
@@ -267,12 +271,26 @@ class MergedView:
             module_name, _, leaf = name.rpartition(".")
             layer = layers.get(f"base_model.model.{module_name}")
             if layer is not None and leaf == "weight":
-                self._merged.append((parameter, layer))  # the view's own tensor, refreshed on every call
+                # The view's own tensor, refreshed on every call.
+                self._merged.append((parameter, layer, _merge_product(layer)))
                 continue
             adapted = "base_layer" if layer is not None else ""  # an adapted layer's bias sits in its base layer
             source = ".".join(part for part in ("base_model.model", module_name, adapted, leaf) if part)
             plain.get_submodule(module_name).register_parameter(leaf, wrapped_parameters[source])
         self._plain = plain
+
+
+def _merge_product(layer: peft.tuners.lora.LoraLayer) -> tuple | None:
+    """``addmm`` arguments giving ``W + scaling B A`` of a plain LoRA linear layer in one call, or None where PEFT's
+    own ``get_delta_weight`` must do it (convolutions, DoRA, transposed weights, mixed dtypes). Why: the merged
+    teacher is refreshed every step, and PEFT's path costs about ten host-side operations per layer."""
+    adapter = layer.active_adapters[0]
+    if not isinstance(layer, peft.tuners.lora.Linear) or layer.fan_in_fan_out or layer.use_dora[adapter]:
+        return None
+    base, a, b = layer.get_base_layer().weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if not base.dtype == a.dtype == b.dtype:
+        return None
+    return base, b, a, layer.scaling[adapter]
 
 
 def export_backbone(model: peft.PeftModel, path: str | Path) -> None:
@@ -393,7 +411,13 @@ class StudentTeacher(nn.Module):
         self.patch_tokens = patch_tokens
         # The teacher in eval mode runs as a plain ViT with its LoRA merged (not a submodule: no state of its own).
         self._merged_teacher = MergedView(self.teacher)
+        self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
         self.train()
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moving or casting may replace parameter tensors: pair them again on the next EMA step.
+        self._ema_pairs = None
+        return super()._apply(fn, recurse)
 
     def compile_backbones(self) -> None:
         """Run token extraction through ``torch.compile`` (Inductor): student and teacher, forward and backward.
@@ -475,9 +499,17 @@ class StudentTeacher(nn.Module):
     def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
         """The tensors that the EMA updates: (teacher, student) LoRA matrices and head parameters, paired by name.
 
+        Paired once and kept: walking both models' parameters by name cost about as much host time as a whole
+        small-image step's kernel launches.
+
         Returns:
             (teacher tensors, student tensors), equally long; entry i of both has the same parameter name and shape.
         """
+        if self._ema_pairs is None:
+            self._ema_pairs = self._pair_ema_tensors()
+        return self._ema_pairs
+
+    def _pair_ema_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
         teacher_lora = {name: p for name, p in self.teacher.named_parameters() if _LORA_PARAMETER.search(name)}
         student_lora = {name: p for name, p in self.student.named_parameters() if _LORA_PARAMETER.search(name)}
         teacher_head = dict(self.teacher_head.named_parameters())
