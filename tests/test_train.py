@@ -163,6 +163,42 @@ def test_batches_read_ahead_are_the_batches_of_their_steps(project):
     assert list(training_data_of(project).batches(range(0), batch_size=3)) == []
 
 
+def test_frames_are_decoded_once_and_the_cache_stays_within_its_bytes(project, monkeypatch):
+    from snd_stages.scenes.layout import Scene
+
+    decoded = []
+    real_load_image = Scene.load_image
+
+    def counting_load_image(self, index):
+        decoded.append((self.scene_id, index))
+        return real_load_image(self, index)
+
+    monkeypatch.setattr(Scene, "load_image", counting_load_image)
+    cached = training_data_of(project)
+    first = [cached.batch(step, 2) for step in range(4)]
+    assert len(decoded) == len(set(decoded))  # no frame decoded twice
+    again = [cached.batch(step, 2) for step in range(4)]
+    assert len(decoded) == len(set(decoded))
+    frame_bytes = next(iter(cached._frames.values()))
+    one_frame = frame_bytes[0].nbytes + frame_bytes[1].nbytes
+    small = training_data_of(project)
+    small._cached_frame_bytes = 2 * one_frame  # room for two frames: every sample evicts
+    decoded.clear()
+    for batches in (first, again, [small.batch(step, 2) for step in range(4)]):
+        for step, batch in enumerate(batches):
+            for sample, expected in zip(batch, training_data_of(project).batch(step, 2), strict=True):
+                for name in ("context_images", "context_masks", "target_image", "target_mask"):
+                    assert getattr(sample, name).dtype == getattr(expected, name).dtype
+                    torch.testing.assert_close(getattr(sample, name), getattr(expected, name), rtol=0, atol=0)
+    assert len(small._frames) == 2 and small._frame_bytes == 2 * one_frame
+    # A sample's tensors are its own: changing them leaves the cached frames as decoded.
+    batch = cached.batch(0, 1)
+    batch[0].target_image.fill_(7.0)
+    batch[0].target_mask.fill_(7)
+    assert not torch.equal(cached.batch(0, 1)[0].target_image, batch[0].target_image)
+    assert not torch.equal(cached.batch(0, 1)[0].target_mask, batch[0].target_mask)
+
+
 def test_a_batch_that_fails_to_read_ahead_raises_when_it_is_due(project, monkeypatch):
     data = training_data_of(project)
     real_batch = TrainingData.batch

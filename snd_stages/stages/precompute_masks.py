@@ -154,9 +154,13 @@ class MaskReader:
 
     def __call__(self, scene_id: str, position: int) -> torch.Tensor:
         """``[H, W]`` int64 labels of frame ``position`` of ``scene_id``."""
+        return torch.from_numpy(self.stored(scene_id, position)).long()
+
+    def stored(self, scene_id: str, position: int) -> np.ndarray:
+        """``[H, W]`` labels of frame ``position`` of ``scene_id`` as stored (int32)."""
         if scene_id not in self._units:
             unit = self.masks.unit(scene_id)
             rows = {int(p): row for row, p in enumerate(unit["positions"][...])}
             self._units[scene_id] = (rows, unit["labels"])
         rows, labels = self._units[scene_id]
-        return torch.from_numpy(np.asarray(labels[rows[position]])).long()
+        return np.asarray(labels[rows[position]])

@@ -116,7 +116,8 @@ class TrainingData:
 
     def __init__(self, samples: list[ViewSample], dataset_root: Path, gaussians: Artifact, masks: Artifact,
                  seed: int, cached_pairs: int = 64, operators: Artifact | None = None,
-                 operator_device: torch.device | str = "cpu", cached_operators: int = 4096, pin_memory: bool = False):
+                 operator_device: torch.device | str = "cpu", cached_operators: int = 4096, pin_memory: bool = False,
+                 cached_frame_bytes: int = 2 * 2**30):
         if not samples:
             raise ArtifactError("the sample list is empty; rerun snd sample-views")
         self.samples = samples
@@ -134,6 +135,12 @@ class TrainingData:
         self._cached_operators = cached_operators
         # Page-locked images upload asynchronously (``non_blocking``) and several times faster than pageable ones.
         self._pin_memory = pin_memory
+        # Decoded frames (uint8 image, int32 mask), least recently used first. A frame serves many samples (as a
+        # context or a target of several pairs) and every epoch; decoding its PNG and reading its mask again took
+        # longer than a small image's whole step on a GPU.
+        self._frames: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._frame_bytes = 0
+        self._cached_frame_bytes = cached_frame_bytes
 
     def indices(self, step: int, batch_size: int) -> list[int]:
         """Sample indices of ``step``: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
@@ -176,19 +183,38 @@ class TrainingData:
             pair, operator = self._pair(pair_unit_name(sample.scene, sample.context)), None
             target_index = pair.target_index(target)
             target_camera = pair.target_camera[target_index : target_index + 1]
-        context_images = torch.stack([image_to_tensor(scene.load_image(p)) for p in sample.context])
-        target_image = image_to_tensor(scene.load_image(target))
+        contexts = [self._frame(scene, p) for p in sample.context]
+        target_frame = self._frame(scene, target)
+        context_images = torch.stack([image_to_tensor(image) for image, _ in contexts])
+        target_image = image_to_tensor(target_frame[0])
         if self._pin_memory:
             context_images, target_image = context_images.pin_memory(), target_image.pin_memory()
         return TrainingSample(
             context_images=context_images,
-            context_masks=torch.stack([self._mask(sample.scene, p) for p in sample.context]),
+            context_masks=torch.stack([torch.from_numpy(mask) for _, mask in contexts]).long(),
             target_image=target_image,
-            target_mask=self._mask(sample.scene, target),
+            target_mask=torch.from_numpy(target_frame[1]).long(),
             pair=pair,
             target_camera=target_camera,
             operator=operator,
         )
+
+    def _frame(self, scene: Scene, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame ``position``'s ``[H, W, 3]`` uint8 image and ``[H, W]`` stored (int32) mask, decoded once while
+        they fit in the cache; callers convert them to new tensors, never changing the cached arrays."""
+        key = (scene.scene_id, position)
+        if key in self._frames:
+            self._frames.move_to_end(key)
+            return self._frames[key]
+        frame = scene.load_image(position), self._mask.stored(scene.scene_id, position)
+        size = frame[0].nbytes + frame[1].nbytes
+        if size <= self._cached_frame_bytes:
+            self._frames[key] = frame
+            self._frame_bytes += size
+            while self._frame_bytes > self._cached_frame_bytes:
+                _, (image, mask) = self._frames.popitem(last=False)
+                self._frame_bytes -= image.nbytes + mask.nbytes
+        return frame
 
     def _scene(self, scene_id: str) -> Scene:
         if scene_id not in self._scenes:
