@@ -189,12 +189,15 @@ class TrainCfg:
     picture_every: int = 500
     log_every: int = 10
     keep_checkpoints: int = 2
+    # Decoded frames (image and mask) the batch reader keeps, per process, in MB; 0 decodes every frame each time.
+    frame_cache_mb: int = 2048
     runs_root: Path = Path("data/runs")
 
     def __post_init__(self) -> None:
         for name in ("steps_cpu", "steps_gpu", "batch_size", "lora_rank", "prototypes", "ema_every",
                      "checkpoint_every", "picture_every", "log_every", "keep_checkpoints"):
             _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
+        _require(self.frame_cache_mb >= 0, "train.frame_cache_mb", self.frame_cache_mb, "an integer >= 0 (0 = no cache)")
         _require(self.steps is None or self.steps >= 1, "train.steps", self.steps, "null or an integer >= 1")
         _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number")
         _require(0 < self.warmup_fraction < 1, "train.warmup_fraction", self.warmup_fraction, "a number in (0, 1)")

@@ -88,6 +88,12 @@ def test_bad_overrides(override, fragment):
         load_config(None, [override])
 
 
+def test_frame_cache_size_is_not_negative():
+    with pytest.raises(ConfigError, match="train.frame_cache_mb = -1 .*0 = no cache"):
+        load_config(None, ["train.frame_cache_mb=-1"])
+    assert load_config(None, ["train.frame_cache_mb=0"]).train.frame_cache_mb == 0
+
+
 def test_overrides_limited_to_the_sections_a_command_reads():
     with pytest.raises(ConfigError, match="reads only the sections"):
         load_config(None, ["demo.seed=1"], allowed_sections={"sampling", "data"})

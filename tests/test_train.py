@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,14 @@ def test_frames_are_decoded_once_and_the_cache_stays_within_its_bytes(project, m
     batch[0].target_mask.fill_(7)
     assert not torch.equal(cached.batch(0, 1)[0].target_image, batch[0].target_image)
     assert not torch.equal(cached.batch(0, 1)[0].target_mask, batch[0].target_mask)
+
+
+def test_the_frame_cache_size_is_not_part_of_the_run(project):
+    runs = f"train.runs_root={project / 'runs-frame-cache'}"
+    uncached = run(project, "train.steps=2", "train.frame_cache_mb=0", runs)
+    assert not uncached.skipped and math.isfinite(uncached.final_loss)
+    again = run(project, "train.steps=2", "train.frame_cache_mb=64", runs)
+    assert again.skipped and again.run_dir == uncached.run_dir
 
 
 def test_a_batch_that_fails_to_read_ahead_raises_when_it_is_due(project, monkeypatch):

@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 # Settings that change how a run is observed or where it runs, not what it computes: kept out of the run key.
 _OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root",
-                     "teacher_splatting", "compile")
+                     "teacher_splatting", "compile", "frame_cache_mb")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -545,7 +545,8 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     student_forward = student_side(model, world)
     operators = teacher_operators(train_cfg, inputs, store) if train_cfg.teacher_splatting == "operator" else None
     training_data = TrainingData(samples.samples, samples.dataset_root, gaussians, masks, train_cfg.seed,
-                                 operators=operators, operator_device=device, pin_memory=device.type == "cuda")
+                                 operators=operators, operator_device=device, pin_memory=device.type == "cuda",
+                                 cached_frame_bytes=train_cfg.frame_cache_mb * 2**20)
     use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
 
     def autocast():
