@@ -72,7 +72,7 @@ def main() -> None:
     first = per_batch_ms(cached, range(epoch_steps), args.batch)
     later = per_batch_ms(cached, range(epoch_steps, epoch_steps + len(steps)), args.batch)
     table.add_row(f"{no_cache:.2f}", f"{first:.2f}", f"{later:.2f}", str(len(cached._frames)),
-                  f"{cached._frame_bytes / 1e6:.1f}")
+                  f"{cached._frames.size / 1e6:.1f}")
     Console().print(table)
 
 

@@ -180,10 +180,10 @@ def test_frames_are_decoded_once_and_the_cache_stays_within_its_bytes(project, m
     assert len(decoded) == len(set(decoded))  # no frame decoded twice
     again = [cached.batch(step, 2) for step in range(4)]
     assert len(decoded) == len(set(decoded))
-    frame_bytes = next(iter(cached._frames.values()))
-    one_frame = frame_bytes[0].nbytes + frame_bytes[1].nbytes
+    height, width = first[0][0].target_image.shape[-2:]
+    one_frame = height * width * (3 + 4)  # uint8 RGB image, int32 mask
     small = training_data_of(project)
-    small._cached_frame_bytes = 2 * one_frame  # room for two frames: every sample evicts
+    small._frames.capacity = 2 * one_frame  # room for two frames: every sample evicts
     decoded.clear()
     for batches in (first, again, [small.batch(step, 2) for step in range(4)]):
         for step, batch in enumerate(batches):
@@ -191,7 +191,7 @@ def test_frames_are_decoded_once_and_the_cache_stays_within_its_bytes(project, m
                 for name in ("context_images", "context_masks", "target_image", "target_mask"):
                     assert getattr(sample, name).dtype == getattr(expected, name).dtype
                     torch.testing.assert_close(getattr(sample, name), getattr(expected, name), rtol=0, atol=0)
-    assert len(small._frames) == 2 and small._frame_bytes == 2 * one_frame
+    assert len(small._frames) == 2 and small._frames.size == 2 * one_frame
     # A sample's tensors are its own: changing them leaves the cached frames as decoded.
     batch = cached.batch(0, 1)
     batch[0].target_image.fill_(7.0)

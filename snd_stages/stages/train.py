@@ -38,9 +38,10 @@ import math
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,36 @@ def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(count)
 
 
+class LeastRecentlyUsed:
+    """A cache of loaded values that drops the least recently used ones beyond ``capacity``, counted in ``size``
+    units (1 per value by default; bytes for decoded frames). A value larger than the whole capacity is returned
+    without being kept."""
+
+    def __init__(self, capacity: int, size: Callable[[Any], int] = lambda value: 1):
+        self.capacity = capacity
+        self.size = 0  # of the values kept
+        self._size_of = size
+        self._values: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: Hashable, load: Callable[[], Any]) -> Any:
+        """The value of ``key``, loaded with ``load()`` if it is not kept."""
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        value = load()
+        size = self._size_of(value)
+        if size <= self.capacity:
+            self._values[key] = value
+            self.size += size
+            while self.size > self.capacity:
+                _, dropped = self._values.popitem(last=False)
+                self.size -= self._size_of(dropped)
+        return value
+
+
 class TrainingData:
     """Samples in an order that is a function of (seed, step) only, read from the precomputed artifacts."""
 
@@ -126,21 +157,17 @@ class TrainingData:
         self.operators = operators
         self.seed = seed
         self._scenes: dict[str, Scene] = {}
-        self._pairs: OrderedDict[str, PairGaussians] = OrderedDict()
-        self._cached_pairs = cached_pairs
+        self._pairs = LeastRecentlyUsed(cached_pairs)
         self._mask = MaskReader(masks)
         # Operators are small (tens to hundreds of kB) and reused every epoch: keep them, already on the device.
-        self._operators: OrderedDict[str, SplatOperator] = OrderedDict()
+        self._operators = LeastRecentlyUsed(cached_operators)
         self._operator_device = operator_device
-        self._cached_operators = cached_operators
         # Page-locked images upload asynchronously (``non_blocking``) and several times faster than pageable ones.
         self._pin_memory = pin_memory
-        # Decoded frames (uint8 image, int32 mask), least recently used first. A frame serves many samples (as a
-        # context or a target of several pairs) and every epoch; decoding its PNG and reading its mask again took
-        # longer than a small image's whole step on a GPU.
-        self._frames: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._frame_bytes = 0
-        self._cached_frame_bytes = cached_frame_bytes
+        # Decoded frames (uint8 image, int32 mask), by bytes. A frame serves many samples (as a context or a target
+        # of several pairs) and every epoch; decoding its PNG and reading its mask again took longer than a small
+        # image's whole step on a GPU.
+        self._frames = LeastRecentlyUsed(cached_frame_bytes, size=lambda frame: frame[0].nbytes + frame[1].nbytes)
 
     def indices(self, step: int, batch_size: int) -> list[int]:
         """Sample indices of ``step``: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
@@ -202,19 +229,8 @@ class TrainingData:
     def _frame(self, scene: Scene, position: int) -> tuple[np.ndarray, np.ndarray]:
         """Frame ``position``'s ``[H, W, 3]`` uint8 image and ``[H, W]`` stored (int32) mask, decoded once while
         they fit in the cache; callers convert them to new tensors, never changing the cached arrays."""
-        key = (scene.scene_id, position)
-        if key in self._frames:
-            self._frames.move_to_end(key)
-            return self._frames[key]
-        frame = scene.load_image(position), self._mask.stored(scene.scene_id, position)
-        size = frame[0].nbytes + frame[1].nbytes
-        if size <= self._cached_frame_bytes:
-            self._frames[key] = frame
-            self._frame_bytes += size
-            while self._frame_bytes > self._cached_frame_bytes:
-                _, (image, mask) = self._frames.popitem(last=False)
-                self._frame_bytes -= image.nbytes + mask.nbytes
-        return frame
+        return self._frames.get((scene.scene_id, position),
+                                lambda: (scene.load_image(position), self._mask.stored(scene.scene_id, position)))
 
     def _scene(self, scene_id: str) -> Scene:
         if scene_id not in self._scenes:
@@ -222,22 +238,10 @@ class TrainingData:
         return self._scenes[scene_id]
 
     def _operator(self, name: str) -> SplatOperator:
-        if name in self._operators:
-            self._operators.move_to_end(name)
-        else:
-            self._operators[name] = read_operator(self.operators.unit(name)).to(self._operator_device)
-            if len(self._operators) > self._cached_operators:
-                self._operators.popitem(last=False)
-        return self._operators[name]
+        return self._operators.get(name, lambda: read_operator(self.operators.unit(name)).to(self._operator_device))
 
     def _pair(self, name: str) -> PairGaussians:
-        if name in self._pairs:
-            self._pairs.move_to_end(name)
-        else:
-            self._pairs[name] = read_pair(self.gaussians.unit(name))
-            if len(self._pairs) > self._cached_pairs:
-                self._pairs.popitem(last=False)
-        return self._pairs[name]
+        return self._pairs.get(name, lambda: read_pair(self.gaussians.unit(name)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
