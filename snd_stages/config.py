@@ -179,6 +179,10 @@ class TrainCfg:
     # torch.compile the token extraction of student and teacher: faster steps after a compile of about a minute per
     # image size; equal results up to float rounding, so not part of the run's key either.
     compile: bool = False
+    # With compile on a CUDA device, in one process: replay the compiled token extraction as CUDA graphs
+    # (torch.compile's "reduce-overhead"), so that the host no longer launches each kernel. Small images' steps
+    # are bound by those launches: 40 to 12 ms at 196x252, batch 4, on an H100. Same results as compile alone.
+    cuda_graphs: bool = False
     # The reference implementation's quirks: scales passed as variances (eig of the covariance), principal point
     # centred in the feature render, LoRA also on the patch embedding, teacher LoRA dropout active.
     reference_quirks: bool = False
@@ -204,6 +208,8 @@ class TrainCfg:
         _require(0 <= self.lora_dropout < 1, "train.lora_dropout", self.lora_dropout, "a number in [0, 1)")
         _require(0 <= self.ema_momentum <= 1, "train.ema_momentum", self.ema_momentum, "a number in [0, 1]")
         _require(0 <= self.blending <= 1, "train.blending", self.blending, "a number in [0, 1] (1 = no blending)")
+        _require(self.compile or not self.cuda_graphs, "train.cuda_graphs", self.cuda_graphs,
+                 "false unless train.compile is true (the graphs are taken of the compiled token extraction)")
 
 
 @dataclass(frozen=True)

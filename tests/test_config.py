@@ -94,6 +94,12 @@ def test_frame_cache_size_is_not_negative():
     assert load_config(None, ["train.frame_cache_mb=0"]).train.frame_cache_mb == 0
 
 
+def test_cuda_graphs_need_compile():
+    with pytest.raises(ConfigError, match="train.cuda_graphs = True .*train.compile is true"):
+        load_config(None, ["train.cuda_graphs=true"])
+    assert load_config(None, ["train.compile=true", "train.cuda_graphs=true"]).train.cuda_graphs
+
+
 def test_overrides_limited_to_the_sections_a_command_reads():
     with pytest.raises(ConfigError, match="reads only the sections"):
         load_config(None, ["demo.seed=1"], allowed_sections={"sampling", "data"})

@@ -601,6 +601,45 @@ def test_patch_tokens_resize_normalise_and_drop_prefix(name, prefix):
         assert torch.equal(patch_tokens(backbone, already_multiple), expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_graphs_give_the_eager_steps_while_the_weights_change_in_place():
+    # The graphs read the weights at fixed addresses; the optimiser, the EMA and the merged teacher's refresh change
+    # them in place between steps. A replay that saw stale weights would drift from eager mode step by step.
+    images = torch.rand(2, 3, 70, 98, device="cuda")
+    contexts = torch.rand(2, 3, 70, 98, device="cuda")
+
+    def losses_and_weights(cuda_graphs: bool):
+        torch.manual_seed(0)
+        model = StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM, lora_dropout=0.0).cuda()
+        randomize_lora_b(model.student, std=0.2)
+        if cuda_graphs:
+            model.compile_backbones(cuda_graphs=True)
+        optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.05)
+        losses = []
+        for _ in range(5):
+            model.begin_step()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                student = model.student_tokens(images).float()
+                teacher = model.teacher_tokens(contexts).float()
+            loss = (student - teacher).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            model.update_teacher(0.5)
+            optimizer.step()
+            losses.append(loss.item())
+        return losses, [p.detach().clone() for p in model.trainable_parameters()]
+
+    eager_losses, eager_weights = losses_and_weights(cuda_graphs=False)
+    graph_losses, graph_weights = losses_and_weights(cuda_graphs=True)
+    # The steps do move the weights: each loss differs from the last by far more than bf16 rounding.
+    assert all(abs(b - a) > 0.05 * abs(a) for a, b in zip(eager_losses, eager_losses[1:]))
+    for graph, eager in zip(graph_losses, eager_losses):
+        assert abs(graph - eager) < 2e-2 * abs(eager)
+    for graph, eager in zip(graph_weights, eager_weights):
+        assert relative_error(graph, eager) < 5e-2
+
+
 def test_patch_tokens_through_the_lora_model():
     backbone = tiny_vit()
     base = copy.deepcopy(backbone).eval()

@@ -60,6 +60,13 @@ def test_loss_is_finite_and_falls_when_overfitting_a_fixed_batch(project):
     assert sorted(p.name for p in (result.run_dir / "pictures").iterdir())[-1] == "step-000008.png"
 
 
+def test_cuda_graphs_are_refused_off_cuda_before_anything_is_written(project):
+    runs = project / "runs-graphs"
+    with pytest.raises(ConfigError, match="train.cuda_graphs = true needs one process on a CUDA device, not 1 on cpu"):
+        run(project, "train.compile=true", "train.cuda_graphs=true", f"train.runs_root={runs}")
+    assert not runs.exists()
+
+
 def test_resume_continues_exactly(project):
     straight = run(project, "train.steps=4", f"train.runs_root={project / 'runs-straight'}")
     # Same config, stopped after 2 steps (a checkpoint every 2 steps), then resumed to 4.

@@ -412,6 +412,7 @@ class StudentTeacher(nn.Module):
         # The teacher in eval mode runs as a plain ViT with its LoRA merged (not a submodule: no state of its own).
         self._merged_teacher = MergedView(self.teacher)
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
+        self._cuda_graphs = False
         self.train()
 
     def _apply(self, fn, recurse: bool = True):
@@ -419,7 +420,7 @@ class StudentTeacher(nn.Module):
         self._ema_pairs = None
         return super()._apply(fn, recurse)
 
-    def compile_backbones(self) -> None:
+    def compile_backbones(self, cuda_graphs: bool = False) -> None:
         """Run token extraction through ``torch.compile`` (Inductor): student and teacher, forward and backward.
 
         Inductor fuses the ViT's LayerNorms, residual additions, GELUs, LoRA dropout and autocast casts into a few
@@ -427,8 +428,20 @@ class StudentTeacher(nn.Module):
         of each image size compiles (about a minute). Results equal the eager ones up to float rounding of the
         fused operations. The function is compiled, not the modules, so copies of the backbones (export) stay
         plain modules.
+
+        Args:
+            cuda_graphs: also replay the compiled kernels as CUDA graphs (``mode="reduce-overhead"``; CUDA only).
+                Each step must then start with :meth:`begin_step`, and a step's tokens are valid until the next
+                step begins (the graphs reuse their output memory).
         """
-        self.patch_tokens = torch.compile(patch_tokens, dynamic=False)
+        self.patch_tokens = torch.compile(patch_tokens, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+        self._cuda_graphs = cuda_graphs
+
+    def begin_step(self) -> None:
+        """Mark the start of a training step: CUDA graphs (:meth:`compile_backbones`) may then reuse the memory of
+        the previous step's outputs. Nothing to do otherwise."""
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def train(self, mode: bool = True) -> StudentTeacher:
         """Set the student's mode; the teacher follows only under ``reference_quirks`` and is otherwise in eval."""

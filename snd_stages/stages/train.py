@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 # Settings that change how a run is observed or where it runs, not what it computes: kept out of the run key.
 _OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root",
-                     "teacher_splatting", "compile", "frame_cache_mb")
+                     "teacher_splatting", "compile", "frame_cache_mb", "cuda_graphs")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,6 +516,9 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     inputs = run_inputs(data, sampling, gaussians_cfg, masks_cfg, store)
     samples, gaussians, masks = inputs.samples, inputs.gaussians, inputs.masks
     device = world.device
+    if train_cfg.cuda_graphs and (device.type != "cuda" or world.distributed):
+        raise ConfigError(f"train.cuda_graphs = true needs one process on a CUDA device, not {world.size} on "
+                          f"{device.type}: set train.cuda_graphs=false (train.compile alone still applies)")
     steps = resolve_steps(train_cfg, device)
     spec = run_spec(train_cfg, inputs, steps)
     world.local_batch_size(train_cfg.batch_size)  # a global batch that does not split stops every rank here
@@ -545,7 +548,7 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
             log.info("resumed from %s at step %d", checkpoint, start_step)
     world.seed_dropout(train_cfg.seed, start_step)
     if train_cfg.compile:
-        model.compile_backbones()
+        model.compile_backbones(cuda_graphs=train_cfg.cuda_graphs)
     student_forward = student_side(model, world)
     operators = teacher_operators(train_cfg, inputs, store) if train_cfg.teacher_splatting == "operator" else None
     training_data = TrainingData(samples.samples, samples.dataset_root, gaussians, masks, train_cfg.seed,
@@ -566,6 +569,7 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     for step, batch in zip(range(start_step, steps),
                            training_data.batches(range(start_step, steps), train_cfg.batch_size, world)):
         logged = step % train_cfg.log_every == 0 or step + 1 == steps
+        model.begin_step()
         loss, result = distillation_step(model, batch, train_cfg, device, autocast, student_forward=student_forward,
                                          with_kl=logged)
         # What is checked and logged is the global batch's mean, the same on every rank (so all of them stop
