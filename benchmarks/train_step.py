@@ -286,6 +286,8 @@ def main() -> None:
                         help="--batch max: the largest batch whose step peaks within this share of the GPU's memory")
     parser.add_argument("--skip-render", action="store_true", help="do not time the plain (render) path")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (train.compile)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="with --compile: replay the compiled backbones as CUDA graphs (train.cuda_graphs)")
     parser.add_argument("--kernel-floor", action="store_true",
                         help="only time the step's matrix products and attention alone and print their sum")
     parser.add_argument("--count-flops", action="store_true",
@@ -297,6 +299,8 @@ def main() -> None:
         raise SystemExit("--batch max only applies to the timed steps; give --kernel-floor and --count-flops sizes")
     if args.kernel_floor or args.count_flops:
         args.batch = [int(value) for value in args.batch]
+    if args.cuda_graphs and not args.compile:
+        raise SystemExit("--cuda-graphs replays the compiled backbones: add --compile")
     if args.compile:
         # Every (backbone, shape) compiled here is one more entry for the same function; past Dynamo's default
         # limit of 8 it would silently run eager and the later rows would not be compiled timings.
@@ -368,16 +372,17 @@ def main() -> None:
                 embed_dim = model.student_head.mlp[0].in_features
                 blocks = len(model.teacher.get_base_model().blocks)
                 if args.compile:
-                    model.compile_backbones()
+                    model.compile_backbones(cuda_graphs=args.cuda_graphs)
                 optimizer, scheduler = make_optimizer(model, cfg, 10_000)
                 batch = [sample] * batch_size
                 contexts = torch.cat([s.context_images for s in batch]).to(device)
 
                 def teacher_forward():
+                    model.begin_step()
                     with autocast():
                         return model.teacher_tokens(contexts).float()
 
-                tokens = teacher_forward()
+                tokens = teacher_forward().clone()  # kept: under CUDA graphs the next replay reuses the output
                 index_masks = [s.context_masks.to(device) for s in batch]
 
                 def upsample_lift():
@@ -405,12 +410,14 @@ def main() -> None:
 
                 def step(targets_fn, step_cfg):
                     def run():  # as the training loop runs a step (reading the loss included)
+                        model.begin_step()
                         loss, result = distillation_step(model, batch, step_cfg, device, autocast,
                                                          targets=targets_fn(), with_kl=False)
                         learn(loss, result.statistics, model, optimizer, scheduler, cfg.ema_momentum)
                     return run
 
                 def student_side():
+                    model.begin_step()
                     loss, _ = distillation_step(model, batch, cfg, device, autocast, targets=targets, with_kl=False)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
