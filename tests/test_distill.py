@@ -603,41 +603,45 @@ def test_patch_tokens_resize_normalise_and_drop_prefix(name, prefix):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_cuda_graphs_give_the_eager_steps_while_the_weights_change_in_place():
+def test_cuda_graphs_give_the_compiled_steps_while_the_weights_change_in_place():
     # The graphs read the weights at fixed addresses; the optimiser, the EMA and the merged teacher's refresh change
-    # them in place between steps. A replay that saw stale weights would drift from eager mode step by step.
+    # them in place between steps. A replay that saw stale weights would give the previous step's tokens. Compiled
+    # without graphs, the same Inductor kernels run, so the two agree far more closely than consecutive steps do.
     images = torch.rand(2, 3, 70, 98, device="cuda")
     contexts = torch.rand(2, 3, 70, 98, device="cuda")
 
-    def losses_and_weights(cuda_graphs: bool):
+    def tokens_per_step(cuda_graphs: bool) -> list[tuple[Tensor, Tensor]]:
         torch.manual_seed(0)
-        model = StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM, lora_dropout=0.0).cuda()
+        backbone = tiny_vit()
+        for block in backbone.blocks:  # LayerScale's 1e-5 initialisation would hide what LoRA changes
+            block.ls1.gamma.data.fill_(1.0)
+            block.ls2.gamma.data.fill_(1.0)
+        model = StudentTeacher(backbone, out_dim=SMALL_OUT_DIM, lora_dropout=0.0).cuda()
         randomize_lora_b(model.student, std=0.2)
-        if cuda_graphs:
-            model.compile_backbones(cuda_graphs=True)
-        optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.05)
-        losses = []
+        model.compile_backbones(cuda_graphs=cuda_graphs)
+        optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.01)
+        goal = torch.randn(2, 384, 5, 7, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        steps = []
         for _ in range(5):
             model.begin_step()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 student = model.student_tokens(images).float()
                 teacher = model.teacher_tokens(contexts).float()
-            loss = (student - teacher).square().mean()
+            loss = (student - goal).square().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             model.update_teacher(0.5)
             optimizer.step()
-            losses.append(loss.item())
-        return losses, [p.detach().clone() for p in model.trainable_parameters()]
+            steps.append((student.detach().clone(), teacher.clone()))
+        return steps
 
-    eager_losses, eager_weights = losses_and_weights(cuda_graphs=False)
-    graph_losses, graph_weights = losses_and_weights(cuda_graphs=True)
-    # The steps do move the weights: each loss differs from the last by far more than bf16 rounding.
-    assert all(abs(b - a) > 0.05 * abs(a) for a, b in zip(eager_losses, eager_losses[1:]))
-    for graph, eager in zip(graph_losses, eager_losses):
-        assert abs(graph - eager) < 2e-2 * abs(eager)
-    for graph, eager in zip(graph_weights, eager_weights):
-        assert relative_error(graph, eager) < 5e-2
+    compiled = tokens_per_step(cuda_graphs=False)
+    graphs = tokens_per_step(cuda_graphs=True)
+    for (student, teacher), (next_student, next_teacher) in zip(compiled, compiled[1:]):
+        assert relative_error(next_student, student) > 0.05 and relative_error(next_teacher, teacher) > 0.02
+    for (graph_student, graph_teacher), (student, teacher) in zip(graphs, compiled):
+        assert relative_error(graph_student, student) < 2e-3
+        assert relative_error(graph_teacher, teacher) < 2e-3
 
 
 def test_patch_tokens_through_the_lora_model():
