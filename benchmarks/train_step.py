@@ -45,7 +45,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from snd_stages.config import GaussiansCfg, TrainCfg
-from snd_stages.geometry import image_to_tensor
+from snd_stages.geometry import image_to_channels
 from snd_stages.reconstruct import build_reconstructor
 from snd_stages.scenes.layout import read_scene
 from snd_stages.splat.features import blend_with_segments, downsample_to_tokens, lift_features, mask_aware_upsample
@@ -69,10 +69,10 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak
 def sample_of(root: Path, size: str) -> TrainingSample:
     scene = read_scene(root, f"bench{size}")
     gaussians = build_reconstructor(GaussiansCfg(device="cuda")).reconstruct(context_views(scene, (0, 1), True))
-    image = lambda p: image_to_tensor(scene.load_image(p))  # noqa: E731
+    image = lambda p: image_to_channels(scene.load_image(p))  # noqa: E731
     mask = lambda p: torch.from_numpy(scene.load_instances(p)).long()  # noqa: E731
     pair = PairGaussians(scene.scene_id, (0, 1), gaussians, scene.camera[[0, 1]], [1], scene.camera[[1]])
-    # Page-locked, as training's batches are on a GPU.
+    # uint8 and page-locked, as training's batches are on a GPU.
     return TrainingSample(torch.stack([image(0), image(1)]).pin_memory(), torch.stack([mask(0), mask(1)]),
                           image(1).pin_memory(), mask(1), pair, scene.camera[[1]])
 
@@ -174,7 +174,7 @@ def count_flops(args) -> None:
         table.add_column(column, justify="right")
     for size in args.sizes:
         scene = read_scene(args.inputs, f"bench{size}")
-        images = torch.stack([image_to_tensor(scene.load_image(p)) for p in (0, 1)]).to(device)
+        images = torch.stack([image_to_channels(scene.load_image(p)) for p in (0, 1)])
         grid = token_grid(*images.shape[-2:])
         for backbone in args.backbones:
             cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
@@ -375,7 +375,7 @@ def main() -> None:
                     model.compile_backbones(cuda_graphs=args.cuda_graphs)
                 optimizer, scheduler = make_optimizer(model, cfg, 10_000)
                 batch = [sample] * batch_size
-                contexts = torch.cat([s.context_images for s in batch]).to(device)
+                contexts = upload([s.context_images for s in batch], device)
 
                 def teacher_forward():
                     model.begin_step()

@@ -11,6 +11,8 @@ import torch
 from snd_stages.geometry import (
     Camera,
     check_rigid,
+    image_to_channels,
+    image_to_tensor,
     invert_rigid,
     opencv_world_to_camera_to_opengl_camera_to_world,
     opengl_camera_to_world_to_opencv_world_to_camera,
@@ -18,6 +20,7 @@ from snd_stages.geometry import (
     project_points,
     quaternion_to_rotation_matrix,
     rotation_matrix_to_quaternion,
+    unit_range,
     unproject_depth,
 )
 
@@ -141,3 +144,32 @@ def test_camera_rejects_mismatched_shapes():
         Camera(torch.eye(4), torch.eye(4), 10, 10)
     with pytest.raises(ValueError, match="batch"):
         Camera(torch.eye(3).repeat(2, 1, 1), torch.eye(4).repeat(3, 1, 1), 10, 10)
+
+
+def test_unit_range_is_each_level_over_255_to_the_nearest_float():
+    levels = torch.arange(256, dtype=torch.uint8)
+    converted = unit_range(levels)
+    assert converted.dtype == torch.float32 and converted[0] == 0 and converted[255] == 1
+    exact = torch.arange(256, dtype=torch.float64) / 255
+    # within one float32 step (2^-24 relative) of the exact quotient, and in order
+    assert ((converted.double() - exact).abs() <= exact * 2**-23).all()
+    assert (converted.diff() > 0).all()
+
+
+def test_image_to_tensor_is_the_stored_image_channels_first_in_unit_range():
+    image = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    channels = image_to_channels(image)
+    assert channels.dtype == torch.uint8 and channels.shape == (3, 5, 7) and channels.is_contiguous()
+    for channel in range(3):
+        assert np.array_equal(channels[channel].numpy(), image[..., channel])
+    assert torch.equal(image_to_tensor(image), unit_range(channels))
+    channels[0, 0, 0] = image[0, 0, 0] + 1  # a copy: the stored image is untouched
+    assert channels[0, 0, 0] != image[0, 0, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_unit_range_on_the_gpu_is_bitwise_the_cpus():
+    # Training converts its uint8 images on the GPU; everything else converts them on the CPU.
+    levels = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(unit_range(levels.cuda()).cpu(), unit_range(levels))

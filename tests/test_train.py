@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -169,6 +170,27 @@ def test_batches_read_ahead_are_the_batches_of_their_steps(project):
                 torch.testing.assert_close(getattr(sample, name), getattr(expected, name), rtol=0, atol=0)
             torch.testing.assert_close(sample.pair.gaussians.means, expected.pair.gaussians.means, rtol=0, atol=0)
     assert list(training_data_of(project).batches(range(0), batch_size=3)) == []
+
+
+def test_batches_carry_the_stored_pixels_and_upload_converts_them(project):
+    from snd_stages.geometry import image_to_tensor
+    from snd_stages.scenes.layout import read_scene
+    from snd_stages.stages.train import upload
+
+    data = training_data_of(project)
+    batch = data.batch(0, 2)
+    for sample, index in zip(batch, data.indices(0, 2), strict=True):
+        description = data.samples[index]
+        scene = read_scene(data.dataset_root, description.scene)
+        assert sample.context_images.dtype == sample.target_image.dtype == torch.uint8
+        for image, frame in zip([*sample.context_images, sample.target_image],
+                                [*description.context, description.targets[0]], strict=True):
+            assert np.array_equal(image.permute(1, 2, 0).numpy(), scene.load_image(frame))
+    uploaded = upload([sample.context_images for sample in batch], torch.device("cpu"))
+    expected = torch.stack([image_to_tensor(image.permute(1, 2, 0).numpy()) for s in batch for image in s.context_images])
+    assert uploaded.dtype == torch.float32 and torch.equal(uploaded, expected)
+    with pytest.raises(TypeError, match="uint8 images .* torch.float32"):
+        upload([expected], torch.device("cpu"))
 
 
 def test_frames_are_decoded_once_and_the_cache_stays_within_its_bytes(project, monkeypatch):
