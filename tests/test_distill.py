@@ -606,13 +606,14 @@ def test_patch_tokens_resize_normalise_and_drop_prefix(name, prefix):
 def test_cuda_graphs_give_the_compiled_steps_while_the_weights_change_in_place():
     # The graphs read the weights at fixed addresses; the optimiser, the EMA and the merged teacher's refresh change
     # them in place between steps. A replay that saw stale weights would give the previous step's tokens. Compiled
-    # without graphs, the same Inductor kernels run, so the two agree far more closely than consecutive steps do.
+    # without graphs, the same Inductor kernels run: the two agree to the bit (an H100 gave 0 difference in every
+    # step), where consecutive steps differ by 5-100 %.
     images = torch.rand(2, 3, 70, 98, device="cuda")
     contexts = torch.rand(2, 3, 70, 98, device="cuda")
 
     def tokens_per_step(cuda_graphs: bool) -> list[tuple[Tensor, Tensor]]:
+        backbone = tiny_vit()  # before seeding: the first call builds the shared ViT from the global generator
         torch.manual_seed(0)
-        backbone = tiny_vit()
         for block in backbone.blocks:  # LayerScale's 1e-5 initialisation would hide what LoRA changes
             block.ls1.gamma.data.fill_(1.0)
             block.ls2.gamma.data.fill_(1.0)
@@ -640,8 +641,8 @@ def test_cuda_graphs_give_the_compiled_steps_while_the_weights_change_in_place()
     for (student, teacher), (next_student, next_teacher) in zip(compiled, compiled[1:]):
         assert relative_error(next_student, student) > 0.05 and relative_error(next_teacher, teacher) > 0.02
     for (graph_student, graph_teacher), (student, teacher) in zip(graphs, compiled):
-        assert relative_error(graph_student, student) < 2e-3
-        assert relative_error(graph_teacher, teacher) < 2e-3
+        assert relative_error(graph_student, student) < 1e-6
+        assert relative_error(graph_teacher, teacher) < 1e-6
 
 
 def test_patch_tokens_through_the_lora_model():
