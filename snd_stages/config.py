@@ -181,7 +181,8 @@ class TrainCfg:
     compile: bool = False
     # With compile on a CUDA device, in one process: replay the compiled token extraction as CUDA graphs
     # (torch.compile's "reduce-overhead"), so that the host no longer launches each kernel. Small images' steps
-    # are bound by those launches: 40 to 12 ms at 196x252, batch 4, on an H100. Same results as compile alone.
+    # are bound by those launches: 36 to 16 ms a step of `snd train` on the demo (196x252, batch 4) on an H100.
+    # The results of compile alone (to the bit, over the parity test's steps).
     cuda_graphs: bool = False
     # The reference implementation's quirks: scales passed as variances (eig of the covariance), principal point
     # centred in the feature render, LoRA also on the patch embedding, teacher LoRA dropout active.
