@@ -41,8 +41,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -213,8 +213,9 @@ class TrainingData:
             target_camera = pair.target_camera[target_index : target_index + 1]
         contexts = [self._frame(scene, p) for p in sample.context]
         target_frame = self._frame(scene, target)
-        context_images = torch.stack([image_to_channels(image) for image, _ in contexts])
-        target_image = image_to_channels(target_frame[0])
+        # New tensors (the stack, the clone): a sample never shares memory with the cached frames.
+        context_images = torch.stack([image for image, _ in contexts])
+        target_image = target_frame[0].clone()
         if self._pin_memory:
             context_images, target_image = context_images.pin_memory(), target_image.pin_memory()
         return TrainingSample(
@@ -227,11 +228,13 @@ class TrainingData:
             operator=operator,
         )
 
-    def _frame(self, scene: Scene, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """Frame ``position``'s ``[H, W, 3]`` uint8 image and ``[H, W]`` stored (int32) mask, decoded once while
-        they fit in the cache; callers convert them to new tensors, never changing the cached arrays."""
+    def _frame(self, scene: Scene, position: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Frame ``position``'s ``[3, H, W]`` uint8 image (channels first, as samples carry it) and ``[H, W]``
+        stored (int32) mask, decoded once while they fit in the cache; callers copy them into new tensors, never
+        changing the cached ones."""
         return self._frames.get((scene.scene_id, position),
-                                lambda: (scene.load_image(position), self._mask.stored(scene.scene_id, position)))
+                                lambda: (image_to_channels(scene.load_image(position)),
+                                         self._mask.stored(scene.scene_id, position)))
 
     def _scene(self, scene_id: str) -> Scene:
         if scene_id not in self._scenes:
