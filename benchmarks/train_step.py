@@ -20,7 +20,8 @@ instance masks. For each (model, size, batch) it times, with warm-up and medians
 
 It also composes one operator at each size (``build_splat_operator`` with gsplat) and prints its cost and bytes.
 ``--kernel-floor`` instead times the network-only step's matrix products and attention alone, at its shapes, and
-prints their sum: the step's cost if nothing else ran, and the share of the peak that would be.
+prints their sum: the step's cost if nothing else ran, and the share of the peak that would be. ``--attention``
+times each attention kernel alone at the step's shapes (SDPA's backends, and FA3/FA4 where installed).
 
 ``--batch`` takes sizes and ``max``: the largest batch (a multiple of 8) whose full step, optimiser state included,
 peaks within ``--max-memory-fraction`` (0.85) of the GPU's memory, found by doubling and then bisecting with eager
@@ -269,6 +270,77 @@ def kernel_floor(args) -> None:
                     f"({100 * ceiling / peak_tflops():.0f} % of the {peak_tflops():.0f} TFLOP/s datasheet peak)")
 
 
+def attention_backends(args) -> None:
+    """Each SDPA backend alone at the step's attention shapes (the backbone's heads, 64 wide, over one image's
+    tokens), forward and backward, with its error against a float64 reference. Then the FlashAttention
+    implementations torch can hand SDPA's flash backend to (FA3, FA4), where their packages are installed:
+    activating one is for the rest of the process, so they come last."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = torch.device("cuda")
+    table = Table(title="Attention at the step's shapes (bf16, median ms; backward counted as 2.5x the forward's FLOPs)")
+    for column in ("model", "image", "batch", "kernel", "forward ms", "forward TFLOP/s", "backward ms",
+                   "backward TFLOP/s", "error out", "error grads"):
+        table.add_column(column, justify="right")
+
+    def measure(kernel: str, backend, shape: tuple[int, int, int, int], label: list[str]) -> None:
+        images, heads, tokens, width = shape
+        generator = torch.Generator(device=device).manual_seed(0)
+        q, k, v, grad = (torch.randn(shape, device=device, generator=generator) for _ in range(4))
+        # The error of one image against float64, relative to the largest reference value.
+        exact = [x[:1].double().requires_grad_() for x in (q, k, v)]
+        reference = F.scaled_dot_product_attention(*exact)
+        reference.backward(grad[:1].double())
+        low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+        grad = grad.bfloat16()
+        try:
+            with sdpa_kernel(backend):
+                single = [x[:1].detach().requires_grad_() for x in low]
+                out = F.scaled_dot_product_attention(*single)
+                out.backward(grad[:1])
+                with torch.no_grad():
+                    forward = median_ms(lambda: F.scaled_dot_product_attention(*low), args.repeats)
+
+                def both():
+                    F.scaled_dot_product_attention(*low).backward(grad)
+                backward = median_ms(both, args.repeats) - forward
+        except RuntimeError as error:  # the backend does not take this shape or build
+            table.add_row(*label, kernel, "unavailable", str(error).splitlines()[0][:60], "", "", "", "")
+            return
+        error_out = ((out.double() - reference).abs().max() / reference.abs().max()).item()
+        error_grads = max(((x.grad.double() - r.grad).abs().max() / r.grad.abs().max()).item()
+                          for x, r in zip(single, exact))
+        flops = 4 * images * heads * tokens**2 * width
+        table.add_row(*label, kernel, f"{forward:.2f}", f"{flops / forward / 1e9:.0f}", f"{backward:.2f}",
+                      f"{2.5 * flops / backward / 1e9:.0f}", f"{error_out:.1e}", f"{error_grads:.1e}")
+
+    shapes = []
+    for size in args.sizes:
+        height, width = (int(side) for side in size.split("x"))
+        grid = token_grid(height, width)
+        for backbone in args.backbones:
+            vit = build_model(TrainCfg(backbone=backbone, weights="random", allow_random_weights=True)).teacher.get_base_model()
+            heads, tokens = vit.blocks[0].attn.num_heads, grid[0] * grid[1] + vit.num_prefix_tokens
+            shapes += [([backbone, size, str(batch)], (batch, heads, tokens, vit.embed_dim // heads)) for batch in args.batch]
+    kernels = {"cuDNN": SDPBackend.CUDNN_ATTENTION, "flash (FA2, in torch)": SDPBackend.FLASH_ATTENTION,
+               "memory-efficient": SDPBackend.EFFICIENT_ATTENTION}
+    for label, shape in shapes:
+        for kernel, backend in kernels.items():
+            measure(kernel, backend, shape, label)
+    notes = []
+    for implementation in getattr(torch.nn.attention, "list_flash_attention_impls", lambda: [])():
+        try:
+            torch.nn.attention.activate_flash_attention_impl(implementation)
+        except Exception as error:  # its package is not installed, or does not run on this GPU
+            notes.append(f"{implementation}: not available ({type(error).__name__}: {str(error).splitlines()[0][:100]})")
+            continue
+        for label, shape in shapes:
+            measure(f"flash ({implementation})", SDPBackend.FLASH_ATTENTION, shape, label)
+    Console().print(table)
+    for note in notes:
+        Console().print(note)
+
+
 def peak_tflops() -> float:
     name = torch.cuda.get_device_name()
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), float("nan"))
@@ -290,14 +362,17 @@ def main() -> None:
                         help="with --compile: replay the compiled backbones as CUDA graphs (train.cuda_graphs)")
     parser.add_argument("--kernel-floor", action="store_true",
                         help="only time the step's matrix products and attention alone and print their sum")
+    parser.add_argument("--attention", action="store_true",
+                        help="only time each attention kernel at the step's shapes, with its error against float64")
     parser.add_argument("--count-flops", action="store_true",
                         help="only count the network-only step's FLOPs with torch's FlopCounterMode, beside the formula")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark times the GPU path"
     args.batch = batch_sizes(args.batch)
-    if (args.kernel_floor or args.count_flops) and "max" in args.batch:
-        raise SystemExit("--batch max only applies to the timed steps; give --kernel-floor and --count-flops sizes")
-    if args.kernel_floor or args.count_flops:
+    if (args.kernel_floor or args.count_flops or args.attention) and "max" in args.batch:
+        raise SystemExit("--batch max only applies to the timed steps; give --kernel-floor, --count-flops and "
+                         "--attention sizes")
+    if args.kernel_floor or args.count_flops or args.attention:
         args.batch = [int(value) for value in args.batch]
     if args.cuda_graphs and not args.compile:
         raise SystemExit("--cuda-graphs replays the compiled backbones: add --compile")
@@ -307,6 +382,9 @@ def main() -> None:
         torch._dynamo.config.recompile_limit = 64
     if args.kernel_floor:
         kernel_floor(args)
+        return
+    if args.attention:
+        attention_backends(args)
         return
     if args.count_flops:
         # Apart from the timings: running the compiled loss under a dispatch mode leaves later steps slower.
