@@ -116,6 +116,18 @@ def file_sha256(path: str | Path, setting: str | None = None) -> str:
     return _sha256_of(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
+def file_stamp(path: str | Path) -> list[int] | None:
+    """A file's size and modification time (ns), or None where it is missing: what keys record of large inputs
+    (datasets' images, depth, masks) instead of their bytes, which would take minutes to hash. The time is there
+    because a file rewritten in place can keep its size (a fixed-size format, or a flat PNG of other values).
+    Copying a dataset without keeping times therefore recomputes its artifacts once, never reuses stale ones."""
+    try:
+        stat = Path(path).stat()
+    except FileNotFoundError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 @functools.lru_cache(maxsize=64)
 def _sha256_of(path: Path, size: int, modified_ns: int) -> str:
     digest = hashlib.sha256()

@@ -222,3 +222,25 @@ def test_checkpoint_keys_follow_the_file_contents_not_the_path(tmp_path):
     with pytest.raises(ConfigError, match=r"gaussians.mvsplat_checkpoint = .*missing.ckpt does not exist"):
         keys["gaussians"](tmp_path / "missing.ckpt")
     assert run_spec(TrainCfg(weights="embedded"), inputs, 10).ingredients()["params"]["weights"] == "embedded"
+
+
+def test_large_inputs_are_known_by_size_and_time_so_a_same_size_rewrite_is_noticed(tmp_path):
+    from snd_stages.scenes.layout import dataset_fingerprint
+    from snd_stages.store import file_stamp
+
+    scene = tmp_path / "scenes" / "s0"
+    (scene / "depth").mkdir(parents=True)
+    depth = scene / "depth" / "DSC00001.png"
+    depth.write_bytes(b"depth one")
+    os.utime(depth, ns=(1_000_000_000, 1_000_000_000))  # as if written long ago
+    assert file_stamp(depth) == [9, 1_000_000_000]
+    assert file_stamp(tmp_path / "missing.png") is None
+    before = dataset_fingerprint(tmp_path, ["s0"])
+    assert dataset_fingerprint(tmp_path, ["s0"]) == before
+
+    depth.write_bytes(b"depth two")  # same byte count, other content
+    assert depth.stat().st_size == 9 and dataset_fingerprint(tmp_path, ["s0"]) != before
+    os.utime(depth, ns=(1_000_000_000, 1_000_000_000))
+    assert dataset_fingerprint(tmp_path, ["s0"]) == before  # size and time are all it reads: documented
+    (scene / "depth" / "DSC00002.png").write_bytes(b"")
+    assert dataset_fingerprint(tmp_path, ["s0"]) != before  # a new file, even empty

@@ -9,8 +9,8 @@ One artifact per (model weights, frame set, feature spec). Its key (:func:`featu
 - the weights' identity (:attr:`ProbeBackbone.identity`): the sha256 of the checkpoint file, of the embedded
   ONNX graph, or, for random weights, of the initialised tensors; and the backbone's name;
 - the frame set's identity (:attr:`FrameSet.key`): its name, frame names, image size and a fingerprint of the
-  images' source (the image files' names and sizes, as :func:`snd_stages.scenes.layout.dataset_fingerprint`
-  does; for NYUv2 the ``.mat`` file's size);
+  images' source (the image files' names, sizes and modification times, as
+  :func:`snd_stages.scenes.layout.dataset_fingerprint` does; for NYUv2 the ``.mat`` file's);
 - the feature spec: absolute block indices, final norm, CLS concatenation, the preprocessing (ImageNet mean/std,
   zero centre-padding to multiples of 14) and the stored dtype.
 
@@ -60,7 +60,7 @@ class FrameSet:
         names: one name per image.
         load: ``index -> [H, W, 3]`` uint8 RGB.
         image_size: (H, W) of every image.
-        identity: JSON-able fingerprint of the images' source (file names and sizes, ...).
+        identity: JSON-able fingerprint of the images' source (file names, sizes and times, ...).
     """
 
     name: str

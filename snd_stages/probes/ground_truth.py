@@ -9,9 +9,10 @@ later eval of the same frames reads it back instead.
 One artifact per frame set. Its key (:func:`ground_truth_artifact_spec`) covers:
 
 - the frames (:meth:`GroundTruthRequest.frames_key`): their names, image size and a fingerprint of the ground
-  truth's source (for the scene layout the names and sizes of every frame's depth, normals and semantic files, as
-  :func:`snd_stages.scenes.layout.dataset_fingerprint` fingerprints files, and the intrinsics of the frames whose
-  normals are fitted; for NYUv2 the ``.mat`` file's name and size and the splits and class mapping files' sha256);
+  truth's source (for the scene layout the name, size and modification time of every frame's depth, normals and semantic
+  files, as :func:`snd_stages.scenes.layout.dataset_fingerprint` fingerprints files, and the intrinsics of the
+  frames whose normals are fitted; for NYUv2 the ``.mat`` file's name, size and time and the splits and class
+  mapping files' sha256);
 - the frame stride, and which ground truths are stored: depth always, normals when the normals probe runs,
   semantic labels with their class count when the segmentation probe runs, and whether a depth region is stored;
 - where some normals are fitted, the fitting method's version and parameters
@@ -65,8 +66,8 @@ class GroundTruthRequest:
         names: one name per frame.
         image_size: (H, W) of every frame.
         stride: every how many frames were taken.
-        source: JSON-able fingerprint of the ground truth's source (file names and sizes, intrinsics of the frames
-            whose normals are fitted, ...).
+        source: JSON-able fingerprint of the ground truth's source (file names, sizes and times, intrinsics of
+            the frames whose normals are fitted, ...).
         normals: whether normals are stored.
         classes: the class count of the stored semantic labels, or None when none are stored.
         fits_normals: whether some frames' normals are fitted to their depth (the fitting method enters the key).

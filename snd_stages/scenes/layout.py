@@ -36,7 +36,7 @@ from ..geometry import (
     opencv_world_to_camera_to_opengl_camera_to_world,
     opengl_camera_to_world_to_opencv_world_to_camera,
 )
-from ..store import hash_json
+from ..store import file_stamp, hash_json
 
 TRANSFORMS = "transforms_train.json"
 SPLIT_FILES = {"train": "nvs_sem_train.txt", "val": "nvs_sem_val.txt"}
@@ -314,12 +314,13 @@ def _intrinsics(entry: dict, meta: dict, where: str) -> np.ndarray:
 
 
 def dataset_fingerprint(root: Path, scene_ids: list[str]) -> str:
-    """A content key of the scenes: their transforms files and the names and sizes of every file they hold."""
+    """A content key of the scenes: their transforms files, and the name, size and modification time
+    (:func:`~snd_stages.store.file_stamp`) of every file they hold."""
     entries = {}
     for scene_id in scene_ids:
         directory = Path(root) / "scenes" / scene_id
         files = sorted(
-            (str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*") if p.is_file()
+            (str(p.relative_to(directory)), file_stamp(p)) for p in directory.rglob("*") if p.is_file()
         )
         transforms = (directory / TRANSFORMS).read_bytes() if (directory / TRANSFORMS).is_file() else b""
         entries[scene_id] = {"transforms": hash_json(transforms.decode(errors="replace")), "files": files}

@@ -84,7 +84,7 @@ from ..scenes.correspondence import CorrespondencePair, pairs_from_scene, read_s
 from ..scenes.layout import Scene, list_scene_ids, read_scene
 from ..scenes.normals import normals_from_depth_plane_fit
 from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
-from ..store import Store, file_sha256, write_text_atomic
+from ..store import Store, file_sha256, file_stamp, write_text_atomic
 from ..visualize import pca_rgb
 
 MIN_DEPTH = 1e-3
@@ -158,8 +158,8 @@ def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device, progr
     if (data.height, data.width) == (NYU_HEIGHT, NYU_WIDTH):
         region = eigen_crop_mask(data.height, data.width)
     mat = Path(cfg.nyuv2_mat)
-    identity = {"nyuv2_mat": mat.name, "bytes": mat.stat().st_size}
-    # The .mat is hashed by name and size (2.8 GB); the small splits and class mapping files by content.
+    identity = {"nyuv2_mat": mat.name, "stamp": file_stamp(mat)}
+    # The .mat (2.8 GB) is known by name, size and time; the small splits and class mapping files by content.
     source = {**identity, "splits": _small_file_identity(cfg.nyuv2_splits),
               "camera": camera.intrinsics.tolist() if with_normals else None,
               "mappings": {"classes": cfg.nyuv2_classes, "40": _small_file_identity(cfg.nyuv2_mapping_40),
@@ -198,7 +198,7 @@ def load_frames(root: Path, scene_ids: list[str], stride: int, probes: list[str]
         for position in good[::stride]:
             entries.append((scene, position))
             name = f"{scene_id}/{scene.frames[position].name}"
-            image_files.append([name, scene.path("images", position).stat().st_size])
+            image_files.append([name, file_stamp(scene.path("images", position))])
             source.append(_ground_truth_files(scene, position, name, with_normals, with_semantics))
     if not entries:
         raise DataError(f"the scenes {scene_ids} of {root} have no good frames")
@@ -232,24 +232,17 @@ def load_frames(root: Path, scene_ids: list[str], stride: int, probes: list[str]
 
 
 def _ground_truth_files(scene: Scene, position: int, name: str, normals: bool, semantics: bool) -> list:
-    """What one frame's ground truth is computed from: the names and sizes of its files (None: missing, which
-    computing it reports), and the intrinsics its normals are fitted with where the scene has no normals."""
-    record = [name, ["depth", _file_size(scene.path("depth", position))]]
+    """What one frame's ground truth is computed from: the name, size and modification time of each of its files
+    (None: missing, which computing it reports), and the intrinsics its normals are fitted with where the scene has no normals."""
+    record = [name, ["depth", file_stamp(scene.path("depth", position))]]
     if normals:
         if scene.has("normals"):
-            record.append(["normals", _file_size(scene.path("normals", position))])
+            record.append(["normals", file_stamp(scene.path("normals", position))])
         else:
             record.append(["fitted normals", scene.camera[position].intrinsics.tolist()])
     if semantics:
-        record.append(["semantics", _file_size(scene.path("semantic_segmentation", position))])
+        record.append(["semantics", file_stamp(scene.path("semantic_segmentation", position))])
     return record
-
-
-def _file_size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
 
 
 def _small_file_identity(path: Path | None) -> dict | None:
@@ -290,7 +283,7 @@ def pairs_frame_set(pairs: list[CorrespondencePair], identity) -> FrameSet:
 
 
 def _scannet1500_identity(pairs_file: Path, root: Path) -> dict:
-    colour_files = sorted((str(p.relative_to(root)), p.stat().st_size)
+    colour_files = sorted((str(p.relative_to(root)), file_stamp(p))
                           for p in Path(root).glob("*/color/*") if p.is_file())
     return {"pairs_file_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest(),
             "colour_files": colour_files}
@@ -300,7 +293,7 @@ def _scene_images_identity(root: Path, scene_ids: list[str]) -> list:
     files = []
     for scene_id in scene_ids:
         scene = read_scene(root, scene_id)
-        files += [[f"{scene_id}/{frame.name}", scene.path("images", position).stat().st_size]
+        files += [[f"{scene_id}/{frame.name}", file_stamp(scene.path("images", position))]
                   for position, frame in enumerate(scene.frames)]
     return files
 
