@@ -58,6 +58,28 @@ def test_samples_use_only_training_scenes(built):
     assert all(3 <= s.context[1] - s.context[0] <= 5 for s in samples.samples)
 
 
+def test_samples_of_changed_scene_files_are_not_read_and_the_error_says_why(tmp_path):
+    from snd_stages.errors import ArtifactError
+    from snd_stages.stages.make_demo_data import make_demo_data
+    from snd_stages.stages.sample_views import sample_views
+    from snd_stages.store import Store
+
+    cfg = tiny_config(tmp_path)
+    make_demo_data(cfg.data, cfg.demo)
+    store = Store(cfg.store.root)
+    sample_views(cfg.data, cfg.sampling, store)
+    load_samples(store, cfg.data, cfg.sampling)
+    image = sorted((cfg.data.root / "scenes" / "demo0000" / "images").iterdir())[0]
+    os.utime(image, ns=(1_000_000_000, 1_000_000_000))  # same bytes, another time: as a careless copy leaves it
+    with pytest.raises(ArtifactError, match=r"no artifact samples/.*other scene files: the scenes under .*demo "
+                                            r"changed since snd sample-views ran"):
+        load_samples(store, cfg.data, cfg.sampling)
+    other_settings = tiny_config(tmp_path, "sampling.samples_per_scene=2")
+    with pytest.raises(ArtifactError) as raised:  # other settings too: only the plain "run it first"
+        load_samples(store, other_settings.data, other_settings.sampling)
+    assert "other scene files" not in str(raised.value) and "snd sample-views" in str(raised.value)
+
+
 def test_masks_cover_every_used_frame_with_gt_instances(built):
     cfg, store = built
     samples_artifact, samples = load_samples(store, cfg.data, cfg.sampling)

@@ -89,7 +89,20 @@ def sample_views(
 def load_samples(store: Store, data: DataCfg, sampling: SamplingCfg) -> tuple[Artifact, SampleSet]:
     """The frozen samples that ``sample_views`` made for this config (error if it has not run)."""
     spec = samples_spec(data, sampling)
-    artifact = store.open(spec.stage, spec.key, SCHEMA_VERSION)
+    try:
+        artifact = store.open(spec.stage, spec.key, SCHEMA_VERSION)
+    except ArtifactError as error:
+        never_started = not (store.final_path(spec.stage, spec.key).exists()
+                             or store.partial_path(spec.stage, spec.key).exists())
+        changes = store.describe_changes(spec)
+        if never_started and changes and all(line.startswith("inputs.scenes") for line in changes):
+            # The samples of these very settings exist for other files: say so, rather than only "run it".
+            raise ArtifactError(
+                f"{error}. The store's newest samples have these settings but other scene files: the scenes under "
+                f"{data.root} changed since snd sample-views ran (a file added, removed or rewritten; on several "
+                f"machines, a copy of the data that did not keep its files' modification times)"
+            ) from None
+        raise
     document = artifact.read_json(SAMPLES_FILE)
     return artifact, SampleSet(
         dataset_root=Path(document["dataset_root"]),
