@@ -9,10 +9,10 @@ later eval of the same frames reads it back instead.
 One artifact per frame set. Its key (:func:`ground_truth_artifact_spec`) covers:
 
 - the frames (:meth:`GroundTruthRequest.frames_key`): their names, image size and a fingerprint of the ground
-  truth's source (for the scene layout the name, size and modification time of every frame's depth, normals and semantic
-  files, as :func:`snd_stages.scenes.layout.dataset_fingerprint` fingerprints files, and the intrinsics of the
-  frames whose normals are fitted; for NYUv2 the ``.mat`` file's name, size and time and the splits and class
-  mapping files' sha256);
+  truth's source (for the scene layout the name, size and modification time of every frame's depth, normals and
+  semantic files, as :func:`snd_stages.scenes.layout.dataset_fingerprint` fingerprints files, and the intrinsics
+  of the frames whose normals are fitted; for NYUv2 the ``.mat`` file's name, size and time and the splits and
+  class mapping files' sha256);
 - the frame stride, and which ground truths are stored: depth always, normals when the normals probe runs,
   semantic labels with their class count when the segmentation probe runs, and whether a depth region is stored;
 - where some normals are fitted, the fitting method's version and parameters

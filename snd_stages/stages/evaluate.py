@@ -233,7 +233,8 @@ def load_frames(root: Path, scene_ids: list[str], stride: int, probes: list[str]
 
 def _ground_truth_files(scene: Scene, position: int, name: str, normals: bool, semantics: bool) -> list:
     """What one frame's ground truth is computed from: the name, size and modification time of each of its files
-    (None: missing, which computing it reports), and the intrinsics its normals are fitted with where the scene has no normals."""
+    (None: missing, which computing it reports), and the intrinsics its normals are fitted with where the scene
+    has no normals."""
     record = [name, ["depth", file_stamp(scene.path("depth", position))]]
     if normals:
         if scene.has("normals"):
