@@ -12,11 +12,13 @@ instance masks. For each (model, size, batch) it times, with warm-up and medians
   heads, optimiser and EMA with the 3D part removed (targets = the teacher's first context view resized to the
   target grid);
 - the ratio full (operator) / network only, samples/s, peak memory, and the network's share of the GPU's dense
-  bf16 matrix throughput. FLOPs counted: per image and block ``24 n d^2 + 4 n^2 d`` forward; the teacher runs
-  forward only (2B images), the student forward + activation backward (its base weights are frozen: no weight
-  gradients, LoRA's are negligible), i.e. 2x forward; heads ``2 (d 2048 + 2048^2 + 2048 256 + 256 K)`` per token,
-  teacher forward (1x), student forward + backward (3x). ``--count-flops`` instead prints torch's own count of
-  the network-only step (``FlopCounterMode``) beside this formula.
+  bf16 matrix throughput. FLOPs counted are the model's (``network_flops``, checked against torch's
+  FlopCounterMode in tests/test_benchmarks.py): per image and block ``24 n d^2 + 4 n^2 d`` forward; the teacher
+  runs forward only (2B images), the student forward + activation backward (its base weights are frozen: no weight
+  gradients), i.e. 2x forward for the linear layers and 3x for attention (backward's dV, dP, dQ, dK are two
+  forwards); heads ``2 (d 2048 + 2048^2 + 2048 256 + 256 K)`` per token, teacher forward (1x), student forward +
+  backward (3x). ``--count-flops`` instead prints torch's own count of the network-only step on the GPU
+  (``FlopCounterMode``), which also books flash attention's recomputed scores and LoRA's products.
 
 It also composes one operator at each size (``build_splat_operator`` with gsplat) and prints its cost and bytes.
 ``--kernel-floor`` instead times the network-only step's matrix products and attention alone, at its shapes, and
@@ -143,13 +145,41 @@ def batch_sizes(requested: list[str]) -> list[str]:
     return requested
 
 
-def network_flops(embed_dim: int, depth: int, image_tokens: int, batch: int, prototypes: int) -> float:
-    block = 24 * image_tokens * embed_dim**2 + 4 * image_tokens**2 * embed_dim
-    backbone = depth * block
-    head = 2 * (embed_dim * 2048 + 2048 * 2048 + 2048 * 256 + 256 * prototypes)
-    teacher = 2 * batch * backbone + batch * image_tokens * head
-    student = 2 * batch * backbone + 3 * batch * image_tokens * head
-    return float(teacher + student)
+def backbone_flops(vit, patches: int, images: int, training: bool) -> float:
+    """Model FLOPs (2 per multiply-add) of a ViT's token extraction on ``images`` images of ``patches`` patches.
+
+    Per image: the patch embedding ``2 p c d`` (c = 3 x 14 x 14 pixel values a patch), then per block over the
+    n = patches + prefix tokens ``24 n d^2`` for qkv, proj, fc1 and fc2 and ``4 n^2 d`` for attention's two
+    products. ``training`` adds what the student's backward computes: its base weights are frozen (no weight
+    gradients) and the images need none, so it is the activation gradient alone, one product per linear layer
+    (none for the first block's qkv, whose input nothing trainable precedes) and four per attention (dV, dP, dQ,
+    dK), i.e. twice the attention's forward. Flash attention's recomputed scores and LoRA's rank-r products are
+    work beyond the model's and are not counted.
+    """
+    width, depth, tokens = vit.embed_dim, len(vit.blocks), patches + vit.num_prefix_tokens
+    patch_pixels = vit.patch_embed.proj.in_channels * math.prod(vit.patch_embed.patch_size)
+    linear, attention = 24 * tokens * width**2, 4 * tokens**2 * width
+    forward = 2 * patches * patch_pixels * width + depth * (linear + attention)
+    if not training:
+        return float(images * forward)
+    first_qkv_input_gradient = 2 * tokens * width * 3 * width
+    return float(images * (forward + depth * (linear + 2 * attention) - first_qkv_input_gradient))
+
+
+def head_flops(width: int, tokens: int, prototypes: int, training: bool) -> float:
+    """Model FLOPs of a DINO head (``width`` -> 2048 -> 2048 -> 256 -> ``prototypes``) on ``tokens`` tokens;
+    ``training`` adds backward's activation and weight gradients, twice the forward."""
+    forward = 2 * tokens * (width * 2048 + 2048 * 2048 + 2048 * 256 + 256 * prototypes)
+    return float(3 * forward if training else forward)
+
+
+def network_flops(vit, patches: int, batch: int, prototypes: int) -> float:
+    """Model FLOPs of the network-only step: the teacher's forward on 2 x ``batch`` context images and its head on
+    the targets' tokens, the student's forward and backward on ``batch`` targets with its head and the loss's
+    products. Checked against torch's FlopCounterMode on the CPU (tests/test_benchmarks.py)."""
+    tokens = batch * patches
+    return (backbone_flops(vit, patches, 2 * batch, False) + backbone_flops(vit, patches, batch, True)
+            + head_flops(vit.embed_dim, tokens, prototypes, False) + head_flops(vit.embed_dim, tokens, prototypes, True))
 
 
 def bf16_autocast():
@@ -188,9 +218,7 @@ def count_flops(args) -> None:
                     loss, _ = distillation_step(model, batch, cfg, device, bf16_autocast, targets=targets, with_kl=False)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                embed_dim = model.student_head.mlp[0].in_features
-                blocks = len(model.teacher.get_base_model().blocks)
-                formula = network_flops(embed_dim, blocks, grid[0] * grid[1], batch_size, cfg.prototypes)
+                formula = network_flops(model.teacher.get_base_model(), grid[0] * grid[1], batch_size, cfg.prototypes)
                 table.add_row(backbone, size, str(batch_size), f"{formula / 1e12:.2f}",
                               f"{counter.get_total_flops() / 1e12:.2f}")
             del model, optimizer
@@ -259,7 +287,7 @@ def kernel_floor(args) -> None:
                 logits_ms = (2 * matmul_ms(rows, 256, cfg.prototypes) + matmul_ms(rows, cfg.prototypes, 256)
                              + matmul_ms(cfg.prototypes, rows, 256))
                 total = backbone_ms + attention + head_ms + logits_ms
-                flops = network_flops(width_, depth, patches, batch, cfg.prototypes)
+                flops = network_flops(vit, patches, batch, cfg.prototypes)
                 table.add_row(backbone, size, str(batch), f"{backbone_ms:.1f}", f"{attention:.1f}", f"{head_ms:.1f}",
                               f"{logits_ms:.1f}", f"{total:.1f}", f"{flops / 1e12:.2f}",
                               f"{100 * flops / (total * 1e-3) / 1e12 / peak_tflops():.1f}",
@@ -447,8 +475,6 @@ def main() -> None:
                     batch_size = int(requested)
                 torch.manual_seed(0)
                 model = build_model(cfg).to(device)
-                embed_dim = model.student_head.mlp[0].in_features
-                blocks = len(model.teacher.get_base_model().blocks)
                 if args.compile:
                     model.compile_backbones(cuda_graphs=args.cuda_graphs)
                 optimizer, scheduler = make_optimizer(model, cfg, 10_000)
@@ -526,7 +552,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     continue
                 peak = torch.cuda.max_memory_allocated() / 2**30
-                flops = network_flops(embed_dim, blocks, grid[0] * grid[1], batch_size, cfg.prototypes)
+                flops = network_flops(model.teacher.get_base_model(), grid[0] * grid[1], batch_size, cfg.prototypes)
                 achieved = flops / (timed["network"] * 1e-3) / 1e12
                 dash = lambda key: f"{timed[key]:.1f}" if key in timed else "-"  # noqa: E731
                 parts.add_row(backbone, size, label, dash("teacher"), dash("upsample"), dash("render"),

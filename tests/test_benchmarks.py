@@ -35,3 +35,61 @@ def test_batch_sizes_reject_what_is_neither_a_size_nor_max(train_step):
     for bad in ("0", "-8", "eight", "8.5"):
         with pytest.raises(SystemExit, match=f"--batch {bad}"):
             train_step.batch_sizes([bad])
+
+
+@pytest.fixture(scope="module")
+def counted_step(train_step):
+    """torch's FlopCounterMode over the parts of a small network-only step on the CPU, with attention in its math
+    form (plain batched products, so backward's are counted as autograd runs them: no recomputed scores)."""
+    import contextlib
+
+    import timm
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from snd_stages.config import TrainCfg
+    from snd_stages.models.distill import StudentTeacher
+    from snd_stages.stages.train import TrainingSample, distillation_step
+
+    torch.manual_seed(0)
+    # Head width 64 as in DINOv2; 257 tokens of width 64, so attention is 40 % of each block's products and
+    # rank-1 LoRA (not model FLOPs) stays under 1 % of the student's.
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, embed_dim=64, num_heads=1,
+                            depth=2, num_classes=0, dynamic_img_size=True)
+    model = StudentTeacher(vit, out_dim=256, lora_rank=1, lora_alpha=1.0)
+    cfg = TrainCfg(prototypes=256, lora_rank=1, lora_alpha=1.0)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    batch = [TrainingSample(images, None, images[1], None, None, None)] * 2
+    cpu, no_autocast = torch.device("cpu"), contextlib.nullcontext
+
+    def count(function) -> int:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            function()
+        return counter.get_total_flops()
+
+    def step():
+        targets = train_step.network_targets(model, batch, (16, 16), cpu, no_autocast)
+        loss, _ = distillation_step(model, batch, cfg, cpu, no_autocast, targets=targets, with_kl=False)
+        loss.backward()
+
+    floats = images.float() / 255
+    return {
+        "vit": vit,
+        "teacher": count(lambda: model.teacher_tokens(torch.cat([floats, floats]))),
+        "student": count(lambda: model.student_tokens(floats).sum().backward()),
+        "step": count(step),
+    }
+
+
+def test_flop_formula_counts_what_the_network_only_step_multiplies(train_step, counted_step):
+    vit, patches, batch = counted_step["vit"], 16 * 16, 2
+    teacher = train_step.backbone_flops(vit, patches, 2 * batch, training=False)
+    student = train_step.backbone_flops(vit, patches, batch, training=True)
+    # The teacher (merged) multiplies exactly the model's products; the student adds its rank-1 LoRA products.
+    assert counted_step["teacher"] == pytest.approx(teacher, rel=1e-3)
+    assert 1.0 <= counted_step["student"] / student < 1.01
+    # Attention's backward is two forwards: counted once only, the student's products would be 15 % short.
+    assert counted_step["student"] / (student - 4 * 257**2 * 64 * len(vit.blocks) * batch) > 1.15
+    step = train_step.network_flops(vit, patches, batch, prototypes=256)
+    assert 1.0 <= counted_step["step"] / step < 1.01
