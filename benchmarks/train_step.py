@@ -369,6 +369,80 @@ def attention_backends(args) -> None:
         Console().print(note)
 
 
+def kernel_category(name: str) -> str:
+    """The part of the step a CUDA kernel belongs to, by its name (cuDNN's and flash's attention, cuBLAS's products,
+    the loss rows' Triton kernel, Inductor's generated kernels, copies)."""
+    lowered = name.lower()
+    if "soft_cross_entropy" in lowered:
+        return "loss rows (Triton)"
+    if any(key in lowered for key in ("fmha", "flash", "attention", "sdpa")):
+        return "attention"
+    if any(key in lowered for key in ("gemm", "xmma", "nvjet", "cutlass", "triton_tem_")):  # cuBLAS, or a template
+        return "matrix products"
+    if name.startswith("triton_"):
+        return "Inductor's fused kernels"
+    if "memcpy" in lowered or "memset" in lowered:
+        return "copies"
+    return "other"
+
+
+def profile_step(args) -> None:
+    """Where the network-only step's time goes: its CUDA kernels over ``--repeats`` steps (torch.profiler), summed
+    by :func:`kernel_category`, per step, with the slowest kernels by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    console = Console()
+    for size in args.sizes:
+        scene = read_scene(args.inputs, f"bench{size}")
+        images = torch.stack([image_to_channels(scene.load_image(p)) for p in (0, 1)]).pin_memory()
+        grid = token_grid(*images.shape[-2:])
+        for backbone in args.backbones:
+            cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
+            for batch_size in args.batch:
+                torch.manual_seed(0)
+                model = build_model(cfg).to(device)
+                if args.compile:
+                    model.compile_backbones()
+                optimizer, scheduler = make_optimizer(model, cfg, 10_000)
+                batch = [TrainingSample(images, None, images[1], None, None, None)] * batch_size
+
+                def run():
+                    targets = network_targets(model, batch, grid, device, bf16_autocast)
+                    loss, result = distillation_step(model, batch, cfg, device, bf16_autocast, targets=targets,
+                                                     with_kl=False)
+                    learn(loss, result.statistics, model, optimizer, scheduler, cfg.ema_momentum)
+
+                step_ms = median_ms(run, args.repeats, warmup=3)
+                with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+                    for _ in range(args.repeats):
+                        run()
+                    torch.cuda.synchronize()
+                kernels = [event for event in profiler.key_averages() if event.self_device_time_total > 0]
+                by_category: dict[str, float] = {}
+                for event in kernels:
+                    category = kernel_category(event.key)
+                    by_category[category] = by_category.get(category, 0.0) + event.self_device_time_total / 1e3
+                total = sum(by_category.values())
+                table = Table(title=f"{backbone}, {size}, batch {batch_size}: kernel time of the network-only step "
+                                    f"(ms a step; the step takes {step_ms:.1f} ms)")
+                for column in ("kernels", "ms a step", "share"):
+                    table.add_column(column, justify="right")
+                for category, ms in sorted(by_category.items(), key=lambda item: -item[1]):
+                    table.add_row(category, f"{ms / args.repeats:.1f}", f"{100 * ms / total:.0f} %")
+                table.add_row("all kernels", f"{total / args.repeats:.1f}", "100 %")
+                console.print(table)
+                slowest = Table(title="The slowest kernels (ms a step)")
+                for column in ("kernel", "category", "calls a step", "ms a step"):
+                    slowest.add_column(column, justify="right" if column != "kernel" else "left")
+                for event in sorted(kernels, key=lambda event: -event.self_device_time_total)[:12]:
+                    slowest.add_row(event.key[:70], kernel_category(event.key), f"{event.count / args.repeats:g}",
+                                    f"{event.self_device_time_total / 1e3 / args.repeats:.2f}")
+                console.print(slowest)
+                del model, optimizer, scheduler
+                torch.cuda.empty_cache()
+
+
 def peak_tflops() -> float:
     name = torch.cuda.get_device_name()
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), float("nan"))
@@ -392,15 +466,17 @@ def main() -> None:
                         help="only time the step's matrix products and attention alone and print their sum")
     parser.add_argument("--attention", action="store_true",
                         help="only time each attention kernel at the step's shapes, with its error against float64")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile the network-only step's CUDA kernels and print their time by part")
     parser.add_argument("--count-flops", action="store_true",
                         help="only count the network-only step's FLOPs with torch's FlopCounterMode, beside the formula")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark times the GPU path"
     args.batch = batch_sizes(args.batch)
-    if (args.kernel_floor or args.count_flops or args.attention) and "max" in args.batch:
-        raise SystemExit("--batch max only applies to the timed steps; give --kernel-floor, --count-flops and "
-                         "--attention sizes")
-    if args.kernel_floor or args.count_flops or args.attention:
+    if (args.kernel_floor or args.count_flops or args.attention or args.profile) and "max" in args.batch:
+        raise SystemExit("--batch max only applies to the timed steps; give --kernel-floor, --count-flops, "
+                         "--attention and --profile sizes")
+    if args.kernel_floor or args.count_flops or args.attention or args.profile:
         args.batch = [int(value) for value in args.batch]
     if args.cuda_graphs and not args.compile:
         raise SystemExit("--cuda-graphs replays the compiled backbones: add --compile")
@@ -413,6 +489,9 @@ def main() -> None:
         return
     if args.attention:
         attention_backends(args)
+        return
+    if args.profile:
+        profile_step(args)
         return
     if args.count_flops:
         # Apart from the timings: running the compiled loss under a dispatch mode leaves later steps slower.

@@ -93,3 +93,20 @@ def test_flop_formula_counts_what_the_network_only_step_multiplies(train_step, c
     assert counted_step["student"] / (student - 4 * 257**2 * 64 * len(vit.blocks) * batch) > 1.15
     step = train_step.network_flops(vit, patches, batch, prototypes=256)
     assert 1.0 <= counted_step["step"] / step < 1.01
+
+
+@pytest.mark.parametrize("name, category", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", "attention"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_NNT", "matrix products"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
+     "matrix products"),
+    ("triton_tem_fused_addmm_gelu_0", "matrix products"),
+    ("triton_per_fused__to_copy_add_mul_native_layer_norm_3", "Inductor's fused kernels"),
+    ("_soft_cross_entropy_rows_kernel", "loss rows (Triton)"),
+    ("Memcpy HtoD (Pinned -> Device)", "copies"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other"),
+])
+def test_profile_sorts_kernels_into_the_steps_parts(train_step, name, category):
+    assert train_step.kernel_category(name) == category
