@@ -7,18 +7,20 @@ instance masks. For each (model, size, batch) it times, with warm-up and medians
 - the parts: teacher forward (2B context images), the plain path's upsample+lift, render (gsplat) and
   blend+downsample, the fast path's sparse-operator apply, student forward+backward with both heads and the loss,
   the optimiser step, the EMA update;
-- three steps (as the training loop runs them between log steps: without the ``kl`` metric): **full (render)**, the plain path; **full (operator)**, the default fast path
-  (``train.teacher_splatting: operator``); **network only**, the same teacher and student forwards, backward,
-  heads, optimiser and EMA with the 3D part removed (targets = the teacher's first context view resized to the
-  target grid);
+- three steps (as the training loop runs them between log steps: without the ``kl`` metric): **full (render)**,
+  the plain path; **full (operator)**, the default fast path (``train.teacher_splatting: operator``); **network
+  only**, the same teacher and student forwards, backward, heads, optimiser and EMA with the 3D part removed
+  (targets = the teacher's first context view resized to the target grid);
 - the ratio full (operator) / network only, samples/s, peak memory, and the network's share of the GPU's dense
-  bf16 matrix throughput. FLOPs counted are the model's (``network_flops``, checked against torch's
-  FlopCounterMode in tests/test_benchmarks.py): per image and block ``24 n d^2 + 4 n^2 d`` forward; the teacher
-  runs forward only (2B images), the student forward + activation backward (its base weights are frozen: no weight
-  gradients), i.e. 2x forward for the linear layers and 3x for attention (backward's dV, dP, dQ, dK are two
-  forwards); heads ``2 (d 2048 + 2048^2 + 2048 256 + 256 K)`` per token, teacher forward (1x), student forward +
-  backward (3x). ``--count-flops`` instead prints torch's own count of the network-only step on the GPU
-  (``FlopCounterMode``), which also books flash attention's recomputed scores and LoRA's products.
+  bf16 matrix throughput: of the datasheet peak, and of the GEMM ceiling (the fastest large square bf16 product,
+  measured in the same process: ``gemm_ceiling_tflops``). FLOPs counted are the model's (``network_flops``,
+  checked against torch's FlopCounterMode in tests/test_benchmarks.py): per image and block
+  ``24 n d^2 + 4 n^2 d`` forward; the teacher runs forward only (2B images), the student forward + activation
+  backward (its base weights are frozen: no weight gradients), i.e. 2x forward for the linear layers and 3x for
+  attention (backward's dV, dP, dQ, dK are two forwards); heads ``2 (d 2048 + 2048^2 + 2048 256 + 256 K)`` per
+  token, teacher forward (1x), student forward + backward (3x). ``--count-flops`` instead prints torch's own
+  count of the network-only step on the GPU (``FlopCounterMode``), which also books flash attention's recomputed
+  scores and LoRA's products.
 
 It also composes one operator at each size (``build_splat_operator`` with gsplat) and prints its cost and bytes.
 ``--kernel-floor`` instead times the network-only step's matrix products and attention alone, at its shapes, and
@@ -260,8 +262,7 @@ def kernel_floor(args) -> None:
                 pass
         return best
 
-    # What cuBLAS reaches on this GPU at its most favourable shapes: the datasheet peak is not reachable in practice.
-    ceiling = max(2 * n**3 / (matmul_ms(n, n, n) * 1e-3) / 1e12 for n in (4096, 8192, 16384))
+    ceiling = gemm_ceiling_tflops(args.repeats)
     for size in args.sizes:
         height, width = (int(side) for side in size.split("x"))
         grid = token_grid(height, width)
@@ -443,6 +444,20 @@ def profile_step(args) -> None:
                 torch.cuda.empty_cache()
 
 
+def gemm_ceiling_tflops(repeats: int) -> float:
+    """The GPU's bf16 matrix throughput as this process measures it: the fastest of large square products (4,096 to
+    16,384 wide, cuBLAS), in TFLOP/s. Why beside the datasheet peak: cuBLAS reaches about 75-80 % of that figure
+    at its most favourable shapes, and by how much depends on the machine's clocks and power limit."""
+    device = torch.device("cuda")
+    best = 0.0
+    for n in (4096, 8192, 16384):
+        a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+        best = max(best, 2 * n**3 / (median_ms(lambda: a @ b, repeats) * 1e-3) / 1e12)
+        del a, b
+    torch.cuda.empty_cache()
+    return best
+
+
 def peak_tflops() -> float:
     name = torch.cuda.get_device_name()
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), float("nan"))
@@ -506,9 +521,11 @@ def main() -> None:
     for column in ("model", "image", "batch", "teacher fwd", "upsample+lift", "render", "blend+down", "operator",
                    "student fwd+bwd", "optimiser", "EMA"):
         parts.add_column(column, justify="right")
-    steps = Table(title="Steps (median ms), samples/s, network share of the bf16 peak")
+    ceiling = gemm_ceiling_tflops(args.repeats)
+    steps = Table(title="Steps (median ms), samples/s, network share of the bf16 datasheet peak and of the measured "
+                        "GEMM ceiling")
     for column in ("model", "image", "batch", "full (render)", "full (operator)", "network only", "operator/network",
-                   "samples/s", "TFLOP/step", "network TFLOP/s", "% of peak", "peak GiB"):
+                   "samples/s", "TFLOP/step", "network TFLOP/s", "% of peak", "% of GEMM ceiling", "peak GiB"):
         steps.add_column(column, justify="right")
     operators = Table(title="Composing one sample's operator (gsplat)")
     for column in ("image", "Gaussians", "compose ms", "samples/s", "non-zeros", "stored bytes"):
@@ -547,7 +564,7 @@ def main() -> None:
                     del model, optimizer, scheduler
                     torch.cuda.empty_cache()
                     if batch_size == 0:
-                        steps.add_row(backbone, size, "max", "OOM at 8", *[""] * 8)
+                        steps.add_row(backbone, size, "max", "OOM at 8", *[""] * 9)
                         continue
                     label = f"{batch_size} (max)"
                 else:
@@ -626,7 +643,7 @@ def main() -> None:
                             step(lambda: teacher_targets(model, batch, render_cfg, device, autocast), render_cfg),
                             args.repeats)
                 except torch.cuda.OutOfMemoryError:
-                    steps.add_row(backbone, size, label, "OOM", *[""] * 8)
+                    steps.add_row(backbone, size, label, "OOM", *[""] * 9)
                     del model, optimizer
                     torch.cuda.empty_cache()
                     continue
@@ -639,14 +656,16 @@ def main() -> None:
                 steps.add_row(backbone, size, label, dash("full_render"), dash("full_operator"),
                               dash("network"), f"{timed['full_operator'] / timed['network']:.3f}",
                               f"{batch_size / timed['full_operator'] * 1e3:.1f}", f"{flops / 1e12:.2f}",
-                              f"{achieved:.0f}",
-                              f"{100 * achieved / peak_tflops():.1f}", f"{peak:.1f}")
+                              f"{achieved:.0f}", f"{100 * achieved / peak_tflops():.1f}",
+                              f"{100 * achieved / ceiling:.1f}", f"{peak:.1f}")
                 del model, optimizer, tokens, lifted, rendered, targets
                 torch.cuda.empty_cache()
             console.print(parts)
             console.print(steps)
     console.print(operators)
-    console.print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, compile={args.compile}")
+    console.print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, compile={args.compile}; GEMM ceiling "
+                  f"{ceiling:.0f} TFLOP/s ({100 * ceiling / peak_tflops():.0f} % of the {peak_tflops():.0f} TFLOP/s "
+                  "datasheet peak)")
 
 
 if __name__ == "__main__":
