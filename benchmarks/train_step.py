@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import statistics
 import time
@@ -240,10 +241,7 @@ def kernel_floor(args) -> None:
                    "sum ms", "formula TFLOP", "% of peak at the floor", "% of GEMM ceiling at the floor"):
         table.add_column(column, justify="right")
 
-    def matmul_ms(rows: int, inner: int, columns: int) -> float:
-        a = torch.randn(rows, inner, device=device, dtype=torch.bfloat16)
-        b = torch.randn(inner, columns, device=device, dtype=torch.bfloat16)
-        return median_ms(lambda: a @ b, args.repeats)
+    product_ms = functools.partial(matmul_ms, repeats=args.repeats)
 
     def attention_ms(images: int, heads: int, tokens: int, backward: bool) -> float:
         best = math.inf
@@ -276,17 +274,18 @@ def kernel_floor(args) -> None:
                 # Per block: qkv, proj, fc1, fc2 as (inner, columns); the student's activation gradient runs each
                 # product transposed (its base weights are frozen: no weight gradients).
                 products = [(width_, 3 * width_), (width_, width_), (width_, 4 * width_), (4 * width_, width_)]
-                teacher = sum(matmul_ms(2 * batch * tokens, i, o) for i, o in products)
-                student = sum(matmul_ms(batch * tokens, i, o) + matmul_ms(batch * tokens, o, i) for i, o in products)
+                teacher = sum(product_ms(2 * batch * tokens, i, o) for i, o in products)
+                student = sum(product_ms(batch * tokens, i, o) + product_ms(batch * tokens, o, i) for i, o in products)
                 backbone_ms = depth * (teacher + student)
                 attention = depth * (attention_ms(2 * batch, heads, tokens, False) + attention_ms(batch, heads, tokens, True))
                 rows = batch * patches
                 head = [(width_, 2048), (2048, 2048), (2048, 256)]
                 # Teacher forward; student forward, activation and weight gradients.
-                head_ms = sum(2 * matmul_ms(rows, i, o) + matmul_ms(rows, o, i) + matmul_ms(i, rows, o) for i, o in head)
+                head_ms = sum(2 * product_ms(rows, i, o) + product_ms(rows, o, i) + product_ms(i, rows, o)
+                              for i, o in head)
                 # Student and teacher logits, then the bottleneck and prototype gradients.
-                logits_ms = (2 * matmul_ms(rows, 256, cfg.prototypes) + matmul_ms(rows, cfg.prototypes, 256)
-                             + matmul_ms(cfg.prototypes, rows, 256))
+                logits_ms = (2 * product_ms(rows, 256, cfg.prototypes) + product_ms(rows, cfg.prototypes, 256)
+                             + product_ms(cfg.prototypes, rows, 256))
                 total = backbone_ms + attention + head_ms + logits_ms
                 flops = network_flops(vit, patches, batch, cfg.prototypes)
                 table.add_row(backbone, size, str(batch), f"{backbone_ms:.1f}", f"{attention:.1f}", f"{head_ms:.1f}",
@@ -444,16 +443,18 @@ def profile_step(args) -> None:
                 torch.cuda.empty_cache()
 
 
+def matmul_ms(rows: int, inner: int, columns: int, repeats: int) -> float:
+    """Median ms of one bf16 ``[rows, inner] @ [inner, columns]`` product on the GPU (cuBLAS)."""
+    a = torch.randn(rows, inner, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(inner, columns, device="cuda", dtype=torch.bfloat16)
+    return median_ms(lambda: a @ b, repeats)
+
+
 def gemm_ceiling_tflops(repeats: int) -> float:
     """The GPU's bf16 matrix throughput as this process measures it: the fastest of large square products (4,096 to
     16,384 wide, cuBLAS), in TFLOP/s. Why beside the datasheet peak: cuBLAS reaches about 75-80 % of that figure
     at its most favourable shapes, and by how much depends on the machine's clocks and power limit."""
-    device = torch.device("cuda")
-    best = 0.0
-    for n in (4096, 8192, 16384):
-        a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-        best = max(best, 2 * n**3 / (median_ms(lambda: a @ b, repeats) * 1e-3) / 1e12)
-        del a, b
+    best = max(2 * n**3 / (matmul_ms(n, n, n, repeats) * 1e-3) / 1e12 for n in (4096, 8192, 16384))
     torch.cuda.empty_cache()
     return best
 
