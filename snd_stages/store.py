@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import zarr
 
@@ -391,11 +391,16 @@ class ArtifactWriter:
         self.partial.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.partial / name, json.dumps(_jsonable(value), indent=1, sort_keys=False))
 
-    def finish(self, expected_units: Iterable[str] | None = None, counts: dict[str, Any] | None = None) -> Artifact:
+    def finish(
+        self,
+        expected_units: Iterable[str] | None = None,
+        counts: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+    ) -> Artifact:
         """Publish the artifact if every expected unit is present; return it.
 
         Several processes (shards) may call this; a file lock makes exactly one of them publish, and the others
-        find the published artifact.
+        find the published artifact. ``counts`` may be a function, called under the lock once every unit is
+        present: a total over the units taken any earlier can miss units another shard finished meanwhile.
         """
         lock_path = self.final.parent / f".{self.final.name}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,7 +427,7 @@ class ArtifactWriter:
                 "complete": True,
                 "created": time.time(),
                 "units": len(done),
-                "counts": _jsonable(counts or {}),
+                "counts": _jsonable((counts() if callable(counts) else counts) or {}),
                 "conventions": CONVENTIONS,
             }
             write_text_atomic(self.partial / "config.yaml", self.config_yaml)

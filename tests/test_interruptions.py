@@ -30,6 +30,8 @@ from typer.testing import CliRunner
 from snd_stages.cli import app
 from snd_stages.config import dump_yaml, load_config
 from snd_stages.errors import ArtifactError
+from snd_stages.stages import precompute_gaussians as precompute_gaussians_module
+from snd_stages.stages.common import Shard
 from snd_stages.stages.precompute_gaussians import load_gaussians
 from snd_stages.stages.precompute_masks import load_masks
 from snd_stages.stages.sample_views import load_samples
@@ -191,6 +193,27 @@ def test_two_shards_at_once_write_the_artifact_of_one_process(reference, tmp_pat
     assert artifact_digest(only_artifact(directory / "store", "gaussians")) == artifact_digest(
         only_artifact(reference / "store", "gaussians")
     )
+
+
+def test_the_publishing_shard_counts_the_units_another_shard_finished_meanwhile(reference, tmp_path, monkeypatch):
+    """Shard 1 writes its last unit between shard 0's last unit and shard 0's publishing: the manifest's totals
+    must still cover every unit (a total taken before the completeness check would miss shard 1's)."""
+    directory = fresh_store(reference, tmp_path / "interleaved")
+    cfg = tiny_config(reference, "demo.train_scenes=2", f"store.root={directory / 'store'}")
+    store = Store(cfg.store.root)
+    publish = precompute_gaussians_module.finish_if_complete
+
+    def shard_one_lands_first(writer, expected_units, counts):
+        monkeypatch.setattr(precompute_gaussians_module, "finish_if_complete", lambda *args: None)
+        precompute_gaussians_module.precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store,
+                                                         shard=Shard(1, 2))  # its units only; it stops there
+        return publish(writer, expected_units, counts)
+
+    monkeypatch.setattr(precompute_gaussians_module, "finish_if_complete", shard_one_lands_first)
+    precompute_gaussians_module.precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store, shard=Shard(0, 2))
+    manifest = json.loads((only_artifact(directory / "store", "gaussians") / MANIFEST).read_text())
+    expected = json.loads((only_artifact(reference / "store", "gaussians") / MANIFEST).read_text())
+    assert manifest["counts"] == expected["counts"] and manifest["units"] == expected["units"]
 
 
 def test_a_unit_published_meanwhile_by_another_writer_is_kept(tmp_path, monkeypatch):

@@ -80,8 +80,13 @@ class Shard:
         return [unit for position, unit in enumerate(sorted(units)) if position % self.count == self.index]
 
 
-def finish_if_complete(writer: ArtifactWriter, expected_units: list[str], counts: dict) -> Artifact | None:
-    """Publish the artifact when every unit is present (whichever shard gets here last); None while shards run."""
+def finish_if_complete(
+    writer: ArtifactWriter, expected_units: list[str], counts: Callable[[], dict]
+) -> Artifact | None:
+    """Publish the artifact when every unit is present (whichever shard gets here last); None while shards run.
+
+    ``counts`` is called only when publishing (see :meth:`ArtifactWriter.finish`).
+    """
     if set(expected_units) - writer.done_units():
         return None
     return writer.finish(expected_units=expected_units, counts=counts)

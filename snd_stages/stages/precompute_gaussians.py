@@ -141,11 +141,14 @@ def precompute_gaussians(
                 result = reconstructor.reconstruct(views)
             with writer.unit(name) as group:
                 write_pair(group, scene, context, targets, result)
-        gaussian_count = sum(writer.unit_attributes(name)["count"] for name in writer.done_units())
         return finish_if_complete(
             writer,
             list(pairs),
-            {"pairs": len(pairs), "gaussians": gaussian_count, "bytes_per_gaussian": BYTES_PER_GAUSSIAN},
+            lambda: {
+                "pairs": len(pairs),
+                "gaussians": sum(writer.unit_attributes(name)["count"] for name in writer.done_units()),
+                "bytes_per_gaussian": BYTES_PER_GAUSSIAN,
+            },
         )
 
     return run_stage(store, spec, config_yaml, force, build, expected_units=len(pairs))

@@ -105,7 +105,9 @@ def precompute_masks(
                     {"scene": scene_id, "source": masks.source, "frame_names": [scene.frames[p].name for p in scene_positions]}
                 )
         frames = sum(len(p) for p in positions.values())
-        return finish_if_complete(writer, list(positions), {"scenes": len(positions), "frames": frames, "source": masks.source})
+        return finish_if_complete(
+            writer, list(positions), lambda: {"scenes": len(positions), "frames": frames, "source": masks.source}
+        )
 
     return run_stage(store, spec, config_yaml, force, build, expected_units=len(positions))
 

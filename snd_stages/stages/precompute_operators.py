@@ -117,9 +117,11 @@ def precompute_operators(
                 group.attrs.update({"scene": scene_id, "context_positions": list(context), "target_position": target,
                                     "nonzeros": operator.nonzeros(),
                                     "bytes": int(sum(values.nbytes for values in arrays.values()))})
-        stored = [writer.unit_attributes(name)["bytes"] for name in writer.done_units()]
-        return finish_if_complete(writer, list(units), {"samples": len(units),
-                                                        "bytes_per_sample": int(np.mean(stored)) if stored else 0})
+        def counts() -> dict:
+            stored = [writer.unit_attributes(name)["bytes"] for name in writer.done_units()]
+            return {"samples": len(units), "bytes_per_sample": int(np.mean(stored)) if stored else 0}
+
+        return finish_if_complete(writer, list(units), counts)
 
     return run_stage(store, spec, config_yaml, force, build, expected_units=len(units))
 
