@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,18 @@ def tree_digest(root: Path, exclude_names: tuple[str, ...] = ()) -> dict[str, st
         for path in sorted(Path(root).rglob("*"))
         if path.is_file() and path.name not in exclude_names
     }
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder shared by one test module, removed once the module's tests are done.
+
+    The training tests keep real ViT-S/14 weights and checkpoints (90 MB each); left to the end of the session,
+    the modules' folders add up to gigabytes of /tmp.
+    """
+    folder = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

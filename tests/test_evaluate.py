@@ -24,8 +24,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
+def project(module_tmp_path):
+    root = module_tmp_path / "eval"
     cfg = load_config(None, [*TINY, f"data.root={root / 'demo'}", f"store.root={root / 'store'}",
                              f"train.runs_root={root / 'runs'}", f"eval.report_dir={root / 'report'}"])
     store = build_demo_artifacts(cfg, operators=True)

@@ -26,10 +26,10 @@ DEMO = ["demo.train_scenes=1", "demo.eval_scenes=2", "demo.frames_per_scene=5", 
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
+def demo_root(module_tmp_path):
     from snd_stages.stages.make_demo_data import make_demo_data
 
-    root = tmp_path_factory.mktemp("ground_truth") / "demo"
+    root = module_tmp_path / "demo"
     cfg = load_config(None, [*DEMO, f"data.root={root}"])
     make_demo_data(cfg.data, cfg.demo)
     return root

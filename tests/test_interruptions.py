@@ -114,9 +114,9 @@ def only_artifact(store: Path, stage: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(module_tmp_path) -> Path:
     """Demo data, and every precompute artifact written without interruption into ``<root>/store``."""
-    root = tmp_path_factory.mktemp("interruptions")
+    root = module_tmp_path / "interruptions"
     cfg = tiny_config(root, "demo.train_scenes=2")
     build_demo_artifacts(cfg, operators=False)
     return root

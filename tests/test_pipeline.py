@@ -34,8 +34,8 @@ def tiny_config(root: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
+def built(module_tmp_path):
+    root = module_tmp_path / "pipeline"
     cfg = tiny_config(root)
     store = build_demo_artifacts(cfg, operators=False)
     return cfg, store

