@@ -110,3 +110,20 @@ def test_flop_formula_counts_what_the_network_only_step_multiplies(train_step, c
 ])
 def test_profile_sorts_kernels_into_the_steps_parts(train_step, name, category):
     assert train_step.kernel_category(name) == category
+
+
+@pytest.mark.gpu
+def test_gemm_ceiling_is_the_fastest_product_of_its_search(train_step):
+    """The ceiling is a maximum over its shapes (so no shape of the search beats it by more than timing noise), and
+    a real GPU's cuBLAS stays below the datasheet peak."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    ceiling = train_step.gemm_ceiling_tflops(repeats=5)
+    assert ceiling.shape[0] in train_step.CEILING_SIDES and ceiling.tflops > 0
+    rows, inner, columns = 8192, 8192, 8192
+    square = 2 * rows * inner * columns / (train_step.matmul_ms(rows, inner, columns, 5) * 1e-3) / 1e12
+    assert square <= 1.05 * ceiling.tflops
+    if train_step.peak_tflops() == train_step.peak_tflops():  # a GPU the datasheet table knows
+        assert ceiling.tflops < train_step.peak_tflops()
