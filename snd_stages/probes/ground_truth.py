@@ -202,9 +202,14 @@ def load_ground_truth(
         if index == units[unit][-1]:
             _write_unit(writer, unit_names[unit], units[unit], pieces, request)
             pieces = []
-    fitted = sum(int(writer.unit_attributes(name)["fitted_normals"]) for name in unit_names)
-    artifact = writer.finish(expected_units=expected,
-                             counts={"frames": len(request), "units": len(expected), "fitted_normals": fitted})
+    artifact = writer.finish(
+        expected_units=expected,
+        counts=lambda: {
+            "frames": len(request),
+            "units": len(expected),
+            "fitted_normals": sum(int(writer.unit_attributes(name)["fitted_normals"]) for name in unit_names),
+        },
+    )
     # Read back what was stored rather than keep the computed frames: one path for fresh, resumed and reused sets.
     return _read(artifact, request, "resumed" if done else "computed")
 
