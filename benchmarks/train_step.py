@@ -451,6 +451,11 @@ def matmul_ms(rows: int, inner: int, columns: int, repeats: int) -> float:
     return median_ms(lambda: a @ b, repeats)
 
 
+def matmul_tflops(rows: int, inner: int, columns: int, repeats: int) -> float:
+    """TFLOP/s of one bf16 ``[rows, inner] @ [inner, columns]`` product (:func:`matmul_ms`)."""
+    return 2 * rows * inner * columns / (matmul_ms(rows, inner, columns, repeats) * 1e-3) / 1e12
+
+
 # Sides of the products searched for the GEMM ceiling: every (rows, inner, columns) from these, 64 shapes.
 CEILING_SIDES = (4096, 8192, 12288, 16384)
 
@@ -477,8 +482,7 @@ def gemm_ceiling_tflops(repeats: int) -> GemmCeiling:
     """
     best = GemmCeiling(0.0, (0, 0, 0))
     for shape in itertools.product(CEILING_SIDES, repeat=3):
-        rows, inner, columns = shape
-        tflops = 2 * rows * inner * columns / (matmul_ms(rows, inner, columns, repeats) * 1e-3) / 1e12
+        tflops = matmul_tflops(*shape, repeats)
         if tflops > best.tflops:
             best = GemmCeiling(tflops, shape)
     torch.cuda.empty_cache()
