@@ -113,6 +113,21 @@ def test_profile_sorts_kernels_into_the_steps_parts(train_step, name, category):
     assert train_step.kernel_category(name) == category
 
 
+def test_a_runs_shares_are_taken_against_its_highest_ceiling_pass(train_step):
+    """A step timed between two ceiling passes is measured against the higher one, whichever came first, so that a
+    pass taken while the GPU ran slow cannot flatter the step."""
+    ceilings = train_step.RunCeiling()
+    with pytest.raises(ValueError, match="no GEMM-ceiling pass"):
+        ceilings.share(300.0)
+    ceilings.add(train_step.GemmCeiling(700.0, (4096, 4096, 4096)))
+    assert ceilings.share(280.0) == pytest.approx(40.0)
+    ceilings.add(train_step.GemmCeiling(800.0, (8192, 8192, 12288)))
+    ceilings.add(train_step.GemmCeiling(750.0, (16384, 8192, 8192)))
+    assert ceilings.highest().shape == (8192, 8192, 12288)
+    assert ceilings.share(280.0) == pytest.approx(35.0)
+    assert "700, 800, 750 TFLOP/s" in ceilings.describe()
+
+
 @pytest.mark.gpu
 def test_gemm_ceiling_is_the_fastest_product_of_its_search(train_step):
     """The ceiling is a maximum over its shapes (so no shape of the search beats it by more than timing noise), and
