@@ -437,7 +437,7 @@ def profile_step(args) -> None:
                 slowest = Table(title="The slowest kernels (ms a step)")
                 for column in ("kernel", "category", "calls a step", "ms a step"):
                     slowest.add_column(column, justify="right" if column != "kernel" else "left")
-                for event in sorted(kernels, key=lambda event: -event.self_device_time_total)[:12]:
+                for event in sorted(kernels, key=lambda event: -event.self_device_time_total)[: args.slowest]:
                     slowest.add_row(event.key[:70], kernel_category(event.key), f"{event.count / args.repeats:g}",
                                     f"{event.self_device_time_total / 1e3 / args.repeats:.2f}")
                 console.print(slowest)
@@ -548,6 +548,7 @@ def main() -> None:
                         help="only time each attention kernel at the step's shapes, with its error against float64")
     parser.add_argument("--profile", action="store_true",
                         help="only profile the network-only step's CUDA kernels and print their time by part")
+    parser.add_argument("--slowest", type=int, default=12, help="--profile: how many of the slowest kernels to list")
     parser.add_argument("--count-flops", action="store_true",
                         help="only count the network-only step's FLOPs with torch's FlopCounterMode, beside the formula")
     args = parser.parse_args()

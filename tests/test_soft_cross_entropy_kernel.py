@@ -50,8 +50,8 @@ _RUN_KERNEL = textwrap.dedent(
 
 
 def _interpreter_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Small chunks (the interpreter runs a block at a time in numpy): 5000 columns are two full 2048-column
-    blocks and a masked tail, 7 columns a block of 128 that is mostly mask."""
+    """Small chunks (the interpreter runs a block at a time in numpy): 5000 columns are a full 4096-column
+    block and a masked tail, 7 columns a block of 128 that is mostly mask."""
     generator = torch.Generator().manual_seed(0)
 
     def logits(rows, columns, spread=8.0):
