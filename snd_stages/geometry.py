@@ -259,3 +259,29 @@ def quaternion_multiply(a: Float[Tensor, "*batch 4"], b: Float[Tensor, "*batch 4
         ],
         dim=-1,
     )
+
+
+def rotation_angle_degrees(rotation) -> float:
+    """Geodesic angle of a 3x3 rotation matrix in degrees, in [0, 180], precise at every angle.
+
+    ``acos((trace R − 1) / 2)`` loses half its digits near 0° and 180°, where the cosine's slope vanishes: a
+    30° turn composed with a 70° one came back 1.2e-6° off. The angle is instead
+    ``atan2(‖vee(R − Rᵀ)‖, trace R − 1)``, since ``R − Rᵀ = 2 sin θ [k]×`` and ``trace R − 1 = 2 cos θ``; atan2 of
+    sine and cosine together keeps full precision everywhere.
+
+    Args:
+        rotation: ``[3, 3]`` rotation (numpy array or torch tensor), computed in float64.
+    """
+    r = np.asarray(rotation.detach().cpu() if isinstance(rotation, torch.Tensor) else rotation, dtype=np.float64)
+    sine_axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])  # 2 sin θ · axis
+    return float(np.degrees(np.arctan2(np.linalg.norm(sine_axis), np.trace(r) - 1.0)))
+
+
+def angle_between_degrees(a: Float[Tensor, "*batch 3"], b: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch"]:
+    """Angle between 3-vectors of any length in degrees, in [0, 180]: ``atan2(‖a × b‖, a · b)`` in float64.
+
+    ``acos`` of the cosine similarity is imprecise near 0° and 180° (see :func:`rotation_angle_degrees`).
+    A zero vector gives 0°.
+    """
+    a, b = a.double(), b.double()
+    return torch.rad2deg(torch.atan2(torch.linalg.cross(a, b, dim=-1).norm(dim=-1), (a * b).sum(-1)))

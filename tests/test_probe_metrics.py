@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from snd_stages.geometry import Camera, invert_rigid, project_points, transform_points, unproject_depth
+from snd_stages.geometry import (
+    Camera,
+    invert_rigid,
+    project_points,
+    rotation_angle_degrees,
+    transform_points,
+    unproject_depth,
+)
 from snd_stages.probes.metrics import (
+    angular_error_degrees,
     binned_recall,
     correspondence_recall,
     depth_metrics,
@@ -116,6 +124,22 @@ def test_relative_rotation_of_a_thirty_degree_turn():
     turn[:3, 3] = torch.tensor([0.5, -0.2, 0.1])  # translation does not matter
     assert relative_rotation_degrees(base, turn @ base) == pytest.approx(30.0, abs=1e-6)
     assert relative_rotation_degrees(base, base) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("degrees", [1e-5, 0.01, 30.0, 90.0, 179.99, 180.0 - 1e-5, 180.0])
+def test_rotation_angle_keeps_its_precision_near_zero_and_half_a_turn(degrees):
+    # acos of (trace - 1) / 2 is off by about sqrt(machine epsilon) radians (~1e-6 degrees) near 0 and 180 degrees.
+    rotation = rotation_about(torch.tensor([0.3, -1.0, 0.2], dtype=torch.float64), degrees)
+    assert rotation_angle_degrees(rotation) == pytest.approx(degrees, rel=1e-9, abs=1e-11)
+    assert rotation_angle_degrees(rotation.numpy()) == pytest.approx(degrees, rel=1e-9, abs=1e-11)
+
+
+@pytest.mark.parametrize("degrees", [1e-6, 1e-3, 45.0, 180.0 - 1e-6])
+def test_angle_between_normals_keeps_its_precision_near_zero_and_opposite(degrees):
+    first = torch.tensor([[0.0, 0.0, 2.0]], dtype=torch.float64)  # lengths need not be 1
+    radians = math.radians(degrees)
+    second = torch.tensor([[0.5 * math.sin(radians), 0.0, 0.5 * math.cos(radians)]], dtype=torch.float64)
+    assert float(angular_error_degrees(second, first)[0]) == pytest.approx(degrees, rel=1e-9, abs=1e-11)
 
 
 def plane_views(height: int = 36, width: int = 48):

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..geometry import angle_between_degrees, rotation_angle_degrees
+
 NORMAL_THRESHOLDS_DEG = (11.25, 22.5, 30.0)
 RECALL_THRESHOLDS_PX = (5.0, 10.0, 20.0)
 ROTATION_BINS_DEG = ((0.0, 15.0), (15.0, 30.0), (30.0, 60.0), (60.0, 180.0))
@@ -87,8 +89,7 @@ def angular_error_degrees(pred: Tensor, target: Tensor) -> Tensor:
     Returns:
         ``[...]`` angles in [0, 180].
     """
-    cosine = torch.cosine_similarity(pred.double(), target.double(), dim=-1).clamp(-1.0, 1.0)
-    return torch.rad2deg(torch.acos(cosine))
+    return angle_between_degrees(pred, target)
 
 
 def normal_metrics(
@@ -271,7 +272,8 @@ def binned_recall(
 def relative_rotation_degrees(world_to_camera0: Tensor, world_to_camera1: Tensor) -> float:
     """Geodesic angle of the relative rotation between two cameras, in degrees.
 
-    ``R = R1 R0ᵀ`` (camera 0 to camera 1) and ``angle = acos((trace R − 1) / 2)``, clamped to [0, 180].
+    ``R = R1 R0ᵀ`` (camera 0 to camera 1); its angle by :func:`snd_stages.geometry.rotation_angle_degrees`, which
+    keeps full precision near 0° and 180°.
 
     Args:
         world_to_camera0: ``[4, 4]`` (or ``[3, 3]``) rigid world-to-camera transform of view 0.
@@ -279,9 +281,7 @@ def relative_rotation_degrees(world_to_camera0: Tensor, world_to_camera1: Tensor
     """
     rotation0 = world_to_camera0[:3, :3].double()
     rotation1 = world_to_camera1[:3, :3].double()
-    relative = rotation1 @ rotation0.T
-    cosine = ((relative.trace() - 1.0) / 2.0).clamp(-1.0, 1.0)
-    return float(torch.rad2deg(torch.acos(cosine)))
+    return rotation_angle_degrees(rotation1 @ rotation0.T)
 
 
 def reprojection_errors(

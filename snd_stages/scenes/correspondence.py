@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from ..geometry import Camera, check_rigid
+from ..geometry import Camera, check_rigid, rotation_angle_degrees
 from .layout import DEPTH_SCALE, Scene
 
 # ScanNet's colour frames are 1296x968 (w x h); SuperGlue's list gives K at that size.
@@ -97,12 +97,6 @@ def _check_view(view: int) -> int:
 
 def _resolve(source: ImageSource) -> np.ndarray:
     return source() if callable(source) else source
-
-
-def rotation_angle_degrees(rotation: np.ndarray) -> float:
-    """Angle of a 3x3 rotation matrix in degrees (0..180)."""
-    cosine = (np.trace(np.asarray(rotation, dtype=np.float64)) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
 def _nearest_rotation(matrix: np.ndarray) -> np.ndarray:
