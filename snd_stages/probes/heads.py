@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .resize import resize, upsample
+
 SIG_MEAN_WEIGHT = 0.15
 DEPTH_EPS = 1e-3
 PROBABILITY_FLOOR = 0.1
@@ -75,10 +77,12 @@ class DepthBinHead(nn.Module):
         self.register_buffer("centres", bin_centres(bins, min_depth, max_depth), persistent=False)
 
     def logits(self, features: Tensor) -> Tensor:
-        """``[B, C, h, w]`` → ``[B, bins, h·upsample, w·upsample]`` bin logits."""
-        if self.upsample != 1:
-            features = F.interpolate(features, scale_factor=self.upsample, mode="bilinear", align_corners=False)
-        return self.conv(features)
+        """``[B, C, h, w]`` → ``[B, bins, h·upsample, w·upsample]`` bin logits.
+
+        The 1×1 conv runs before the bilinear upsampling, not after: both are linear and bilinear weights sum to 1,
+        so the order changes nothing but rounding, and the conv then costs ``upsample²`` times less.
+        """
+        return upsample(self.conv(features), self.upsample)
 
     def forward(self, features: Tensor) -> Tensor:
         """``[B, C, h, w]`` features → ``[B, 1, h·upsample, w·upsample]`` metric depth.
@@ -230,15 +234,11 @@ class DenseProbe(nn.Module):
         """``len(in_channels)`` maps ``[B, C_i, h, w]`` (shallow to deep) → ``[B, out_channels, 16h, 16w]``."""
         if len(features) != len(self.projections):
             raise ValueError(f"expected {len(self.projections)} feature maps, got {len(features)}")
-        maps = [
-            F.interpolate(projection(x), scale_factor=2, mode="bilinear", align_corners=False)
-            for projection, x in zip(self.projections, features)
-        ]
+        maps = [upsample(projection(x), 2) for projection, x in zip(self.projections, features)]
         fused = None
         for index in reversed(range(len(maps))):
             fused = self.fusions[index](maps[index], fused)
-        fused = F.interpolate(fused, scale_factor=4, mode="bilinear", align_corners=False)
-        return F.interpolate(self.output(fused), scale_factor=2, mode="bilinear", align_corners=False)
+        return upsample(self.output(upsample(fused, 4)), 2)
 
 
 class DenseDepthProbe(nn.Module):
@@ -287,12 +287,13 @@ class NormalHead(nn.Module):
         self.conv = nn.Conv2d(in_channels, 4, kernel_size=1)
 
     def raw(self, features: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        """The conv's ``[B, 4, H, W]`` output; with ``size``, bicubically resized (align_corners True) to it."""
-        if self.upsample != 1:
-            features = F.interpolate(features, scale_factor=self.upsample, mode="bilinear", align_corners=False)
-        output = self.conv(features)
-        if size is not None and tuple(output.shape[-2:]) != tuple(size):
-            output = F.interpolate(output, size=size, mode="bicubic", align_corners=True)
+        """The conv's ``[B, 4, H, W]`` output; with ``size``, bicubically resized (align_corners True) to it.
+
+        The conv runs before the bilinear upsampling (the same map up to rounding, see :meth:`DepthBinHead.logits`).
+        """
+        output = upsample(self.conv(features), self.upsample)
+        if size is not None:
+            output = resize(output, size, mode="bicubic", align_corners=True)
         return output
 
     def forward(self, features: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
@@ -353,9 +354,7 @@ class SegmentationHead(nn.Module):
     def forward(self, features: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """``[B, C, h, w]`` → ``[B, classes, h, w]`` logits, or bilinearly resized (align_corners False) to ``size``."""
         logits = self.conv(self.dropout(features))
-        if size is not None and tuple(logits.shape[-2:]) != tuple(size):
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
+        return logits if size is None else resize(logits, size)
 
 
 def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
