@@ -236,6 +236,11 @@ class EvalCfg:
     probe_steps: int = 300
     probe_batch_size: int = 8
     probe_learning_rate: float = 1e-3
+    probe_warmup_fraction: float = 0.05  # linear learning-rate warm-up over this share of probe_steps, then cosine
+    # Each probe is fitted once per seed (its initialisation and minibatch draws); the report gives the mean over
+    # seeds with a 95 % interval over seeds and test images together (bootstrap_replicates draws).
+    seeds: tuple[int, ...] = (0, 1, 2)
+    bootstrap_replicates: int = 2000
     max_depth: float = 10.0
     # Features are cached in the store as float16; a cached set up to this size is read into memory once, a
     # larger one is read from the store for every minibatch.
@@ -247,7 +252,7 @@ class EvalCfg:
     correspondence_gap: tuple[int, int] = (3, 12)
     correspondence_scale: float = 0.5
     correspondence_top_k: int = 1000
-    seed: int = 0
+    seed: int = 0  # which correspondence pairs are drawn, and the bootstrap's draws
     device: Literal["auto", "cpu", "cuda"] = "auto"
     report_dir: Path = Path("data/reports")
 
@@ -256,7 +261,12 @@ class EvalCfg:
         unknown = sorted(set(self.probes) - allowed)
         _require(not unknown and len(self.probes) > 0, "eval.probes", list(self.probes), f"a non-empty subset of {sorted(allowed)}")
         _require(self.probe_train_scenes >= 1, "eval.probe_train_scenes", self.probe_train_scenes, "an integer >= 1")
-        for name in ("frame_stride", "probe_steps", "probe_batch_size", "correspondence_pairs", "correspondence_top_k"):
+        _require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "eval.seeds", list(self.seeds),
+                 "a non-empty list of distinct integers (3 or more for an interval that covers the seeds' spread)")
+        _require(0 <= self.probe_warmup_fraction < 1, "eval.probe_warmup_fraction", self.probe_warmup_fraction,
+                 "a number in [0, 1)")
+        for name in ("frame_stride", "probe_steps", "probe_batch_size", "correspondence_pairs", "correspondence_top_k",
+                     "bootstrap_replicates"):
             _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "an integer >= 1")
         _require(0 < self.correspondence_scale <= 1, "eval.correspondence_scale", self.correspondence_scale, "a number in (0, 1]")
         _require(self.max_depth > 0, "eval.max_depth", self.max_depth, "a positive number (metres)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from snd_stages.config import load_config
@@ -53,6 +54,41 @@ def test_report_compares_the_baseline_with_the_trained_model(project):
     assert table == markdown_report(on_disk) and "| depth | rmse ↓ |" in table and "Δ Splat-and-Distill" in table
     assert {p.name for p in report.figures} == {"depth.png", "normals.png", "correspondence.png", "pca.png"}
     assert all(p.stat().st_size > 0 for p in report.figures)
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_report_keeps_per_seed_and_per_image_values_intervals_and_paired_deltas(project):
+    cfg, store = project
+    run = run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    report = evaluate(cfg.data, cfg.train, cfg.eval, [run])
+    on_disk = json.loads((report.report_dir / "report.json").read_text())
+    baseline, trained = on_disk["models"].values()
+    test_frames = on_disk["protocol"]["test_frames"]
+    for model in (baseline, trained):
+        # Anyone can recompute a score from the per-image values: the mean over seeds of each seed's mean.
+        values = np.array(model["per_unit"]["depth"]["rmse"]["values"], dtype=float)
+        assert values.shape == (len(cfg.eval.seeds), test_frames)
+        assert model["depth"]["rmse"] == pytest.approx(float(np.nanmean(values, axis=1).mean()), rel=1e-12)
+        assert model["per_seed"]["depth"]["rmse"] == pytest.approx(list(np.nanmean(values, axis=1)), rel=1e-12)
+        for probe in ("depth", "normals", "segmentation", "correspondence"):
+            for metric, (low, high) in model["intervals"][probe].items():
+                value = model[probe][metric]
+                if value is None:  # e.g. a rotation bin without pairs
+                    assert low is None and high is None
+                    continue
+                assert low <= value + 1e-12 and value <= high + 1e-12, (probe, metric)
+        hits = np.array(model["per_unit"]["correspondence"]["recall_10px"]["hits"], dtype=float)
+        totals = np.array(model["per_unit"]["correspondence"]["recall_10px"]["totals"], dtype=float)
+        assert model["correspondence"]["recall_10px"] == pytest.approx(hits.sum() / totals.sum(), rel=1e-12)
+    # The fitted probes' seeds differ: their scores are not all the same.
+    assert len(set(baseline["per_seed"]["normals"]["rmse"])) == len(cfg.eval.seeds)
+    delta = on_disk["deltas"][next(iter(on_disk["deltas"]))]["normals"]["rmse"]
+    assert delta["delta"] == pytest.approx(trained["normals"]["rmse"] - baseline["normals"]["rmse"], rel=1e-9)
+    low, high = delta["interval"]
+    assert low <= delta["delta"] <= high and delta["excludes_zero"] == (low > 0 or high < 0)
+    # One training sample is far too short to expect a change, and the report says so.
+    assert any("too few to expect any change" in note for note in on_disk["notes"])
+    assert "too few to expect any change" in (report.report_dir / "report.md").read_text()
 
 
 @pytest.mark.filterwarnings("ignore:random weights")

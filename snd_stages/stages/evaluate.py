@@ -40,10 +40,12 @@ and PNG figures (depth and normal predictions vs truth, correspondences coloured
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -79,6 +81,7 @@ from ..probes.metrics import (
     segmentation_scores,
 )
 from ..progress import track
+from ..report.statistics import CONFIDENCE, Measurement, Resampling, excludes_zero, interval, mean_iou
 from ..runtime import resolve_device
 from ..scenes.correspondence import CorrespondencePair, pairs_from_scene, read_scannet1500
 from ..scenes.layout import Scene, list_scene_ids, read_scene
@@ -304,22 +307,60 @@ def _scene_images_identity(root: Path, scene_ids: list[str]) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fit(head: torch.nn.Module, loss_of, count: int, cfg: EvalCfg, device, description: str = "probe",
+@contextlib.contextmanager
+def repeatable_kernels(device: torch.device):
+    """Kernels that give the same bits on every run (and float32 without TF32 on CUDA), restored afterwards.
+
+    A probe's fit is thousands of small steps: a nondeterministic kernel's rounding there became a different
+    depth score (0.640 against 0.619 RMSE, same features and seed). cuDNN's autotuned convolutions and TF32
+    products are what remain once the resizes are matrix products (:mod:`snd_stages.probes.resize`).
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of stopping an eval.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
+def _fit(head: torch.nn.Module, loss_of, count: int, cfg: EvalCfg, device, seed: int, description: str = "probe",
          progress: Progress | None = None) -> torch.nn.Module:
-    """AdamW with a cosine schedule on random minibatches drawn by a seeded generator (same for every model)."""
+    """AdamW, a linear warm-up then a cosine decay to 0, on random minibatches drawn by a generator seeded with
+    ``seed`` (the same draws for every model). The loss's own warm-up (FiT3D's SigLoss mean term) runs for its
+    first ``min(100, steps // 10)`` steps."""
     head.to(device).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.probe_learning_rate, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.probe_steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    for step in track(range(cfg.probe_steps), description, progress, unit="step"):
-        batch = torch.randint(0, count, (min(cfg.probe_batch_size, count),), generator=generator)
-        loss = loss_of(head, batch, warmup=step < 100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 35.0)  # FiT3D's gradient clip
-        optimizer.step()
-        scheduler.step()
+    warmup = max(1, round(cfg.probe_steps * cfg.probe_warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_warmup_cosine, warmup=warmup,
+                                                                               steps=cfg.probe_steps))
+    loss_warmup = min(100, cfg.probe_steps // 10)
+    generator = torch.Generator().manual_seed(seed)
+    with repeatable_kernels(device):
+        for step in track(range(cfg.probe_steps), description, progress, unit="step"):
+            batch = torch.randint(0, count, (min(cfg.probe_batch_size, count),), generator=generator)
+            loss = loss_of(head, batch, warmup=step < loss_warmup)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 35.0)  # FiT3D's gradient clip
+            optimizer.step()
+            scheduler.step()
     return head.eval()
+
+
+def _warmup_cosine(step: int, warmup: int, steps: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 class _MultiBlockDepth(torch.nn.Module):
@@ -334,15 +375,32 @@ class _MultiBlockDepth(torch.nn.Module):
         return self.probe(list(features.chunk(self.blocks, dim=1)))
 
 
+def _per_seed(fit_and_score, seeds: Sequence[int]):
+    """``fit_and_score(seed) -> (per-unit rows, predictions)`` for every seed: ``([seeds][units] rows, the first
+    seed's predictions)`` (the figures show the first seed's probe)."""
+    rows, first = [], None
+    for seed in seeds:
+        seed_rows, predictions = fit_and_score(seed)
+        rows.append(seed_rows)
+        first = predictions if first is None else first
+    return rows, first
+
+
+def _means(rows: list[list[dict]]) -> dict[str, Measurement]:
+    """Per-image metric rows ``[seeds][images]`` as one mean-over-images measurement per metric."""
+    return {key: Measurement.of_means(np.array([[row[key] for row in seed] for seed in rows], dtype=np.float64))
+            for key in rows[0][0]}
+
+
 def depth_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], cfg: EvalCfg, device,
-                dense: bool = False, description: str = "depth probe", progress: Progress | None = None):
-    """FiT3D's linear bin probe, or (``dense``) Probe3D's multi-block dense probe; same loss and metrics."""
+                seeds: Sequence[int] = (0,), dense: bool = False, description: str = "depth probe",
+                progress: Progress | None = None) -> tuple[dict[str, Measurement], list[torch.Tensor]]:
+    """FiT3D's linear bin probe, or (``dense``) Probe3D's multi-block dense probe; same loss and metrics.
+
+    Returns every depth metric as a per-image measurement over ``seeds``, and the first seed's predictions.
+    """
     features, frames = train
-    torch.manual_seed(cfg.seed)
-    if dense:
-        head = _MultiBlockDepth(features.channels, len(MULTI_BLOCK_FEATURES.blocks), cfg.max_depth)
-    else:
-        head = DepthBinHead(features.channels, max_depth=cfg.max_depth)
+    test_features, test_frames = test
 
     def loss_of(head, batch, warmup):
         prediction = features.crop(head(features.batch(batch, device)))[:, 0]
@@ -350,26 +408,35 @@ def depth_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, P
         valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
         return depth_loss(prediction, target, valid, warmup=warmup)
 
-    _fit(head, loss_of, len(frames), cfg, device, description, progress)
-    test_features, test_frames = test
-    predictions, per_image = [], []
-    with torch.no_grad():
-        for index in range(len(test_frames)):
-            prediction = test_features.crop(head(test_features.batch([index], device)))[0, 0].cpu()
-            target = test_frames.depth[index]
-            valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
-            if test_frames.depth_region is not None:
-                valid &= test_frames.depth_region
-            per_image.append(depth_metrics(prediction, target, valid))
-            predictions.append(prediction)
-    return _mean(per_image), predictions
+    def fit_and_score(seed: int):
+        torch.manual_seed(seed)
+        if dense:
+            head = _MultiBlockDepth(features.channels, len(MULTI_BLOCK_FEATURES.blocks), cfg.max_depth)
+        else:
+            head = DepthBinHead(features.channels, max_depth=cfg.max_depth)
+        _fit(head, loss_of, len(frames), cfg, device, seed, f"{description} · seed {seed}", progress)
+        predictions, rows = [], []
+        with torch.no_grad():
+            for index in range(len(test_frames)):
+                prediction = test_features.crop(head(test_features.batch([index], device)))[0, 0].cpu()
+                target = test_frames.depth[index]
+                valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
+                if test_frames.depth_region is not None:
+                    valid &= test_frames.depth_region
+                rows.append(depth_metrics(prediction, target, valid))
+                predictions.append(prediction)
+        return rows, predictions
+
+    rows, predictions = _per_seed(fit_and_score, seeds)
+    return _means(rows), predictions
 
 
 def normals_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], cfg: EvalCfg, device,
-                  description: str = "normals probe", progress: Progress | None = None):
+                  seeds: Sequence[int] = (0,), description: str = "normals probe",
+                  progress: Progress | None = None) -> tuple[dict[str, Measurement], list[torch.Tensor]]:
+    """SnD's linear normal probe: every angular metric as a per-image measurement, the first seed's predictions."""
     features, frames = train
-    torch.manual_seed(cfg.seed)
-    head = NormalHead(features.channels)
+    test_features, test_frames = test
     padded = features.padded_size
 
     def loss_of(head, batch, warmup):
@@ -378,41 +445,54 @@ def normals_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet,
         return uncertainty_angular_loss(features.crop(normals), features.crop(kappa),
                                         frames.normals[batch].to(device).float(), valid)
 
-    _fit(head, loss_of, len(frames), cfg, device, description, progress)
-    test_features, test_frames = test
-    predictions, per_image = [], []
-    with torch.no_grad():
-        for index in range(len(test_frames)):
-            normals, _ = head(test_features.batch([index], device), size=padded)
-            prediction = F.normalize(test_features.crop(normals), dim=1)[0].cpu()
-            valid = test_frames.depth[index] > 0
-            truth = test_frames.normals[index].float()
-            per_image.append(normal_metrics(prediction.permute(1, 2, 0), truth.permute(1, 2, 0), valid))
-            predictions.append(prediction)
-    return _mean(per_image), predictions
+    def fit_and_score(seed: int):
+        torch.manual_seed(seed)
+        head = NormalHead(features.channels)
+        _fit(head, loss_of, len(frames), cfg, device, seed, f"{description} · seed {seed}", progress)
+        predictions, rows = [], []
+        with torch.no_grad():
+            for index in range(len(test_frames)):
+                normals, _ = head(test_features.batch([index], device), size=padded)
+                prediction = F.normalize(test_features.crop(normals), dim=1)[0].cpu()
+                valid = test_frames.depth[index] > 0
+                truth = test_frames.normals[index].float()
+                rows.append(normal_metrics(prediction.permute(1, 2, 0), truth.permute(1, 2, 0), valid))
+                predictions.append(prediction)
+        return rows, predictions
+
+    rows, predictions = _per_seed(fit_and_score, seeds)
+    return _means(rows), predictions
 
 
 def segmentation_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], classes: int,
-                       cfg: EvalCfg, device, description: str = "segmentation probe", progress: Progress | None = None):
+                       cfg: EvalCfg, device, seeds: Sequence[int] = (0,), description: str = "segmentation probe",
+                       progress: Progress | None = None) -> dict[str, Measurement]:
+    """FiT3D's linear segmentation probe: mIoU (confusion summed over the test images, mmseg's convention) and pixel
+    accuracy, as measurements whose parts are each image's per-class intersection, label and prediction areas."""
     features, frames = train
-    torch.manual_seed(cfg.seed)
-    head = SegmentationHead(features.channels, classes)
+    test_features, test_frames = test
 
     def loss_of(head, batch, warmup):
         logits = features.crop(head(features.batch(batch, device)))
         return segmentation_loss(logits, frames.semantics[batch].to(device).long(), ignore_index=IGNORE_LABEL)
 
-    _fit(head, loss_of, len(frames), cfg, device, description, progress)
-    test_features, test_frames = test
-    confusion = torch.zeros(classes, classes, dtype=torch.long)
-    with torch.no_grad():
-        for index in range(len(test_frames)):
-            logits = test_features.crop(head(test_features.batch([index], device)))
-            confusion += segmentation_confusion(logits.argmax(1)[0].cpu(), test_frames.semantics[index].long(), classes,
-                                                ignore_index=IGNORE_LABEL)
-    scores = segmentation_scores(confusion)
-    return {"miou": float(scores["miou"]), "pixel_accuracy": float(scores["pixel_accuracy"]),
-            "per_class_iou": [None if math.isnan(v) else float(v) for v in scores["per_class_iou"]]}
+    def fit_and_score(seed: int):
+        torch.manual_seed(seed)
+        head = SegmentationHead(features.channels, classes)
+        _fit(head, loss_of, len(frames), cfg, device, seed, f"{description} · seed {seed}", progress)
+        confusions = []
+        with torch.no_grad():
+            for index in range(len(test_frames)):
+                logits = test_features.crop(head(test_features.batch([index], device)))
+                confusions.append(segmentation_confusion(logits.argmax(1)[0].cpu(), test_frames.semantics[index].long(),
+                                                         classes, ignore_index=IGNORE_LABEL).double().numpy())
+        return confusions, None
+
+    confusions = np.array(_per_seed(fit_and_score, seeds)[0])  # [seeds, images, classes (truth), classes (predicted)]
+    intersection = np.diagonal(confusions, axis1=2, axis2=3)
+    areas = np.concatenate([intersection, confusions.sum(3), confusions.sum(2)], axis=-1)
+    return {"miou": Measurement(areas, mean_iou, "miou"),
+            "pixel_accuracy": Measurement.of_rates(intersection.sum(-1), confusions.sum((2, 3)))}
 
 
 def pair_correspondences(pair: CorrespondencePair, features: tuple[Features, Features], cfg: EvalCfg):
@@ -450,18 +530,32 @@ def pair_correspondences(pair: CorrespondencePair, features: tuple[Features, Fea
 
 def correspondence_probe(pair_features: FeatureSet, pairs: list[CorrespondencePair], cfg: EvalCfg, device="cpu",
                          description: str = "correspondence", progress: Progress | None = None):
-    """Every pair's matches from the views' cached features (view 0 of pair k at index 2k, view 1 at 2k + 1)."""
-    errors, rotations, first = [], [], None
+    """Every pair's matches from the views' cached features (view 0 of pair k at index 2k, view 1 at 2k + 1).
+
+    Returns recall at 5/10/20 px and recall at 10 px per relative-rotation bin, each a rate pooled over all matches
+    of all pairs (Probe3D's), as measurements whose parts are each pair's hits and matches (one "seed": nothing is
+    fitted), and the first pair's matches for the figure.
+    """
+    hits, matches, first = {}, [], None
+    binned_hits, binned_matches = {}, {}
     for index, pair in enumerate(track(pairs, description, progress, unit="pair")):
         views = (pair_features.view(2 * index, device), pair_features.view(2 * index + 1, device))
         pair_errors, pixels0, pixels1 = pair_correspondences(pair, views, cfg)
-        errors.append(pair_errors)
-        rotations.append(torch.full_like(pair_errors, pair.rotation_degrees))
+        count = pair_errors.numel()
+        matches.append(count)
+        for key, recall in correspondence_recall(pair_errors).items():
+            hits.setdefault(key, []).append(0.0 if count == 0 else round(recall * count))
+        # A pair's matches all fall in the one bin of its rotation; the other bins get none of them.
+        for name, recall in binned_recall(pair_errors, pair.rotation_degrees).items():
+            inside = not math.isnan(recall)
+            binned_hits.setdefault(f"recall_10px_rotation_{name}", []).append(round(recall * count) if inside else 0)
+            binned_matches.setdefault(f"recall_10px_rotation_{name}", []).append(count if inside else 0)
         if first is None:
             first = (pair, pixels0, pixels1, pair_errors)
-    all_errors, all_rotations = torch.cat(errors), torch.cat(rotations)
-    binned = {f"recall_10px_rotation_{bin_name}": value for bin_name, value in binned_recall(all_errors, all_rotations).items()}
-    return {**correspondence_recall(all_errors), **binned}, first
+    measurements = {key: Measurement.of_rates([values], [matches]) for key, values in hits.items()}
+    measurements.update({key: Measurement.of_rates([values], [binned_matches[key]])
+                         for key, values in binned_hits.items()})
+    return measurements, first
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -559,14 +653,15 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
                      "models": {}, "notes": notes}
     memory_bytes = cfg.feature_memory_gb * 2**30
     frame_specs = [PROBE_FEATURES[probe] for probe in probes if probe in PROBE_FEATURES]
-    outputs, uses = {}, []
+    outputs, uses, measurements = {}, [], {}
 
     def features_of(backbone, frame_set, specs):
         sets, used = probe_features(backbone, frame_set, specs, store, config_yaml, memory_bytes, progress)
         uses.extend(used)
         return sets
 
-    for backbone in track(models, "probing models", progress, unit="model"):
+    samples_seen = [0] + [_samples_seen(run) for run in runs]
+    for backbone, seen in zip(track(models, "probing models", progress, unit="model"), samples_seen):
         scores, predictions = {}, {}
         train_sets = features_of(backbone, train_frames.frame_set("train"), frame_specs) if frame_specs else {}
         test_sets = features_of(backbone, test_frames.frame_set("test"), frame_specs) if frame_specs else {}
@@ -576,16 +671,16 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
                 train_pair = (train_sets[PROBE_FEATURES[probe]], train_frames)
                 test_pair = (test_sets[PROBE_FEATURES[probe]], test_frames)
             if probe == "depth":
-                scores["depth"], predictions["depth"] = depth_probe(train_pair, test_pair, cfg, device,
+                scores["depth"], predictions["depth"] = depth_probe(train_pair, test_pair, cfg, device, cfg.seeds,
                                                                     description=label, progress=progress)
             elif probe == "depth_dense":
-                scores["depth_dense"], _ = depth_probe(train_pair, test_pair, cfg, device, dense=True,
+                scores["depth_dense"], _ = depth_probe(train_pair, test_pair, cfg, device, cfg.seeds, dense=True,
                                                        description=label, progress=progress)
             elif probe == "normals":
-                scores["normals"], predictions["normals"] = normals_probe(train_pair, test_pair, cfg, device,
+                scores["normals"], predictions["normals"] = normals_probe(train_pair, test_pair, cfg, device, cfg.seeds,
                                                                           description=label, progress=progress)
             elif probe == "segmentation":
-                scores["segmentation"] = segmentation_probe(train_pair, test_pair, classes, cfg, device,
+                scores["segmentation"] = segmentation_probe(train_pair, test_pair, classes, cfg, device, cfg.seeds,
                                                             description=label, progress=progress)
             elif probe == "correspondence":
                 pair_sets = features_of(backbone, pairs_frame_set(pairs, pairs_identity), [DENSE_FEATURES])
@@ -595,8 +690,12 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
         if SEGMENTATION_FEATURES not in test_sets:
             test_sets = features_of(backbone, test_frames.frame_set("first test frame", 1), [SEGMENTATION_FEATURES])
         predictions["pca"] = test_sets[SEGMENTATION_FEATURES].view(0)
-        results["models"][backbone.label] = {"backbone": backbone.name, "weights": backbone.weights, **scores}
+        measurements[backbone.label] = scores
+        results["models"][backbone.label] = {"backbone": backbone.name, "weights": backbone.weights,
+                                             "samples_seen": seen}
         outputs[backbone.label] = predictions
+    summarise(results, measurements, cfg)
+    notes += short_run_notes(results)
 
     report_dir = Path(cfg.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -613,7 +712,8 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
         "probe_train_scenes": train_ids, "test_scenes": test_ids,
         "probe_train_frames": len(train_frames.names), "test_frames": len(test_frames.names),
         "image_size": [height, width], "probe_steps": cfg.probe_steps, "probe_batch_size": cfg.probe_batch_size,
-        "probe_learning_rate": cfg.probe_learning_rate, "seed": cfg.seed,
+        "probe_learning_rate": cfg.probe_learning_rate,
+        "probe_warmup_fraction": cfg.probe_warmup_fraction, "seeds": list(cfg.seeds), "seed": cfg.seed,
         "features": {"depth": DEPTH_FEATURES.describe(), "depth_dense": MULTI_BLOCK_FEATURES.describe(),
                      "normals": DENSE_FEATURES.describe(),
                      "segmentation": SEGMENTATION_FEATURES.describe(), "correspondence": DENSE_FEATURES.describe()},
@@ -623,8 +723,91 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
     }
 
 
-def _mean(per_image: list[dict]) -> dict:
-    return {key: float(np.nanmean([row[key] for row in per_image])) for key in per_image[0]}
+# Fewer distillation samples than this (steps x batch) are not expected to change a probe's score. On the GPU
+# demo (192x256, ViT-S/14), 8,000 samples moved nothing and 64,000 improved normals and correspondence.
+SAMPLES_FOR_AN_EFFECT = 32_000
+
+
+def _samples_seen(run_dir: Path) -> int | None:
+    """Distillation samples (steps x batch) of a finished run, from its manifest; None where it does not say."""
+    try:
+        manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+        return int(manifest["steps"]) * int(manifest["params"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def short_run_notes(results: dict) -> list[str]:
+    """A plain warning for each model trained too briefly to be expected to differ from the baseline."""
+    notes = []
+    for label, model in list(results["models"].items())[1:]:
+        seen = model.get("samples_seen")
+        if seen is not None and seen < SAMPLES_FOR_AN_EFFECT:
+            notes.append(f"{label} saw {seen:,} distillation samples (steps x batch): too few to expect any change "
+                         f"from the baseline (on the GPU demo, {SAMPLES_FOR_AN_EFFECT:,} or more are needed; a CPU "
+                         "run is a smoke test of the pipeline, not of the method). Its deltas are noise.")
+    return notes
+
+
+def summarise(results: dict, measurements: dict[str, dict[str, dict[str, Measurement]]], cfg: EvalCfg) -> None:
+    """Point estimates, per-seed scores, 95 % intervals and per-unit parts of every model's metrics, and each
+    model's paired deltas against the first (the baseline), into ``results`` (:mod:`snd_stages.report.statistics`).
+
+    One resampling per probe is drawn from ``eval.seed`` and shared by every model, which makes the deltas paired.
+    """
+    labels = list(measurements)
+    rng = np.random.default_rng(cfg.seed)
+    resamplings = {}
+    for probe, metrics in measurements[labels[0]].items():
+        seeds, units = next(iter(metrics.values())).parts.shape[:2]
+        resamplings[probe] = Resampling.draw(seeds, units, cfg.bootstrap_replicates, rng)
+    replicates = {}
+    for label in labels:
+        model = results["models"][label]
+        model.update({"intervals": {}, "per_seed": {}, "per_unit": {}})
+        for probe, metrics in measurements[label].items():
+            model[probe] = {metric: _finite(m.estimate()) for metric, m in metrics.items()}
+            model["intervals"][probe] = {metric: interval(replicates.setdefault((label, probe, metric),
+                                                                                m.replicates(resamplings[probe])),
+                                                          CONFIDENCE)
+                                         for metric, m in metrics.items()}
+            model["per_seed"][probe] = {metric: [_finite(v) for v in m.per_seed()] for metric, m in metrics.items()}
+            model["per_unit"][probe] = {metric: m.to_json() for metric, m in metrics.items()}
+            if probe == "segmentation":
+                model[probe]["per_class_iou"] = _per_class_iou(metrics["miou"])
+    results["deltas"] = {}
+    for label in labels[1:]:
+        deltas = results["deltas"][label] = {}
+        for probe, metrics in measurements[label].items():
+            if probe not in measurements[labels[0]]:
+                continue
+            deltas[probe] = {}
+            for metric in metrics:
+                difference = replicates[(label, probe, metric)] - replicates[(labels[0], probe, metric)]
+                bounds = interval(difference, CONFIDENCE)
+                value = results["models"][label][probe][metric]
+                base = results["models"][labels[0]][probe][metric]
+                deltas[probe][metric] = {"delta": None if value is None or base is None else value - base,
+                                         "interval": bounds, "excludes_zero": excludes_zero(bounds)}
+    results["statistics"] = {
+        "seeds": list(cfg.seeds), "bootstrap_replicates": cfg.bootstrap_replicates, "confidence": CONFIDENCE,
+        "method": "mean over probe seeds of each seed's score on all test units; percentile intervals from a "
+                  "two-level bootstrap redrawing seeds and test units (images, or pairs for correspondence) with "
+                  "replacement; deltas paired on the same draws",
+    }
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _per_class_iou(miou: Measurement) -> list[float | None]:
+    """Each class's IoU on all test images, averaged over seeds (None for a class absent everywhere)."""
+    intersection, labels, predicted = np.split(miou.parts.sum(axis=1), 3, axis=-1)  # [seeds, classes]
+    union = labels + predicted - intersection
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, intersection / np.where(union > 0, union, 1.0), np.nan)
+    return [_finite(float(np.nanmean(column))) if np.isfinite(column).any() else None for column in iou.T]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -644,37 +827,61 @@ REPORTED = [
 ]
 
 
+def _signed(fmt: str, value: float) -> str:
+    return ("+" if value >= 0 else "−") + fmt.format(abs(value))
+
+
 def markdown_report(results: dict) -> str:
     labels = list(results["models"])
     baseline = labels[0]
     protocol = results["protocol"]
+    statistics = results.get("statistics", {})
+    seeds = statistics.get("seeds", [protocol.get("seed")])
     lines = [
         "# 3D-awareness probes", "",
         f"Probes trained on {protocol['probe_train_frames']} frames of {', '.join(protocol['probe_train_scenes'])}, "
         f"tested on {protocol['test_frames']} frames of {', '.join(protocol['test_scenes'])} "
         f"({protocol['image_size'][0]}x{protocol['image_size'][1]}); {protocol['probe_steps']} AdamW steps per probe, "
-        f"batch {protocol['probe_batch_size']}, seed {protocol['seed']}; correspondence on "
+        f"batch {protocol['probe_batch_size']}, probe seeds {', '.join(map(str, seeds))}; correspondence on "
         f"{protocol['correspondence']['pairs']} pairs at scale {protocol['correspondence']['scale']}. "
-        "Every model gets identical probe settings and seeds. Arrows: which direction is better.", "",
+        "Every model gets identical probe settings, seeds and test data. Arrows: which direction is better.", "",
+        f"Each cell: the mean over probe seeds, then its {round(100 * statistics.get('confidence', CONFIDENCE))} % "
+        "interval over seeds and test images (pairs for correspondence; two-level bootstrap, "
+        f"{statistics.get('bootstrap_replicates', 0):,} replicates). Each Δ has its own paired interval; a **bold** "
+        "Δ is one whose interval excludes 0.", "",
         "| " + " | ".join(["probe", "metric", *labels, *(f"Δ {label}" for label in labels[1:])]) + " |",
         "|---|---|" + "---|" * (2 * len(labels) - 1),
     ]
     binned = [("correspondence", key, True, "{:.3f}") for key in results["models"][baseline].get("correspondence", {})
               if key.startswith("recall_10px_rotation_")]
     for probe, metric, higher, fmt in REPORTED + binned:
-        rows = [results["models"][label].get(probe, {}).get(metric) for label in labels]
-        rows = [None if value is not None and math.isnan(value) else value for value in rows]
-        if rows[0] is None:
+        values = [results["models"][label].get(probe, {}).get(metric) for label in labels]
+        if values[0] is None:
             continue
-        deltas = [value - rows[0] if value is not None else None for value in rows[1:]]
-        arrow = "↑" if higher else "↓"
-        cells = [fmt.format(v) if v is not None else "–" for v in rows]
-        delta_cells = [(("+" if d >= 0 else "") + fmt.format(d)) if d is not None else "–" for d in deltas]
-        lines.append(f"| {probe} | {metric} {arrow} | " + " | ".join(cells + delta_cells) + " |")
+        cells = []
+        for label, value in zip(labels, values):
+            bounds = results["models"][label].get("intervals", {}).get(probe, {}).get(metric, [None, None])
+            cells.append("–" if value is None else fmt.format(value) + _bounds_text(fmt, bounds, signed=False))
+        for label in labels[1:]:
+            delta = results.get("deltas", {}).get(label, {}).get(probe, {}).get(metric)
+            if delta is None or delta["delta"] is None:
+                cells.append("–")
+                continue
+            text = _signed(fmt, delta["delta"])
+            cells.append((f"**{text}**" if delta["excludes_zero"] else text)
+                         + _bounds_text(fmt, delta["interval"], signed=True))
+        lines.append(f"| {probe} | {metric} {'↑' if higher else '↓'} | " + " | ".join(cells) + " |")
     lines += ["", "Features (stored as float16): " + "; ".join(f"{k}: {v}" for k, v in protocol["features"].items()) + "."]
     if results.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _bounds_text(fmt: str, bounds, signed: bool) -> str:
+    if not bounds or bounds[0] is None:
+        return ""
+    show = (lambda v: _signed(fmt, v)) if signed else fmt.format
+    return f" [{show(bounds[0])}, {show(bounds[1])}]"
 
 
 def _colour_map(values: np.ndarray, low: float, high: float) -> np.ndarray:
