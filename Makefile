@@ -4,7 +4,10 @@
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-SND    := $(VENV)/bin/snd
+# The config's profile: auto = gpu where CUDA is available (a run long enough to show the method's gains, about
+# 20 minutes on one H100/H200), else cpu (a smoke run of the pipeline). make all PROFILE=cpu|gpu chooses.
+PROFILE ?= auto
+SND    := $(VENV)/bin/snd --profile $(PROFILE)
 CONFIG ?= pipeline.yaml
 SHARDS ?= 4
 STAMP  := $(VENV)/.installed

@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
-_state = {"debug": False}
+_state = {"debug": False, "profile": None}
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="pipeline.yaml to read.")]
 SetOption = Annotated[
@@ -44,8 +44,16 @@ ShardOption = Annotated[
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    profile: Annotated[str | None, typer.Option(
+        "--profile", envvar="SND_PROFILE",
+        help="Apply a named set of overrides from the config's 'profiles' (pipeline.yaml: cpu, a smoke run; gpu, "
+             "a run that shows the method's gains), before --set; 'auto' picks gpu where CUDA is available, else "
+             "cpu. Default: none.")] = None,
+) -> None:
     _state["debug"] = debug
+    _state["profile"] = profile
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(message)s",
@@ -83,7 +91,16 @@ def _error_line(message: str) -> None:
 
 
 def _load(config: Path, overrides: list[str], sections: set[str]) -> PipelineCfg:
-    return load_config(config, overrides, allowed_sections=sections)
+    profile = _state.get("profile")
+    if profile == "auto":
+        import torch
+
+        profile = "gpu" if torch.cuda.is_available() else "cpu"
+        if not _state.get("profile_said"):
+            console.print(f"[cyan]profile[/]: {profile} ({'CUDA found' if profile == 'gpu' else 'no CUDA device'}; "
+                          "--profile cpu|gpu chooses)")
+            _state["profile_said"] = True
+    return load_config(config, overrides, allowed_sections=sections, profile=profile)
 
 
 def _report(stage: str, result) -> None:

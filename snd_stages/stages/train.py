@@ -456,10 +456,11 @@ def teacher_operators(train: TrainCfg, inputs: RunInputs, store: Store) -> Artif
                             "every step without them)") from None
 
 
-def run_spec(train: TrainCfg, inputs: RunInputs, steps: int) -> ArtifactSpec:
+def run_spec(train: TrainCfg, inputs: RunInputs) -> ArtifactSpec:
+    """The run's identity: its training settings and input artifacts, never the device it trains on (so ``snd eval``
+    on another machine finds the run that ``snd train`` made)."""
     params = {name: value for name, value in to_dict(train).items() if name not in _OBSERVATION_ONLY}
-    keys = {"samples": inputs.samples_artifact.key, "gaussians": inputs.gaussians.key, "masks": inputs.masks.key,
-            "steps": str(steps)}
+    keys = {"samples": inputs.samples_artifact.key, "gaussians": inputs.gaussians.key, "masks": inputs.masks.key}
     if train.weights not in (EMBEDDED, "random"):  # a checkpoint: its contents, not where it lies
         del params["weights"]
         keys["weights_sha256"] = file_sha256(train.weights, "train.weights")
@@ -469,14 +470,7 @@ def run_spec(train: TrainCfg, inputs: RunInputs, steps: int) -> ArtifactSpec:
 def run_directory(data: DataCfg, sampling: SamplingCfg, gaussians: GaussiansCfg, masks: MasksCfg, train: TrainCfg,
                   store: Store) -> Path:
     """Where ``snd train`` puts (or has put) the run of this configuration."""
-    steps = resolve_steps(train, resolve_device(train.device, "train.device"))
-    return Path(train.runs_root) / run_spec(train, run_inputs(data, sampling, gaussians, masks, store), steps).key
-
-
-def resolve_steps(train: TrainCfg, device: torch.device) -> int:
-    if train.steps is not None:
-        return train.steps
-    return train.steps_gpu if device.type == "cuda" else train.steps_cpu
+    return Path(train.runs_root) / run_spec(train, run_inputs(data, sampling, gaussians, masks, store)).key
 
 
 def build_model(train: TrainCfg) -> StudentTeacher:
@@ -529,8 +523,8 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     if train_cfg.cuda_graphs and (device.type != "cuda" or world.distributed):
         raise ConfigError(f"train.cuda_graphs = true needs one process on a CUDA device, not {world.size} on "
                           f"{device.type}: set train.cuda_graphs=false (train.compile alone still applies)")
-    steps = resolve_steps(train_cfg, device)
-    spec = run_spec(train_cfg, inputs, steps)
+    steps = train_cfg.steps
+    spec = run_spec(train_cfg, inputs)
     world.local_batch_size(train_cfg.batch_size)  # a global batch that does not split stops every rank here
     run_dir = Path(train_cfg.runs_root) / spec.key
     student_path, teacher_path = run_dir / "student.safetensors", run_dir / "teacher.safetensors"
