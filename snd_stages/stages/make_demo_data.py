@@ -23,7 +23,6 @@ from rich.progress import Progress
 from ..config import DataCfg, DemoCfg, dump_sections, to_dict
 from ..errors import ConfigError
 from ..progress import track
-from ..scenes.demo import SEMANTIC_CLASSES, generate_scene
 from ..scenes.layout import frame_file_name, write_scene, write_split_files
 from ..store import ArtifactSpec, atomic_directory, write_text_atomic
 
@@ -92,6 +91,10 @@ def make_demo_data(data: DataCfg, demo: DemoCfg, force: bool = False, progress: 
         for stale in ("scenes", "metadata"):
             shutil.rmtree(root / stale, ignore_errors=True)
         manifest_path.unlink(missing_ok=True)
+
+    # Imported only to generate: scene generation needs open3d (a 400 MB wheel), finding the scenes up to date does
+    # not, so machines without open3d can run make all on scenes generated elsewhere.
+    from ..scenes.demo import SEMANTIC_CLASSES, generate_scene
 
     root.mkdir(parents=True, exist_ok=True)
     record = {"generator": "snd demo scenes", "key": spec.key, "params": to_dict(demo), "schema_version": SCHEMA_VERSION}
