@@ -56,7 +56,8 @@ from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dum
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_channels, unit_range
 from ..models.distill import StudentTeacher, export_backbone, prototype_cross_entropy, token_rows
-from ..models.weights import EMBEDDED, create_backbone
+from ..models.checkpoints import build_model, checkpoint_path, is_checkpoint_state, read_checkpoint, restore_model_state
+from ..models.weights import EMBEDDED
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..scenes.sampling import ViewSample
@@ -479,15 +480,6 @@ def resolve_steps(train: TrainCfg, device: torch.device) -> int:
     return train.steps_gpu if device.type == "cuda" else train.steps_cpu
 
 
-def build_model(train: TrainCfg) -> StudentTeacher:
-    if train.weights == "random" and not train.allow_random_weights:
-        raise ConfigError("train.weights = 'random' needs train.allow_random_weights: true (smoke tests only)")
-    weights = None if train.weights == "random" else train.weights
-    backbone = create_backbone(train.backbone, weights, allow_random=train.allow_random_weights)
-    return StudentTeacher(backbone, out_dim=train.prototypes, lora_rank=train.lora_rank, lora_alpha=train.lora_alpha,
-                          lora_dropout=train.lora_dropout, reference_quirks=train.reference_quirks)
-
-
 def make_optimizer(model: StudentTeacher, train: TrainCfg, steps: int):
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -635,10 +627,6 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:06d}.pt"
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of a run, or None.
 
@@ -655,7 +643,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: StudentTeacher, optimizer, scheduler, key: str, keep: int) -> Path:
-    trainable = {name: p for name, p in model.state_dict().items() if _is_state(name)}
+    trainable = {name: p for name, p in model.state_dict().items() if is_checkpoint_state(name)}
     state = {
         "step": step,
         "run_key": key,
@@ -683,11 +671,6 @@ def save_checkpoint(run_dir: Path, step: int, model: StudentTeacher, optimizer, 
     return path
 
 
-def _is_state(name: str) -> bool:
-    """What a checkpoint stores: LoRA matrices (student and teacher) and both heads; base weights are pretrained."""
-    return "lora_" in name or name.startswith(("student_head.", "teacher_head."))
-
-
 def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key: str) -> int:
     """Restore the state saved by :func:`save_checkpoint`; return the number of steps done.
 
@@ -697,25 +680,17 @@ def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key
     if not path.is_file():
         raise ArtifactError(f"checkpoint {path} does not exist; pass --resume auto or a step-NNNNNN.pt file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not {"step", "run_key", "model", "optimizer", "scheduler"} <= state.keys():
-            raise ValueError("it holds no training state")
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        state = read_checkpoint(path)
+    except ArtifactError as error:
         earlier = [other for other in sorted(path.parent.glob("step-*.pt")) if other.name < path.name]
         then = f"--resume auto then continues from {earlier[-1].name}" if earlier else "the run then starts over"
-        detail = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:200]
-        raise ArtifactError(
-            f"checkpoint {path} is truncated or not a training checkpoint ({detail}); delete it and rerun: {then}"
-        ) from None
+        raise ArtifactError(f"{error}; delete it and rerun: {then}") from None
     if state.get("run_key") != key:
         raise ConfigError(
             f"checkpoint {path} belongs to run {state.get('run_key')}, not to this configuration's run {key}; "
             "resume with the config that made it"
         )
-    expected = {name for name in model.state_dict() if _is_state(name)}
-    if set(state["model"]) != expected:
-        raise ArtifactError(f"checkpoint {path} does not hold this model's LoRA and head tensors")
-    model.load_state_dict(state["model"], strict=False)
+    restore_model_state(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])
