@@ -20,8 +20,9 @@ The teacher follows the student by EMA every ``ema_every`` steps, after backward
 
 The run directory ``<runs_root>/<key>/`` (key = training config + input artifact keys) holds
 ``checkpoints/step-NNNNNN.pt`` (everything needed to continue exactly), ``metrics.csv``, ``pictures/``,
-``config.yaml``, and at the end ``student.safetensors`` / ``teacher.safetensors`` (LoRA merged, timm-loadable)
-and ``manifest.json``.
+``config.yaml``, the learning curves (``validation.csv``, TensorBoard events, ``curves.png``: see
+:mod:`snd_stages.stages.learning_curves`), and at the end ``student.safetensors`` / ``teacher.safetensors``
+(LoRA merged, timm-loadable) and ``manifest.json``.
 
 Under torchrun the step's global batch (``train.batch_size``) is split over the processes and DDP averages the
 student's gradients (see :mod:`snd_stages.distributed`); rank 0 writes every file, and a checkpoint of any
@@ -30,7 +31,6 @@ number of processes resumes with any other.
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -65,6 +65,7 @@ from ..splat.operator import SplatOperator, apply_operators, splat_tokens
 from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactSpec, Store, file_sha256, write_text_atomic
 from ..visualize import pca_basis, pca_rgb
+from .learning_curves import LearningCurves
 from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
 from .precompute_masks import MaskReader, load_masks
 from .precompute_operators import load_operators, operator_unit_name, read_operator, token_grid
@@ -76,7 +77,8 @@ log = logging.getLogger(__name__)
 
 # Settings that change how a run is observed or where it runs, not what it computes: kept out of the run key.
 _OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root",
-                     "teacher_splatting", "compile", "frame_cache_mb", "cuda_graphs")
+                     "teacher_splatting", "compile", "frame_cache_mb", "cuda_graphs", "validate_every",
+                     "validation_pairs", "validation_scale")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -561,13 +563,13 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    metrics_path = run_dir / "metrics.csv"
-    if world.is_main:
-        _forget_metrics_after(metrics_path, start_step)
+    curves = LearningCurves(run_dir, data, train_cfg, start_step, device) if world.is_main else None
     final_loss = None
     task = progress.add_task("distilling", total=steps, completed=start_step, rate="") if progress else None
-    started = time.perf_counter()
     model.train()
+    if curves is not None and start_step == 0 and curves.due(0, steps):
+        curves.validate(model, 0)  # the pretrained model: where the curve starts
+    started = time.perf_counter()
     for step, batch in zip(range(start_step, steps),
                            training_data.batches(range(start_step, steps), train_cfg.batch_size, world)):
         logged = step % train_cfg.log_every == 0 or step + 1 == steps
@@ -598,9 +600,10 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
         elapsed = time.perf_counter() - started
         rate = (done - start_step) * train_cfg.batch_size / max(elapsed, 1e-9)
         if logged:
-            _append_metrics(metrics_path, {"step": done, "loss": loss_value, "kl": kl, "coverage": coverage,
-                                           "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
-                                           "elapsed_s": elapsed})
+            curves.log_training({"step": done, "loss": loss_value, "kl": kl, "coverage": coverage,
+                                 "lr": scheduler.get_last_lr()[0], "samples_per_s": rate, "elapsed_s": elapsed})
+        if curves.due(done, steps):
+            curves.validate(model, done)
         if step % train_cfg.picture_every == 0 or done == steps:
             save_picture(run_dir / "pictures" / f"step-{done:06d}.png", batch[0].target_image, result)
         if done % train_cfg.checkpoint_every == 0 or done == steps:
@@ -612,6 +615,7 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     world.assert_replicas_agree([*model.trainable_parameters(), *teacher_tensors],
                                 "the student's LoRA and head or the teacher's EMA tensors")
     if world.is_main:
+        curves.close()
         export_backbone(model.student, student_path)
         export_backbone(model.teacher, teacher_path)
         manifest = {**spec.ingredients(), "key": spec.key, "complete": True, "steps": steps,
@@ -698,29 +702,6 @@ def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key
         # One state per GPU of the machine that saved it; a machine with fewer GPUs restores those it has.
         torch.cuda.set_rng_state_all(state["rng_cuda"][: torch.cuda.device_count()])
     return int(state["step"])
-
-
-def _forget_metrics_after(path: Path, step: int) -> None:
-    """Drop the rows of steps after ``step`` (logged before an interruption, to be trained again on resume), so
-    each step appears once; rewritten atomically."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    kept = [row for row in rows if int(row["step"]) <= step]
-    if len(kept) == len(rows):
-        return
-    lines = [",".join(rows[0].keys())] + [",".join(row.values()) for row in kept]
-    write_text_atomic(path, "\r\n".join(lines) + "\r\n")
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def save_picture(path: Path, image: torch.Tensor, result: StepResult) -> None:
