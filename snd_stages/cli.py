@@ -237,6 +237,7 @@ def train_command(
 @app.command("eval")
 def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = []) -> None:
     """Probe the baseline and each fine-tuned model side by side: depth, normals, segmentation, correspondence."""
+    from .probes.backbone import with_checkpoints
     from .stages.evaluate import evaluate
     from .stages.train import run_directory
 
@@ -244,6 +245,7 @@ def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption =
         cfg = _load(config, set_, {"data", "sampling", "gaussians", "masks", "train", "eval", "store"})
         runs = list(cfg.eval.runs) or [run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train,
                                                    Store(cfg.store.root))]
+        runs = with_checkpoints(runs, cfg.eval.checkpoints)
         with make_progress() as progress:
             report = evaluate(cfg.data, cfg.train, cfg.eval, runs, progress, store=Store(cfg.store.root))
         Console().print((report.report_dir / "report.md").read_text())

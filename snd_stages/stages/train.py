@@ -20,8 +20,9 @@ The teacher follows the student by EMA every ``ema_every`` steps, after backward
 
 The run directory ``<runs_root>/<key>/`` (key = training config + input artifact keys) holds
 ``checkpoints/step-NNNNNN.pt`` (everything needed to continue exactly), ``metrics.csv``, ``pictures/``,
-``config.yaml``, and at the end ``student.safetensors`` / ``teacher.safetensors`` (LoRA merged, timm-loadable)
-and ``manifest.json``.
+``config.yaml``, the learning curves (``validation.csv``, TensorBoard events, ``curves.png``: see
+:mod:`snd_stages.stages.learning_curves`), and at the end ``student.safetensors`` / ``teacher.safetensors``
+(LoRA merged, timm-loadable) and ``manifest.json``.
 
 Under torchrun the step's global batch (``train.batch_size``) is split over the processes and DDP averages the
 student's gradients (see :mod:`snd_stages.distributed`); rank 0 writes every file, and a checkpoint of any
@@ -30,7 +31,6 @@ number of processes resumes with any other.
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -56,7 +56,8 @@ from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dum
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_channels, unit_range
 from ..models.distill import StudentTeacher, export_backbone, prototype_cross_entropy, token_rows
-from ..models.weights import EMBEDDED, create_backbone
+from ..models.checkpoints import build_model, checkpoint_path, is_checkpoint_state, read_checkpoint, restore_model_state
+from ..models.weights import EMBEDDED
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..scenes.sampling import ViewSample
@@ -64,6 +65,7 @@ from ..splat.operator import SplatOperator, apply_operators, splat_tokens
 from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactSpec, Store, file_sha256, write_text_atomic
 from ..visualize import pca_basis, pca_rgb
+from .learning_curves import LearningCurves
 from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
 from .precompute_masks import MaskReader, load_masks
 from .precompute_operators import load_operators, operator_unit_name, read_operator, token_grid
@@ -75,7 +77,8 @@ log = logging.getLogger(__name__)
 
 # Settings that change how a run is observed or where it runs, not what it computes: kept out of the run key.
 _OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root",
-                     "teacher_splatting", "compile", "frame_cache_mb", "cuda_graphs")
+                     "teacher_splatting", "compile", "frame_cache_mb", "cuda_graphs", "validate_every",
+                     "validation_pairs", "validation_scale")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,15 +476,6 @@ def run_directory(data: DataCfg, sampling: SamplingCfg, gaussians: GaussiansCfg,
     return Path(train.runs_root) / run_spec(train, run_inputs(data, sampling, gaussians, masks, store)).key
 
 
-def build_model(train: TrainCfg) -> StudentTeacher:
-    if train.weights == "random" and not train.allow_random_weights:
-        raise ConfigError("train.weights = 'random' needs train.allow_random_weights: true (smoke tests only)")
-    weights = None if train.weights == "random" else train.weights
-    backbone = create_backbone(train.backbone, weights, allow_random=train.allow_random_weights)
-    return StudentTeacher(backbone, out_dim=train.prototypes, lora_rank=train.lora_rank, lora_alpha=train.lora_alpha,
-                          lora_dropout=train.lora_dropout, reference_quirks=train.reference_quirks)
-
-
 def make_optimizer(model: StudentTeacher, train: TrainCfg, steps: int):
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -563,13 +557,13 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    metrics_path = run_dir / "metrics.csv"
-    if world.is_main:
-        _forget_metrics_after(metrics_path, start_step)
+    curves = LearningCurves(run_dir, data, train_cfg, start_step, device) if world.is_main else None
     final_loss = None
     task = progress.add_task("distilling", total=steps, completed=start_step, rate="") if progress else None
-    started = time.perf_counter()
     model.train()
+    if curves is not None and start_step == 0 and curves.due(0, steps):
+        curves.validate(model, 0)  # the pretrained model: where the curve starts
+    started = time.perf_counter()
     for step, batch in zip(range(start_step, steps),
                            training_data.batches(range(start_step, steps), train_cfg.batch_size, world)):
         logged = step % train_cfg.log_every == 0 or step + 1 == steps
@@ -600,9 +594,10 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
         elapsed = time.perf_counter() - started
         rate = (done - start_step) * train_cfg.batch_size / max(elapsed, 1e-9)
         if logged:
-            _append_metrics(metrics_path, {"step": done, "loss": loss_value, "kl": kl, "coverage": coverage,
-                                           "lr": scheduler.get_last_lr()[0], "samples_per_s": rate,
-                                           "elapsed_s": elapsed})
+            curves.log_training({"step": done, "loss": loss_value, "kl": kl, "coverage": coverage,
+                                 "lr": scheduler.get_last_lr()[0], "samples_per_s": rate, "elapsed_s": elapsed})
+        if curves.due(done, steps):
+            curves.validate(model, done)
         if step % train_cfg.picture_every == 0 or done == steps:
             save_picture(run_dir / "pictures" / f"step-{done:06d}.png", batch[0].target_image, result)
         if done % train_cfg.checkpoint_every == 0 or done == steps:
@@ -614,6 +609,7 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     world.assert_replicas_agree([*model.trainable_parameters(), *teacher_tensors],
                                 "the student's LoRA and head or the teacher's EMA tensors")
     if world.is_main:
+        curves.close()
         export_backbone(model.student, student_path)
         export_backbone(model.teacher, teacher_path)
         manifest = {**spec.ingredients(), "key": spec.key, "complete": True, "steps": steps,
@@ -627,10 +623,6 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints, metrics, pictures
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:06d}.pt"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -649,7 +641,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: StudentTeacher, optimizer, scheduler, key: str, keep: int) -> Path:
-    trainable = {name: p for name, p in model.state_dict().items() if _is_state(name)}
+    trainable = {name: p for name, p in model.state_dict().items() if is_checkpoint_state(name)}
     state = {
         "step": step,
         "run_key": key,
@@ -677,11 +669,6 @@ def save_checkpoint(run_dir: Path, step: int, model: StudentTeacher, optimizer, 
     return path
 
 
-def _is_state(name: str) -> bool:
-    """What a checkpoint stores: LoRA matrices (student and teacher) and both heads; base weights are pretrained."""
-    return "lora_" in name or name.startswith(("student_head.", "teacher_head."))
-
-
 def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key: str) -> int:
     """Restore the state saved by :func:`save_checkpoint`; return the number of steps done.
 
@@ -691,25 +678,17 @@ def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key
     if not path.is_file():
         raise ArtifactError(f"checkpoint {path} does not exist; pass --resume auto or a step-NNNNNN.pt file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not {"step", "run_key", "model", "optimizer", "scheduler"} <= state.keys():
-            raise ValueError("it holds no training state")
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        state = read_checkpoint(path)
+    except ArtifactError as error:
         earlier = [other for other in sorted(path.parent.glob("step-*.pt")) if other.name < path.name]
         then = f"--resume auto then continues from {earlier[-1].name}" if earlier else "the run then starts over"
-        detail = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:200]
-        raise ArtifactError(
-            f"checkpoint {path} is truncated or not a training checkpoint ({detail}); delete it and rerun: {then}"
-        ) from None
+        raise ArtifactError(f"{error}; delete it and rerun: {then}") from None
     if state.get("run_key") != key:
         raise ConfigError(
             f"checkpoint {path} belongs to run {state.get('run_key')}, not to this configuration's run {key}; "
             "resume with the config that made it"
         )
-    expected = {name for name in model.state_dict() if _is_state(name)}
-    if set(state["model"]) != expected:
-        raise ArtifactError(f"checkpoint {path} does not hold this model's LoRA and head tensors")
-    model.load_state_dict(state["model"], strict=False)
+    restore_model_state(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])
@@ -717,29 +696,6 @@ def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key
         # One state per GPU of the machine that saved it; a machine with fewer GPUs restores those it has.
         torch.cuda.set_rng_state_all(state["rng_cuda"][: torch.cuda.device_count()])
     return int(state["step"])
-
-
-def _forget_metrics_after(path: Path, step: int) -> None:
-    """Drop the rows of steps after ``step`` (logged before an interruption, to be trained again on resume), so
-    each step appears once; rewritten atomically."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    kept = [row for row in rows if int(row["step"]) <= step]
-    if len(kept) == len(rows):
-        return
-    lines = [",".join(rows[0].keys())] + [",".join(row.values()) for row in kept]
-    write_text_atomic(path, "\r\n".join(lines) + "\r\n")
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def save_picture(path: Path, image: torch.Tensor, result: StepResult) -> None:
