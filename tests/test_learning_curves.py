@@ -66,7 +66,7 @@ def eval_recall(backbone: ProbeBackbone, cfg) -> dict[str, float]:
                            defaults.seed)
     sets, _ = probe_features(backbone, pairs_frame_set(pairs, None), [DENSE_FEATURES], None, "", math.inf)
     scores, _ = correspondence_probe(sets[DENSE_FEATURES], pairs, EvalCfg(correspondence_scale=cfg.train.validation_scale))
-    return scores
+    return {name: measurement.estimate() for name, measurement in scores.items()}
 
 
 @pytest.fixture(scope="module")
