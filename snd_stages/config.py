@@ -76,6 +76,12 @@ class SamplingCfg:
     samples_per_scene: int = 16
     frame_gap: tuple[int, int] = (4, 8)
     targets_per_sample: int = 1
+    # novel: targets drawn from the frames between the two context frames; context: each target is one of the
+    # sample's own two context frames (the paper's ablation E: the teacher's features are splatted back into a
+    # view it saw).
+    targets: Literal["novel", "context"] = "novel"
+    # With targets: novel, whether the context frames themselves are excluded from the draw (false: the reference
+    # sampler's inclusive range, where a target coincides with a context frame 2 times in 9 at gap 8).
     exclude_context_targets: bool = True
     # The reference loader rejects a pair whose file numbers differ by other than the gap (holes in a sequence).
     require_consecutive_file_numbers: bool = False
@@ -85,6 +91,10 @@ class SamplingCfg:
         _require(1 <= low <= high, "sampling.frame_gap", list(self.frame_gap), "[min, max] with 1 <= min <= max")
         _require(self.samples_per_scene >= 1, "sampling.samples_per_scene", self.samples_per_scene, "an integer >= 1")
         _require(self.targets_per_sample >= 1, "sampling.targets_per_sample", self.targets_per_sample, "an integer >= 1")
+        if self.targets == "context":
+            _require(self.targets_per_sample <= 2, "sampling.targets_per_sample", self.targets_per_sample,
+                     "at most 2 with sampling.targets = 'context': a sample has two context frames")
+            return
         candidates = low - 1 if self.exclude_context_targets else low + 1
         _require(
             candidates >= self.targets_per_sample,

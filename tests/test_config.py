@@ -50,6 +50,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("sampling:\n  frame_gap: 8\n", ["sampling.frame_gap", "list of 2"]),
         ("sampling:\n  exclude_context_targets: 'yes'\n", ["sampling.exclude_context_targets", "true or false"]),
         ("sampling:\n  frame_gap: [2, 4]\n  targets_per_sample: 3\n", ["sampling.targets_per_sample", "at most 1"]),
+        ("sampling:\n  targets: both\n", ["sampling.targets", "'both'", "'novel', 'context'"]),
+        ("sampling:\n  targets: context\n  targets_per_sample: 3\n", ["sampling.targets_per_sample", "at most 2"]),
         ("- just\n- a list\n", ["mapping"]),
         ("data: [1, 2]\n", ["data", "mapping"]),
         ("demo: {seed: [\n", ["not valid YAML"]),
