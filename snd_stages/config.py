@@ -180,6 +180,10 @@ class TrainCfg:
     prototypes: int = 65536
     ema_momentum: float = 0.999
     ema_every: int = 10
+    # dino: per-token cross-entropy between the DINO heads' prototype distributions; cosine: 1 - cosine similarity
+    # of the student's final-normed patch tokens and the teacher's splatted targets, averaged over the covered
+    # tokens, with no heads built (the paper's ablation C). metrics.csv's kl is then nan: no distributions to compare.
+    loss: Literal["dino", "cosine"] = "dino"
     blending: float = 0.5  # 1 = no semantic blending
     mask_aware_upsampling: bool = True
     # How the teacher's targets are made. operator: apply each sample's precomputed sparse operator

@@ -15,7 +15,8 @@ One step, per sample of the batch (see ``reference/method.md`` §1):
 4. splatting to the target camera (gsplat on CUDA, the torch twin on CPU);
 5. semantic blending with the target's segments; bilinear downsampling to the student's token grid;
    tokens no Gaussian reached are zeroed (and still averaged, as in the reference);
-6. per-token cross-entropy between the teacher head (stop-grad) and the student head on the target image.
+6. per-token cross-entropy between the teacher head (stop-grad) and the student head on the target image
+   (``train.loss: cosine``: 1 - cosine of the tokens themselves, no heads).
 The teacher follows the student by EMA every ``ema_every`` steps, after backward and before the optimiser step.
 
 The run directory ``<runs_root>/<key>/`` (key = training config + input artifact keys) holds
@@ -55,7 +56,8 @@ from .. import distributed
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections, to_dict
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_channels, unit_range
-from ..models.distill import StudentTeacher, export_backbone, prototype_cross_entropy, token_rows
+from ..models.distill import (StudentTeacher, cosine_distillation_loss, export_backbone, prototype_cross_entropy,
+                              token_rows)
 from ..models.weights import EMBEDDED, create_backbone
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
@@ -316,9 +318,12 @@ class StudentSide(nn.Module):
 
         Returns:
             (``[B, C, h, w]`` tokens, ``[B*h*w, D]`` normalised bottleneck, rows in (b, y, x) order, ``[K, D]``
-            prototypes); the logits are ``bottleneck @ prototypes.T``.
+            prototypes); the logits are ``bottleneck @ prototypes.T``. Without heads (``train.loss: cosine``) the
+            tokens alone, then None, None.
         """
         tokens = self.patch_tokens(self.student, images)
+        if self.student_head is None:
+            return tokens, None, None
         covered = coverage[:, None].to(tokens.dtype)
         return tokens, self.student_head.bottleneck(token_rows(tokens * covered)), self.student_head.prototypes()
 
@@ -348,7 +353,7 @@ class StepResult:
 
     ``statistics`` is float64 ``[loss, kl, coverage]``. ``kl`` = loss - teacher entropy: the part of the loss the
     student can remove (the loss itself stays near log K while the teacher's prototypes are near uniform, as they
-    are early on); NaN on steps that do not compute it.
+    are early on); NaN on steps that do not compute it, and under ``train.loss: cosine`` (no distributions).
     """
 
     statistics: torch.Tensor
@@ -370,17 +375,20 @@ def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: T
     images = upload([sample.target_image[None] for sample in batch], device)
     student_forward = StudentSide(model) if student_forward is None else student_forward
     with autocast():
-        # Uncovered tokens are zeroed on both sides and still averaged (the reference's "head(0) vs head(0)").
         student, student_bottleneck, student_prototypes = student_forward(images, coverage)
-        covered = coverage[:, None].to(student.dtype)
-        with torch.no_grad():
-            teacher_bottleneck = model.teacher_head.bottleneck(token_rows((targets * covered).to(student.dtype)))
-        loss, teacher_entropy = prototype_cross_entropy(
-            student_bottleneck, student_prototypes, teacher_bottleneck, model.teacher_head.prototypes(),
-            with_teacher_entropy=with_kl,
-        )
+        if cfg.loss == "cosine":
+            loss, teacher_entropy = cosine_distillation_loss(student, targets, coverage), None
+        else:
+            # Uncovered tokens are zeroed on both sides and still averaged (the reference's "head(0) vs head(0)").
+            covered = coverage[:, None].to(student.dtype)
+            with torch.no_grad():
+                teacher_bottleneck = model.teacher_head.bottleneck(token_rows((targets * covered).to(student.dtype)))
+            loss, teacher_entropy = prototype_cross_entropy(
+                student_bottleneck, student_prototypes, teacher_bottleneck, model.teacher_head.prototypes(),
+                with_teacher_entropy=with_kl,
+            )
     value = loss.detach().double()
-    kl = value - teacher_entropy.double() if with_kl else torch.full_like(value, math.nan)
+    kl = value - teacher_entropy.double() if teacher_entropy is not None else torch.full_like(value, math.nan)
     statistics = torch.stack([value, kl, coverage.double().mean()])
     return loss, StepResult(statistics, targets, student.detach().float())
 
@@ -485,7 +493,8 @@ def build_model(train: TrainCfg) -> StudentTeacher:
     weights = None if train.weights == "random" else train.weights
     backbone = create_backbone(train.backbone, weights, allow_random=train.allow_random_weights)
     return StudentTeacher(backbone, out_dim=train.prototypes, lora_rank=train.lora_rank, lora_alpha=train.lora_alpha,
-                          lora_dropout=train.lora_dropout, reference_quirks=train.reference_quirks)
+                          lora_dropout=train.lora_dropout, reference_quirks=train.reference_quirks,
+                          heads=train.loss == "dino")
 
 
 def make_optimizer(model: StudentTeacher, train: TrainCfg, steps: int):
