@@ -180,6 +180,9 @@ class TrainCfg:
     prototypes: int = 65536
     ema_momentum: float = 0.999
     ema_every: int = 10
+    # ema: the teacher's LoRA and head follow the student's by EMA; frozen: the teacher stays the pretrained
+    # backbone with the initial head for the whole run, no EMA update at all (the paper's ablation D).
+    teacher: Literal["ema", "frozen"] = "ema"
     # dino: per-token cross-entropy between the DINO heads' prototype distributions; cosine: 1 - cosine similarity
     # of the student's final-normed patch tokens and the teacher's splatted targets, averaged over the covered
     # tokens, with no heads built (the paper's ablation C). metrics.csv's kl is then nan: no distributions to compare.

@@ -53,6 +53,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("sampling:\n  targets: both\n", ["sampling.targets", "'both'", "'novel', 'context'"]),
         ("sampling:\n  targets: context\n  targets_per_sample: 3\n", ["sampling.targets_per_sample", "at most 2"]),
         ("train:\n  loss: l2\n", ["train.loss", "'l2'", "'dino', 'cosine'"]),
+        ("train:\n  teacher: student\n", ["train.teacher", "'student'", "'ema', 'frozen'"]),
         ("- just\n- a list\n", ["mapping"]),
         ("data: [1, 2]\n", ["data", "mapping"]),
         ("demo: {seed: [\n", ["not valid YAML"]),

@@ -17,7 +17,8 @@ One step, per sample of the batch (see ``reference/method.md`` §1):
    tokens no Gaussian reached are zeroed (and still averaged, as in the reference);
 6. per-token cross-entropy between the teacher head (stop-grad) and the student head on the target image
    (``train.loss: cosine``: 1 - cosine of the tokens themselves, no heads).
-The teacher follows the student by EMA every ``ema_every`` steps, after backward and before the optimiser step.
+The teacher follows the student by EMA every ``ema_every`` steps, after backward and before the optimiser step
+(``train.teacher: frozen``: never).
 
 The run directory ``<runs_root>/<key>/`` (key = training config + input artifact keys) holds
 ``checkpoints/step-NNNNNN.pt`` (everything needed to continue exactly), ``metrics.csv``, ``pictures/``,
@@ -593,8 +594,9 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
                                          with_kl=logged)
         # What is checked and logged is the global batch's mean, the same on every rank (so all of them stop
         # together below: one rank alone would leave the others waiting in the next step's gradient all-reduce).
+        teacher_follows = train_cfg.teacher == "ema" and step % train_cfg.ema_every == 0
         loss_value, kl, coverage = learn(loss, world.mean(result.statistics), model, optimizer, scheduler,
-                                         train_cfg.ema_momentum if step % train_cfg.ema_every == 0 else None)
+                                         train_cfg.ema_momentum if teacher_follows else None)
         if not math.isfinite(loss_value):
             # learn made no update: nothing of this step reaches the weights, the teacher or a checkpoint.
             culprits = ", ".join(
