@@ -187,8 +187,8 @@ class TrainCfg:
     # of the student's final-normed patch tokens and the teacher's splatted targets, averaged over the covered
     # tokens, with no heads built (the paper's ablation C). metrics.csv's kl is then nan: no distributions to compare.
     loss: Literal["dino", "cosine"] = "dino"
-    blending: float = 0.5  # 1 = no semantic blending
-    mask_aware_upsampling: bool = True
+    blending: float = 0.5  # 1 = no semantic blending (the paper's ablation A)
+    mask_aware_upsampling: bool = True  # false: plain bilinear upsampling of the teacher's tokens (ablation B)
     # How the teacher's targets are made. operator: apply each sample's precomputed sparse operator
     # (snd precompute-operators), the fast path; render: upsample, lift, splat and blend every step. They agree
     # to float rounding, so the choice is not part of the run's key.
