@@ -76,6 +76,12 @@ class SamplingCfg:
     samples_per_scene: int = 16
     frame_gap: tuple[int, int] = (4, 8)
     targets_per_sample: int = 1
+    # novel: targets drawn from the frames between the two context frames; context: each target is one of the
+    # sample's own two context frames (the paper's ablation E: the teacher's features are splatted back into a
+    # view it saw).
+    targets: Literal["novel", "context"] = "novel"
+    # With targets: novel, whether the context frames themselves are excluded from the draw (false: the reference
+    # sampler's inclusive range, where a target coincides with a context frame 2 times in 9 at gap 8).
     exclude_context_targets: bool = True
     # The reference loader rejects a pair whose file numbers differ by other than the gap (holes in a sequence).
     require_consecutive_file_numbers: bool = False
@@ -85,6 +91,10 @@ class SamplingCfg:
         _require(1 <= low <= high, "sampling.frame_gap", list(self.frame_gap), "[min, max] with 1 <= min <= max")
         _require(self.samples_per_scene >= 1, "sampling.samples_per_scene", self.samples_per_scene, "an integer >= 1")
         _require(self.targets_per_sample >= 1, "sampling.targets_per_sample", self.targets_per_sample, "an integer >= 1")
+        if self.targets == "context":
+            _require(self.targets_per_sample <= 2, "sampling.targets_per_sample", self.targets_per_sample,
+                     "at most 2 with sampling.targets = 'context': a sample has two context frames")
+            return
         candidates = low - 1 if self.exclude_context_targets else low + 1
         _require(
             candidates >= self.targets_per_sample,
@@ -170,8 +180,15 @@ class TrainCfg:
     prototypes: int = 65536
     ema_momentum: float = 0.999
     ema_every: int = 10
-    blending: float = 0.5  # 1 = no semantic blending
-    mask_aware_upsampling: bool = True
+    # ema: the teacher's LoRA and head follow the student's by EMA; frozen: the teacher stays the pretrained
+    # backbone with the initial head for the whole run, no EMA update at all (the paper's ablation D).
+    teacher: Literal["ema", "frozen"] = "ema"
+    # dino: per-token cross-entropy between the DINO heads' prototype distributions; cosine: 1 - cosine similarity
+    # of the student's final-normed patch tokens and the teacher's splatted targets, averaged over the covered
+    # tokens, with no heads built (the paper's ablation C). metrics.csv's kl is then nan: no distributions to compare.
+    loss: Literal["dino", "cosine"] = "dino"
+    blending: float = 0.5  # 1 = no semantic blending (the paper's ablation A)
+    mask_aware_upsampling: bool = True  # false: plain bilinear upsampling of the teacher's tokens (ablation B)
     # How the teacher's targets are made. operator: apply each sample's precomputed sparse operator
     # (snd precompute-operators), the fast path; render: upsample, lift, splat and blend every step. They agree
     # to float rounding, so the choice is not part of the run's key.

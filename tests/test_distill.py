@@ -21,6 +21,7 @@ from snd_stages.models.distill import (
     DINOHead,
     StudentTeacher,
     add_lora,
+    cosine_distillation_loss,
     distillation_loss,
     ema_schedule,
     export_backbone,
@@ -358,6 +359,38 @@ def test_fused_prototype_loss_on_cuda_at_65536_prototypes_matches_the_plain_path
     assert measured["bottleneck_grad_to_float32"] < 2 * measured["plain_bottleneck_grad_to_float32"] + 1e-3, measured
 
 
+def test_cosine_loss_is_one_minus_the_cosine_averaged_over_covered_tokens_only():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 6, 3, 4, generator=generator, requires_grad=True)
+    teacher = torch.randn(2, 6, 3, 4, generator=generator, requires_grad=True)
+    coverage = torch.rand(2, 3, 4, generator=generator) > 0.4
+    loss = cosine_distillation_loss(student, teacher, coverage)
+    s, t = student.detach().double(), teacher.detach().double()
+    cosines = (s * t).sum(1) / (s.norm(dim=1) * t.norm(dim=1))  # [2, 3, 4]
+    torch.testing.assert_close(loss.double(), (1 - cosines)[coverage].mean(), rtol=1e-6, atol=0)
+    # An uncovered token counts for nothing: whatever the teacher holds there, the loss is the same.
+    elsewhere = torch.where(coverage[:, None], teacher.detach(), 100 * torch.randn(2, 6, 3, 4, generator=generator))
+    assert torch.equal(cosine_distillation_loss(student, elsewhere, coverage), loss.detach())
+    loss.backward()
+    assert teacher.grad is None  # the gradient flows to the student only
+    per_token = student.grad.abs().sum(1)
+    assert (per_token[coverage] > 0).all() and (per_token[~coverage] == 0).all()
+
+
+def test_cosine_loss_of_identical_tokens_is_zero_whatever_their_scale():
+    tokens = torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(1))
+    covered = torch.ones(2, 3, 5, dtype=torch.bool)
+    assert cosine_distillation_loss(tokens, tokens, covered).abs() < 1e-6
+    # Weakly covered splatted tokens are attenuated towards 0 (no alpha normalisation): only directions count.
+    assert cosine_distillation_loss(tokens, 0.2 * tokens, covered).abs() < 1e-6
+    torch.testing.assert_close(cosine_distillation_loss(tokens, -tokens, covered), torch.tensor(2.0))
+    assert cosine_distillation_loss(tokens, -tokens, ~covered) == 0  # nothing covered, nothing to learn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cosine_distillation_loss(tokens.bfloat16(), tokens.bfloat16(), covered).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"\(2, 8, 3, 5\), \(2, 8, 3, 5\) and \(2, 3, 4\)"):
+        cosine_distillation_loss(tokens, tokens, covered[..., :4])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Student and teacher
 
@@ -380,6 +413,23 @@ def test_trainable_parameters_are_student_lora_and_student_head():
     named = dict(model.named_parameters())
     assert {id(p) for p in model.trainable_parameters()} == {id(named[name]) for name in lora | head}
     assert len(model.trainable_parameters()) == 4 * DEPTH + 8
+
+
+def test_without_heads_only_lora_trains_and_follows_by_ema():
+    model = StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM, heads=False)
+    assert model.student_head is None and model.teacher_head is None
+    assert not [name for name in model.state_dict() if name.startswith(("student_head.", "teacher_head."))]
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert len(model.trainable_parameters()) == len(trainable) == 4 * DEPTH
+    assert all(".lora_" in name for name in trainable)
+    randomize_lora_b(model.student)
+    model.update_teacher(0.5)
+    teacher, student = model.ema_pairs()
+    assert len(teacher) == 4 * DEPTH
+    for name, parameter in model.teacher.named_parameters():
+        if ".lora_B." in name:
+            torch.testing.assert_close(parameter, 0.5 * dict(model.student.named_parameters())[name], **EMA_TOLERANCE)
+    assert model.train() is model and not model.teacher.training
 
 
 def test_teacher_starts_as_an_exact_copy():

@@ -38,6 +38,17 @@ def test_targets_may_coincide_with_context_frames_when_allowed():
     assert set(positions) == set(range(9))  # inclusive [i, i + 8], as in the reference sampler
 
 
+def test_context_targets_are_one_of_the_two_context_frames_seeded():
+    samples = draw(frame_gap=(2, 6), targets="context")
+    assert all(len(sample.targets) == 1 and sample.targets[0] in sample.context for sample in samples)
+    chosen = Counter(sample.context.index(sample.targets[0]) for sample in samples)
+    assert min(chosen[0], chosen[1]) > 400 / 2 * 0.8  # either context frame, about equally often
+    assert draw(frame_gap=(2, 6), targets="context") == samples
+    # A gap of 1 leaves no frame between the context frames, but both of them can be targets.
+    both = draw(frame_gap=(1, 1), targets="context", targets_per_sample=2)
+    assert all(sample.targets == sample.context for sample in both)
+
+
 def test_several_targets_are_distinct_and_sorted():
     for sample in draw(frame_gap=(5, 8), targets_per_sample=3):
         assert len(set(sample.targets)) == 3 and list(sample.targets) == sorted(sample.targets)

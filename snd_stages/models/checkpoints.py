@@ -30,7 +30,8 @@ def build_model(train: TrainCfg) -> StudentTeacher:
     weights = None if train.weights == "random" else train.weights
     backbone = create_backbone(train.backbone, weights, allow_random=train.allow_random_weights)
     return StudentTeacher(backbone, out_dim=train.prototypes, lora_rank=train.lora_rank, lora_alpha=train.lora_alpha,
-                          lora_dropout=train.lora_dropout, reference_quirks=train.reference_quirks)
+                          lora_dropout=train.lora_dropout, reference_quirks=train.reference_quirks,
+                          heads=train.loss == "dino")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:

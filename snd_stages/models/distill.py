@@ -375,9 +375,9 @@ class StudentTeacher(nn.Module):
 
     Attributes:
         student: the LoRA-wrapped backbone (:func:`add_lora`); only its LoRA matrices train.
-        student_head: :class:`DINOHead`, trained.
+        student_head: :class:`DINOHead`, trained; None without heads.
         teacher: a deep copy of ``student``, frozen; its LoRA matrices follow the student's by EMA.
-        teacher_head: a copy of ``student_head``, frozen; follows it by EMA.
+        teacher_head: a copy of ``student_head``, frozen; follows it by EMA. None without heads.
         reference_quirks: LoRA also on ``patch_embed.proj``, and the teacher in train mode whenever this module is
             (its LoRA dropout active, as in the reference). Otherwise the teacher is always in eval mode.
 
@@ -388,6 +388,8 @@ class StudentTeacher(nn.Module):
         lora_alpha: LoRA alpha (scaling ``alpha / r``).
         lora_dropout: LoRA dropout of the student (and of the teacher under ``reference_quirks``).
         reference_quirks: see above and :func:`add_lora`.
+        heads: build the DINO heads. Without them (the cosine-loss ablation compares the tokens themselves) the
+            LoRA matrices are all that trains and all that the EMA follows.
     """
 
     def __init__(
@@ -398,15 +400,16 @@ class StudentTeacher(nn.Module):
         lora_alpha: float = 8.0,
         lora_dropout: float = 0.1,
         reference_quirks: bool = False,
+        heads: bool = True,
     ):
         super().__init__()
         self.reference_quirks = reference_quirks
         self.student = add_lora(
             backbone, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, reference_quirks=reference_quirks
         )
-        self.student_head = DINOHead(backbone.embed_dim, out_dim)
+        self.student_head = DINOHead(backbone.embed_dim, out_dim) if heads else None
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
+        self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False) if heads else None
         # How tokens are taken from either backbone: patch_tokens, or its compiled twin (compile_backbones).
         self.patch_tokens = patch_tokens
         # The teacher in eval mode runs as a plain ViT with its LoRA merged (not a submodule: no state of its own).
@@ -448,13 +451,14 @@ class StudentTeacher(nn.Module):
         super().train(mode)
         teacher_mode = mode and self.reference_quirks
         self.teacher.train(teacher_mode)
-        self.teacher_head.train(teacher_mode)
+        if self.teacher_head is not None:
+            self.teacher_head.train(teacher_mode)
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's LoRA matrices, then the student head's parameters: all that the optimiser should see."""
         lora = [parameter for name, parameter in self.student.named_parameters() if _LORA_PARAMETER.search(name)]
-        parameters = lora + list(self.student_head.parameters())
+        parameters = lora + list(_named_parameters(self.student_head).values())
         requiring_grad = [parameter for parameter in self.parameters() if parameter.requires_grad]
         assert {id(p) for p in parameters} == {id(p) for p in requiring_grad}, (
             f"{len(requiring_grad)} parameters require grad but {len(parameters)} are LoRA or student head"
@@ -525,8 +529,8 @@ class StudentTeacher(nn.Module):
     def _pair_ema_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
         teacher_lora = {name: p for name, p in self.teacher.named_parameters() if _LORA_PARAMETER.search(name)}
         student_lora = {name: p for name, p in self.student.named_parameters() if _LORA_PARAMETER.search(name)}
-        teacher_head = dict(self.teacher_head.named_parameters())
-        student_head = dict(self.student_head.named_parameters())
+        teacher_head = _named_parameters(self.teacher_head)
+        student_head = _named_parameters(self.student_head)
         assert teacher_lora.keys() == student_lora.keys() and teacher_lora, (
             f"teacher and student LoRA differ: {sorted(teacher_lora.keys() ^ student_lora.keys())[:4]}"
         )
@@ -566,6 +570,11 @@ class StudentTeacher(nn.Module):
             teacher.copy_(teacher * momentum + student * (1.0 - momentum))
 
 
+def _named_parameters(head: DINOHead | None) -> dict[str, nn.Parameter]:
+    """A head's parameters by name; none for a model built without heads."""
+    return {} if head is None else dict(head.named_parameters())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loss and schedule
 
@@ -595,6 +604,36 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         teacher_probabilities = torch.softmax(teacher_logits.detach().float(), dim=-1)
         # cross_entropy with class probabilities as target is -sum_k p_k log_softmax(x)_k, then mean over rows.
         return F.cross_entropy(student_logits.float(), teacher_probabilities)
+
+
+def cosine_distillation_loss(student: Tensor, teacher: Tensor, coverage: Tensor) -> Tensor:
+    """``1 - cos(student token, teacher token)``, averaged over the covered tokens: the paper's ablation (C).
+
+    Compares the backbones' final-normed patch tokens themselves, with no head. The coverage mask is the one the
+    DINO loss uses, but an uncovered token counts for nothing here (the DINO loss still averages its "head(0) vs
+    head(0)" term): the cosine with a zeroed teacher token is undefined. Computed in float32 even under autocast;
+    the teacher side carries no gradient.
+
+    Args:
+        student: [B, C, h, w] student tokens.
+        teacher: [B, C, h, w] teacher targets (splatted, blended, downsampled); detached here.
+        coverage: [B, h, w] bool, the tokens some Gaussian reached.
+
+    Returns:
+        Scalar float32 loss in [0, 2]; 0 when no token is covered.
+
+    Raises:
+        ValueError: the feature maps differ in shape, or the coverage does not match their grid.
+    """
+    if student.ndim != 4 or student.shape != teacher.shape or coverage.shape != (student.shape[0], *student.shape[2:]):
+        raise ValueError(
+            f"student and teacher tokens must both be [B, C, h, w] and coverage [B, h, w], got "
+            f"{tuple(student.shape)}, {tuple(teacher.shape)} and {tuple(coverage.shape)}"
+        )
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        cosine = F.cosine_similarity(student.float(), teacher.detach().float(), dim=1)  # [B, h, w]
+        covered = coverage.float()
+        return ((1.0 - cosine) * covered).sum() / covered.sum().clamp(min=1.0)
 
 
 def prototype_cross_entropy(

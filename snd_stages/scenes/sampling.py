@@ -3,7 +3,8 @@
 Frame positions index a scene's filename-sorted frame list. For each sample the context gap is drawn uniformly
 from ``sampling.frame_gap`` = [min, max] (capped by the scene length), the first context frame uniformly among
 the positions that leave room for it, and the targets uniformly without replacement from the frames between the
-two context frames (inclusive of the context frames unless ``exclude_context_targets``).
+two context frames (inclusive of the context frames unless ``exclude_context_targets``), or, with
+``targets: context`` (the paper's ablation E), from the two context frames themselves.
 
 Each scene has its own random stream seeded by (seed, scene id), so adding or removing a scene never changes the
 samples of the others.
@@ -61,9 +62,12 @@ def sample_scene(scene: str, frame_numbers: list[int], cfg: SamplingCfg) -> list
                 break
         else:
             continue  # this scene has too many holes to honour the rule; fewer samples rather than wrong ones
-        candidates = np.arange(first, second + 1)
-        if cfg.exclude_context_targets:
-            candidates = candidates[1:-1]
+        if cfg.targets == "context":
+            candidates = np.array([first, second])
+        else:
+            candidates = np.arange(first, second + 1)
+            if cfg.exclude_context_targets:
+                candidates = candidates[1:-1]
         targets = np.sort(rng.choice(candidates, size=cfg.targets_per_sample, replace=False))
         samples.append(ViewSample(scene, (first, second), tuple(int(t) for t in targets)))
     return samples

@@ -15,8 +15,10 @@ One step, per sample of the batch (see ``reference/method.md`` §1):
 4. splatting to the target camera (gsplat on CUDA, the torch twin on CPU);
 5. semantic blending with the target's segments; bilinear downsampling to the student's token grid;
    tokens no Gaussian reached are zeroed (and still averaged, as in the reference);
-6. per-token cross-entropy between the teacher head (stop-grad) and the student head on the target image.
-The teacher follows the student by EMA every ``ema_every`` steps, after backward and before the optimiser step.
+6. per-token cross-entropy between the teacher head (stop-grad) and the student head on the target image
+   (``train.loss: cosine``: 1 - cosine of the tokens themselves, no heads).
+The teacher follows the student by EMA every ``ema_every`` steps, after backward and before the optimiser step
+(``train.teacher: frozen``: never).
 
 The run directory ``<runs_root>/<key>/`` (key = training config + input artifact keys) holds
 ``checkpoints/step-NNNNNN.pt`` (everything needed to continue exactly), ``metrics.csv``, ``pictures/``,
@@ -55,8 +57,9 @@ from .. import distributed
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections, to_dict
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_channels, unit_range
-from ..models.distill import StudentTeacher, export_backbone, prototype_cross_entropy, token_rows
 from ..models.checkpoints import build_model, checkpoint_path, is_checkpoint_state, read_checkpoint, restore_model_state
+from ..models.distill import (StudentTeacher, cosine_distillation_loss, export_backbone, prototype_cross_entropy,
+                              token_rows)
 from ..models.weights import EMBEDDED
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
@@ -319,9 +322,12 @@ class StudentSide(nn.Module):
 
         Returns:
             (``[B, C, h, w]`` tokens, ``[B*h*w, D]`` normalised bottleneck, rows in (b, y, x) order, ``[K, D]``
-            prototypes); the logits are ``bottleneck @ prototypes.T``.
+            prototypes); the logits are ``bottleneck @ prototypes.T``. Without heads (``train.loss: cosine``) the
+            tokens alone, then None, None.
         """
         tokens = self.patch_tokens(self.student, images)
+        if self.student_head is None:
+            return tokens, None, None
         covered = coverage[:, None].to(tokens.dtype)
         return tokens, self.student_head.bottleneck(token_rows(tokens * covered)), self.student_head.prototypes()
 
@@ -351,7 +357,7 @@ class StepResult:
 
     ``statistics`` is float64 ``[loss, kl, coverage]``. ``kl`` = loss - teacher entropy: the part of the loss the
     student can remove (the loss itself stays near log K while the teacher's prototypes are near uniform, as they
-    are early on); NaN on steps that do not compute it.
+    are early on); NaN on steps that do not compute it, and under ``train.loss: cosine`` (no distributions).
     """
 
     statistics: torch.Tensor
@@ -373,17 +379,20 @@ def distillation_step(model: StudentTeacher, batch: list[TrainingSample], cfg: T
     images = upload([sample.target_image[None] for sample in batch], device)
     student_forward = StudentSide(model) if student_forward is None else student_forward
     with autocast():
-        # Uncovered tokens are zeroed on both sides and still averaged (the reference's "head(0) vs head(0)").
         student, student_bottleneck, student_prototypes = student_forward(images, coverage)
-        covered = coverage[:, None].to(student.dtype)
-        with torch.no_grad():
-            teacher_bottleneck = model.teacher_head.bottleneck(token_rows((targets * covered).to(student.dtype)))
-        loss, teacher_entropy = prototype_cross_entropy(
-            student_bottleneck, student_prototypes, teacher_bottleneck, model.teacher_head.prototypes(),
-            with_teacher_entropy=with_kl,
-        )
+        if cfg.loss == "cosine":
+            loss, teacher_entropy = cosine_distillation_loss(student, targets, coverage), None
+        else:
+            # Uncovered tokens are zeroed on both sides and still averaged (the reference's "head(0) vs head(0)").
+            covered = coverage[:, None].to(student.dtype)
+            with torch.no_grad():
+                teacher_bottleneck = model.teacher_head.bottleneck(token_rows((targets * covered).to(student.dtype)))
+            loss, teacher_entropy = prototype_cross_entropy(
+                student_bottleneck, student_prototypes, teacher_bottleneck, model.teacher_head.prototypes(),
+                with_teacher_entropy=with_kl,
+            )
     value = loss.detach().double()
-    kl = value - teacher_entropy.double() if with_kl else torch.full_like(value, math.nan)
+    kl = value - teacher_entropy.double() if teacher_entropy is not None else torch.full_like(value, math.nan)
     statistics = torch.stack([value, kl, coverage.double().mean()])
     return loss, StepResult(statistics, targets, student.detach().float())
 
@@ -572,8 +581,9 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
                                          with_kl=logged)
         # What is checked and logged is the global batch's mean, the same on every rank (so all of them stop
         # together below: one rank alone would leave the others waiting in the next step's gradient all-reduce).
+        teacher_follows = train_cfg.teacher == "ema" and step % train_cfg.ema_every == 0
         loss_value, kl, coverage = learn(loss, world.mean(result.statistics), model, optimizer, scheduler,
-                                         train_cfg.ema_momentum if step % train_cfg.ema_every == 0 else None)
+                                         train_cfg.ema_momentum if teacher_follows else None)
         if not math.isfinite(loss_value):
             # learn made no update: nothing of this step reaches the weights, the teacher or a checkpoint.
             culprits = ", ".join(
