@@ -210,7 +210,7 @@ def test_checkpoint_keys_follow_the_file_contents_not_the_path(tmp_path):
     keys = {
         "gaussians": lambda path: gaussians_spec(GaussiansCfg(reconstructor="mvsplat", mvsplat_checkpoint=path), "s").key,
         "masks": lambda path: masks_spec(MasksCfg(source="sam", sam_checkpoint=path), "s").key,
-        "train": lambda path: run_spec(TrainCfg(weights=str(path)), inputs, 10).key,
+        "train": lambda path: run_spec(TrainCfg(weights=str(path)), inputs).key,
     }
     for stage, key in keys.items():
         assert key(first) == key(moved), stage  # same bytes elsewhere: same artifact
@@ -221,7 +221,7 @@ def test_checkpoint_keys_follow_the_file_contents_not_the_path(tmp_path):
         first.write_bytes(b"checkpoint one")
     with pytest.raises(ConfigError, match=r"gaussians.mvsplat_checkpoint = .*missing.ckpt does not exist"):
         keys["gaussians"](tmp_path / "missing.ckpt")
-    assert run_spec(TrainCfg(weights="embedded"), inputs, 10).ingredients()["params"]["weights"] == "embedded"
+    assert run_spec(TrainCfg(weights="embedded"), inputs).ingredients()["params"]["weights"] == "embedded"
 
 
 def test_large_inputs_are_known_by_size_and_time_so_a_same_size_rewrite_is_noticed(tmp_path):
