@@ -224,6 +224,19 @@ def test_checkpoint_keys_follow_the_file_contents_not_the_path(tmp_path):
     assert run_spec(TrainCfg(weights="embedded"), inputs).ingredients()["params"]["weights"] == "embedded"
 
 
+def test_a_runs_key_holds_its_settings_never_the_device_it_trains_on():
+    from types import SimpleNamespace
+
+    from snd_stages.config import TrainCfg
+    from snd_stages.stages.train import run_spec
+
+    artifact = SimpleNamespace(key="k")
+    inputs = SimpleNamespace(samples_artifact=artifact, gaussians=artifact, masks=artifact)
+    keys = {device: run_spec(TrainCfg(device=device, precision="auto"), inputs).key for device in ("auto", "cpu", "cuda")}
+    assert len(set(keys.values())) == 1  # snd eval on a CPU finds the run a GPU trained
+    assert run_spec(TrainCfg(steps=4000), inputs).key != keys["cpu"]  # what the run did is in its key
+
+
 def test_large_inputs_are_known_by_size_and_time_so_a_same_size_rewrite_is_noticed(tmp_path):
     from snd_stages.scenes.layout import dataset_fingerprint
     from snd_stages.store import file_stamp
