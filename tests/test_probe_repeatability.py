@@ -11,8 +11,8 @@ from snd_stages.probes.cache import FeatureSet
 from snd_stages.probes.resize import upsample
 from snd_stages.stages.evaluate import ProbeFrames, depth_probe, normals_probe
 
-# CPU and CUDA kernels round differently; after a few hundred steps the fitted probes' scores differ by this much
-# at most (relative; measured on an H200, with a margin).
+# CPU and CUDA kernels round differently; after a few hundred steps the fitted probes' scores may differ by this
+# much at most (relative): the bound this GPU-tier test holds the probes to.
 CPU_CUDA_RELATIVE = 2e-3
 
 
