@@ -117,3 +117,24 @@ def test_dump_is_plain_yaml():
     document = yaml.safe_load(dump_yaml(PipelineCfg()))
     assert document["sampling"]["frame_gap"] == [4, 8]
     assert document["data"]["root"] == "data/demo"
+
+
+def test_a_profile_overrides_the_file_and_the_command_line_overrides_the_profile(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("train:\n  steps: 6\nprofiles:\n  long:\n    train.steps: 4000\n    eval.seeds: [0, 1, 2, 3]\n")
+    assert load_config(path).train.steps == 6
+    long = load_config(path, profile="long")
+    assert long.train.steps == 4000 and long.eval.seeds == (0, 1, 2, 3)
+    assert load_config(path, ["train.steps=10"], profile="long").train.steps == 10
+    with pytest.raises(ConfigError, match=r"profile 'short' is not defined in .*pipeline.yaml; its profiles: \['long'\]"):
+        load_config(path, profile="short")
+    path.write_text("profiles:\n  bad:\n    train.stepz: 1\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        load_config(path, profile="bad")
+
+
+def test_the_shipped_profiles_load_and_the_gpu_one_trains_64000_samples():
+    shipped = Path(__file__).resolve().parents[1] / "pipeline.yaml"
+    gpu = load_config(shipped, profile="gpu")
+    assert gpu.train.steps * gpu.train.batch_size == 64_000 and gpu.data.root != load_config(shipped).data.root
+    assert load_config(shipped, profile="cpu").train.steps == load_config(shipped).train.steps
