@@ -1,5 +1,5 @@
 # snd: `make all` runs the whole pipeline on the embedded demo scenes; `make test` runs the test suite;
-# `make precompute SHARDS=4` runs the precompute stages as 4 parallel shards each. Each target creates the
+# `make precompute SHARDS=4` runs the precompute stages as 4 parallel shards each; `make ablations` the ablation table. Each target creates the
 # project's virtual environment (.venv) on first use and installs everything into it.
 
 VENV   ?= .venv
@@ -13,7 +13,14 @@ SHARDS ?= 4
 STAMP  := $(VENV)/.installed
 PRECOMPUTE := precompute-gaussians precompute-masks precompute-operators
 
-.PHONY: all test venv precompute clean-store
+# The paper's ablation rows, each one config value away from the default run (README, "Ablations"): (A) no
+# semantic blending, (B) plain bilinear upsampling, (C) a cosine loss instead of the DINO heads, (D) a frozen
+# teacher, (E) context views as targets.
+ABLATIONS ?= train.blending=1.0 train.mask_aware_upsampling=false train.loss=cosine train.teacher=frozen \
+             sampling.targets=context
+ABLATION_REPORT ?= data/reports-ablations
+
+.PHONY: all test venv precompute ablations clean-store
 
 all: $(STAMP)
 	$(SND) make-demo-data --config $(CONFIG)
@@ -38,6 +45,20 @@ precompute: $(STAMP)
 	    failed=0; for pid in $$pids; do wait $$pid || failed=1; done; \
 	    if [ $$failed = 1 ]; then echo "$$stage: a shard failed (see above); rerun make precompute"; exit 1; fi; \
 	done
+
+# The ablation table: the default run and each row of ABLATIONS, every stage they need (finished ones say so and
+# are kept), then one snd eval of them all beside the baseline, with the same probe seeds and data.
+ablations: $(STAMP)
+	$(SND) make-demo-data --config $(CONFIG)
+	@runs=; for row in default $(ABLATIONS); do \
+	    if [ $$row = default ]; then set=; else set="--set $$row"; fi; \
+	    echo "ablations: $$row"; \
+	    for stage in sample-views precompute-gaussians precompute-masks precompute-operators train; do \
+	        $(SND) $$stage --config $(CONFIG) $$set || exit 1; \
+	    done; \
+	    runs="$$runs,$$($(SND) run-dir --config $(CONFIG) $$set)" || exit 1; \
+	done; \
+	$(SND) eval --config $(CONFIG) --set "eval.runs=[$${runs#,}]" --set eval.report_dir=$(ABLATION_REPORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

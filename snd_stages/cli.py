@@ -234,6 +234,19 @@ def train_command(
     _run(action)
 
 
+@app.command("run-dir")
+def run_dir_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = []) -> None:
+    """Print where snd train puts the run of this configuration (its input artifacts must exist), e.g. to list
+    several runs for snd eval: --set "eval.runs=[$(snd run-dir --set train.blending=1.0)]"."""
+    from .stages.train import run_directory
+
+    def action() -> None:
+        cfg = _load(config, set_, {"data", "sampling", "gaussians", "masks", "train", "store"})
+        typer.echo(run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, Store(cfg.store.root)))
+
+    _run(action)
+
+
 @app.command("eval")
 def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = []) -> None:
     """Probe the baseline and each fine-tuned model side by side: depth, normals, segmentation, correspondence."""

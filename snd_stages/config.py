@@ -241,6 +241,13 @@ class TrainCfg:
                  "false unless train.compile is true (the graphs are taken of the compiled token extraction)")
 
 
+# Train settings that change how a run is observed or where it runs, not what it computes: kept out of the run key,
+# and never what tells two runs apart in a report.
+TRAIN_OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root",
+                          "teacher_splatting", "compile", "frame_cache_mb", "cuda_graphs", "validate_every",
+                          "validation_pairs", "validation_scale")
+
+
 @dataclass(frozen=True)
 class EvalCfg:
     """``snd eval``: probes of 3D awareness, the baseline beside every fine-tuned model, same settings and seeds."""

@@ -91,3 +91,26 @@ def test_debug_shows_the_exception(project):
     )
     assert result.exit_code != 0
     assert isinstance(result.exception, ConfigError)
+
+
+def test_run_dir_prints_where_train_puts_this_configurations_run(project):
+    from snd_stages.config import load_config
+    from snd_stages.stages.train import run_directory
+
+    for stage in ("sample-views", "precompute-gaussians", "precompute-masks"):
+        assert snd(project, stage).exit_code == 0
+    printed = snd(project, "run-dir")
+    assert printed.exit_code == 0, printed.output
+    cfg = load_config(project / "pipeline.yaml")
+    expected = run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, Store(cfg.store.root))
+    assert printed.output.strip() == str(expected)
+    ablation = snd(project, "run-dir", "--set", "train.blending=1.0").output.strip()
+    assert ablation != str(expected) and Path(ablation).parent == expected.parent
+    on_gpu = snd(project, "run-dir", "--set", "train.device=cuda").output.strip()
+    assert on_gpu == str(expected)  # the device is not part of a run
+
+
+def test_an_unknown_profile_is_one_line_naming_the_profiles(project):
+    result = CliRunner().invoke(app, ["--profile", "huge", "sample-views", "--config", str(project / "pipeline.yaml")])
+    assert result.exit_code == 1
+    assert "profile 'huge' is not defined" in plain(result.output) and "Traceback" not in result.output

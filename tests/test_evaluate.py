@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from snd_stages.config import load_config
 from snd_stages.errors import ConfigError
@@ -222,3 +224,24 @@ def test_scannetpp_segmentation_where_the_scenes_have_labels(project, tmp_path):
     scores = next(iter(report.results["models"].values()))
     assert report.results["notes"] == [] and len(scores["segmentation"]["per_class_iou"]) == 3
     assert 0 <= scores["segmentation"]["miou"] <= 1
+
+
+def test_runs_are_labelled_by_the_settings_that_set_them_apart(tmp_path):
+    from snd_stages.stages.evaluate import distinguishing_settings
+
+    def run(name: str, **train) -> Path:
+        folder = tmp_path / name
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({
+            "data": {"root": f"/somewhere/{name}"}, "sampling": {"targets": train.pop("targets", "novel")},
+            "train": {"blending": 0.5, "loss": "dino", "device": "auto", **train}}))
+        return folder
+
+    default, blending, cosine = run("a"), run("b", blending=1.0, device="cuda"), run("c", loss="cosine")
+    context = run("d", targets="context")
+    assert distinguishing_settings([default, blending, cosine, context]) == [
+        [], ["train.blending=1.0"], ["train.loss=cosine"], ["sampling.targets=context"]]
+    # A checkpoint speaks for its run; identical runs, and a lone run, have nothing to set them apart.
+    assert distinguishing_settings([default / "checkpoints" / "step-000010.pt", default]) == [[], []]
+    # A run without a readable config.yaml neither gets a label nor makes the others look different.
+    assert distinguishing_settings([tmp_path / "missing", default, cosine]) == [[], [], ["train.loss=cosine"]]

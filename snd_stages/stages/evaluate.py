@@ -40,6 +40,7 @@ and PNG figures (depth and normal predictions vs truth, correspondences coloured
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -53,10 +54,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
-from ..config import DataCfg, EvalCfg, TrainCfg, dump_sections
+from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections
 from ..errors import ConfigError, DataError
 from ..probes.backbone import (
     DENSE_FEATURES,
@@ -565,6 +567,9 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"DINOv2 {train.backbone} ({cfg.baseline_weights})",
                             device, allow_random=cfg.baseline_weights == "random")]
     models += [ProbeBackbone.from_run(run, device=device) for run in runs]
+    for backbone, settings in zip(models[1:], distinguishing_settings(runs)):
+        if settings:  # e.g. an ablation row: say what sets it apart from the runs beside it
+            backbone.label = f"{backbone.label} · {', '.join(settings)}"
     results: dict = {"protocol": {"dataset": cfg.dataset, "probes": probes,
                                   **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs))},
                      "models": {}, "notes": notes}
@@ -621,6 +626,40 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     figures = save_figures(report_dir, test_frames, outputs)
     write_text_atomic(report_dir / "config.yaml", config_yaml)
     return EvalReport(report_dir, results, figures, uses)
+
+
+# The sections of a run's config.yaml that decide what it learned (data.root is left out: the same scenes may lie in
+# another folder on another machine).
+RUN_SECTIONS = ("sampling", "gaussians", "masks", "train")
+
+
+def distinguishing_settings(runs: Sequence[Path]) -> list[list[str]]:
+    """For each run (a run directory or one of its checkpoints), the settings ``section.key=value`` in which it
+    differs from what most of the compared runs use (ties go to the earlier run), e.g. ``train.blending=1.0`` for an
+    ablation row beside the default run. Settings that only observe a run (``TRAIN_OBSERVATION_ONLY``) never count.
+    A run without a readable config.yaml gets nothing and does not count in what most runs use."""
+    flat: list[dict | None] = []
+    for run in runs:
+        run_dir = Path(run).parent.parent if Path(run).suffix == ".pt" else Path(run)
+        try:
+            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            config = None
+        flat.append(None if not isinstance(config, dict) else {
+            f"{section}.{key}": json.dumps(value, sort_keys=True)
+            for section in RUN_SECTIONS for key, value in (config.get(section) or {}).items()
+            if not (section == "train" and key in TRAIN_OBSERVATION_ONLY)})
+    readable = [settings for settings in flat if settings is not None]
+    keys = sorted(set().union(*readable)) if readable else []
+    common = {key: collections.Counter(s.get(key) for s in readable).most_common(1)[0][0] for key in keys}
+    return [[] if settings is None else
+            [f"{key}={_setting_text(settings.get(key))}" for key in keys if settings.get(key) != common[key]]
+            for settings in flat]
+
+
+def _setting_text(encoded: str | None) -> str:
+    value = None if encoded is None else json.loads(encoded)
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test_frames: ProbeFrames, pairs: int) -> dict:

@@ -54,7 +54,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
-from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections, to_dict
+from ..config import (
+    TRAIN_OBSERVATION_ONLY,
+    DataCfg,
+    GaussiansCfg,
+    MasksCfg,
+    SamplingCfg,
+    TrainCfg,
+    dump_sections,
+    to_dict,
+)
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_channels, unit_range
 from ..models.checkpoints import build_model, checkpoint_path, is_checkpoint_state, read_checkpoint, restore_model_state
@@ -78,10 +87,6 @@ STAGE = "run"
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 
-# Settings that change how a run is observed or where it runs, not what it computes: kept out of the run key.
-_OBSERVATION_ONLY = ("device", "checkpoint_every", "picture_every", "log_every", "keep_checkpoints", "runs_root",
-                     "teacher_splatting", "compile", "frame_cache_mb", "cuda_graphs", "validate_every",
-                     "validation_pairs", "validation_scale")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,7 +476,7 @@ def teacher_operators(train: TrainCfg, inputs: RunInputs, store: Store) -> Artif
 def run_spec(train: TrainCfg, inputs: RunInputs) -> ArtifactSpec:
     """The run's identity: its training settings and input artifacts, never the device it trains on (so ``snd eval``
     on another machine finds the run that ``snd train`` made)."""
-    params = {name: value for name, value in to_dict(train).items() if name not in _OBSERVATION_ONLY}
+    params = {name: value for name, value in to_dict(train).items() if name not in TRAIN_OBSERVATION_ONLY}
     keys = {"samples": inputs.samples_artifact.key, "gaussians": inputs.gaussians.key, "masks": inputs.masks.key}
     if train.weights not in (EMBEDDED, "random"):  # a checkpoint: its contents, not where it lies
         del params["weights"]
