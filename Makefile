@@ -1,6 +1,7 @@
 # snd: `make all` runs the whole pipeline on the embedded demo scenes; `make test` runs the test suite;
-# `make precompute SHARDS=4` runs the precompute stages as 4 parallel shards each; `make ablations` the ablation table. Each target creates the
-# project's virtual environment (.venv) on first use and installs everything into it.
+# `make precompute SHARDS=4` runs the precompute stages as 4 parallel shards each; `make ablations` builds the
+# ablation table. Each target creates the project's virtual environment (.venv) on first use and installs
+# everything into it.
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
