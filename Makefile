@@ -48,14 +48,19 @@ precompute: $(STAMP)
 	done
 
 # The ablation table: the default run and each row of ABLATIONS, every stage they need (finished ones say so and
-# are kept), then one snd eval of them all beside the baseline, with the same probe seeds and data.
+# are kept; a train.* row is not passed to the stages before the operators, which do not read that section), then
+# one snd eval of them all beside the baseline, with the same probe seeds and data.
 ablations: $(STAMP)
 	$(SND) make-demo-data --config $(CONFIG)
 	@runs=; for row in default $(ABLATIONS); do \
 	    if [ $$row = default ]; then set=; else set="--set $$row"; fi; \
 	    echo "ablations: $$row"; \
 	    for stage in sample-views precompute-gaussians precompute-masks precompute-operators train; do \
-	        $(SND) $$stage --config $(CONFIG) $$set || exit 1; \
+	        case "$$stage:$$row" in \
+	            sample-views:train.*|precompute-gaussians:train.*|precompute-masks:train.*) only=;; \
+	            *) only=$$set;; \
+	        esac; \
+	        $(SND) $$stage --config $(CONFIG) $$only || exit 1; \
 	    done; \
 	    runs="$$runs,$$($(SND) run-dir --config $(CONFIG) $$set)" || exit 1; \
 	done; \
