@@ -72,7 +72,7 @@ from ..probes.cache import CacheUse, FeatureSet, FrameSet, probe_features
 from ..probes.correspondence import correspondence_probe, held_out_pairs, pairs_frame_set
 from ..probes.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
 from ..probes.heads import DenseDepthProbe, DepthBinHead, NormalHead, SegmentationHead, depth_loss, segmentation_loss, uncertainty_angular_loss
-from ..probes.metrics import depth_metrics, normal_metrics, segmentation_confusion, segmentation_scores
+from ..probes.metrics import depth_metrics, normal_metrics, segmentation_confusion
 from ..progress import track
 from ..report.statistics import CONFIDENCE, Measurement, Resampling, excludes_zero, interval, mean_iou
 from ..runtime import resolve_device
