@@ -35,16 +35,22 @@ def ratio(sums: np.ndarray) -> np.ndarray:
         return np.where(sums[..., 1] > 0, sums[..., 0] / np.where(sums[..., 1] > 0, sums[..., 1], 1.0), np.nan)
 
 
+def class_iou(sums: np.ndarray) -> np.ndarray:
+    """``[..., 3C]`` (intersection, label pixels, predicted pixels) per class -> ``[..., C]`` IoU per class, NaN for
+    a class absent from labels and predictions (empty union)."""
+    intersection, labels, predicted = np.split(sums, 3, axis=-1)
+    union = labels + predicted - intersection
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, intersection / np.where(union > 0, union, 1.0), np.nan)
+
+
 def mean_iou(sums: np.ndarray) -> np.ndarray:
     """``[..., 3C]`` (intersection, label pixels, predicted pixels) per class -> ``[...]`` mmseg's mIoU.
 
     A class absent from labels and predictions (empty union) is left out of the mean; NaN if every class is.
     """
-    intersection, labels, predicted = np.split(sums, 3, axis=-1)
-    union = labels + predicted - intersection
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, intersection / np.where(union > 0, union, 1.0), np.nan)
-    present = (union > 0).sum(-1)
+    iou = class_iou(sums)
+    present = np.isfinite(iou).sum(-1)
     return np.where(present > 0, np.nansum(iou, axis=-1) / np.maximum(present, 1), np.nan)
 
 

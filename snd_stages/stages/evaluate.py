@@ -74,7 +74,7 @@ from ..probes.ground_truth import FrameTruth, GroundTruthRequest, load_ground_tr
 from ..probes.heads import DenseDepthProbe, DepthBinHead, NormalHead, SegmentationHead, depth_loss, segmentation_loss, uncertainty_angular_loss
 from ..probes.metrics import depth_metrics, normal_metrics, segmentation_confusion
 from ..progress import track
-from ..report.statistics import CONFIDENCE, Measurement, Resampling, excludes_zero, interval, mean_iou
+from ..report.statistics import CONFIDENCE, Measurement, Resampling, class_iou, excludes_zero, interval, mean_iou
 from ..runtime import resolve_device
 from ..scenes.correspondence import CorrespondencePair, read_scannet1500
 from ..scenes.layout import Scene, list_scene_ids, read_scene
@@ -760,10 +760,7 @@ def _finite(value: float) -> float | None:
 
 def _per_class_iou(miou: Measurement) -> list[float | None]:
     """Each class's IoU on all test images, averaged over seeds (None for a class absent everywhere)."""
-    intersection, labels, predicted = np.split(miou.parts.sum(axis=1), 3, axis=-1)  # [seeds, classes]
-    union = labels + predicted - intersection
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, intersection / np.where(union > 0, union, 1.0), np.nan)
+    iou = class_iou(miou.parts.sum(axis=1))  # [seeds, classes]
     return [_finite(float(np.nanmean(column))) if np.isfinite(column).any() else None for column in iou.T]
 
 
