@@ -38,6 +38,12 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}.pt"
 
 
+def run_of(path: Path) -> Path:
+    """The run directory of ``path``: a run directory itself, or one of its checkpoints (:func:`checkpoint_path`)."""
+    path = Path(path)
+    return path.parent.parent if path.suffix == ".pt" else path
+
+
 def is_checkpoint_state(name: str) -> bool:
     """What a checkpoint stores: LoRA matrices (student and teacher) and both heads; base weights are pretrained."""
     return "lora_" in name or name.startswith(("student_head.", "teacher_head."))

