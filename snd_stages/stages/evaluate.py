@@ -723,11 +723,11 @@ def summarise(results: dict, measurements: dict[str, dict[str, dict[str, Measure
         model = results["models"][label]
         model.update({"intervals": {}, "per_seed": {}, "per_unit": {}})
         for probe, metrics in measurements[label].items():
+            for metric, m in metrics.items():
+                replicates[(label, probe, metric)] = m.replicates(resamplings[probe])
             model[probe] = {metric: _finite(m.estimate()) for metric, m in metrics.items()}
-            model["intervals"][probe] = {metric: interval(replicates.setdefault((label, probe, metric),
-                                                                                m.replicates(resamplings[probe])),
-                                                          CONFIDENCE)
-                                         for metric, m in metrics.items()}
+            model["intervals"][probe] = {metric: interval(replicates[(label, probe, metric)], CONFIDENCE)
+                                         for metric in metrics}
             model["per_seed"][probe] = {metric: [_finite(v) for v in m.per_seed()] for metric, m in metrics.items()}
             model["per_unit"][probe] = {metric: m.to_json() for metric, m in metrics.items()}
             if probe == "segmentation":
