@@ -110,6 +110,7 @@ class FeatureSet:
     def __init__(self, parts: Sequence[Any], padding: tuple[int, int, int, int], image_size: tuple[int, int]):
         parts = list(parts)
         self.memory = None
+        self._resident: dict[str, Tensor] = {}  # ``memory`` copied to other devices
         if parts and all(isinstance(part, np.ndarray) for part in parts):
             parts = [np.concatenate(parts) if len(parts) > 1 else parts[0]]
             self.memory = torch.from_numpy(parts[0])
@@ -131,10 +132,17 @@ class FeatureSet:
         return self.image_size[0] + top + bottom, self.image_size[1] + left + right
 
     def batch(self, indices, device: torch.device | str = "cpu") -> Tensor:
-        """``[B, C, h, w]`` float32 features of the frames ``indices`` (any order, repeats allowed) on ``device``."""
+        """``[*indices.shape, C, h, w]`` float32 features of the frames ``indices`` (any shape and order, repeats
+        allowed) on ``device``.
+
+        A set held in memory is copied to ``device`` once and gathered there: a probe fit draws thousands of
+        minibatches from it.
+        """
+        shape = torch.as_tensor(indices).shape
         indices = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
         if self.memory is not None:
-            tokens = self.memory[torch.from_numpy(indices)]
+            memory = self._memory_on(torch.device(device))
+            tokens = memory[torch.from_numpy(indices).to(memory.device)]
         else:
             unique, inverse = np.unique(indices, return_inverse=True)
             unit_of = np.searchsorted(self.starts, unique, side="right") - 1
@@ -143,7 +151,15 @@ class FeatureSet:
                 offsets = unique[unit_of == unit] - self.starts[unit]
                 pieces.append(np.asarray(self.parts[unit].oindex[offsets]))
             tokens = torch.from_numpy(np.concatenate(pieces))[torch.from_numpy(inverse.reshape(-1))]
-        return tokens.to(device).float()
+        return tokens.to(device).float().reshape(*shape, *tokens.shape[1:])
+
+    def _memory_on(self, device: torch.device) -> Tensor:
+        if device.type == "cpu":
+            return self.memory
+        key = str(device)
+        if key not in self._resident:
+            self._resident[key] = self.memory.to(device)
+        return self._resident[key]
 
     def crop(self, dense: Tensor) -> Tensor:
         """``[B, K, h', w']`` prediction on the padded grid -> ``[B, K, H, W]`` on the image (bilinear)."""

@@ -119,14 +119,20 @@ def sig_loss(
     Returns:
         scalar loss (0 with a zero gradient when no pixel is valid).
     """
+    # Masked sums rather than a gather of the valid pixels: no data-dependent shapes or branches, so the probes can
+    # fit several seeds at once under torch.func.vmap. Invalid pixels are replaced before the logs, so that a 0 or
+    # negative value there cannot leak NaNs into the gradient.
     valid = valid.bool()
-    if not valid.any():
-        return pred.sum() * 0.0
-    g = torch.log(pred[valid] + eps) - torch.log(target[valid] + eps)
-    mean_term = mean_weight * g.mean().pow(2)
-    if warmup or g.numel() < 2:
-        return torch.sqrt(mean_term)
-    return torch.sqrt(g.var() + mean_term)
+    count = valid.sum()
+    g = torch.where(valid, torch.log(torch.where(valid, pred, 1.0) + eps) - torch.log(torch.where(valid, target, 1.0)
+                                                                                        + eps), 0.0)
+    mean = g.sum() / count.clamp(min=1)
+    squared = mean_weight * mean.pow(2)
+    if not warmup:
+        variance = torch.where(valid, g - mean, 0.0).pow(2).sum() / (count - 1).clamp(min=1)  # unbiased, as torch.var
+        squared = torch.where(count >= 2, squared + variance, squared)
+    # 0 with a zero gradient when no pixel is valid (sqrt's gradient at 0 would be infinite)
+    return torch.where(count > 0, torch.sqrt(torch.where(count > 0, squared, 1.0)), 0.0)
 
 
 def gradient_loss(pred: Tensor, target: Tensor, valid: Tensor, eps: float = DEPTH_EPS) -> Tensor:
@@ -332,9 +338,8 @@ def uncertainty_angular_loss(
     regulariser = torch.log1p(torch.exp(-kappa * math.pi)) - torch.log1p(kappa.pow(2))
     loss = regulariser + kappa * angle
     valid = (valid.squeeze(1) if valid.ndim == 4 else valid).bool()
-    if not valid.any():
-        return loss.sum() * 0.0
-    return loss[valid].mean()
+    # a masked mean (0 with a zero gradient when no pixel is valid): no data-dependent shapes, see sig_loss
+    return torch.where(valid, loss, 0.0).sum() / valid.sum().clamp(min=1)
 
 
 class SegmentationHead(nn.Module):

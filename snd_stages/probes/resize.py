@@ -28,7 +28,15 @@ def _interpolation_matrix(size_in: int, size_out: int, mode: str, align_corners:
 
 def interpolation_matrix(size_in: int, size_out: int, mode: str = "bilinear", align_corners: bool | None = False,
                          device=None, dtype=torch.float32) -> Tensor:
-    """``[size_out, size_in]`` weights of ``F.interpolate``'s ``mode`` along one axis."""
+    """``[size_out, size_in]`` weights of ``F.interpolate``'s ``mode`` along one axis (shared: do not modify)."""
+    return _interpolation_matrix_on(size_in, size_out, mode, align_corners, torch.device(device or "cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix_on(size_in: int, size_out: int, mode: str, align_corners: bool | None,
+                             device: torch.device, dtype: torch.dtype) -> Tensor:
+    # kept on the device: a probe fit resizes several times per step, and a copy from the host each time would
+    # wait for the GPU
     return _interpolation_matrix(size_in, size_out, mode, align_corners).to(device=device, dtype=dtype)
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -320,28 +321,78 @@ def repeatable_kernels(device: torch.device):
         torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
 
 
-def _fit(head: torch.nn.Module, loss_of, count: int, cfg: EvalCfg, device, seed: int, description: str = "probe",
-         progress: Progress | None = None) -> torch.nn.Module:
-    """AdamW, a linear warm-up then a cosine decay to 0, on random minibatches drawn by a generator seeded with
-    ``seed`` (the same draws for every model). The loss's own warm-up (FiT3D's SigLoss mean term) runs for its
-    first ``min(100, steps // 10)`` steps."""
-    head.to(device).train()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.probe_learning_rate, weight_decay=0.01)
+def _fit_seeds(make_head: Callable[[], torch.nn.Module], loss_of, inputs_of, count: int, cfg: EvalCfg, device,
+               seeds: Sequence[int], description: str = "probe",
+               progress: Progress | None = None) -> list[torch.nn.Module]:
+    """One head per seed, fitted together: AdamW, a linear warm-up then a cosine decay to 0, each seed on its own
+    random minibatches (a generator seeded with the seed: the same draws for every model). The loss's own warm-up
+    (FiT3D's SigLoss mean term) runs for its first ``min(100, steps // 10)`` steps.
+
+    Each seed's head is initialised after ``torch.manual_seed(seed)``, as a fit of its own would be. The heads'
+    parameters are stacked on a leading seed axis and the per-seed losses computed under ``torch.func.vmap``:
+    a probe step is a few hundred small kernels, and on a GPU their launches, not their arithmetic, set the pace,
+    so one step for all seeds costs about what one seed's step did. The fits stay independent: the sum of the
+    per-seed losses gives each head exactly its own gradient, AdamW is elementwise and the gradient clip is taken
+    per seed, so a seed's head is the one it gets alone, up to the rounding of kernels that see a larger batch
+    (tested).
+
+    Args:
+        make_head: builds one untrained head.
+        loss_of: ``(head, *inputs, warmup) -> scalar`` loss of one seed's minibatch; ``head`` is called like the
+            module. It runs under vmap: no data-dependent shapes or branches.
+        inputs_of: ``[seeds, batch]`` frame indices -> tensors on ``device`` with leading ``[seeds, batch]`` axes.
+        count: frames to draw from.
+
+    Returns:
+        the fitted heads, in ``seeds`` order, in eval mode.
+    """
+    heads = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        heads.append(make_head().to(device).train())
+    parameters, buffers = torch.func.stack_module_state(heads)
+    template = copy.deepcopy(heads[0]).to("meta")
+    optimizer = torch.optim.AdamW(parameters.values(), lr=cfg.probe_learning_rate, weight_decay=0.01)
     warmup = max(1, round(cfg.probe_steps * cfg.probe_warmup_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_warmup_cosine, warmup=warmup,
                                                                                steps=cfg.probe_steps))
     loss_warmup = min(100, cfg.probe_steps // 10)
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    batch_size = min(cfg.probe_batch_size, count)
+
+    def seed_loss(in_warmup: bool, seed_parameters, seed_buffers, *inputs):
+        def head(*args, **kwargs):
+            return torch.func.functional_call(template, (seed_parameters, seed_buffers), args, kwargs)
+        return loss_of(head, *inputs, warmup=in_warmup)
+
     with repeatable_kernels(device):
         for step in track(range(cfg.probe_steps), description, progress, unit="step"):
-            batch = torch.randint(0, count, (min(cfg.probe_batch_size, count),), generator=generator)
-            loss = loss_of(head, batch, warmup=step < loss_warmup)
+            batches = torch.stack([torch.randint(0, count, (batch_size,), generator=generator)
+                                   for generator in generators])
+            losses = torch.func.vmap(functools.partial(seed_loss, step < loss_warmup))(parameters, buffers,
+                                                                                       *inputs_of(batches))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 35.0)  # FiT3D's gradient clip
+            losses.sum().backward()
+            _clip_per_seed(list(parameters.values()), 35.0)  # FiT3D's gradient clip
             optimizer.step()
             scheduler.step()
-    return head.eval()
+    with torch.no_grad():
+        for index, head in enumerate(heads):
+            for name, stacked in parameters.items():
+                head.get_parameter(name).copy_(stacked[index])
+    return [head.eval() for head in heads]
+
+
+def _clip_per_seed(parameters: list[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` applied to each seed's slice of stacked ``[seeds, ...]`` parameters."""
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    if not grads:
+        return
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grad.flatten(1), dim=1)
+                                                  for grad in grads]), dim=0)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.reshape(-1, *[1] * (grad.ndim - 1)))
 
 
 def _warmup_cosine(step: int, warmup: int, steps: int) -> float:
@@ -362,14 +413,15 @@ class _MultiBlockDepth(torch.nn.Module):
         return self.probe(list(features.chunk(self.blocks, dim=1)))
 
 
-def _per_seed(fit_and_score, seeds: Sequence[int]):
-    """``fit_and_score(seed) -> (per-unit rows, predictions)`` for every seed: ``([seeds][units] rows, the first
+def _scores(score, heads: Sequence[torch.nn.Module]):
+    """``score(head) -> (per-unit rows, predictions)`` for every seed's head: ``([seeds][units] rows, the first
     seed's predictions)`` (the figures show the first seed's probe)."""
     rows, first = [], None
-    for seed in seeds:
-        seed_rows, predictions = fit_and_score(seed)
-        rows.append(seed_rows)
-        first = predictions if first is None else first
+    with torch.no_grad():
+        for head in heads:
+            head_rows, predictions = score(head)
+            rows.append(head_rows)
+            first = predictions if first is None else first
     return rows, first
 
 
@@ -377,6 +429,10 @@ def _means(rows: list[list[dict]]) -> dict[str, Measurement]:
     """Per-image metric rows ``[seeds][images]`` as one mean-over-images measurement per metric."""
     return {key: Measurement.of_means(np.array([[row[key] for row in seed] for seed in rows], dtype=np.float64))
             for key in rows[0][0]}
+
+
+def _seeds_text(seeds: Sequence[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def depth_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], cfg: EvalCfg, device,
@@ -388,33 +444,36 @@ def depth_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, P
     """
     features, frames = train
     test_features, test_frames = test
+    depth = frames.depth.to(device)
 
-    def loss_of(head, batch, warmup):
-        prediction = features.crop(head(features.batch(batch, device)))[:, 0]
-        target = frames.depth[batch].to(device)
+    def make_head():
+        if dense:
+            return _MultiBlockDepth(features.channels, len(MULTI_BLOCK_FEATURES.blocks), cfg.max_depth)
+        return DepthBinHead(features.channels, max_depth=cfg.max_depth)
+
+    def inputs_of(batches):
+        return features.batch(batches, device), depth[batches.to(device)]
+
+    def loss_of(head, tokens, target, warmup):
+        prediction = features.crop(head(tokens))[:, 0]
         valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
         return depth_loss(prediction, target, valid, warmup=warmup)
 
-    def fit_and_score(seed: int):
-        torch.manual_seed(seed)
-        if dense:
-            head = _MultiBlockDepth(features.channels, len(MULTI_BLOCK_FEATURES.blocks), cfg.max_depth)
-        else:
-            head = DepthBinHead(features.channels, max_depth=cfg.max_depth)
-        _fit(head, loss_of, len(frames), cfg, device, seed, f"{description} · seed {seed}", progress)
+    def score(head):
         predictions, rows = [], []
-        with torch.no_grad():
-            for index in range(len(test_frames)):
-                prediction = test_features.crop(head(test_features.batch([index], device)))[0, 0].cpu()
-                target = test_frames.depth[index]
-                valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
-                if test_frames.depth_region is not None:
-                    valid &= test_frames.depth_region
-                rows.append(depth_metrics(prediction, target, valid))
-                predictions.append(prediction)
+        for index in range(len(test_frames)):
+            prediction = test_features.crop(head(test_features.batch([index], device)))[0, 0].cpu()
+            target = test_frames.depth[index]
+            valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
+            if test_frames.depth_region is not None:
+                valid &= test_frames.depth_region
+            rows.append(depth_metrics(prediction, target, valid))
+            predictions.append(prediction)
         return rows, predictions
 
-    rows, predictions = _per_seed(fit_and_score, seeds)
+    heads = _fit_seeds(make_head, loss_of, inputs_of, len(frames), cfg, device, seeds,
+                       f"{description} · {_seeds_text(seeds)}", progress)
+    rows, predictions = _scores(score, heads)
     return _means(rows), predictions
 
 
@@ -425,29 +484,30 @@ def normals_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet,
     features, frames = train
     test_features, test_frames = test
     padded = features.padded_size
+    normals, depth = frames.normals.to(device), frames.depth.to(device)
 
-    def loss_of(head, batch, warmup):
-        normals, kappa = head(features.batch(batch, device), size=padded)
-        valid = frames.depth[batch].to(device) > 0
-        return uncertainty_angular_loss(features.crop(normals), features.crop(kappa),
-                                        frames.normals[batch].to(device).float(), valid)
+    def inputs_of(batches):
+        on_device = batches.to(device)
+        return features.batch(batches, device), normals[on_device].float(), depth[on_device] > 0
 
-    def fit_and_score(seed: int):
-        torch.manual_seed(seed)
-        head = NormalHead(features.channels)
-        _fit(head, loss_of, len(frames), cfg, device, seed, f"{description} · seed {seed}", progress)
+    def loss_of(head, tokens, truth, valid, warmup):
+        predicted, kappa = head(tokens, size=padded)
+        return uncertainty_angular_loss(features.crop(predicted), features.crop(kappa), truth, valid)
+
+    def score(head):
         predictions, rows = [], []
-        with torch.no_grad():
-            for index in range(len(test_frames)):
-                normals, _ = head(test_features.batch([index], device), size=padded)
-                prediction = F.normalize(test_features.crop(normals), dim=1)[0].cpu()
-                valid = test_frames.depth[index] > 0
-                truth = test_frames.normals[index].float()
-                rows.append(normal_metrics(prediction.permute(1, 2, 0), truth.permute(1, 2, 0), valid))
-                predictions.append(prediction)
+        for index in range(len(test_frames)):
+            predicted, _ = head(test_features.batch([index], device), size=padded)
+            prediction = F.normalize(test_features.crop(predicted), dim=1)[0].cpu()
+            valid = test_frames.depth[index] > 0
+            truth = test_frames.normals[index].float()
+            rows.append(normal_metrics(prediction.permute(1, 2, 0), truth.permute(1, 2, 0), valid))
+            predictions.append(prediction)
         return rows, predictions
 
-    rows, predictions = _per_seed(fit_and_score, seeds)
+    heads = _fit_seeds(lambda: NormalHead(features.channels), loss_of, inputs_of, len(frames), cfg, device, seeds,
+                       f"{description} · {_seeds_text(seeds)}", progress)
+    rows, predictions = _scores(score, heads)
     return _means(rows), predictions
 
 
@@ -458,24 +518,25 @@ def segmentation_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[Featur
     accuracy, as measurements whose parts are each image's per-class intersection, label and prediction areas."""
     features, frames = train
     test_features, test_frames = test
+    labels = frames.semantics.to(device)
 
-    def loss_of(head, batch, warmup):
-        logits = features.crop(head(features.batch(batch, device)))
-        return segmentation_loss(logits, frames.semantics[batch].to(device).long(), ignore_index=IGNORE_LABEL)
+    def inputs_of(batches):
+        return features.batch(batches, device), labels[batches.to(device)].long()
 
-    def fit_and_score(seed: int):
-        torch.manual_seed(seed)
-        head = SegmentationHead(features.channels, classes)
-        _fit(head, loss_of, len(frames), cfg, device, seed, f"{description} · seed {seed}", progress)
+    def loss_of(head, tokens, truth, warmup):
+        return segmentation_loss(features.crop(head(tokens)), truth, ignore_index=IGNORE_LABEL)
+
+    def score(head):
         confusions = []
-        with torch.no_grad():
-            for index in range(len(test_frames)):
-                logits = test_features.crop(head(test_features.batch([index], device)))
-                confusions.append(segmentation_confusion(logits.argmax(1)[0].cpu(), test_frames.semantics[index].long(),
-                                                         classes, ignore_index=IGNORE_LABEL).double().numpy())
+        for index in range(len(test_frames)):
+            logits = test_features.crop(head(test_features.batch([index], device)))
+            confusions.append(segmentation_confusion(logits.argmax(1)[0].cpu(), test_frames.semantics[index].long(),
+                                                     classes, ignore_index=IGNORE_LABEL).double().numpy())
         return confusions, None
 
-    confusions = np.array(_per_seed(fit_and_score, seeds)[0])  # [seeds, images, classes (truth), classes (predicted)]
+    heads = _fit_seeds(lambda: SegmentationHead(features.channels, classes), loss_of, inputs_of, len(frames), cfg,
+                       device, seeds, f"{description} · {_seeds_text(seeds)}", progress)
+    confusions = np.array(_scores(score, heads)[0])  # [seeds, images, classes (truth), classes (predicted)]
     intersection = np.diagonal(confusions, axis1=2, axis2=3)
     areas = np.concatenate([intersection, confusions.sum(3), confusions.sum(2)], axis=-1)
     return {"miou": Measurement(areas, mean_iou, "miou"),
