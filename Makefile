@@ -1,7 +1,7 @@
 # snd: `make all` runs the whole pipeline on the embedded demo scenes; `make test` runs the test suite;
 # `make precompute SHARDS=4` runs the precompute stages as 4 parallel shards each; `make ablations` builds the
-# ablation table. Each target creates the project's virtual environment (.venv) on first use and installs
-# everything into it.
+# ablation table (its precompute stages sharded the same way). Each target creates the project's virtual
+# environment (.venv) on first use and installs everything into it.
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,6 +20,7 @@ PRECOMPUTE := precompute-gaussians precompute-masks precompute-operators
 ABLATIONS ?= train.blending=1.0 train.mask_aware_upsampling=false train.loss=cosine train.teacher=frozen \
              sampling.targets=context
 ABLATION_REPORT ?= data/reports-ablations
+ABLATION_STEPS ?=
 
 .PHONY: all test venv precompute ablations clean-store
 
@@ -33,38 +34,44 @@ all: $(STAMP)
 	$(SND) train --config $(CONFIG)
 	$(SND) eval --config $(CONFIG)
 
-# Each precompute stage as SHARDS processes at once (--shard i/SHARDS), waiting for all of them before the next
-# stage; whichever shard finishes last publishes the artifact. A failed shard fails the target after its
-# siblings finish; rerunning keeps every finished unit.
+# A shell function for the recipes below: `sharded STAGE [ARGS]` runs STAGE as SHARDS processes at once (--shard
+# i/SHARDS) and waits for all of them; whichever shard finishes last publishes the artifact. A failed shard fails it
+# after its siblings finish; rerunning keeps every finished unit.
+SHARDED = sharded() { \
+    stage=$$1; shift; echo "$$stage: $(SHARDS) shards"; pids=; \
+    for i in $$(seq 0 $$(($(SHARDS) - 1))); do \
+        $(SND) $$stage --config $(CONFIG) "$$@" --shard $$i/$(SHARDS) & pids="$$pids $$!"; \
+    done; \
+    failed=0; for pid in $$pids; do wait $$pid || failed=1; done; \
+    if [ $$failed = 1 ]; then echo "$$stage: a shard failed (see above); rerun make $@"; return 1; fi; \
+}
+
+# Each precompute stage sharded, waiting for all shards before the next stage.
 precompute: $(STAMP)
 	$(SND) sample-views --config $(CONFIG)
-	@for stage in $(PRECOMPUTE); do \
-	    echo "$$stage: $(SHARDS) shards"; pids=; \
-	    for i in $$(seq 0 $$(($(SHARDS) - 1))); do \
-	        $(SND) $$stage --config $(CONFIG) --shard $$i/$(SHARDS) & pids="$$pids $$!"; \
-	    done; \
-	    failed=0; for pid in $$pids; do wait $$pid || failed=1; done; \
-	    if [ $$failed = 1 ]; then echo "$$stage: a shard failed (see above); rerun make precompute"; exit 1; fi; \
-	done
+	@$(SHARDED); for stage in $(PRECOMPUTE); do sharded $$stage || exit 1; done
 
 # The ablation table: the default run and each row of ABLATIONS, every stage they need (finished ones say so and
-# are kept; a train.* row is not passed to the stages before the operators, which do not read that section), then
-# one snd eval of them all beside the baseline, with the same probe seeds and data.
+# are kept; the precompute stages sharded as above; a train.* row is not passed to the stages before the operators,
+# which do not read that section), then one snd eval of them all beside the baseline, with the same probe seeds and
+# data, and every delta taken against the default run. ABLATION_STEPS=N trains every row, the default included, for N steps instead of the config's train.steps.
 ablations: $(STAMP)
 	$(SND) make-demo-data --config $(CONFIG)
-	@runs=; for row in default $(ABLATIONS); do \
+	@$(SHARDED); steps="$(if $(ABLATION_STEPS),--set train.steps=$(ABLATION_STEPS))"; \
+	runs=; for row in default $(ABLATIONS); do \
 	    if [ $$row = default ]; then set=; else set="--set $$row"; fi; \
 	    echo "ablations: $$row"; \
-	    for stage in sample-views precompute-gaussians precompute-masks precompute-operators train; do \
-	        case "$$stage:$$row" in \
-	            sample-views:train.*|precompute-gaussians:train.*|precompute-masks:train.*) only=;; \
-	            *) only=$$set;; \
-	        esac; \
-	        $(SND) $$stage --config $(CONFIG) $$only || exit 1; \
-	    done; \
-	    runs="$$runs,$$($(SND) run-dir --config $(CONFIG) $$set)" || exit 1; \
+	    case $$row in train.*) early=;; *) early=$$set;; esac; \
+	    $(SND) sample-views --config $(CONFIG) $$early || exit 1; \
+	    sharded precompute-gaussians $$early || exit 1; \
+	    sharded precompute-masks $$early || exit 1; \
+	    sharded precompute-operators $$set || exit 1; \
+	    $(SND) train --config $(CONFIG) $$set $$steps || exit 1; \
+	    runs="$$runs,$$($(SND) run-dir --config $(CONFIG) $$set $$steps)" || exit 1; \
 	done; \
-	$(SND) eval --config $(CONFIG) --set "eval.runs=[$${runs#,}]" --set eval.report_dir=$(ABLATION_REPORT)
+	runs=$${runs#,}; \
+	$(SND) eval --config $(CONFIG) --set "eval.runs=[$$runs]" --set "eval.reference=$${runs%%,*}" \
+	    --set eval.report_dir=$(ABLATION_REPORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

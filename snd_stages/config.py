@@ -272,6 +272,9 @@ class EvalCfg:
     runs: list[Path] = field(default_factory=list)
     # Steps whose checkpoints are probed too, before each run's final model: does more training still help?
     checkpoints: list[int] = field(default_factory=list)
+    # The model every delta is taken against: null = the baseline; or one of eval.runs (an ablation table's full
+    # method, so that each row's delta says what leaving its part out costs).
+    reference: Path | None = None
     probe_steps: int = 300
     probe_batch_size: int = 8
     probe_learning_rate: float = 1e-3

@@ -94,6 +94,36 @@ def test_report_keeps_per_seed_and_per_image_values_intervals_and_paired_deltas(
 
 
 @pytest.mark.filterwarnings("ignore:random weights")
+def test_deltas_against_a_reference_run(project, tmp_path):
+    cfg, store = project
+    run = run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    against_run = load_config(None, [*TINY, f"data.root={cfg.data.root}", f"eval.report_dir={tmp_path}",
+                                     f"eval.reference={run}", "eval.probes=[depth,correspondence]"])
+    results = evaluate(against_run.data, against_run.train, against_run.eval, [run]).results
+    baseline, trained = results["models"]
+    assert results["reference"] == trained and set(results["deltas"]) == {baseline}
+    delta = results["deltas"][baseline]["depth"]["rmse"]
+    assert delta["delta"] == pytest.approx(results["models"][baseline]["depth"]["rmse"]
+                                           - results["models"][trained]["depth"]["rmse"], rel=1e-9)
+    # the same pair of models against the baseline: the same paired draws, the opposite sign
+    default = load_config(None, [*TINY, f"data.root={cfg.data.root}", f"eval.report_dir={tmp_path / 'baseline'}",
+                                 "eval.probes=[depth,correspondence]"])
+    flipped = evaluate(default.data, default.train, default.eval, [run]).results["deltas"][trained]["depth"]["rmse"]
+    assert flipped["delta"] == pytest.approx(-delta["delta"], rel=1e-9)
+    assert flipped["interval"] == pytest.approx([-delta["interval"][1], -delta["interval"][0]], rel=1e-9)
+    table = (tmp_path / "report.md").read_text()
+    assert f"Each Δ is taken against {trained}" in table
+    assert f"| {trained} | " in table and f"| {baseline} | " in table  # the summary table, one row per model
+
+
+def test_a_reference_outside_the_probed_runs_is_a_config_error(project, tmp_path):
+    cfg, _ = project
+    bad = load_config(None, [*TINY, f"data.root={cfg.data.root}", f"eval.reference={tmp_path / 'elsewhere'}"])
+    with pytest.raises(ConfigError, match="eval.reference = .*elsewhere is not one of the probed runs"):
+        evaluate(bad.data, bad.train, bad.eval, [])
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
 def test_probe3d_dense_depth_probe_on_four_blocks(project, tmp_path):
     cfg, _ = project
     dense = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probes=[depth_dense]",

@@ -34,7 +34,8 @@ Features come from the artifact store (:mod:`snd_stages.probes.cache`): the back
 set and feature spec, and a later eval with other probe settings reuses its output. So does the probes' ground
 truth (:mod:`snd_stages.probes.ground_truth`): depth is decoded and normals are fitted once per frame set.
 
-Writes ``<report_dir>/report.json``, ``report.md`` (one table, baseline beside each model with deltas, then notes)
+Writes ``<report_dir>/report.json``, ``report.md`` (a summary table of one metric per probe, then every metric of
+every model with deltas against the baseline or ``eval.reference``, then notes)
 and PNG figures (depth and normal predictions vs truth, correspondences coloured by error, PCA feature maps).
 """
 
@@ -574,6 +575,7 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     (features as float16), so the scores are the same either way.
     """
     device = resolve_device(cfg.device, "eval.device")
+    reference_position = reference_index(cfg.reference, runs)
     pairs: list[CorrespondencePair] = []
     pairs_identity = None
     notes: list[str] = []
@@ -632,9 +634,10 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     for backbone, settings in zip(models[1:], distinguishing_settings(runs)):
         if settings:  # e.g. an ablation row: say what sets it apart from the runs beside it
             backbone.label = f"{backbone.label} · {', '.join(settings)}"
+    reference = models[reference_position].label
     results: dict = {"protocol": {"dataset": cfg.dataset, "probes": probes,
                                   **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs))},
-                     "models": {}, "notes": notes}
+                     "models": {}, "reference": reference, "notes": notes}
     memory_bytes = cfg.feature_memory_gb * 2**30
     frame_specs = [PROBE_FEATURES[probe] for probe in probes if probe in PROBE_FEATURES]
     outputs, uses, measurements = {}, [], {}
@@ -688,6 +691,17 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     figures = save_figures(report_dir, test_frames, outputs)
     write_text_atomic(report_dir / "config.yaml", config_yaml)
     return EvalReport(report_dir, results, figures, uses)
+
+
+def reference_index(reference: Path | None, runs: Sequence[Path]) -> int:
+    """Position of ``eval.reference`` among the probed models (0 = the baseline, then ``runs`` in order)."""
+    if reference is None:
+        return 0
+    for index, run in enumerate(runs, start=1):
+        if Path(run).resolve() == Path(reference).resolve():
+            return index
+    raise ConfigError(f"eval.reference = {reference} is not one of the probed runs ({', '.join(map(str, runs))}); "
+                      "name one of eval.runs, or leave it null for deltas against the baseline")
 
 
 # The sections of a run's config.yaml that decide what it learned (data.root is left out: the same scenes may lie in
@@ -769,7 +783,8 @@ def short_run_notes(results: dict) -> list[str]:
 
 def summarise(results: dict, measurements: dict[str, dict[str, dict[str, Measurement]]], cfg: EvalCfg) -> None:
     """Point estimates, per-seed scores, 95 % intervals and per-unit parts of every model's metrics, and each
-    model's paired deltas against the first (the baseline), into ``results`` (:mod:`snd_stages.report.statistics`).
+    model's paired deltas against ``results["reference"]`` (the baseline unless ``eval.reference`` names a run),
+    into ``results`` (:mod:`snd_stages.report.statistics`).
 
     One resampling per probe is drawn from ``eval.seed`` and shared by every model, which makes the deltas paired.
     """
@@ -793,18 +808,21 @@ def summarise(results: dict, measurements: dict[str, dict[str, dict[str, Measure
             model["per_unit"][probe] = {metric: m.to_json() for metric, m in metrics.items()}
             if probe == "segmentation":
                 model[probe]["per_class_iou"] = _per_class_iou(metrics["miou"])
+    reference = results.get("reference", labels[0])
     results["deltas"] = {}
-    for label in labels[1:]:
+    for label in labels:
+        if label == reference:
+            continue
         deltas = results["deltas"][label] = {}
         for probe, metrics in measurements[label].items():
-            if probe not in measurements[labels[0]]:
+            if probe not in measurements[reference]:
                 continue
             deltas[probe] = {}
             for metric in metrics:
-                difference = replicates[(label, probe, metric)] - replicates[(labels[0], probe, metric)]
+                difference = replicates[(label, probe, metric)] - replicates[(reference, probe, metric)]
                 bounds = interval(difference, CONFIDENCE)
                 value = results["models"][label][probe][metric]
-                base = results["models"][labels[0]][probe][metric]
+                base = results["models"][reference][probe][metric]
                 deltas[probe][metric] = {"delta": None if value is None or base is None else value - base,
                                          "interval": bounds, "excludes_zero": excludes_zero(bounds)}
     results["statistics"] = {
@@ -846,9 +864,16 @@ def _signed(fmt: str, value: float) -> str:
     return ("+" if value >= 0 else "−") + fmt.format(abs(value))
 
 
+# The one metric per probe that the summary table shows (the full table has them all).
+HEADLINE = [("depth", "rmse"), ("depth_dense", "rmse"), ("normals", "rmse"), ("segmentation", "miou"),
+            ("correspondence", "recall_10px")]
+
+
 def markdown_report(results: dict) -> str:
     labels = list(results["models"])
     baseline = labels[0]
+    reference = results.get("reference", baseline)
+    compared = [label for label in labels if label != reference]
     protocol = results["protocol"]
     statistics = results.get("statistics", {})
     seeds = statistics.get("seeds", [protocol.get("seed")])
@@ -862,11 +887,27 @@ def markdown_report(results: dict) -> str:
         "Every model gets identical probe settings, seeds and test data. Arrows: which direction is better.", "",
         f"Each cell: the mean over probe seeds, then its {round(100 * statistics.get('confidence', CONFIDENCE))} % "
         "interval over seeds and test images (pairs for correspondence; two-level bootstrap, "
-        f"{statistics.get('bootstrap_replicates', 0):,} replicates). Each Δ has its own paired interval; a **bold** "
-        "Δ is one whose interval excludes 0.", "",
-        "| " + " | ".join(["probe", "metric", *labels, *(f"Δ {label}" for label in labels[1:])]) + " |",
-        "|---|---|" + "---|" * (2 * len(labels) - 1),
+        f"{statistics.get('bootstrap_replicates', 0):,} replicates). Each Δ is taken against {reference}, with its "
+        "own paired interval; a **bold** Δ is one whose interval excludes 0.", "",
     ]
+    formats = {(probe, metric): (higher, fmt) for probe, metric, higher, fmt in REPORTED}
+    headline = [(probe, metric) for probe, metric in HEADLINE
+                if results["models"][baseline].get(probe, {}).get(metric) is not None]
+    lines += ["| model | " + " | ".join(f"{probe} {metric} {'↑' if formats[(probe, metric)][0] else '↓'}"
+                                        for probe, metric in headline) + " |",
+              "|---|" + "---|" * len(headline)]
+    for label in labels:
+        cells = []
+        for probe, metric in headline:
+            fmt = formats[(probe, metric)][1]
+            value = results["models"][label].get(probe, {}).get(metric)
+            cell = "–" if value is None else fmt.format(value)
+            if label != reference:
+                cell += f" (Δ {_delta_text(results, label, probe, metric, fmt)})"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| " + " | ".join(["probe", "metric", *labels, *(f"Δ {label}" for label in compared)]) + " |",
+              "|---|---|" + "---|" * (len(labels) + len(compared))]
     binned = [("correspondence", key, True, "{:.3f}") for key in results["models"][baseline].get("correspondence", {})
               if key.startswith("recall_10px_rotation_")]
     for probe, metric, higher, fmt in REPORTED + binned:
@@ -877,19 +918,21 @@ def markdown_report(results: dict) -> str:
         for label, value in zip(labels, values):
             bounds = results["models"][label].get("intervals", {}).get(probe, {}).get(metric, [None, None])
             cells.append("–" if value is None else fmt.format(value) + _bounds_text(fmt, bounds, signed=False))
-        for label in labels[1:]:
-            delta = results.get("deltas", {}).get(label, {}).get(probe, {}).get(metric)
-            if delta is None or delta["delta"] is None:
-                cells.append("–")
-                continue
-            text = _signed(fmt, delta["delta"])
-            cells.append((f"**{text}**" if delta["excludes_zero"] else text)
-                         + _bounds_text(fmt, delta["interval"], signed=True))
+        cells += [_delta_text(results, label, probe, metric, fmt) for label in compared]
         lines.append(f"| {probe} | {metric} {'↑' if higher else '↓'} | " + " | ".join(cells) + " |")
     lines += ["", "Features (stored as float16): " + "; ".join(f"{k}: {v}" for k, v in protocol["features"].items()) + "."]
     if results.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _delta_text(results: dict, label: str, probe: str, metric: str, fmt: str) -> str:
+    """``+0.050 [+0.027, +0.073]``, bold when the interval excludes 0; ``–`` where there is none."""
+    delta = results.get("deltas", {}).get(label, {}).get(probe, {}).get(metric)
+    if delta is None or delta["delta"] is None:
+        return "–"
+    text = _signed(fmt, delta["delta"])
+    return (f"**{text}**" if delta["excludes_zero"] else text) + _bounds_text(fmt, delta["interval"], signed=True)
 
 
 def _bounds_text(fmt: str, bounds, signed: bool) -> str:
