@@ -318,6 +318,37 @@ def export_ply_command(
     _run(action)
 
 
+@app.command("check-store")
+def check_store_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = []) -> None:
+    """Verify every artifact in the store file by file (sizes and checksums); exit 1 if any is damaged."""
+    from rich.table import Table
+
+    from .stages.check_store import check_store
+
+    def action() -> None:
+        cfg = _load(config, set_, {"store"})
+        with make_progress() as progress:
+            result = check_store(Store(cfg.store.root), progress)
+        table = Table(title=f"Artifacts in {cfg.store.root}")
+        for column in ("stage", "artifact", "status", "units", "MB", "detail"):
+            table.add_column(column, overflow="fold")
+        colours = {"ok": "green", "damaged": "bold red", "incomplete": "yellow", "older format": "cyan",
+                   "leftover": "yellow"}
+        for check in result.checks:
+            table.add_row(check.stage, check.path.name, f"[{colours[check.status]}]{check.status}[/]", str(check.units),
+                          f"{check.size / 1e6:.1f}", escape(check.detail))
+        Console().print(table)
+        megabytes = result.verified_bytes / 1e6
+        console.print(f"check-store: verified {megabytes:,.1f} MB in {result.seconds:.1f} s "
+                      f"({megabytes / max(result.seconds, 1e-9):,.0f} MB/s)")
+        if result.damaged:
+            raise SndError(f"{len(result.damaged)} damaged artifact(s) in {cfg.store.root} (first: "
+                           f"{result.damaged[0].detail})")
+        console.print(f"[green]check-store[/]: no damage among {len(result.checks)} artifact(s)")
+
+    _run(action)
+
+
 def torch_cuda_available() -> bool:
     import torch
 

@@ -19,6 +19,12 @@ says which field changed against the newest artifact of the same stage. A killed
 Readers trust nothing but a published manifest: :meth:`Store.open` refuses a directory without one, a manifest
 that is not complete, names another stage or key, or counts other units than the directory holds, and an
 artifact of another schema version, each with one line that says what to run.
+
+Integrity: each unit is sealed when it is written by a record of its files (``snd-unit.json``: every file's size
+and CRC32C), and the manifest records the artifact's other files (its JSON documents, the root group) the same
+way. A reader verifies a unit the first time a process opens it (:meth:`Artifact.unit`), and a document each time
+it is read, so a missing, truncated, altered or added file is a one-line error naming the file and the command
+that rebuilds it, never zeros or a traceback. ``snd check-store`` verifies a whole store.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import google_crc32c
 import zarr
 
 from . import __version__
@@ -45,6 +52,9 @@ from .geometry import CONVENTIONS
 
 MANIFEST = "manifest.json"
 DATA = "data.zarr"
+UNIT_RECORD = "snd-unit.json"
+# Part of every key: 2 = units and documents carry records of their files (older artifacts are never read).
+STORE_FORMAT = 2
 
 # The command that writes each stage's artifacts, so that messages can say what to run.
 PRODUCERS = {
@@ -85,6 +95,7 @@ class ArtifactSpec:
             "params": _jsonable(self.params),
             "inputs": dict(sorted(self.inputs.items())),
             "producer_version": __version__,
+            "store_format": STORE_FORMAT,
         }
 
     @property
@@ -188,6 +199,83 @@ def atomic_directory(final: Path, scratch: Path | None = None) -> Iterator[Path]
         raise
 
 
+def file_checksum(path: Path) -> str:
+    """CRC32C of a file's bytes, as 8 hex digits (about 10 GB/s: google-crc32c, which zarr depends on)."""
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            checksum.update(block)
+    return checksum.hexdigest().decode()
+
+
+def file_records(directory: Path, leave_out: Callable[[str], bool] = lambda name: False) -> dict[str, list]:
+    """``{relative path: [size, CRC32C]}`` of every file under ``directory`` whose relative path ``leave_out``
+    does not reject, in sorted order."""
+    records = {}
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).as_posix()
+        if path.is_file() and not leave_out(relative):
+            records[relative] = [path.stat().st_size, file_checksum(path)]
+    return records
+
+
+def verify_files(directory: Path, records: dict[str, list], files: Iterable[str], fix: str) -> None:
+    """Check the files ``files`` (relative to ``directory``) against ``records``: none missing, none added, each
+    of its recorded size and checksum.
+
+    Raises:
+        ArtifactError: one line naming the first damaged file and ``fix``.
+    """
+    files = set(files)
+    missing, added = sorted(set(records) - files), sorted(files - set(records))
+    if missing:
+        raise ArtifactError(f"{directory / missing[0]} is missing ({len(missing)} file(s) of {directory} are gone); "
+                            f"{fix}")
+    if added:
+        raise ArtifactError(f"{directory / added[0]} was not written by snd ({len(added)} file(s) added to "
+                            f"{directory} after it was sealed); {fix}")
+    for relative, (size, checksum) in records.items():
+        path = directory / relative
+        actual = path.stat().st_size
+        if actual != size:
+            raise ArtifactError(f"{path} is {'truncated' if actual < size else 'altered'} ({actual:,} bytes, "
+                                f"{size:,} when written); {fix}")
+        if file_checksum(path) != checksum:
+            raise ArtifactError(f"{path} was altered after it was written (its checksum differs); {fix}")
+
+
+def seal_unit(directory: Path) -> None:
+    """Record the sizes and checksums of a finished unit's files in ``snd-unit.json`` inside it."""
+    records = file_records(directory, lambda name: name == UNIT_RECORD)
+    (directory / UNIT_RECORD).write_text(json.dumps({"files": records}, separators=(",", ":")))
+
+
+_VERIFIED_UNITS: set[Path] = set()  # units this process has verified (each is verified once per process)
+
+
+def verify_unit(directory: Path, fix: str, again: bool = False) -> None:
+    """Verify a unit's files against its seal (:func:`seal_unit`), once per process unless ``again``.
+
+    Raises:
+        ArtifactError: the seal is missing or unreadable, or a file is missing, added, truncated or altered.
+    """
+    if directory in _VERIFIED_UNITS and not again:
+        return
+    try:
+        records = json.loads((directory / UNIT_RECORD).read_text())["files"]
+        if not isinstance(records, dict):
+            raise TypeError("files is not an object")
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory} has no {UNIT_RECORD} (its record of sizes and checksums), so it cannot be "
+                            f"trusted; {fix}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{directory / UNIT_RECORD} is damaged ({error}); {fix}") from None
+    present = [path.relative_to(directory).as_posix() for path in directory.rglob("*")
+               if path.is_file() and path.name != UNIT_RECORD]
+    verify_files(directory, records, present, fix)
+    _VERIFIED_UNITS.add(directory)
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A complete artifact, opened read-only."""
@@ -199,20 +287,50 @@ class Artifact:
     def key(self) -> str:
         return self.manifest["key"]
 
+    @property
+    def rebuild(self) -> str:
+        """What to do about a damaged artifact, for error messages."""
+        return f"delete {self.path} and rerun {producer(self.manifest.get('stage', '?'))}"
+
     def group(self) -> zarr.Group:
         return zarr.open_group(store=str(self.path / DATA), mode="r")
 
     def unit(self, name: str) -> zarr.Group:
+        """Unit ``name``'s Zarr group, its files verified against the unit's seal (the first time per process)."""
         path = self.path / DATA / name
         if not (path / "zarr.json").is_file():
             raise ArtifactError(f"artifact {self.path} has no unit {name!r}")
-        return zarr.open_group(store=str(path), mode="r")
+        verify_unit(path, self.rebuild)
+        try:
+            return zarr.open_group(store=str(path), mode="r")
+        except (ValueError, KeyError, TypeError) as error:  # a zarr.json the seal cannot vouch for
+            raise ArtifactError(f"{path} is not a readable Zarr group ({error}); {self.rebuild}") from None
 
     def units(self) -> list[str]:
         return list_units(self.path / DATA)
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        """A JSON document of the artifact, verified against the manifest's record of it."""
+        self.verify_documents([name])
+        try:
+            return json.loads((self.path / name).read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ArtifactError(f"{self.path / name} is not valid JSON ({error}); {self.rebuild}") from None
+
+    def verify_documents(self, names: Iterable[str] | None = None) -> None:
+        """Check the artifact's files outside its units (``names``, default all) against the manifest's records."""
+        records = self.manifest.get("files")
+        if not isinstance(records, dict):
+            raise ArtifactError(f"{self.path / MANIFEST} records no files (not written by this snd); {self.rebuild}")
+        names = list(records) if names is None else list(names)
+        chosen = {name: records[name] for name in names if name in records}
+        verify_files(self.path, chosen, [name for name in names if (self.path / name).is_file()], self.rebuild)
+
+    def verify(self) -> None:
+        """Verify every file of the artifact now: its documents and every unit."""
+        self.verify_documents()
+        for name in self.units():
+            verify_unit(self.path / DATA / name, self.rebuild, again=True)
 
 
 def list_units(data_path: Path) -> list[str]:
@@ -282,13 +400,20 @@ class Store:
                 f"{manifest_path} describes artifact {manifest.get('stage')}/{manifest.get('key')}, not "
                 f"{stage}/{key} (the directory was renamed or copied over); delete {path} and rerun {command}"
             )
+        if manifest.get("store_format") != STORE_FORMAT:
+            raise ArtifactError(
+                f"{manifest_path} is of store format {manifest.get('store_format')}, this snd reads format "
+                f"{STORE_FORMAT}; delete {path} and rerun {command}"
+            )
         units = list_units(path / DATA)
         if manifest.get("units") != len(units):
             raise ArtifactError(
                 f"{path} holds {len(units)} finished unit(s) but its manifest counts {manifest.get('units')}: units "
                 f"were added or removed after it was published; delete {path} and rerun {command}"
             )
-        return Artifact(path, manifest)
+        artifact = Artifact(path, manifest)
+        artifact.verify_documents([f"{DATA}/zarr.json"])
+        return artifact
 
     def complete_artifacts(self, stage: str) -> list[Artifact]:
         """Every complete artifact of ``stage``, oldest first."""
@@ -313,7 +438,7 @@ class Store:
         for section in ("params", "inputs"):
             for name, (before, after) in _diff(old.get(section, {}), new[section]).items():
                 changes.append(f"{section}.{name}: {json.dumps(before)} -> {json.dumps(after)}")
-        for name in ("schema_version", "producer_version"):
+        for name in ("schema_version", "producer_version", "store_format"):
             if old.get(name) != new[name]:
                 changes.append(f"{name}: {old.get(name)} -> {new[name]}")
         return changes
@@ -385,6 +510,7 @@ class ArtifactWriter:
         assert "/" not in name and not name.startswith("."), f"bad unit name {name!r}"
         with atomic_directory(self.data / name, scratch=self.scratch) as temporary:
             yield zarr.open_group(store=str(temporary), mode="w", zarr_format=3)
+            seal_unit(temporary)
 
     def write_json(self, name: str, value: Any) -> None:
         """A small JSON document inside the artifact, written atomically."""
@@ -438,6 +564,9 @@ class ArtifactWriter:
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
                     leftover.unlink(missing_ok=True)
+            # Everything outside the units (which carry their own seals): the documents and the root group.
+            manifest["files"] = file_records(self.partial, lambda name: name == MANIFEST or (
+                name.startswith(f"{DATA}/") and name != f"{DATA}/zarr.json"))
             write_text_atomic(self.partial / MANIFEST, json.dumps(manifest, indent=1))
             os.rename(self.partial, self.final)
         return self.store.open(self.spec.stage, self.spec.key)

@@ -13,7 +13,7 @@ from snd_stages.errors import ConfigError
 from snd_stages.store import Store
 from tests.scannetpp_fixture import write_fixture
 
-REGISTERED = {"make-demo-data", "sample-views", "precompute-gaussians", "precompute-masks"}
+REGISTERED = {"make-demo-data", "sample-views", "precompute-gaussians", "precompute-masks", "check-store"}
 
 
 @pytest.fixture
