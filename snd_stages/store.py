@@ -81,22 +81,27 @@ class ArtifactSpec:
         schema_version: bumped whenever the stored layout or meaning changes.
         params: the stage's parameters (JSON-able).
         inputs: name -> key (or content fingerprint) of every input artifact or dataset.
+        in_store: whether it is stored in the artifact store, whose format then enters the key (not for the
+            generated demo dataset, which lives outside it).
     """
 
     stage: str
     schema_version: int
     params: dict[str, Any]
     inputs: dict[str, str] = field(default_factory=dict)
+    in_store: bool = True
 
     def ingredients(self) -> dict[str, Any]:
-        return {
+        ingredients = {
             "stage": self.stage,
             "schema_version": self.schema_version,
             "params": _jsonable(self.params),
             "inputs": dict(sorted(self.inputs.items())),
             "producer_version": __version__,
-            "store_format": STORE_FORMAT,
         }
+        if self.in_store:
+            ingredients["store_format"] = STORE_FORMAT
+        return ingredients
 
     @property
     def key(self) -> str:

@@ -16,6 +16,7 @@ import pytest
 
 from snd_stages import __version__
 from snd_stages.errors import ArtifactError
+from snd_stages import store as store_module
 from snd_stages.store import ArtifactSpec, Store, atomic_directory
 from tests.conftest import tree_digest
 
@@ -65,6 +66,15 @@ def test_key_depends_on_every_ingredient():
     ]
     assert len({base.key, *(v.key for v in variants)}) == 6
     assert base.ingredients()["producer_version"] == __version__
+
+
+def test_the_store_format_is_in_the_keys_of_stored_artifacts_only(monkeypatch):
+    stored = ArtifactSpec("stage", 1, {"a": 1})
+    dataset = ArtifactSpec("demo_data", 1, {"a": 1}, in_store=False)
+    keys = stored.key, dataset.key
+    monkeypatch.setattr(store_module, "STORE_FORMAT", store_module.STORE_FORMAT + 1)
+    assert stored.key != keys[0]  # a new store format never reads the old artifacts
+    assert dataset.key == keys[1]  # while the generated scenes, outside the store, stay valid
 
 
 def test_publish_open_and_self_describing_attributes(tmp_path):

@@ -64,7 +64,7 @@ def make_demo_data(data: DataCfg, demo: DemoCfg, force: bool = False, progress: 
             "data.dataset = 'demo' (so it never writes into a real dataset root)"
         )
     root = Path(data.root)
-    spec = ArtifactSpec(STAGE, SCHEMA_VERSION, params=to_dict(demo))
+    spec = ArtifactSpec(STAGE, SCHEMA_VERSION, params=to_dict(demo), in_store=False)
     manifest_path, marker_path = root / MANIFEST, root / PARTIAL_MARKER
 
     existing = _read_json(manifest_path) or _read_json(marker_path)
