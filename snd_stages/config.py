@@ -50,6 +50,7 @@ class DemoCfg:
 
     def __post_init__(self) -> None:
         _require(self.train_scenes >= 1, "demo.train_scenes", self.train_scenes, "an integer >= 1")
+        _require_seed("demo.seed", self.seed)
         _require(self.eval_scenes >= 0, "demo.eval_scenes", self.eval_scenes, "an integer >= 0")
         _require(self.frames_per_scene >= 2, "demo.frames_per_scene", self.frames_per_scene, "an integer >= 2")
         _require(self.height >= 16, "demo.height", self.height, "an integer >= 16")
@@ -89,7 +90,9 @@ class SamplingCfg:
     def __post_init__(self) -> None:
         low, high = self.frame_gap
         _require(1 <= low <= high, "sampling.frame_gap", list(self.frame_gap), "[min, max] with 1 <= min <= max")
-        _require(self.samples_per_scene >= 1, "sampling.samples_per_scene", self.samples_per_scene, "an integer >= 1")
+        _require(1 <= self.samples_per_scene <= MAX_SAMPLES_PER_SCENE, "sampling.samples_per_scene",
+                 self.samples_per_scene, f"an integer in [1, {MAX_SAMPLES_PER_SCENE:,}]")
+        _require_seed("sampling.seed", self.seed)
         _require(self.targets_per_sample >= 1, "sampling.targets_per_sample", self.targets_per_sample, "an integer >= 1")
         if self.targets == "context":
             _require(self.targets_per_sample <= 2, "sampling.targets_per_sample", self.targets_per_sample,
@@ -156,6 +159,8 @@ class MasksCfg:
 
     def __post_init__(self) -> None:
         _require(self.felzenszwalb_scale > 0, "masks.felzenszwalb_scale", self.felzenszwalb_scale, "a positive number")
+        _require(self.felzenszwalb_sigma >= 0, "masks.felzenszwalb_sigma", self.felzenszwalb_sigma,
+                 "a number >= 0 (the Gaussian blur's width in pixels; 0 = no blur)")
         _require(self.felzenszwalb_min_size >= 1, "masks.felzenszwalb_min_size", self.felzenszwalb_min_size, "an integer >= 1")
         _require(self.slic_segments >= 2, "masks.slic_segments", self.slic_segments, "an integer >= 2")
         _require(self.sam_points_per_side >= 1, "masks.sam_points_per_side", self.sam_points_per_side, "an integer >= 1")
@@ -233,6 +238,9 @@ class TrainCfg:
         _require(0 < self.validation_scale <= 1, "train.validation_scale", self.validation_scale, "a number in (0, 1]")
         _require(self.frame_cache_mb >= 0, "train.frame_cache_mb", self.frame_cache_mb, "an integer >= 0 (0 = no cache)")
         _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number")
+        _require(self.lora_alpha > 0, "train.lora_alpha", self.lora_alpha, "a positive number (LoRA's scale is "
+                 "lora_alpha / lora_rank)")
+        _require_seed("train.seed", self.seed)
         _require(0 < self.warmup_fraction < 1, "train.warmup_fraction", self.warmup_fraction, "a number in (0, 1)")
         _require(0 <= self.lora_dropout < 1, "train.lora_dropout", self.lora_dropout, "a number in [0, 1)")
         _require(0 <= self.ema_momentum <= 1, "train.ema_momentum", self.ema_momentum, "a number in [0, 1]")
@@ -303,6 +311,9 @@ class EvalCfg:
         unknown = sorted(set(self.probes) - allowed)
         _require(not unknown and len(self.probes) > 0, "eval.probes", list(self.probes), f"a non-empty subset of {sorted(allowed)}")
         _require(self.probe_train_scenes >= 1, "eval.probe_train_scenes", self.probe_train_scenes, "an integer >= 1")
+        _require_seed("eval.seed", self.seed)
+        for seed in self.seeds:
+            _require_seed("eval.seeds", seed)
         _require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "eval.seeds", list(self.seeds),
                  "a non-empty list of distinct integers (3 or more for an interval that covers the seeds' spread)")
         _require(0 <= self.probe_warmup_fraction < 1, "eval.probe_warmup_fraction", self.probe_warmup_fraction,
@@ -359,18 +370,26 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = (), 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; pass --config with the path to pipeline.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass --config with the path to pipeline.yaml")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+                              ) from None
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+            mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {problem or ' '.join(str(error).split())}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections at the top level, got {type(loaded).__name__}")
         raw = loaded
-    source = str(path) if path is not None else "defaults"
+    origins = {"": str(path) if path is not None else "defaults"}  # where each value came from, for messages
+    source = origins[""]
     profiles = raw.pop(PROFILES, None) or {}
     if not isinstance(profiles, dict) or not all(isinstance(v, dict) or v is None for v in profiles.values()):
         raise ConfigError(f"{source}: '{PROFILES}' must map profile names to mappings of section.key: value")
@@ -380,6 +399,7 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = (), 
                               f"{sorted(profiles) or 'none'} (add one under '{PROFILES}:')")
         for key, value in (profiles[profile] or {}).items():
             _set_dotted(raw, str(key), value, f"{PROFILES}.{profile}.{key}")
+            origins[str(key)] = f"{source}, profile {profile}"
     for override in overrides:
         key, value = _parse_override(override)
         section = key.split(".", 1)[0]
@@ -389,7 +409,8 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = (), 
                 f"not {section!r}"
             )
         _set_dotted(raw, key, value, override)
-    return build(PipelineCfg, raw, prefix="", source=source)
+        origins[key] = f"--set {override}"
+    return build(PipelineCfg, raw, prefix="", source=origins)
 
 
 def to_dict(config) -> dict[str, Any]:
@@ -406,20 +427,43 @@ def dump_sections(**sections) -> str:
     return yaml.safe_dump({name: to_dict(section) for name, section in sections.items()}, sort_keys=False)
 
 
-def build(cls, raw: Any, prefix: str, source: str = "config"):
+def _origin(source: str | Mapping[str, str], key: str) -> str:
+    """Where the value of ``key`` came from: ``source``, or its entry for ``key`` (the config file, a profile or a
+    ``--set`` override) when it maps keys to origins (``""``: everything else)."""
+    if isinstance(source, str):
+        return source
+    return source.get(key.split("[", 1)[0], source[""])
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last one would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def build(cls, raw: Any, prefix: str, source: str | Mapping[str, str] = "config"):
     """Build dataclass ``cls`` from a mapping, validating every key and value."""
     where = prefix.rstrip(".") or "the top level"
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: {where} must be a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{_origin(source, prefix.rstrip('.'))}: {where} must be a mapping of keys, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
             hint = difflib.get_close_matches(str(key), fields, n=1)
             suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}'{suggestion}; allowed keys in {where}: {sorted(fields)}"
+                f"{_origin(source, f'{prefix}{key}')}: unknown key '{prefix}{key}'{suggestion}; allowed keys in "
+                f"{where}: {sorted(fields)}"
             )
     hints = typing.get_type_hints(cls)
     values = {}
@@ -429,17 +473,19 @@ def build(cls, raw: Any, prefix: str, source: str = "config"):
     try:
         return cls(**values)
     except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
+        # a section's own check names the key it refuses first: "<section.key> = <value> ..."
+        key = str(error).split(" ", 1)[0]
+        raise ConfigError(f"{_origin(source, key)}: {error}") from None
 
 
-def _coerce(annotation, value, key: str, source: str):
+def _coerce(annotation, value, key: str, source: str | Mapping[str, str]):
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
         return build(annotation, value, prefix=f"{key}.", source=source)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{source}: {key} = {value!r} is not allowed; choose one of {list(args)}")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} is not allowed; choose one of {list(args)}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -448,23 +494,23 @@ def _coerce(annotation, value, key: str, source: str):
         return _coerce(inner[0], value, key, source)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} = {value!r} must be a list")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} must be a list")
         return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{source}: {key} = {value!r} must be a list of {len(args)} values")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} must be a list of {len(args)} values")
         return tuple(_coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} = {value!r} must be a list")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} must be a list")
         return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} = {value!r} must be true or false")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} must be true or false")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} = {value!r} must be an integer")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} must be an integer")
         return value
     if annotation is float:
         if isinstance(value, str):
@@ -474,17 +520,17 @@ def _coerce(annotation, value, key: str, source: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} = {value!r} must be a number")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} must be a number")
         if not math.isfinite(value):  # .nan passes every range check; .inf most of them
-            raise ConfigError(f"{source}: {key} = {value!r} must be a finite number")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} must be a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} = {value!r} must be a string")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} must be a string")
         return value
     if annotation is Path:
         if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{source}: {key} = {value!r} must be a path (a string)")
+            raise ConfigError(f"{_origin(source, key)}: {key} = {value!r} must be a path (a string)")
         return Path(value)
     raise AssertionError(f"config field {key} has an unsupported annotation {annotation!r}")
 
@@ -492,6 +538,19 @@ def _coerce(annotation, value, key: str, source: str):
 def _require(condition: bool, key: str, value, allowed: str) -> None:
     if not condition:
         raise ConfigError(f"{key} = {value!r} is not allowed; expected {allowed}")
+
+
+# Seeds feed numpy's and torch's generators, which take unsigned 32- and 64-bit values; one range for all of them.
+SEED_RANGE = "an integer in [0, 2**32)"
+
+
+def _require_seed(key: str, value: int) -> None:
+    _require(0 <= value < 2**32, key, value, SEED_RANGE)
+
+
+# More samples per scene than this only repeat the scene's distinct context-target triplets (a 1,000-frame scene
+# with gaps of 3 to 12 frames has about 10^5), and the sample list would outgrow memory before training starts.
+MAX_SAMPLES_PER_SCENE = 100_000
 
 
 def _parse_override(override: str) -> tuple[str, Any]:
