@@ -386,8 +386,8 @@ class Store:
                 f"({command}), or check that --config points at the same pipeline.yaml"
             )
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
             raise ArtifactError(
                 f"{manifest_path} is not valid JSON ({error}); delete {path} and rerun {command}"
             ) from None
@@ -421,16 +421,22 @@ class Store:
         return artifact
 
     def complete_artifacts(self, stage: str) -> list[Artifact]:
-        """Every complete artifact of ``stage``, oldest first."""
+        """Every complete artifact of ``stage``, oldest first. A manifest that cannot be read as snd writes it
+        (damaged, or not snd's) is passed over: it says nothing about the newest artifact, and blocks nothing."""
         directory = self.root / stage
         found = []
         if directory.is_dir():
             for path in directory.iterdir():
                 manifest_path = path / MANIFEST
                 if path.is_dir() and not path.name.endswith(".partial") and manifest_path.is_file():
-                    with contextlib.suppress(json.JSONDecodeError):
-                        found.append(Artifact(path, json.loads(manifest_path.read_text())))
-        return sorted(found, key=lambda a: a.manifest.get("created", 0.0))
+                    try:
+                        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+                    except (OSError, ValueError, UnicodeDecodeError):
+                        continue
+                    created = manifest.get("created") if isinstance(manifest, dict) else None
+                    if isinstance(created, (int, float)) and not isinstance(created, bool):
+                        found.append(Artifact(path, manifest))
+        return sorted(found, key=lambda a: a.manifest["created"])
 
     def describe_changes(self, spec: ArtifactSpec) -> list[str]:
         """What differs between ``spec`` and the newest complete artifact of the same stage, one line each."""

@@ -58,3 +58,54 @@ def test_a_config_file_that_cannot_be_read_as_meant(tmp_path, text, fragments):
 def test_a_config_path_that_is_a_folder(tmp_path):
     (tmp_path / "pipeline.yaml").mkdir()
     assert_one_line_error(snd(tmp_path, "sample-views"), "is a folder", "pass --config")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifests
+
+
+@pytest.mark.parametrize("damaged", ["[]", '{"complete": true, "created": "yesterday"}', "\udcff"],
+                         ids=["a list", "non-numeric created", "not UTF-8"])
+def test_a_damaged_old_manifest_blocks_no_new_artifact(project, damaged):  # noqa: F811
+    assert snd(project, "sample-views").exit_code == 0
+    (old,) = (project / "store" / "samples").glob("*/manifest.json")
+    old.write_bytes(damaged.encode("utf-8", "surrogateescape"))
+    result = snd(project, "sample-views", "--set", "sampling.seed=5")  # a new artifact of the same stage
+    assert result.exit_code == 0, result.output
+    # and the damaged one, when a stage needs it, is one line naming it
+    assert_one_line_error(snd(project, "precompute-gaussians"), str(old.parent), "snd sample-views")
+
+
+def trained_run(project: Path) -> Path:
+    precompute(project)
+    with open(project / "pipeline.yaml", "a") as handle:
+        handle.write(f"train:\n  runs_root: {project / 'runs'}\n  weights: random\n  allow_random_weights: true\n"
+                     "  steps: 1\n  batch_size: 1\n  prototypes: 64\n")
+    for command in ("precompute-operators", "train"):
+        result = snd(project, command)
+        assert result.exit_code == 0, result.output
+    (run,) = (project / "runs").iterdir()
+    return run
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+@pytest.mark.parametrize(
+    ("damage", "fragments"),
+    [
+        (lambda run: (run / "manifest.json").write_text("{"), ["manifest.json is damaged"]),
+        (lambda run: (run / "manifest.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((run / "manifest.json").read_text()).items() if k != "files"})),
+         ["written by an older snd"]),
+        (lambda run: (run / "student.safetensors").unlink(), ["student.safetensors is missing"]),
+        (lambda run: (run / "teacher.safetensors").write_bytes(b"x" * 10), ["teacher.safetensors is truncated"]),
+    ],
+    ids=["corrupt manifest", "manifest without records", "student deleted", "teacher truncated"],
+)
+def test_a_damaged_run_is_neither_up_to_date_nor_probed(project, damage, fragments):  # noqa: F811
+    run = trained_run(project)
+    damage(run)
+    assert_one_line_error(snd(project, "train"), str(run), *fragments, "snd train --force")
+    assert_one_line_error(snd(project, "eval", "--set", f"eval.runs=[{run}]"), *fragments)
+    retrained = snd(project, "train", "--force")
+    assert retrained.exit_code == 0, retrained.output
+    assert (run / "student.safetensors").is_file()

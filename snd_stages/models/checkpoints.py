@@ -9,6 +9,7 @@ load those tensors into it (:func:`read_checkpoint`, :func:`restore_model_state`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from ..config import TrainCfg
 from ..errors import ArtifactError, ConfigError
+from ..store import file_checksum, verify_files
 from .distill import StudentTeacher
 from .weights import create_backbone
 
@@ -42,6 +44,49 @@ def run_of(path: Path) -> Path:
     """The run directory of ``path``: a run directory itself, or one of its checkpoints (:func:`checkpoint_path`)."""
     path = Path(path)
     return path.parent.parent if path.suffix == ".pt" else path
+
+
+RUN_MANIFEST = "manifest.json"
+
+
+def run_manifest_files(run_dir: Path, names: list[str]) -> dict[str, list]:
+    """``{name: [size, CRC32C]}`` of a finished run's exported files, recorded in its manifest."""
+    return {name: [(run_dir / name).stat().st_size, file_checksum(run_dir / name)] for name in names}
+
+
+def read_run_manifest(run_dir: Path) -> dict[str, Any] | None:
+    """A finished run's manifest, its exported weights verified against it; None where the run has none yet.
+
+    Raises:
+        ArtifactError: the manifest is unreadable, or an exported file is missing or altered (naming the file and
+            what to do: the run's checkpoints are kept, ``snd train --force`` retrains).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_MANIFEST
+    if not path.is_file():
+        return None
+    fix = f"delete {run_dir} (or rerun snd train --force) to train it again"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+            raise ValueError("it does not describe a finished run")
+        if "files" not in manifest:
+            raise ValueError("it records no sizes and checksums of the exported weights: written by an older snd")
+        files = manifest["files"]
+        if not isinstance(files, dict) or not isinstance(manifest.get("backbone"), str):
+            raise ValueError("its record of files or its backbone is not what snd writes")
+    except (ValueError, TypeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path} is damaged ({error}); {fix}") from None
+    verify_files(run_dir, files, [name for name in files if (run_dir / name).is_file()], fix)
+    return manifest
+
+
+def finished_run_manifest(run_dir: Path) -> dict[str, Any]:
+    """:func:`read_run_manifest` of a run that must be finished (one that ``snd eval`` probes)."""
+    manifest = read_run_manifest(run_dir)
+    if manifest is None:
+        raise ArtifactError(f"{run_dir} is not a finished training run (no {RUN_MANIFEST}); run snd train first")
+    return manifest
 
 
 def is_checkpoint_state(name: str) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from ..models.checkpoints import (
     build_model,
     checkpoint_path,
     read_checkpoint,
+    finished_run_manifest,
     restore_model_state,
     run_of,
 )
@@ -152,10 +152,7 @@ class ProbeBackbone:
         (``checkpoints/step-NNNNNN.pt``), the student at that step (:meth:`from_checkpoint`)."""
         if Path(run_dir).suffix == ".pt":
             return ProbeBackbone.from_checkpoint(Path(run_dir), device)
-        manifest_path = Path(run_dir) / "manifest.json"
-        if not manifest_path.is_file():
-            raise ArtifactError(f"{run_dir} is not a finished training run (no manifest.json); run snd train first")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = finished_run_manifest(Path(run_dir))
         weights = Path(run_dir) / f"{which}.safetensors"
         return ProbeBackbone(manifest["backbone"], weights, f"Splat-and-Distill {which} ({Path(run_dir).name})", device)
 

@@ -182,6 +182,9 @@ def list_scene_ids(root: Path, split: str = "all") -> list[str]:
     """
     root = Path(root)
     scenes_dir = root / "scenes"
+    if root.exists() and not root.is_dir():
+        raise DataError(f"dataset root {root} is a file, not a folder; set data.root to the dataset's folder; "
+                        f"{expected_layout(root)}")
     if not root.is_dir():
         raise DataError(
             f"dataset root {root} does not exist; set data.root (for the demo scenes run snd make-demo-data first); "
@@ -203,6 +206,9 @@ def list_scene_ids(root: Path, split: str = "all") -> list[str]:
         missing = [scene for scene in ids if scene not in present]
         if missing:
             raise DataError(f"{split_file} lists scenes that are not under {scenes_dir}: {missing[:5]}")
+    if not ids and split != "all":
+        raise DataError(f"{split_file} lists no scenes: the '{split}' split is empty; write its scene ids there, one "
+                        "per line")
     if not ids:
         raise DataError(f"no scenes found under {scenes_dir}; {expected_layout(root)}")
     return ids

@@ -62,7 +62,7 @@ from rich.progress import Progress
 
 from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections
 from ..errors import ConfigError, DataError
-from ..models.checkpoints import run_of
+from ..models.checkpoints import finished_run_manifest, read_run_manifest, run_of
 from ..probes.backbone import (
     DENSE_FEATURES,
     DEPTH_FEATURES,
@@ -576,6 +576,9 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     """
     device = resolve_device(cfg.device, "eval.device")
     reference_position = reference_index(cfg.reference, runs)
+    for run in runs:  # a damaged or unfinished run stops the eval before any work
+        if Path(run).suffix != ".pt":
+            finished_run_manifest(Path(run))
     pairs: list[CorrespondencePair] = []
     pairs_identity = None
     notes: list[str] = []
@@ -763,9 +766,9 @@ SAMPLES_FOR_AN_EFFECT = 32_000
 def _samples_seen(run_dir: Path) -> int | None:
     """Distillation samples (steps x batch) of a finished run, from its manifest; None where it does not say."""
     try:
-        manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+        manifest = read_run_manifest(Path(run_dir)) or {}
         return int(manifest["steps"]) * int(manifest["params"]["batch_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 

@@ -66,7 +66,16 @@ from ..config import (
 )
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_channels, unit_range
-from ..models.checkpoints import build_model, checkpoint_path, is_checkpoint_state, read_checkpoint, restore_model_state
+from ..models.checkpoints import (
+    RUN_MANIFEST,
+    build_model,
+    checkpoint_path,
+    is_checkpoint_state,
+    read_checkpoint,
+    read_run_manifest,
+    restore_model_state,
+    run_manifest_files,
+)
 from ..models.distill import (StudentTeacher, cosine_distillation_loss, export_backbone, prototype_cross_entropy,
                               token_rows)
 from ..models.weights import EMBEDDED
@@ -539,8 +548,8 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     if force and world.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
     world.barrier()  # every rank then finds the run directory in the same state, whatever --force removed
-    if (run_dir / "manifest.json").is_file() and resume == "auto":
-        manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = read_run_manifest(run_dir) if resume == "auto" else None
+    if manifest is not None:
         return TrainResult(run_dir, True, steps, steps, manifest.get("final_loss"), student_path, teacher_path)
     if world.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -627,10 +636,11 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
         curves.close()
         export_backbone(model.student, student_path)
         export_backbone(model.teacher, teacher_path)
+        exported = [student_path.name, teacher_path.name]
         manifest = {**spec.ingredients(), "key": spec.key, "complete": True, "steps": steps,
-                    "final_loss": final_loss, "backbone": train_cfg.backbone,
-                    "exported": [student_path.name, teacher_path.name]}
-        write_text_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=1))
+                    "final_loss": final_loss, "backbone": train_cfg.backbone, "exported": exported,
+                    "files": run_manifest_files(run_dir, exported)}
+        write_text_atomic(run_dir / RUN_MANIFEST, json.dumps(manifest, indent=1))
     world.barrier()  # the other ranks return once the run's files are complete
     return TrainResult(run_dir, False, steps, start_step, final_loss, student_path, teacher_path)
 
