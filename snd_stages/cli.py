@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Annotated, Callable
 
+import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -65,7 +66,8 @@ def _main(
 def _run(action: Callable[[], None]) -> None:
     """Run a stage; user errors become one red line and exit code 1 (tracebacks only with --debug).
 
-    A failing file system (full disk, permissions) is reported the same way: it is not a bug in snd.
+    A failing file system (full disk, permissions) is reported the same way: it is not a bug in snd. Any other
+    exception is one line too, saying that it is a bug and how to report it.
     """
     try:
         action()
@@ -83,6 +85,16 @@ def _run(action: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/] finished units are kept; rerun the same command to resume")
         raise typer.Exit(code=130) from None
+    except (typer.Exit, typer.Abort, click.ClickException):
+        raise
+    except Exception as error:  # noqa: BLE001 - the last guard: anything else is a bug, said in one line
+        if _state["debug"]:
+            raise
+        detail = (str(error).strip().splitlines() or [""])[0][:300]
+        _error_line(f"unexpected {type(error).__name__}{f': {detail}' if detail else ''}. This is a bug in snd, not "
+                    "in your input: rerun the same command with snd --debug for the traceback and report it with "
+                    "that output. Finished units and checkpoints are kept.")
+        raise typer.Exit(code=1) from None
 
 
 def _error_line(message: str) -> None:

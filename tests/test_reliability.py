@@ -109,3 +109,23 @@ def test_a_damaged_run_is_neither_up_to_date_nor_probed(project, damage, fragmen
     retrained = snd(project, "train", "--force")
     assert retrained.exit_code == 0, retrained.output
     assert (run / "student.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The last guard
+
+
+def test_an_unexpected_exception_is_one_line_that_says_it_is_a_bug(project, monkeypatch):  # noqa: F811
+    from snd_stages.stages import sample_views
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(sample_views, "sample_views", broken)
+    assert_one_line_error(snd(project, "sample-views"), "unexpected ZeroDivisionError: division by zero",
+                          "a bug in snd", "snd --debug")
+    from typer.testing import CliRunner
+
+    from snd_stages.cli import app
+    debug = CliRunner().invoke(app, ["--debug", "sample-views", "--config", str(project / "pipeline.yaml")])
+    assert isinstance(debug.exception, ZeroDivisionError)
