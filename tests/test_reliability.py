@@ -129,3 +129,96 @@ def test_an_unexpected_exception_is_one_line_that_says_it_is_a_bug(project, monk
     from snd_stages.cli import app
     debug = CliRunner().invoke(app, ["--debug", "sample-views", "--config", str(project / "pipeline.yaml")])
     assert isinstance(debug.exception, ZeroDivisionError)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset files read as meant, or refused
+
+
+SCENE = "scannetpp/scenes/0a5c013435"
+
+
+def edit(project: Path, change) -> None:
+    path = project / SCENE / "transforms_train.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "fragments"),
+    [
+        (lambda meta: meta["frames"][2].update(file_path=meta["frames"][1]["file_path"]),
+         ["frames[2]", "is listed twice (also frames[1])", "list each frame once"]),
+        (lambda meta: meta["frames"][1].update(file_path="/etc/passwd"), ["frames[1]", "leaves the scene's images/"]),
+        (lambda meta: meta["frames"][1].update(file_path="../other/DSC0001.JPG"), ["leaves the scene's images/"]),
+        (lambda meta: meta["frames"][1].update(is_bad="false"),
+         ["frames[1]", "is_bad = 'false' must be true or false"]),
+        (lambda meta: meta.update(k1="abc"), ["distortion coefficient k1 = 'abc' is not a number"]),
+        (lambda meta: meta.update(fl_x=1e30), ["fl_x = 1e+30 px gives a field of view of", "expected 1 to 179"]),
+        (lambda meta: meta.update(fl_y=1e-3), ["fl_y = 0.001 px", "expected 1 to 179"]),
+    ],
+    ids=["duplicate frame", "absolute path", "path up and out", "is_bad a string", "distortion not a number",
+         "focal length 1e30", "focal length 1e-3"],
+)
+def test_transforms_that_cannot_be_right(project, corrupt, fragments):  # noqa: F811
+    edit(project, corrupt)
+    assert_one_line_error(snd(project, "sample-views"), "transforms_train.json", *fragments)
+
+
+def test_transforms_that_are_not_utf8(project):  # noqa: F811
+    path = project / SCENE / "transforms_train.json"
+    path.write_bytes(path.read_bytes().replace(b'"frames"', b'"fr\xffames"'))
+    assert_one_line_error(snd(project, "sample-views"), str(path), "is not UTF-8 text", "save it as UTF-8")
+
+
+def test_depth_saturated_everywhere_is_refused(project):  # noqa: F811
+    from PIL import Image
+    import numpy as np
+
+    for path in sorted((project / SCENE / "depth").iterdir()):
+        Image.fromarray(np.full((30, 44), 65535, np.uint16)).save(path)
+    assert snd(project, "sample-views").exit_code == 0
+    assert_one_line_error(snd(project, "precompute-gaussians"), "depth/DSC0", "every depth pixel is 65535 mm")
+
+
+def test_a_16_bit_grey_image_is_read_as_its_high_byte_not_white(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    from snd_stages.scenes.layout import _open_image
+
+    grey = np.random.default_rng(0).integers(0, 65536, (6, 7)).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    image = _open_image(tmp_path / "grey16.png", "RGB")
+    assert image.dtype == np.uint8 and image.shape == (6, 7, 3)
+    np.testing.assert_array_equal(image, np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1))
+
+
+def test_an_unreadable_image_says_permission_denied(tmp_path, monkeypatch):
+    from snd_stages.errors import DataError
+    from snd_stages.scenes import layout
+
+    path = tmp_path / "image.png"
+    path.write_bytes(b"")
+
+    def denied(*args, **kwargs):  # what open() raises for a file without read permission (root reads any file)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(layout.Image, "open", denied)
+    with pytest.raises(DataError, match="permission denied .*chmod \\+r"):
+        layout._open_image(path, "RGB")
+
+
+def test_a_nyuv2_file_whose_images_are_a_group(tmp_path):
+    import h5py
+
+    from snd_stages.errors import DataError
+    from snd_stages.scenes.nyuv2 import NYUv2Labeled
+    from tests.test_nyuv2 import write_labeled_mat
+
+    path = write_labeled_mat(tmp_path / "nyu.mat", include=("depths", "rawDepths", "labels"))
+    with h5py.File(path, "r+") as file:
+        file.create_group("images")
+    with pytest.raises(DataError, match="'images' is an HDF5 group, not an array"):
+        NYUv2Labeled(path)

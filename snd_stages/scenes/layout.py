@@ -21,9 +21,11 @@ are converted to OpenCV world-to-camera (the camera's y and z axes flip, the wor
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +44,8 @@ TRANSFORMS = "transforms_train.json"
 SPLIT_FILES = {"train": "nvs_sem_train.txt", "val": "nvs_sem_val.txt"}
 DEPTH_SCALE = 1000.0  # depth PNGs hold millimetres
 _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+# Focal lengths (pixels) per pixel of image extent that give 179 and 1 degrees of field of view.
+FOCAL_RANGE = (0.5 / math.tan(math.radians(179 / 2)), 0.5 / math.tan(math.radians(1 / 2)))
 _MASK_FIX = "set masks.source to felzenszwalb or slic, which need only the images"
 
 
@@ -97,6 +101,10 @@ class Scene:
         if raw.ndim != 2 or raw.dtype != np.uint16:
             raise DataError(f"{path}: depth must be a single-channel 16-bit PNG of millimetres, got {raw.dtype} {raw.shape}")
         self._check_size(raw.shape, path, "depth")
+        measured = raw[raw > 0]
+        if measured.size and (measured == np.iinfo(np.uint16).max).all():
+            raise DataError(f"{path}: every depth pixel is 65535 mm, the format's largest value: a fill value or "
+                            "saturated render, not a measurement; regenerate it (0 marks pixels without depth)")
         return raw.astype(np.float32) / DEPTH_SCALE
 
     def load_instances(self, index: int) -> np.ndarray:
@@ -152,9 +160,20 @@ def _open_image(path: Path, mode: str | None, fix: str | None = None) -> np.ndar
     try:
         with Image.open(path) as image:
             image.load()
+            if mode == "RGB" and image.mode.startswith("I;16"):
+                # Pillow's convert clips 16-bit grey to 255 (a white image); keep the high byte, as Pillow does
+                # for 16-bit RGB
+                grey = (np.array(image).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
+            if mode == "RGB" and image.mode in ("I", "F"):
+                raise DataError(f"{path}: a {image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'}) "
+                                "image is not a colour photograph; save it as 8- or 16-bit RGB")
             if mode is not None and image.mode != mode:
                 image = image.convert(mode)
             return np.array(image)
+    except PermissionError as error:
+        raise DataError(f"cannot read image {path}: permission denied ({error.strerror}); make it readable "
+                        f"(chmod +r)") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(
             f"cannot read image {path} ({error}); the file is truncated or not an image: replace it with an intact copy"
@@ -221,7 +240,10 @@ def read_scene(root: Path, scene_id: str) -> Scene:
     if not transforms_path.is_file():
         raise DataError(f"scene {scene_id}: {transforms_path} is missing; {expected_layout(Path(root))}")
     try:
-        meta = json.loads(transforms_path.read_text())
+        meta = json.loads(transforms_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{transforms_path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as "
+                        "UTF-8") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{transforms_path} is not valid JSON: {error}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("frames"), list) or not meta["frames"]:
@@ -230,7 +252,15 @@ def read_scene(root: Path, scene_id: str) -> Scene:
         raise DataError(f"scene {scene_id}: {directory / 'images'} is missing; {expected_layout(Path(root))}")
 
     camera_model = meta.get("camera_model", "PINHOLE")
-    distortion = {k: meta[k] for k in _DISTORTION_KEYS if abs(float(meta.get(k, 0.0) or 0.0)) > 0}
+    distortion = {}
+    for key in _DISTORTION_KEYS:
+        try:
+            value = float(meta.get(key, 0.0) or 0.0)
+        except (TypeError, ValueError):
+            raise DataError(f"{transforms_path}: distortion coefficient {key} = {meta[key]!r} is not a number; "
+                            "write the undistorted images' transforms (coefficients 0 or absent)") from None
+        if value != 0:
+            distortion[key] = meta[key]
     if camera_model not in ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV") or distortion:
         raise DataError(
             f"{transforms_path}: camera_model {camera_model!r} with distortion {distortion or 'none'}; snd reads "
@@ -239,12 +269,14 @@ def read_scene(root: Path, scene_id: str) -> Scene:
 
     width, height = _image_size(meta, directory, transforms_path)
     frames, intrinsics, world_to_camera = [], [], []
+    listed: dict[str, int] = {}
     for position, entry in enumerate(meta["frames"]):
         where = f"{transforms_path} frames[{position}]"
-        name = entry.get("file_path") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not name:
-            raise DataError(f"{where}: 'file_path' is missing")
-        name = name.removeprefix("images/")  # nerfstudio writers sometimes keep the folder in file_path
+        name = _frame_name(entry, where)
+        if name in listed:
+            raise DataError(f"{where}: file_path {name!r} is listed twice (also frames[{listed[name]}]), so one of "
+                            f"them has another frame's pose; list each frame once in {TRANSFORMS}")
+        listed[name] = position
         label, fix = f"{where} ({name}) transform_matrix", f"correct the pose or remove the frame from {TRANSFORMS}"
         try:
             pose = np.asarray(entry.get("transform_matrix"), dtype=np.float64)
@@ -254,7 +286,7 @@ def read_scene(root: Path, scene_id: str) -> Scene:
             check_rigid(pose, label)
         except ValueError as error:
             raise DataError(f"{error}; {fix}") from None
-        K = _intrinsics(entry, meta, where)
+        K = _intrinsics(entry, meta, where, width, height)
         if not (0 < K[0, 2] < width and 0 < K[1, 2] < height):
             raise DataError(
                 f"{where} ({name}): principal point (cx, cy) = ({K[0, 2]:g}, {K[1, 2]:g}) lies outside the "
@@ -263,7 +295,11 @@ def read_scene(root: Path, scene_id: str) -> Scene:
             )
         intrinsics.append(K)
         world_to_camera.append(opengl_camera_to_world_to_opencv_world_to_camera(pose))
-        frames.append(Frame(name=name, number=frame_number(name), is_bad=bool(entry.get("is_bad", False))))
+        is_bad = entry.get("is_bad", False)
+        if not isinstance(is_bad, bool):
+            raise DataError(f"{where} ({name}): is_bad = {is_bad!r} must be true or false (a JSON boolean, not a "
+                            "string or number)")
+        frames.append(Frame(name=name, number=frame_number(name), is_bad=is_bad))
 
     order = sorted(range(len(frames)), key=lambda i: (frames[i].number, frames[i].name))
     camera = Camera(
@@ -275,8 +311,21 @@ def read_scene(root: Path, scene_id: str) -> Scene:
     return Scene(scene_id, directory, tuple(frames[i] for i in order), camera)
 
 
+def _frame_name(entry: Any, where: str) -> str:
+    """A frame's image name relative to the scene's ``images/`` folder, refusing names that leave it."""
+    name = entry.get("file_path") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: 'file_path' is missing")
+    name = name.removeprefix("images/")  # nerfstudio writers sometimes keep the folder in file_path
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or not parts:
+        raise DataError(f"{where}: file_path {name!r} leaves the scene's images/ folder; write names relative to it, "
+                        "e.g. DSC01234.JPG")
+    return name
+
+
 def _image_size(meta: dict, directory: Path, transforms_path: Path) -> tuple[int, int]:
-    first = meta["frames"][0].get("file_path", "").removeprefix("images/")
+    first = _frame_name(meta["frames"][0], f"{transforms_path} frames[0]")
     image_path = directory / "images" / first
     if not image_path.is_file():
         raise DataError(f"missing file {image_path}; every frame in {transforms_path} needs its image")
@@ -300,7 +349,7 @@ def _image_size(meta: dict, directory: Path, transforms_path: Path) -> tuple[int
     return width, height
 
 
-def _intrinsics(entry: dict, meta: dict, where: str) -> np.ndarray:
+def _intrinsics(entry: dict, meta: dict, where: str, width: int, height: int) -> np.ndarray:
     values = {}
     for key in ("fl_x", "fl_y", "cx", "cy"):
         value = entry.get(key, meta.get(key))
@@ -314,6 +363,13 @@ def _intrinsics(entry: dict, meta: dict, where: str) -> np.ndarray:
             raise DataError(f"{where}: intrinsic {key!r} is {value!r}")
     if values["fl_x"] <= 0 or values["fl_y"] <= 0:
         raise DataError(f"{where}: focal lengths must be positive, got fl_x={values['fl_x']}, fl_y={values['fl_y']}")
+    for key, extent in (("fl_x", width), ("fl_y", height)):
+        # between 1 and 179 degrees across the image: outside that, the value is in other units or corrupt
+        if not FOCAL_RANGE[0] * extent <= values[key] <= FOCAL_RANGE[1] * extent:
+            field_of_view = math.degrees(2 * math.atan(extent / (2 * values[key])))
+            raise DataError(f"{where}: {key} = {values[key]:g} px gives a field of view of {field_of_view:.3g} "
+                            f"degrees across {extent} pixels; expected 1 to 179 degrees (focal lengths in pixels of "
+                            "these images)")
     return np.array(
         [[values["fl_x"], 0.0, values["cx"]], [0.0, values["fl_y"], values["cy"]], [0.0, 0.0, 1.0]], dtype=np.float64
     )

@@ -150,12 +150,17 @@ class NYUv2Labeled:
         return self._file
 
     def _dataset(self, key: str):
+        import h5py
+
         file = self._h5()
         if key not in file:
             raise DataError(
                 f"{self.mat_path} has no dataset {key!r} (it holds {sorted(file.keys())}); expected the official "
                 "nyu_depth_v2_labeled.mat with images, depths, rawDepths and labels"
             )
+        if not isinstance(file[key], h5py.Dataset):
+            raise DataError(f"{self.mat_path}: {key!r} is an HDF5 {type(file[key]).__name__.lower()}, not an array; "
+                            "expected the official nyu_depth_v2_labeled.mat")
         return file[key]
 
     def close(self) -> None:
