@@ -222,3 +222,23 @@ def test_a_nyuv2_file_whose_images_are_a_group(tmp_path):
         file.create_group("images")
     with pytest.raises(DataError, match="'images' is an HDF5 group, not an array"):
         NYUv2Labeled(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several machines: the same store, the dataset at another path
+
+
+def test_a_moved_dataset_is_found_where_data_root_points(project):  # noqa: F811
+    import shutil
+
+    precompute(project)
+    moved = project / "elsewhere" / "scannetpp"
+    shutil.copytree(project / "scannetpp", moved)  # copy2 keeps modification times, as rsync -a does
+    shutil.rmtree(project / "scannetpp")  # nothing may be read from the old place
+    again = snd(project, "sample-views", "--set", f"data.root={moved}")
+    assert again.exit_code == 0 and "up to date" in again.output, again.output
+    for command in ("precompute-gaussians", "precompute-masks"):
+        result = snd(project, command, "--set", f"data.root={moved}", "--force")
+        assert result.exit_code == 0, result.output
+    geometry = snd(project, "check-geometry", "--set", f"data.root={moved}", "--out", str(project / "pictures"))
+    assert geometry.exit_code == 0, geometry.output

@@ -31,7 +31,11 @@ SAMPLES_FILE = "samples.json"
 
 @dataclass(frozen=True)
 class SampleSet:
-    """The frozen samples, with each scene's frame names so positions can be resolved to files."""
+    """The frozen samples, with each scene's frame names so positions can be resolved to files.
+
+    Attributes:
+        dataset_root: where the scenes are now (``data.root``).
+    """
 
     dataset_root: Path
     frame_names: dict[str, list[str]]
@@ -104,8 +108,10 @@ def load_samples(store: Store, data: DataCfg, sampling: SamplingCfg) -> tuple[Ar
             ) from None
         raise
     document = artifact.read_json(SAMPLES_FILE)
+    # The scenes are read where data.root points now, not where they were sampled (samples.json keeps that for
+    # the record): the key holds their content identity, so a moved or copied dataset is found by it.
     return artifact, SampleSet(
-        dataset_root=Path(document["dataset_root"]),
+        dataset_root=Path(data.root),
         frame_names=document["frame_names"],
         samples=[ViewSample.from_json(entry) for entry in document["samples"]],
     )
