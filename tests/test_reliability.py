@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_bad_input import assert_one_line_error, precompute
 from tests.test_cli import project, snd  # noqa: F401  (project is a fixture)
@@ -242,3 +243,33 @@ def test_a_moved_dataset_is_found_where_data_root_points(project):  # noqa: F811
         assert result.exit_code == 0, result.output
     geometry = snd(project, "check-geometry", "--set", f"data.root={moved}", "--out", str(project / "pictures"))
     assert geometry.exit_code == 0, geometry.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight values
+
+
+@pytest.mark.parametrize(
+    ("spoil", "fragments"),
+    [
+        (lambda tensors: tensors["blocks.3.attn.qkv.weight"].view(-1).__setitem__(7, float("nan")),
+         ["1 tensors hold NaN or infinite values", "blocks.3.attn.qkv.weight", "use an intact one"]),
+        (lambda tensors: tensors.update({key: value.to(torch.int32) for key, value in tensors.items()}),
+         ["tensors are not floating point", "torch.int32", "use the original checkpoint"]),
+    ],
+    ids=["a NaN", "cast to int32"],
+)
+def test_weights_that_are_not_finite_floats_are_refused(project, spoil, fragments):  # noqa: F811
+    import safetensors.torch
+
+    from tests.test_weights import timm_model
+
+    tensors = {key: value.clone() for key, value in timm_model("dinov2_vits14").state_dict().items()}
+    spoil(tensors)
+    weights = project / "weights.safetensors"
+    safetensors.torch.save_file(tensors, weights)
+    precompute(project)
+    assert snd(project, "precompute-operators").exit_code == 0
+    with open(project / "pipeline.yaml", "a") as handle:
+        handle.write(f"train:\n  runs_root: {project / 'runs'}\n  weights: {weights}\n")
+    assert_one_line_error(snd(project, "train"), str(weights), *fragments)
