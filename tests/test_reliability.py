@@ -273,3 +273,24 @@ def test_weights_that_are_not_finite_floats_are_refused(project, spoil, fragment
     with open(project / "pipeline.yaml", "a") as handle:
         handle.write(f"train:\n  runs_root: {project / 'runs'}\n  weights: {weights}\n")
     assert_one_line_error(snd(project, "train"), str(weights), *fragments)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Messages that say what is true
+
+
+@pytest.mark.parametrize(("target", "fragments", "absent"),
+                         [("/etc/passwd", ["/etc/passwd is truncated or not a training checkpoint",
+                                           "--resume takes a checkpoint that snd train wrote"], "delete"),
+                          ("folder", ["is a folder", "--resume auto"], "does not exist")])
+def test_resume_from_something_that_is_not_a_checkpoint(project, target, fragments, absent):  # noqa: F811
+    precompute(project)
+    assert snd(project, "precompute-operators").exit_code == 0
+    with open(project / "pipeline.yaml", "a") as handle:
+        handle.write(f"train:\n  runs_root: {project / 'runs'}\n  weights: random\n  allow_random_weights: true\n"
+                     "  steps: 1\n  batch_size: 1\n  prototypes: 64\n")
+    if target == "folder":
+        target = str(project / "runs")
+        (project / "runs").mkdir()
+    line = assert_one_line_error(snd(project, "train", "--resume", target), *fragments)
+    assert absent not in line.split("error:", 1)[1]

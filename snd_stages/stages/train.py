@@ -700,11 +700,18 @@ def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key
     An unreadable file stops the run with an error naming the checkpoint to fall back to (see
     :func:`latest_checkpoint`).
     """
+    if path.is_dir():
+        raise ArtifactError(f"--resume {path} is a folder; pass --resume auto or a checkpoint file "
+                            "(<run>/checkpoints/step-NNNNNN.pt)")
     if not path.is_file():
         raise ArtifactError(f"checkpoint {path} does not exist; pass --resume auto or a step-NNNNNN.pt file")
     try:
         state = read_checkpoint(path)
     except ArtifactError as error:
+        if path.parent.name != "checkpoints" or not path.name.startswith("step-"):
+            # not one of a run's own checkpoints: never advise deleting it
+            raise ArtifactError(f"{error}; --resume takes a checkpoint that snd train wrote "
+                                "(<run>/checkpoints/step-NNNNNN.pt), or auto") from None
         earlier = [other for other in sorted(path.parent.glob("step-*.pt")) if other.name < path.name]
         then = f"--resume auto then continues from {earlier[-1].name}" if earlier else "the run then starts over"
         raise ArtifactError(f"{error}; delete it and rerun: {then}") from None
