@@ -454,6 +454,40 @@ class Store:
                 changes.append(f"{name}: {old.get(name)} -> {new[name]}")
         return changes
 
+    @contextlib.contextmanager
+    def writing(self, spec: ArtifactSpec, shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
+        """Hold the right to write ``spec``'s artifact (shard ``index`` of ``count``) until the block ends.
+
+        A second identical command would race the first (one publishes and removes the scratch space while the
+        other still writes), so it is refused, naming what holds the artifact. Shards of one artifact may run
+        together; a whole-artifact writer excludes every other writer. The locks are advisory file locks, released
+        by the operating system when a process dies.
+
+        Raises:
+            ArtifactError: another process writes the same artifact, or the same shard of it.
+        """
+        index, count = shard
+        directory = self.root / spec.stage
+        directory.mkdir(parents=True, exist_ok=True)
+        what = f"{spec.stage}/{spec.key}" + (f" (shard {index}/{count})" if count > 1 else "")
+        handles = []
+        try:
+            for name, mode in ((f".{spec.key}.writers.lock", fcntl.LOCK_SH if count > 1 else fcntl.LOCK_EX),
+                               *([(f".{spec.key}.shard-{index}-of-{count}.lock", fcntl.LOCK_EX)] if count > 1 else [])):
+                handle = open(directory / name, "a+")
+                handles.append(handle)
+                try:
+                    fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise ArtifactError(
+                        f"another {producer(spec.stage)} command is writing {what} in {self.root}; wait for it to "
+                        "finish (a rerun then finds its work), or stop it and rerun"
+                    ) from None
+            yield
+        finally:
+            for handle in handles:
+                handle.close()
+
     def writer(self, spec: ArtifactSpec, config_yaml: str, force: bool = False) -> "ArtifactWriter":
         """Start (or resume) writing the artifact of ``spec``. ``force`` deletes any existing copy first."""
         final = self.final_path(spec.stage, spec.key)

@@ -745,3 +745,29 @@ def test_compiled_backbones_give_the_eager_tokens_and_gradients(device):
     with torch.autocast(device, dtype=torch.bfloat16), torch.no_grad():
         exported = patch_tokens(merged_backbone(model.student), images).float()
     assert relative_error(exported, eager[0]) < 2e-2
+
+
+def test_exports_are_byte_identical_for_the_same_tensors():
+    import safetensors
+    import safetensors.torch
+
+    from snd_stages.models.distill import _canonical_header
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.tensor([-0.0, 1.5])}
+    metadata = {"format": "pt", "architecture": "vit_small_patch14_dinov2", "z": "1", "m": "2"}
+    blobs = {_canonical_header(safetensors.torch.save(tensors, metadata=metadata)) for _ in range(20)}
+    assert len(blobs) == 1  # safetensors alone writes its metadata in hash order: several distinct files
+    blob = blobs.pop()
+    loaded = safetensors.torch.load(blob)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert torch.signbit(loaded["a.bias"][0])
+    with safetensors.safe_open(_write(blob), "pt") as handle:
+        assert handle.metadata() == metadata
+
+
+def _write(blob: bytes) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False) as handle:
+        handle.write(blob)
+    return handle.name

@@ -67,7 +67,7 @@ def train_with_torchrun(project: Path, runs_root: Path, *extra: str) -> Path:
     path = runs_root.parent / f"{runs_root.name}.yaml"
     path.write_text(dump_yaml(config(project, *SETTINGS, f"train.runs_root={runs_root}", *extra)))
     torchrun(["-m", "snd_stages.cli", "train", "--config", str(path)])
-    (run_dir,) = runs_root.iterdir()
+    (run_dir,) = [path for path in runs_root.iterdir() if path.is_dir()]
     return run_dir
 
 

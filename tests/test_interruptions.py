@@ -309,11 +309,12 @@ def test_training_killed_while_checkpointing_resumes_to_the_same_weights(project
     run_killed(args, tmp_path, r"checkpoints/step-000002\.pt$")  # the last checkpoint written, not yet renamed
     run_dir = tmp_path / "killed" / straight.run_dir.name
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [".step-000002.pt.tmp", "step-000001.pt"]
+    leftover, kept = sorted(p.name for p in checkpoints.iterdir())
+    assert leftover.startswith(".step-000002.pt.tmp-") and kept == "step-000001.pt"  # a name of its own process
     assert not (run_dir / "manifest.json").exists()
     assert latest_checkpoint(run_dir) == checkpoints / "step-000001.pt"  # the leftover is never picked...
-    assert not (checkpoints / ".step-000002.pt.tmp").exists()  # ...and is cleaned up
-    (checkpoints / ".step-000002.pt.tmp").write_bytes(b"half a checkpoint")  # as the killed run left it
+    assert not (checkpoints / leftover).exists()  # ...and is cleaned up
+    (checkpoints / leftover).write_bytes(b"half a checkpoint")  # as the killed run left it
 
     output = run_to_end(args, tmp_path)
     assert "resumed at step 1" in output, output

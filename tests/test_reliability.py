@@ -85,7 +85,7 @@ def trained_run(project: Path) -> Path:
     for command in ("precompute-operators", "train"):
         result = snd(project, command)
         assert result.exit_code == 0, result.output
-    (run,) = (project / "runs").iterdir()
+    (run,) = [path for path in (project / "runs").iterdir() if path.is_dir()]
     return run
 
 
@@ -294,3 +294,39 @@ def test_resume_from_something_that_is_not_a_checkpoint(project, target, fragmen
         (project / "runs").mkdir()
     line = assert_one_line_error(snd(project, "train", "--resume", target), *fragments)
     assert absent not in line.split("error:", 1)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two identical commands at once
+
+
+def test_a_second_identical_precompute_is_refused_and_harms_nothing(project):  # noqa: F811
+    from snd_stages.config import load_config
+    from snd_stages.stages.precompute_gaussians import gaussians_spec
+    from snd_stages.stages.sample_views import load_samples
+    from snd_stages.store import Store
+
+    assert snd(project, "sample-views").exit_code == 0
+    cfg = load_config(project / "pipeline.yaml")
+    store = Store(cfg.store.root)
+    spec = gaussians_spec(cfg.gaussians, load_samples(store, cfg.data, cfg.sampling)[0].key)
+    with store.writing(spec):  # as the first command holds it while it writes
+        assert_one_line_error(snd(project, "precompute-gaussians"), "another snd precompute-gaussians command is "
+                              f"writing gaussians/{spec.key}", "wait for it to finish")
+        assert_one_line_error(snd(project, "precompute-gaussians", "--shard", "1/2"), "is writing")
+    with store.writing(spec, (0, 2)):  # shards of one artifact run side by side; the same shard twice does not
+        assert_one_line_error(snd(project, "precompute-gaussians", "--shard", "0/2"), "(shard 0/2)")
+        assert_one_line_error(snd(project, "precompute-gaussians"), "is writing")
+        assert snd(project, "precompute-gaussians", "--shard", "1/2").exit_code == 0
+    assert snd(project, "precompute-gaussians", "--shard", "0/2").exit_code == 0  # released: it publishes
+    assert store.exists(spec) and not list((project / "store" / "gaussians").glob("*.partial"))
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_a_second_identical_training_is_refused(project):  # noqa: F811
+    from snd_stages.stages.train import training_lock
+
+    run = trained_run(project)
+    (run / "manifest.json").unlink()  # as if still training
+    with training_lock(run):
+        assert_one_line_error(snd(project, "train"), f"another snd train is training run {run}", "wait for it")

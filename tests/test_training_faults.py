@@ -44,7 +44,7 @@ def train_cli(project: Path, runs_root: Path):
 
 
 def run_dir_of(runs_root: Path) -> Path:
-    (run_dir,) = runs_root.iterdir()
+    (run_dir,) = [path for path in runs_root.iterdir() if path.is_dir()]
     return run_dir
 
 

@@ -34,9 +34,11 @@ Example::
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 
@@ -316,11 +318,27 @@ def export_backbone(model: peft.PeftModel, path: str | Path) -> None:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(descriptor)
     try:
-        safetensors.torch.save_file(state_dict, temporary, metadata=metadata)
+        with open(temporary, "wb") as handle:
+            handle.write(_canonical_header(safetensors.torch.save(state_dict, metadata=metadata)))
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted, so that the same tensors give the same bytes.
+
+    safetensors writes the metadata map in hash order, which changes from process to process; the run's manifest
+    records the exports' checksums, and one run trained twice must give the same ones. The sorted header has the
+    same content, hence the same length: the tensors' offsets stay valid.
+    """
+    length = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + length])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode().ljust(length)
+    if len(canonical) != length:  # cannot happen for safetensors' own compact header; never write a broken file
+        return blob
+    return blob[:8] + canonical + blob[8 + length:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

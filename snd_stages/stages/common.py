@@ -34,19 +34,25 @@ def run_stage(
     force: bool,
     build: Callable[[ArtifactWriter], Artifact | None],
     expected_units: int | None = None,
+    shard: "Shard | None" = None,
 ) -> StageResult:
     """Return the existing artifact of ``spec`` or build it with ``build(writer)`` (resuming a partial one).
 
-    ``build`` returns None when it wrote its shard's units but others are still missing.
+    ``build`` returns None when it wrote its shard's units but others are still missing. While it runs, this
+    process holds the artifact (or its ``shard``) against an identical command (:meth:`Store.writing`).
     """
     if store.final_path(spec.stage, spec.key).exists() and not force:
         # Reused if complete; a broken one (no manifest, units added or lost, another schema) is refused here,
         # before any work, with what to do about it.
         return StageResult(store.open(spec.stage, spec.key, spec.schema_version), skipped=True)
-    changes = store.describe_changes(spec)
-    writer = store.writer(spec, config_yaml, force=force)
-    resumed = len(writer.done_units())
-    artifact = build(writer)
+    shard = shard or Shard()
+    with store.writing(spec, (shard.index, shard.count)):
+        if store.exists(spec) and not force:  # the command that held it just published it
+            return StageResult(store.open(spec.stage, spec.key, spec.schema_version), skipped=True)
+        changes = store.describe_changes(spec)
+        writer = store.writer(spec, config_yaml, force=force)
+        resumed = len(writer.done_units())
+        artifact = build(writer)
     pending = 0 if artifact is not None or expected_units is None else expected_units - len(writer.done_units())
     return StageResult(artifact, skipped=False, changes=changes, resumed_units=resumed, pending_units=pending)
 

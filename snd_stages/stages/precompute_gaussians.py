@@ -151,7 +151,7 @@ def precompute_gaussians(
             },
         )
 
-    return run_stage(store, spec, config_yaml, force, build, expected_units=len(pairs))
+    return run_stage(store, spec, config_yaml, force, build, expected_units=len(pairs), shard=shard)
 
 
 def write_pair(group, scene: Scene, context: tuple[int, int], targets: list[int], gaussians: Gaussians) -> None:

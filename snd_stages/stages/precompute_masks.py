@@ -109,7 +109,7 @@ def precompute_masks(
             writer, list(positions), lambda: {"scenes": len(positions), "frames": frames, "source": masks.source}
         )
 
-    return run_stage(store, spec, config_yaml, force, build, expected_units=len(positions))
+    return run_stage(store, spec, config_yaml, force, build, expected_units=len(positions), shard=shard)
 
 
 def _frames(scenes, positions):

@@ -123,7 +123,7 @@ def precompute_operators(
 
         return finish_if_complete(writer, list(units), counts)
 
-    return run_stage(store, spec, config_yaml, force, build, expected_units=len(units))
+    return run_stage(store, spec, config_yaml, force, build, expected_units=len(units), shard=shard)
 
 
 def load_operators(store: Store, train: TrainCfg, samples_key: str, gaussians_key: str, masks_key: str) -> Artifact:

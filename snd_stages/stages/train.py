@@ -33,12 +33,16 @@ number of processes resumes with any other.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
 import math
+import os
 import shutil
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -526,14 +530,29 @@ def train(
     advances ``progress``. Every rank returns the same result once rank 0 has written the run's files.
     """
     device = resolve_device(train_cfg.device, "train.device")
-    with distributed.process_group(device) as world:
+    with distributed.process_group(device) as world, contextlib.ExitStack() as held:
         return _train(data, sampling, gaussians_cfg, masks_cfg, train_cfg, store, world, resume, force,
-                      progress if world.is_main else None)
+                      progress if world.is_main else None, held)
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path):
+    """Hold run ``run_dir`` against a second ``snd train`` of the same run (both would write the same checkpoints
+    and exports) until the block ends; refuse if another process holds it. An advisory file lock beside the run,
+    released by the operating system when the process dies."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArtifactError(f"another snd train is training run {run_dir}; wait for it to finish (a rerun then "
+                                "finds the run), or stop it and rerun to resume from its last checkpoint") from None
+        yield
 
 
 def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, masks_cfg: MasksCfg,
            train_cfg: TrainCfg, store: Store, world: distributed.World, resume: str, force: bool,
-           progress: Progress | None) -> TrainResult:
+           progress: Progress | None, held: contextlib.ExitStack) -> TrainResult:
     inputs = run_inputs(data, sampling, gaussians_cfg, masks_cfg, store)
     samples, gaussians, masks = inputs.samples, inputs.gaussians, inputs.masks
     device = world.device
@@ -544,6 +563,8 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     spec = run_spec(train_cfg, inputs)
     world.local_batch_size(train_cfg.batch_size)  # a global batch that does not split stops every rank here
     run_dir = Path(train_cfg.runs_root) / spec.key
+    if world.is_main:  # the ranks of one torchrun are one training; another command is not
+        held.enter_context(training_lock(run_dir))
     student_path, teacher_path = run_dir / "student.safetensors", run_dir / "teacher.safetensors"
     if force and world.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -653,13 +674,13 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of a run, or None.
 
-    Each checkpoint is written to ``.step-NNNNNN.pt.tmp`` and renamed when whole, so a run killed while writing
+    Each checkpoint is written to ``.step-NNNNNN.pt.tmp-<pid>-<random>`` and renamed when whole, so a run killed while writing
     one leaves only that temporary: it is never picked, and it is deleted here. A step file that is unreadable
     all the same (a disk fault, a copy cut short) is still picked, and :func:`load_checkpoint` stops with an error
     naming it and the checkpoint before it: resuming silently from an older one would hide the fault.
     """
     directory = run_dir / "checkpoints"
-    for leftover in directory.glob(".step-*.pt.tmp"):
+    for leftover in directory.glob(".step-*.pt.tmp*"):
         leftover.unlink(missing_ok=True)
     found = sorted(directory.glob("step-*.pt"))
     return found[-1] if found else None
@@ -677,7 +698,7 @@ def save_checkpoint(run_dir: Path, step: int, model: StudentTeacher, optimizer, 
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     path = checkpoint_path(run_dir, step)
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         torch.save(state, temporary)
         temporary.replace(path)
