@@ -330,3 +330,30 @@ def test_a_second_identical_training_is_refused(project):  # noqa: F811
     (run / "manifest.json").unlink()  # as if still training
     with training_lock(run):
         assert_one_line_error(snd(project, "train"), f"another snd train is training run {run}", "wait for it")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes and counts that cannot work
+
+
+def test_a_batch_larger_than_the_samples_is_refused_before_any_work(project):  # noqa: F811
+    precompute(project)
+    assert snd(project, "precompute-operators").exit_code == 0
+    with open(project / "pipeline.yaml", "a") as handle:
+        handle.write(f"train:\n  runs_root: {project / 'runs'}\n  weights: random\n  allow_random_weights: true\n")
+    assert_one_line_error(snd(project, "train", "--set", "train.batch_size=1000000000"),
+                          "train.batch_size = 1000000000 is more than the", "training samples")
+    assert not any(path.is_dir() for path in (project / "runs").glob("*"))  # no run was started
+
+
+def test_check_geometry_of_no_pairs_is_refused(project):  # noqa: F811
+    precompute(project)
+    assert_one_line_error(snd(project, "check-geometry", "--pairs", "0"), "--pairs 0", "at least 1")
+
+
+def test_a_stage_that_fails_before_its_first_unit_leaves_no_partial_directory(project):  # noqa: F811
+    for path in sorted((project / SCENE / "instance_segmentation").iterdir()):
+        path.unlink()
+    assert snd(project, "sample-views").exit_code == 0
+    assert snd(project, "precompute-masks").exit_code == 1
+    assert not list((project / "store" / "masks").glob("*.partial"))

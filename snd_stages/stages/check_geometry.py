@@ -22,7 +22,7 @@ from PIL import Image
 from rich.progress import Progress
 
 from ..config import DataCfg, GaussiansCfg, SamplingCfg
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError
 from ..gaussians import export_point_cloud_ply
 from ..geometry import Camera, image_to_tensor
 from ..progress import track
@@ -96,6 +96,8 @@ def check_geometry(
     progress: Progress | None = None,
 ) -> GeometryReport:
     """Re-render the first ``max_pairs`` context pairs' colours at their targets and compare with the images."""
+    if max_pairs < 1:
+        raise ConfigError(f"--pairs {max_pairs}: check at least 1 context pair")
     samples_artifact, samples = load_samples(store, data, sampling)
     artifact = load_gaussians(store, gaussians_cfg, samples_artifact.key)
     checks, pictures = [], []

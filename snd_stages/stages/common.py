@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,7 +53,14 @@ def run_stage(
         changes = store.describe_changes(spec)
         writer = store.writer(spec, config_yaml, force=force)
         resumed = len(writer.done_units())
-        artifact = build(writer)
+        try:
+            artifact = build(writer)
+        except BaseException:
+            # A failure before any unit was finished leaves nothing worth resuming: no empty <key>.partial behind
+            # (only where this process is the artifact's one writer).
+            if shard.count == 1 and not writer.done_units():
+                shutil.rmtree(writer.partial, ignore_errors=True)
+            raise
     pending = 0 if artifact is not None or expected_units is None else expected_units - len(writer.done_units())
     return StageResult(artifact, skipped=False, changes=changes, resumed_units=resumed, pending_units=pending)
 

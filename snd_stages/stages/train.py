@@ -560,6 +560,10 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
         raise ConfigError(f"train.cuda_graphs = true needs one process on a CUDA device, not {world.size} on "
                           f"{device.type}: set train.cuda_graphs=false (train.compile alone still applies)")
     steps = train_cfg.steps
+    if train_cfg.batch_size > len(samples.samples):  # checked before any work: a larger batch cannot be drawn
+        raise ConfigError(f"train.batch_size = {train_cfg.batch_size} is more than the {len(samples.samples)} "
+                          "training samples, so every batch would repeat samples; lower it, or draw more samples "
+                          "(sampling.samples_per_scene)")
     spec = run_spec(train_cfg, inputs)
     world.local_batch_size(train_cfg.batch_size)  # a global batch that does not split stops every rank here
     run_dir = Path(train_cfg.runs_root) / spec.key
