@@ -34,6 +34,7 @@ number of processes resumes with any other.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -710,10 +711,11 @@ def save_checkpoint(run_dir: Path, step: int, model: StudentTeacher, optimizer, 
         temporary.unlink(missing_ok=True)
         previous = latest_checkpoint(run_dir)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
-        raise ArtifactError(
-            f"cannot write checkpoint {path} ({str(error).strip().splitlines()[0][:200]}); {kept}: free space in "
-            f"{path.parent} and rerun the same command to resume"
-        ) from None
+        detail = str(error).strip().splitlines()[0][:200]
+        full = getattr(error, "errno", None) == errno.ENOSPC or "space" in detail.lower()
+        fix = f"free space in {path.parent}" if full else "fix the cause above"
+        raise ArtifactError(f"cannot write checkpoint {path} ({detail}); {kept}: {fix} and rerun the same command "
+                            "to resume") from None
     for old in sorted((run_dir / "checkpoints").glob("step-*.pt"))[:-keep]:
         old.unlink()
     return path
