@@ -15,19 +15,15 @@ operators must be precomputed):
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from loader import per_batch_ms  # benchmarks/loader.py, beside this script
-from snd_stages.config import load_config
-from snd_stages.stages.train import TrainingData, run_inputs, teacher_operators
-from snd_stages.store import DATA, Artifact, Store, verify_unit
+from loader import configured_run, per_batch_ms, run_arguments  # benchmarks/loader.py, beside this script
+from snd_stages.store import DATA, Artifact, verify_unit
 
 
 def unit_costs(artifact: Artifact, limit: int) -> tuple[int, float, float]:
@@ -45,19 +41,13 @@ def unit_costs(artifact: Artifact, limit: int) -> tuple[int, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", type=Path, default=Path("pipeline.yaml"))
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[])
+    parser = run_arguments(__doc__)
     parser.add_argument("--units", type=int, default=50, help="units timed per stage")
-    parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    store = Store(cfg.store.root)
-    inputs = run_inputs(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, store)
-    operators = teacher_operators(cfg.train, inputs, store)
+    inputs, operators, reader = configured_run(args)
     artifacts = {"gaussians": inputs.gaussians, "masks": inputs.masks, "operators": operators}
 
-    table = Table(title=f"Verifying units ({cfg.store.root})")
+    table = Table(title="Verifying units")
     for column in ("stage", "units", "MB / unit", "ms / unit", "MB/s"):
         table.add_column(column, justify="right")
     per_unit_ms = {}
@@ -73,10 +63,6 @@ def main() -> None:
     # with operators the training reads them instead of the Gaussians (snd_stages.stages.train.TrainingData.load)
     splatted = "operators" if operators is not None else "gaussians"
     verify_ms = per_unit_ms[splatted] + per_unit_ms["masks"] * scenes / samples
-
-    def reader(cached_frame_bytes: int) -> TrainingData:
-        return TrainingData(inputs.samples.samples, inputs.samples.dataset_root, inputs.gaussians, inputs.masks,
-                            cfg.train.seed, operators=operators, cached_frame_bytes=cached_frame_bytes)
 
     steps = range(min(20, math.ceil(samples / args.batch)))
     uncached, cached = reader(0), reader(2 * 2**30)

@@ -39,13 +39,17 @@ def per_batch_ms(data: TrainingData, steps: range, batch_size: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that read a configured run's training data."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, default=Path("pipeline.yaml"))
     parser.add_argument("--set", dest="overrides", nargs="*", default=[])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=100)
-    args = parser.parse_args()
+    return parser
+
+
+def configured_run(args: argparse.Namespace):
+    """(the run's inputs, its teacher operators, ``reader(cached_frame_bytes) -> TrainingData``) for the config."""
     cfg = load_config(args.config, args.overrides)
     store = Store(cfg.store.root)
     inputs = run_inputs(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, store)
@@ -55,6 +59,14 @@ def main() -> None:
         return TrainingData(inputs.samples.samples, inputs.samples.dataset_root, inputs.gaussians, inputs.masks,
                             cfg.train.seed, operators=operators, cached_frame_bytes=cached_frame_bytes)
 
+    return inputs, operators, reader
+
+
+def main() -> None:
+    parser = run_arguments(__doc__)
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    inputs, operators, reader = configured_run(args)
     epoch_steps = math.ceil(len(inputs.samples.samples) / args.batch)
     steps = range(min(args.steps, epoch_steps))
     uncached, cached = reader(0), reader(2 * 2**30)

@@ -100,20 +100,21 @@ def test_damaged_documents_and_root_group_are_errors(fresh):
         fresh.open(SPEC.stage, SPEC.key)
 
 
-def test_a_manifest_without_file_records_is_refused(fresh):
-    path = fresh.final_path(SPEC.stage, SPEC.key) / MANIFEST
+def drop_from_manifest(store: Store, key: str) -> None:
+    path = store.final_path(SPEC.stage, SPEC.key) / MANIFEST
     manifest = json.loads(path.read_text())
-    del manifest["files"]
+    del manifest[key]
     path.write_text(json.dumps(manifest))
+
+
+def test_a_manifest_without_file_records_is_refused(fresh):
+    drop_from_manifest(fresh, "files")
     with pytest.raises(ArtifactError, match="records no files"):
         fresh.open(SPEC.stage, SPEC.key)
 
 
 def test_an_artifact_of_an_older_store_format_is_never_read(fresh):
-    path = fresh.final_path(SPEC.stage, SPEC.key) / MANIFEST
-    manifest = json.loads(path.read_text())
-    del manifest["store_format"]
-    path.write_text(json.dumps(manifest))
+    drop_from_manifest(fresh, "store_format")
     with pytest.raises(ArtifactError, match="store format None, this snd reads format 2"):
         fresh.open(SPEC.stage, SPEC.key)
     assert [check.status for check in check_store(fresh).checks] == ["older format"]
