@@ -468,8 +468,9 @@ def _check_matches(
 def check_state_dict(
     expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str, target: str, fix: str
 ) -> None:
-    """Raise a one-line DataError for weights that cannot be what ``target`` was trained with: tensors that are not
-    floating point or not finite, or missing keys, unexpected keys and shape mismatches (listed together).
+    """Raise a one-line DataError for weights that cannot be ``target``'s: missing keys, unexpected keys and shape
+    mismatches (listed together), else tensors that are not floating point or not finite (meta tensors, which hold
+    no values, pass that last check).
 
     Args:
         expected: the model's state dict (names and shapes).
@@ -485,17 +486,6 @@ def check_state_dict(
         for key in expected
         if key in state_dict and state_dict[key].shape != expected[key].shape
     ]
-    not_float = [f"{key} ({value.dtype})" for key, value in state_dict.items()
-                 if key in expected and expected[key].is_floating_point() and not value.is_floating_point()]
-    if not_float:
-        raise DataError(f"cannot load {source} into {target}: {len(not_float)} tensors are not floating point "
-                        f"({short_list(not_float)}): the weights were cast or damaged; use the original checkpoint")
-    not_finite = [key for key, value in state_dict.items()
-                  if key in expected and value.is_floating_point() and not bool(torch.isfinite(value).all())]
-    if not_finite:
-        raise DataError(f"cannot load {source} into {target}: {len(not_finite)} tensors hold NaN or infinite values "
-                        f"({short_list(not_finite)}): the checkpoint is damaged or from a diverged run; use an "
-                        "intact one")
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -506,6 +496,18 @@ def check_state_dict(
             parts.append(f"{len(mismatched)} shape mismatches: {short_list(mismatched)}")
         parts.append(f"fix: {fix}")
         raise DataError(f"cannot load {source} into {target} strictly: " + "; ".join(parts))
+    not_float = [f"{key} ({value.dtype})" for key, value in state_dict.items()
+                 if key in expected and expected[key].is_floating_point() and not value.is_floating_point()]
+    if not_float:
+        raise DataError(f"cannot load {source} into {target}: {len(not_float)} tensors are not floating point "
+                        f"({short_list(not_float)}): the weights were cast or damaged; use the original checkpoint")
+    not_finite = [key for key, value in state_dict.items()
+                  if key in expected and value.is_floating_point() and not value.is_meta
+                  and not bool(torch.isfinite(value).all())]
+    if not_finite:
+        raise DataError(f"cannot load {source} into {target}: {len(not_finite)} tensors hold NaN or infinite values "
+                        f"({short_list(not_finite)}): the checkpoint is damaged or from a diverged run; use an "
+                        "intact one")
 
 
 def _fit_position_table(model: VisionTransformer, state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
