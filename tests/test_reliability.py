@@ -357,3 +357,20 @@ def test_a_stage_that_fails_before_its_first_unit_leaves_no_partial_directory(pr
     assert snd(project, "sample-views").exit_code == 0
     assert snd(project, "precompute-masks").exit_code == 1
     assert not list((project / "store" / "masks").glob("*.partial"))
+
+
+def test_a_dataset_root_that_is_a_file_is_not_called_missing(project):  # noqa: F811
+    root = project / "a-file"
+    root.write_text("")
+    line = assert_one_line_error(snd(project, "sample-views", "--set", f"data.root={root}"),
+                                 "is a file, not a folder")
+    assert "does not exist" not in line
+
+
+def test_an_empty_split_is_called_empty(project):  # noqa: F811
+    split = project / "scannetpp" / "metadata" / "nvs_sem_train.txt"
+    split.parent.mkdir(parents=True, exist_ok=True)
+    split.write_text("\n")
+    line = assert_one_line_error(snd(project, "sample-views", "--set", "sampling.split=train"), str(split),
+                                 "lists no scenes", "the 'train' split is empty")
+    assert "no scenes found" not in line
