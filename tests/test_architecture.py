@@ -1,0 +1,30 @@
+"""The package's import contract (pyproject.toml, [tool.importlinter]): layers import only downwards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def lint_imports(*config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache", *map(str, config)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_layers_import_only_downwards():
+    result = lint_imports()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_the_contract_catches_an_upward_import(tmp_path):
+    # the same checker with two layers swapped: the stages import the store, so this contract must break
+    inverted = tmp_path / "inverted.toml"
+    inverted.write_text('[tool.importlinter]\nroot_package = "snd_stages"\n\n[[tool.importlinter.contracts]]\n'
+                        'name = "inverted"\ntype = "layers"\nlayers = ["snd_stages.store", "snd_stages.stages"]\n')
+    result = lint_imports(inverted)
+    assert result.returncode == 1 and "snd_stages.stages is not allowed to import snd_stages.store" in result.stdout
