@@ -81,8 +81,8 @@ from ..models.checkpoints import (
     restore_model_state,
     run_manifest_files,
 )
-from ..models.distill import (StudentTeacher, cosine_distillation_loss, export_backbone, prototype_cross_entropy,
-                              token_rows)
+from ..models.distill import (StudentTeacher, cosine_distillation_loss, ema_schedule, export_backbone,
+                              prototype_cross_entropy, token_rows)
 from ..models.weights import EMBEDDED
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
@@ -621,9 +621,9 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
                                          with_kl=logged)
         # What is checked and logged is the global batch's mean, the same on every rank (so all of them stop
         # together below: one rank alone would leave the others waiting in the next step's gradient all-reduce).
-        teacher_follows = train_cfg.teacher == "ema" and step % train_cfg.ema_every == 0
-        loss_value, kl, coverage = learn(loss, world.mean(result.statistics), model, optimizer, scheduler,
-                                         train_cfg.ema_momentum if teacher_follows else None)
+        momentum = (ema_schedule(step, train_cfg.ema_every, train_cfg.ema_momentum) if train_cfg.teacher == "ema"
+                    else None)
+        loss_value, kl, coverage = learn(loss, world.mean(result.statistics), model, optimizer, scheduler, momentum)
         if not math.isfinite(loss_value):
             # learn made no update: nothing of this step reaches the weights, the teacher or a checkpoint.
             culprits = ", ".join(
