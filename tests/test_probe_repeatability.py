@@ -8,9 +8,10 @@ import torch
 
 from snd_stages.config import EvalCfg
 from snd_stages.probes.cache import FeatureSet
+from snd_stages.probes.dense import depth_probe, normals_probe, segmentation_probe
+from snd_stages.probes.fitting import clip_per_seed
+from snd_stages.probes.frames import ProbeFrames
 from snd_stages.probes.resize import upsample
-from snd_stages.stages import evaluate
-from snd_stages.stages.evaluate import ProbeFrames, depth_probe, normals_probe, segmentation_probe
 
 # CPU and CUDA kernels round differently; after a few hundred steps the fitted probes' scores may differ by this
 # much at most (relative): the bound this GPU-tier test holds the probes to.
@@ -92,7 +93,7 @@ def test_the_gradient_clip_is_torchs_own_for_each_seed():
             parameter.grad = source.grad[seed].clone()
         torch.nn.utils.clip_grad_norm_(alone, 35.0)
         expected.append([parameter.grad for parameter in alone])
-    evaluate._clip_per_seed(stacked, 35.0)
+    clip_per_seed(stacked, 35.0)
     for seed in range(3):
         for parameter, grad in zip(stacked, expected[seed]):
             torch.testing.assert_close(parameter.grad[seed], grad, rtol=1e-6, atol=0)

@@ -30,6 +30,9 @@ Probes, on frozen features (``reference/method.md`` §2, with a scaled-down iter
 - correspondence: Probe3D's cosine nearest neighbour + ratio test, top-k, recall at 5/10/20 px at
   ``correspondence_scale`` of the image size, and recall@10 binned by relative rotation.
 
+The dense probes live in :mod:`snd_stages.probes.dense`, their fitting in :mod:`snd_stages.probes.fitting`; this
+stage loads the frames, runs the probes of every model and writes the report.
+
 Features come from the artifact store (:mod:`snd_stages.probes.cache`): the backbone runs once per model, frame
 set and feature spec, and a later eval with other probe settings reuses its output. So does the probes' ground
 truth (:mod:`snd_stages.probes.ground_truth`): depth is decoded and normals are fitted once per frame set.
@@ -42,8 +45,6 @@ and PNG figures (depth and normal predictions vs truth, correspondences coloured
 from __future__ import annotations
 
 import collections
-import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -51,11 +52,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageDraw
 from rich.progress import Progress
@@ -71,13 +70,13 @@ from ..probes.backbone import (
     Features,
     ProbeBackbone,
 )
-from ..probes.cache import CacheUse, FeatureSet, FrameSet, probe_features
+from ..probes.cache import CacheUse, probe_features
 from ..probes.correspondence import correspondence_probe, held_out_pairs, pairs_frame_set
+from ..probes.dense import depth_probe, normals_probe, segmentation_probe
+from ..probes.frames import IGNORE_LABEL, ProbeFrames
 from ..probes.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
-from ..probes.heads import DenseDepthProbe, DepthBinHead, NormalHead, SegmentationHead, depth_loss, segmentation_loss, uncertainty_angular_loss
-from ..probes.metrics import depth_metrics, normal_metrics, segmentation_confusion
 from ..progress import track
-from ..report.statistics import CONFIDENCE, Measurement, Resampling, class_iou, excludes_zero, interval, mean_iou
+from ..report.statistics import CONFIDENCE, Measurement, Resampling, class_iou, excludes_zero, interval
 from ..runtime import resolve_device
 from ..scenes.correspondence import CorrespondencePair, read_scannet1500
 from ..scenes.layout import Scene, list_scene_ids, read_scene
@@ -86,47 +85,9 @@ from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
 from ..store import Store, file_sha256, file_stamp, write_text_atomic
 from ..visualize import pca_rgb
 
-MIN_DEPTH = 1e-3
-IGNORE_LABEL = 255
 # Which tokens each frame probe reads (correspondence reads DENSE_FEATURES of the pairs' views).
 PROBE_FEATURES = {"depth": DEPTH_FEATURES, "depth_dense": MULTI_BLOCK_FEATURES, "normals": DENSE_FEATURES,
                   "segmentation": SEGMENTATION_FEATURES}
-
-
-@dataclass
-class ProbeFrames:
-    """Frames with their ground truth. Images are loaded on demand (only feature extraction needs them).
-
-    Attributes:
-        names: one per frame.
-        load_image: ``index -> [H, W, 3]`` uint8 RGB.
-        image_size: (H, W) of every frame.
-        identity: fingerprint of the images' source, for feature cache keys.
-        depth: ``[N, H, W]`` float32 metres, 0 = invalid.
-        normals: ``[N, 3, H, W]`` float16 camera-frame unit normals, or None when no probe needs them.
-        semantics: ``[N, H, W]`` uint8 classes (255 = ignore), or None when no probe needs them.
-        depth_region: where depth is scored (``[H, W]`` bool, e.g. NYUv2's Eigen crop); None = everywhere.
-        fitted_normals: how many frames' normals were fitted to their depth.
-    """
-
-    names: list[str]
-    load_image: Callable[[int], np.ndarray] = field(repr=False)
-    image_size: tuple[int, int]
-    identity: object
-    depth: torch.Tensor
-    normals: torch.Tensor | None = None
-    semantics: torch.Tensor | None = None
-    depth_region: torch.Tensor | None = None
-    fitted_normals: int = 0
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def frame_set(self, name: str, count: int | None = None) -> FrameSet:
-        """The frames (the first ``count`` of them) as a feature cache's frame set."""
-        names = tuple(self.names[:count])
-        identity = self.identity[: len(names)] if isinstance(self.identity, list) else self.identity
-        return FrameSet(name, names, self.load_image, self.image_size, identity)
 
 
 def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device, progress: Progress | None = None,
@@ -289,259 +250,6 @@ def _scene_images_identity(root: Path, scene_ids: list[str]) -> list:
         files += [[f"{scene_id}/{frame.name}", file_stamp(scene.path("images", position))]
                   for position, frame in enumerate(scene.frames)]
     return files
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Probes
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def repeatable_kernels(device: torch.device):
-    """Kernels that give the same bits on every run (and float32 without TF32 on CUDA), restored afterwards.
-
-    A probe's fit is thousands of small steps: a nondeterministic kernel's rounding there became a different
-    depth score (0.640 against 0.619 RMSE, same features and seed). cuDNN's autotuned convolutions and TF32
-    products are what remain once the resizes are matrix products (:mod:`snd_stages.probes.resize`).
-    """
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of stopping an eval.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-         torch.backends.cuda.matmul.allow_tf32) = saved[:4]
-        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
-
-
-def _fit_seeds(make_head: Callable[[], torch.nn.Module], loss_of, inputs_of, count: int, cfg: EvalCfg, device,
-               seeds: Sequence[int], description: str = "probe",
-               progress: Progress | None = None) -> list[torch.nn.Module]:
-    """One head per seed, fitted together: AdamW, a linear warm-up then a cosine decay to 0, each seed on its own
-    random minibatches (a generator seeded with the seed: the same draws for every model). The loss's own warm-up
-    (FiT3D's SigLoss mean term) runs for its first ``min(100, steps // 10)`` steps.
-
-    Each seed's head is initialised after ``torch.manual_seed(seed)``, as a fit of its own would be. The heads'
-    parameters are stacked on a leading seed axis and the per-seed losses computed under ``torch.func.vmap``:
-    a probe step is a few hundred small kernels, and on a GPU their launches, not their arithmetic, set the pace,
-    so one step for all seeds costs about what one seed's step did. The fits stay independent: the sum of the
-    per-seed losses gives each head exactly its own gradient, AdamW is elementwise and the gradient clip is taken
-    per seed, so a seed's head is the one it gets alone, up to the rounding of kernels that see a larger batch
-    (tested).
-
-    Args:
-        make_head: builds one untrained head.
-        loss_of: ``(head, *inputs, warmup) -> scalar`` loss of one seed's minibatch; ``head`` is called like the
-            module. It runs under vmap: no data-dependent shapes or branches.
-        inputs_of: ``[seeds, batch]`` frame indices -> tensors on ``device`` with leading ``[seeds, batch]`` axes.
-        count: frames to draw from.
-
-    Returns:
-        the fitted heads, in ``seeds`` order, in eval mode.
-    """
-    heads = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        heads.append(make_head().to(device).train())
-    parameters, buffers = torch.func.stack_module_state(heads)
-    template = copy.deepcopy(heads[0]).to("meta")
-    optimizer = torch.optim.AdamW(parameters.values(), lr=cfg.probe_learning_rate, weight_decay=0.01)
-    warmup = max(1, round(cfg.probe_steps * cfg.probe_warmup_fraction))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_warmup_cosine, warmup=warmup,
-                                                                               steps=cfg.probe_steps))
-    loss_warmup = min(100, cfg.probe_steps // 10)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    batch_size = min(cfg.probe_batch_size, count)
-
-    def seed_loss(in_warmup: bool, seed_parameters, seed_buffers, *inputs):
-        def head(*args, **kwargs):
-            return torch.func.functional_call(template, (seed_parameters, seed_buffers), args, kwargs)
-        return loss_of(head, *inputs, warmup=in_warmup)
-
-    with repeatable_kernels(device):
-        for step in track(range(cfg.probe_steps), description, progress, unit="step"):
-            batches = torch.stack([torch.randint(0, count, (batch_size,), generator=generator)
-                                   for generator in generators])
-            losses = torch.func.vmap(functools.partial(seed_loss, step < loss_warmup))(parameters, buffers,
-                                                                                       *inputs_of(batches))
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            _clip_per_seed(list(parameters.values()), 35.0)  # FiT3D's gradient clip
-            optimizer.step()
-            scheduler.step()
-    with torch.no_grad():
-        for index, head in enumerate(heads):
-            for name, stacked in parameters.items():
-                head.get_parameter(name).copy_(stacked[index])
-    return [head.eval() for head in heads]
-
-
-def _clip_per_seed(parameters: list[torch.Tensor], max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_`` applied to each seed's slice of stacked ``[seeds, ...]`` parameters."""
-    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
-    if not grads:
-        return
-    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grad.flatten(1), dim=1)
-                                                  for grad in grads]), dim=0)
-    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for grad in grads:
-        grad.mul_(scale.reshape(-1, *[1] * (grad.ndim - 1)))
-
-
-def _warmup_cosine(step: int, warmup: int, steps: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-class _MultiBlockDepth(torch.nn.Module):
-    """Probe3D's dense probe on features holding ``blocks`` equally wide blocks concatenated along channels."""
-
-    def __init__(self, channels: int, blocks: int, max_depth: float):
-        super().__init__()
-        self.blocks = blocks
-        self.probe = DenseDepthProbe([channels // blocks] * blocks, max_depth=max_depth)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.probe(list(features.chunk(self.blocks, dim=1)))
-
-
-def _scores(score, heads: Sequence[torch.nn.Module]):
-    """``score(head) -> (per-unit rows, predictions)`` for every seed's head: ``([seeds][units] rows, the first
-    seed's predictions)`` (the figures show the first seed's probe)."""
-    rows, first = [], None
-    with torch.no_grad():
-        for head in heads:
-            head_rows, predictions = score(head)
-            rows.append(head_rows)
-            first = predictions if first is None else first
-    return rows, first
-
-
-def _means(rows: list[list[dict]]) -> dict[str, Measurement]:
-    """Per-image metric rows ``[seeds][images]`` as one mean-over-images measurement per metric."""
-    return {key: Measurement.of_means(np.array([[row[key] for row in seed] for seed in rows], dtype=np.float64))
-            for key in rows[0][0]}
-
-
-def _seeds_text(seeds: Sequence[int]) -> str:
-    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-
-
-def depth_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], cfg: EvalCfg, device,
-                seeds: Sequence[int] = (0,), dense: bool = False, description: str = "depth probe",
-                progress: Progress | None = None) -> tuple[dict[str, Measurement], list[torch.Tensor]]:
-    """FiT3D's linear bin probe, or (``dense``) Probe3D's multi-block dense probe; same loss and metrics.
-
-    Returns every depth metric as a per-image measurement over ``seeds``, and the first seed's predictions.
-    """
-    features, frames = train
-    test_features, test_frames = test
-    depth = frames.depth.to(device)
-
-    def make_head():
-        if dense:
-            return _MultiBlockDepth(features.channels, len(MULTI_BLOCK_FEATURES.blocks), cfg.max_depth)
-        return DepthBinHead(features.channels, max_depth=cfg.max_depth)
-
-    def inputs_of(batches):
-        return features.batch(batches, device), depth[batches.to(device)]
-
-    def loss_of(head, tokens, target, warmup):
-        prediction = features.crop(head(tokens))[:, 0]
-        valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
-        return depth_loss(prediction, target, valid, warmup=warmup)
-
-    def score(head):
-        predictions, rows = [], []
-        for index in range(len(test_frames)):
-            prediction = test_features.crop(head(test_features.batch([index], device)))[0, 0].cpu()
-            target = test_frames.depth[index]
-            valid = (target > MIN_DEPTH) & (target < cfg.max_depth)
-            if test_frames.depth_region is not None:
-                valid &= test_frames.depth_region
-            rows.append(depth_metrics(prediction, target, valid))
-            predictions.append(prediction)
-        return rows, predictions
-
-    heads = _fit_seeds(make_head, loss_of, inputs_of, len(frames), cfg, device, seeds,
-                       f"{description} · {_seeds_text(seeds)}", progress)
-    rows, predictions = _scores(score, heads)
-    return _means(rows), predictions
-
-
-def normals_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], cfg: EvalCfg, device,
-                  seeds: Sequence[int] = (0,), description: str = "normals probe",
-                  progress: Progress | None = None) -> tuple[dict[str, Measurement], list[torch.Tensor]]:
-    """SnD's linear normal probe: every angular metric as a per-image measurement, the first seed's predictions."""
-    features, frames = train
-    test_features, test_frames = test
-    padded = features.padded_size
-    normals, depth = frames.normals.to(device), frames.depth.to(device)
-
-    def inputs_of(batches):
-        on_device = batches.to(device)
-        return features.batch(batches, device), normals[on_device].float(), depth[on_device] > 0
-
-    def loss_of(head, tokens, truth, valid, warmup):
-        predicted, kappa = head(tokens, size=padded)
-        return uncertainty_angular_loss(features.crop(predicted), features.crop(kappa), truth, valid)
-
-    def score(head):
-        predictions, rows = [], []
-        for index in range(len(test_frames)):
-            predicted, _ = head(test_features.batch([index], device), size=padded)
-            prediction = F.normalize(test_features.crop(predicted), dim=1)[0].cpu()
-            valid = test_frames.depth[index] > 0
-            truth = test_frames.normals[index].float()
-            rows.append(normal_metrics(prediction.permute(1, 2, 0), truth.permute(1, 2, 0), valid))
-            predictions.append(prediction)
-        return rows, predictions
-
-    heads = _fit_seeds(lambda: NormalHead(features.channels), loss_of, inputs_of, len(frames), cfg, device, seeds,
-                       f"{description} · {_seeds_text(seeds)}", progress)
-    rows, predictions = _scores(score, heads)
-    return _means(rows), predictions
-
-
-def segmentation_probe(train: tuple[FeatureSet, ProbeFrames], test: tuple[FeatureSet, ProbeFrames], classes: int,
-                       cfg: EvalCfg, device, seeds: Sequence[int] = (0,), description: str = "segmentation probe",
-                       progress: Progress | None = None) -> dict[str, Measurement]:
-    """FiT3D's linear segmentation probe: mIoU (confusion summed over the test images, mmseg's convention) and pixel
-    accuracy, as measurements whose parts are each image's per-class intersection, label and prediction areas."""
-    features, frames = train
-    test_features, test_frames = test
-    labels = frames.semantics.to(device)
-
-    def inputs_of(batches):
-        return features.batch(batches, device), labels[batches.to(device)].long()
-
-    def loss_of(head, tokens, truth, warmup):
-        return segmentation_loss(features.crop(head(tokens)), truth, ignore_index=IGNORE_LABEL)
-
-    def score(head):
-        confusions = []
-        for index in range(len(test_frames)):
-            logits = test_features.crop(head(test_features.batch([index], device)))
-            confusions.append(segmentation_confusion(logits.argmax(1)[0].cpu(), test_frames.semantics[index].long(),
-                                                     classes, ignore_index=IGNORE_LABEL).double().numpy())
-        return confusions, None
-
-    heads = _fit_seeds(lambda: SegmentationHead(features.channels, classes), loss_of, inputs_of, len(frames), cfg,
-                       device, seeds, f"{description} · {_seeds_text(seeds)}", progress)
-    confusions = np.array(_scores(score, heads)[0])  # [seeds, images, classes (truth), classes (predicted)]
-    intersection = np.diagonal(confusions, axis1=2, axis2=3)
-    areas = np.concatenate([intersection, confusions.sum(3), confusions.sum(2)], axis=-1)
-    return {"miou": Measurement(areas, mean_iou, "miou"),
-            "pixel_accuracy": Measurement.of_rates(intersection.sum(-1), confusions.sum((2, 3)))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
