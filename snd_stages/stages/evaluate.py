@@ -62,19 +62,12 @@ from rich.progress import Progress
 from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections
 from ..errors import ConfigError, DataError
 from ..models.checkpoints import finished_run_manifest, read_run_manifest, run_of
-from ..probes.backbone import (
-    DENSE_FEATURES,
-    DEPTH_FEATURES,
-    MULTI_BLOCK_FEATURES,
-    SEGMENTATION_FEATURES,
-    Features,
-    ProbeBackbone,
-)
+from ..probes.backbone import SEGMENTATION_FEATURES, Features, ProbeBackbone
 from ..probes.cache import CacheUse, probe_features
-from ..probes.correspondence import correspondence_probe, held_out_pairs, pairs_frame_set
-from ..probes.dense import depth_probe, normals_probe, segmentation_probe
+from ..probes.correspondence import held_out_pairs, pairs_frame_set
 from ..probes.frames import IGNORE_LABEL, ProbeFrames
 from ..probes.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
+from ..probes.registry import PROBES, ProbeInputs
 from ..progress import track
 from ..report.statistics import CONFIDENCE, Measurement, Resampling, class_iou, excludes_zero, interval
 from ..runtime import resolve_device
@@ -85,9 +78,8 @@ from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
 from ..store import Store, file_sha256, file_stamp, write_text_atomic
 from ..visualize import pca_rgb
 
-# Which tokens each frame probe reads (correspondence reads DENSE_FEATURES of the pairs' views).
-PROBE_FEATURES = {"depth": DEPTH_FEATURES, "depth_dense": MULTI_BLOCK_FEATURES, "normals": DENSE_FEATURES,
-                  "segmentation": SEGMENTATION_FEATURES}
+# Which tokens each frame probe reads (correspondence reads its features of the pairs' views).
+PROBE_FEATURES = {name: probe.features for name, probe in PROBES.items() if not probe.reads_pairs}
 
 
 def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device, progress: Progress | None = None,
@@ -363,27 +355,19 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
         scores, predictions = {}, {}
         train_sets = features_of(backbone, train_frames.frame_set("train"), frame_specs) if frame_specs else {}
         test_sets = features_of(backbone, test_frames.frame_set("test"), frame_specs) if frame_specs else {}
-        for probe in probes:
-            label = f"{probe} probe · {backbone.label}"
-            if probe in PROBE_FEATURES:
-                train_pair = (train_sets[PROBE_FEATURES[probe]], train_frames)
-                test_pair = (test_sets[PROBE_FEATURES[probe]], test_frames)
-            if probe == "depth":
-                scores["depth"], predictions["depth"] = depth_probe(train_pair, test_pair, cfg, device, cfg.seeds,
-                                                                    description=label, progress=progress)
-            elif probe == "depth_dense":
-                scores["depth_dense"], _ = depth_probe(train_pair, test_pair, cfg, device, cfg.seeds, dense=True,
-                                                       description=label, progress=progress)
-            elif probe == "normals":
-                scores["normals"], predictions["normals"] = normals_probe(train_pair, test_pair, cfg, device, cfg.seeds,
-                                                                          description=label, progress=progress)
-            elif probe == "segmentation":
-                scores["segmentation"] = segmentation_probe(train_pair, test_pair, classes, cfg, device, cfg.seeds,
-                                                            description=label, progress=progress)
-            elif probe == "correspondence":
-                pair_sets = features_of(backbone, pairs_frame_set(pairs, pairs_identity), [DENSE_FEATURES])
-                scores["correspondence"], predictions["correspondence"] = correspondence_probe(
-                    pair_sets[DENSE_FEATURES], pairs, cfg, device, f"correspondence · {backbone.label}", progress)
+        for name in probes:
+            probe = PROBES[name]
+            if probe.reads_pairs:
+                pair_sets = features_of(backbone, pairs_frame_set(pairs, pairs_identity), [probe.features])
+                inputs = ProbeInputs(cfg, device, f"{name} · {backbone.label}", progress,
+                                     pair_features=pair_sets[probe.features], pairs=pairs)
+            else:
+                inputs = ProbeInputs(cfg, device, f"{name} probe · {backbone.label}", progress,
+                                     train=(train_sets[probe.features], train_frames),
+                                     test=(test_sets[probe.features], test_frames), classes=classes)
+            scores[name], shown = probe.run(inputs)
+            if shown is not None:
+                predictions[name] = shown
         # PCA picture of the first test frame's final-normed last block (a one-frame set unless segmentation has it).
         if SEGMENTATION_FEATURES not in test_sets:
             test_sets = features_of(backbone, test_frames.frame_set("first test frame", 1), [SEGMENTATION_FEATURES])
@@ -456,9 +440,7 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
         "image_size": [height, width], "probe_steps": cfg.probe_steps, "probe_batch_size": cfg.probe_batch_size,
         "probe_learning_rate": cfg.probe_learning_rate,
         "probe_warmup_fraction": cfg.probe_warmup_fraction, "seeds": list(cfg.seeds), "seed": cfg.seed,
-        "features": {"depth": DEPTH_FEATURES.describe(), "depth_dense": MULTI_BLOCK_FEATURES.describe(),
-                     "normals": DENSE_FEATURES.describe(),
-                     "segmentation": SEGMENTATION_FEATURES.describe(), "correspondence": DENSE_FEATURES.describe()},
+        "features": {name: probe.features.describe() for name, probe in PROBES.items()},
         "correspondence": {"pairs": pairs, "scale": cfg.correspondence_scale, "top_k": cfg.correspondence_top_k,
                            "gap": list(cfg.correspondence_gap),
                            "source": "ScanNet-1500" if cfg.scannet1500_pairs is not None else "held-out scenes"},
@@ -559,16 +541,9 @@ def _per_class_iou(miou: Measurement) -> list[float | None]:
 # ---------------------------------------------------------------------------------------------------------------
 
 # (probe, metric, higher is better, format)
-REPORTED = [
-    ("depth", "rmse", False, "{:.4f}"), ("depth", "abs_rel", False, "{:.4f}"), ("depth", "delta1", True, "{:.3f}"),
-    ("depth_dense", "rmse", False, "{:.4f}"), ("depth_dense", "abs_rel", False, "{:.4f}"),
-    ("depth_dense", "delta1", True, "{:.3f}"),
-    ("normals", "rmse", False, "{:.2f}"), ("normals", "mean", False, "{:.2f}"), ("normals", "within_11_25", True, "{:.1f}"),
-    ("normals", "within_22_5", True, "{:.1f}"), ("normals", "within_30", True, "{:.1f}"),
-    ("segmentation", "miou", True, "{:.4f}"),
-    ("correspondence", "recall_5px", True, "{:.3f}"), ("correspondence", "recall_10px", True, "{:.3f}"),
-    ("correspondence", "recall_20px", True, "{:.3f}"),
-]
+# The report's rows: every metric of every probe, with its direction and format (snd_stages.probes.registry).
+REPORTED = [(name, metric.name, metric.higher_is_better, metric.format)
+            for name, probe in PROBES.items() for metric in probe.metrics]
 
 
 def _signed(fmt: str, value: float) -> str:
@@ -576,8 +551,7 @@ def _signed(fmt: str, value: float) -> str:
 
 
 # The one metric per probe that the summary table shows (the full table has them all).
-HEADLINE = [("depth", "rmse"), ("depth_dense", "rmse"), ("normals", "rmse"), ("segmentation", "miou"),
-            ("correspondence", "recall_10px")]
+HEADLINE = [(name, probe.headline) for name, probe in PROBES.items()]
 
 
 def markdown_report(results: dict) -> str:
