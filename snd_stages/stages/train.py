@@ -551,18 +551,57 @@ def training_lock(run_dir: Path):
         yield
 
 
+@dataclass(frozen=True)
+class _Run:
+    """A run about to be trained: what it reads, its identity and where it lives."""
+
+    inputs: RunInputs
+    spec: ArtifactSpec
+    run_dir: Path
+    steps: int
+
+    @property
+    def student_path(self) -> Path:
+        return self.run_dir / "student.safetensors"
+
+    @property
+    def teacher_path(self) -> Path:
+        return self.run_dir / "teacher.safetensors"
+
+    def result(self, skipped: bool, start_step: int, final_loss: float | None) -> TrainResult:
+        return TrainResult(self.run_dir, skipped, self.steps, start_step, final_loss, self.student_path,
+                           self.teacher_path)
+
+
 def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, masks_cfg: MasksCfg,
            train_cfg: TrainCfg, store: Store, world: distributed.World, resume: str, force: bool,
            progress: Progress | None, held: contextlib.ExitStack) -> TrainResult:
+    run = _prepare(data, sampling, gaussians_cfg, masks_cfg, train_cfg, store, world, force, held)
+    manifest = read_run_manifest(run.run_dir) if resume == "auto" else None
+    if manifest is not None:
+        return run.result(True, run.steps, manifest.get("final_loss"))
+    if world.is_main:
+        (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run.run_dir / "config.yaml", dump_sections(
+            data=data, sampling=sampling, gaussians=gaussians_cfg, masks=masks_cfg, train=train_cfg))
+    model, optimizer, scheduler, start_step = _build(train_cfg, run, resume, world)
+    final_loss = _loop(model, optimizer, scheduler, start_step, run, data, train_cfg, store, world, progress)
+    _finish(model, run, train_cfg, final_loss, world)
+    return run.result(False, start_step, final_loss)
+
+
+def _prepare(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, masks_cfg: MasksCfg,
+             train_cfg: TrainCfg, store: Store, world: distributed.World, force: bool,
+             held: contextlib.ExitStack) -> _Run:
+    """Check the settings against the inputs before any work, take the run's lock, apply ``--force``."""
     inputs = run_inputs(data, sampling, gaussians_cfg, masks_cfg, store)
-    samples, gaussians, masks = inputs.samples, inputs.gaussians, inputs.masks
     device = world.device
     if train_cfg.cuda_graphs and (device.type != "cuda" or world.distributed):
         raise ConfigError(f"train.cuda_graphs = true needs one process on a CUDA device, not {world.size} on "
                           f"{device.type}: set train.cuda_graphs=false (train.compile alone still applies)")
-    steps = train_cfg.steps
-    if train_cfg.batch_size > len(samples.samples):  # checked before any work: a larger batch cannot be drawn
-        raise ConfigError(f"train.batch_size = {train_cfg.batch_size} is more than the {len(samples.samples)} "
+    samples = inputs.samples.samples
+    if train_cfg.batch_size > len(samples):  # checked before any work: a larger batch cannot be drawn
+        raise ConfigError(f"train.batch_size = {train_cfg.batch_size} is more than the {len(samples)} "
                           "training samples, so every batch would repeat samples; lower it, or draw more samples "
                           "(sampling.samples_per_scene)")
     spec = run_spec(train_cfg, inputs)
@@ -570,34 +609,40 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
     run_dir = Path(train_cfg.runs_root) / spec.key
     if world.is_main:  # the ranks of one torchrun are one training; another command is not
         held.enter_context(training_lock(run_dir))
-    student_path, teacher_path = run_dir / "student.safetensors", run_dir / "teacher.safetensors"
     if force and world.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
     world.barrier()  # every rank then finds the run directory in the same state, whatever --force removed
-    manifest = read_run_manifest(run_dir) if resume == "auto" else None
-    if manifest is not None:
-        return TrainResult(run_dir, True, steps, steps, manifest.get("final_loss"), student_path, teacher_path)
-    if world.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", dump_sections(
-            data=data, sampling=sampling, gaussians=gaussians_cfg, masks=masks_cfg, train=train_cfg))
+    return _Run(inputs, spec, run_dir, train_cfg.steps)
 
+
+def _build(train_cfg: TrainCfg, run: _Run, resume: str, world: distributed.World):
+    """The model, optimiser and schedule, restored from a checkpoint where there is one; and the first step."""
     torch.manual_seed(train_cfg.seed)
-    model = build_model(train_cfg).to(device)
-    optimizer, scheduler = make_optimizer(model, train_cfg, steps)
+    model = build_model(train_cfg).to(world.device)
+    optimizer, scheduler = make_optimizer(model, train_cfg, run.steps)
     start_step = 0
     # Every rank reads the same checkpoint (nothing is written before the first step's gradient all-reduce, which
     # waits for all of them): a checkpoint holds no per-rank state, so any number of processes can resume it.
-    checkpoint = latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
+    checkpoint = latest_checkpoint(run.run_dir) if resume == "auto" else Path(resume)
     if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, spec.key)
+        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, run.spec.key)
         if world.is_main:
             log.info("resumed from %s at step %d", checkpoint, start_step)
     world.seed_dropout(train_cfg.seed, start_step)
     if train_cfg.compile:
         model.compile_backbones(cuda_graphs=train_cfg.cuda_graphs)
+    return model, optimizer, scheduler, start_step
+
+
+def _loop(model: StudentTeacher, optimizer, scheduler, start_step: int, run: _Run, data: DataCfg,
+          train_cfg: TrainCfg, store: Store, world: distributed.World, progress: Progress | None) -> float | None:
+    """The training steps from ``start_step``, with their logs, validation, pictures and checkpoints; the last
+    step's loss."""
+    device, steps, run_dir = world.device, run.steps, run.run_dir
+    samples, gaussians, masks = run.inputs.samples, run.inputs.gaussians, run.inputs.masks
     student_forward = student_side(model, world)
-    operators = teacher_operators(train_cfg, inputs, store) if train_cfg.teacher_splatting == "operator" else None
+    operators = (teacher_operators(train_cfg, run.inputs, store) if train_cfg.teacher_splatting == "operator"
+                 else None)
     training_data = TrainingData(samples.samples, samples.dataset_root, gaussians, masks, train_cfg.seed,
                                  operators=operators, operator_device=device, pin_memory=device.type == "cuda",
                                  cached_frame_bytes=train_cfg.frame_cache_mb * 2**20)
@@ -651,24 +696,29 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
         if step % train_cfg.picture_every == 0 or done == steps:
             save_picture(run_dir / "pictures" / f"step-{done:06d}.png", batch[0].target_image, result)
         if done % train_cfg.checkpoint_every == 0 or done == steps:
-            save_checkpoint(run_dir, done, model, optimizer, scheduler, spec.key, train_cfg.keep_checkpoints)
+            save_checkpoint(run_dir, done, model, optimizer, scheduler, run.spec.key, train_cfg.keep_checkpoints)
         if progress is not None:
             progress.update(task, completed=done, rate=f"{rate:.2f} samples/s, loss {loss_value:.4f}")
+    if curves is not None:
+        curves.close()
+    return final_loss
 
+
+def _finish(model: StudentTeacher, run: _Run, train_cfg: TrainCfg, final_loss: float | None,
+            world: distributed.World) -> None:
+    """Check that the ranks agree, then export both backbones and publish the run's manifest (rank 0)."""
     teacher_tensors, _ = model.ema_pairs()
     world.assert_replicas_agree([*model.trainable_parameters(), *teacher_tensors],
                                 "the student's LoRA and head or the teacher's EMA tensors")
     if world.is_main:
-        curves.close()
-        export_backbone(model.student, student_path)
-        export_backbone(model.teacher, teacher_path)
-        exported = [student_path.name, teacher_path.name]
-        manifest = {**spec.ingredients(), "key": spec.key, "complete": True, "steps": steps,
+        export_backbone(model.student, run.student_path)
+        export_backbone(model.teacher, run.teacher_path)
+        exported = [run.student_path.name, run.teacher_path.name]
+        manifest = {**run.spec.ingredients(), "key": run.spec.key, "complete": True, "steps": run.steps,
                     "final_loss": final_loss, "backbone": train_cfg.backbone, "exported": exported,
-                    "files": run_manifest_files(run_dir, exported)}
-        write_text_atomic(run_dir / RUN_MANIFEST, json.dumps(manifest, indent=1))
+                    "files": run_manifest_files(run.run_dir, exported)}
+        write_text_atomic(run.run_dir / RUN_MANIFEST, json.dumps(manifest, indent=1))
     world.barrier()  # the other ranks return once the run's files are complete
-    return TrainResult(run_dir, False, steps, start_step, final_loss, student_path, teacher_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -679,8 +729,8 @@ def _train(data: DataCfg, sampling: SamplingCfg, gaussians_cfg: GaussiansCfg, ma
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of a run, or None.
 
-    Each checkpoint is written to ``.step-NNNNNN.pt.tmp-<pid>-<random>`` and renamed when whole, so a run killed while writing
-    one leaves only that temporary: it is never picked, and it is deleted here. A step file that is unreadable
+    Each checkpoint is written to ``.step-NNNNNN.pt.tmp-<pid>-<random>`` and renamed when whole, so a run killed
+    while writing one leaves only that temporary: it is never picked, and it is deleted here. A step file that is unreadable
     all the same (a disk fault, a copy cut short) is still picked, and :func:`load_checkpoint` stops with an error
     naming it and the checkpoint before it: resuming silently from an older one would hide the fault.
     """
