@@ -12,10 +12,11 @@ from rich.progress import Progress
 
 from ..config import EvalCfg
 from ..report.statistics import Measurement, mean_iou
+from ..scenes.layout import IGNORE_LABEL
 from .backbone import MULTI_BLOCK_FEATURES
 from .cache import FeatureSet
 from .fitting import fit_seeds, mean_measurements, seed_scores, seeds_text
-from .frames import IGNORE_LABEL, MIN_DEPTH, ProbeFrames
+from .frames import MIN_DEPTH, ProbeFrames
 from .heads import (DenseDepthProbe, DepthBinHead, NormalHead, SegmentationHead, depth_loss, segmentation_loss,
                     uncertainty_angular_loss)
 from .metrics import depth_metrics, normal_metrics, segmentation_confusion

@@ -11,7 +11,6 @@ import torch
 from .cache import FrameSet
 
 MIN_DEPTH = 1e-3  # metres: nearer depth is invalid
-IGNORE_LABEL = 255  # semantic class of pixels that no metric counts
 
 
 @dataclass

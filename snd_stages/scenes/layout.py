@@ -43,6 +43,7 @@ from ..store import file_stamp, hash_json
 TRANSFORMS = "transforms_train.json"
 SPLIT_FILES = {"train": "nvs_sem_train.txt", "val": "nvs_sem_val.txt"}
 DEPTH_SCALE = 1000.0  # depth PNGs hold millimetres
+IGNORE_LABEL = 255  # the semantic class of pixels that no metric counts (unlabelled, or outside the class list)
 _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
 # Focal lengths (pixels) per pixel of image extent that give 179 and 1 degrees of field of view.
 FOCAL_RANGE = (0.5 / math.tan(math.radians(179 / 2)), 0.5 / math.tan(math.radians(1 / 2)))

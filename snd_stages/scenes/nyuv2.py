@@ -37,6 +37,7 @@ import torch
 
 from ..errors import DataError
 from ..geometry import Camera
+from .layout import IGNORE_LABEL
 
 # camera_params.m of the NYU Depth v2 toolbox, RGB camera, OpenCV pixel-centre convention.
 NYU_FX = 5.1885790117450188e02
@@ -52,7 +53,6 @@ NYU_HEIGHT, NYU_WIDTH = 480, 640
 EIGEN_CROP_ROWS = (45, 471)
 EIGEN_CROP_COLS = (41, 601)
 
-IGNORE_LABEL = 255
 NUM_RAW_CLASSES = 894
 SPLITS = ("train", "test")
 _SPLIT_KEYS = {"train": "trainNdxs", "test": "testNdxs"}

@@ -65,14 +65,14 @@ from ..models.checkpoints import finished_run_manifest, read_run_manifest, run_o
 from ..probes.backbone import SEGMENTATION_FEATURES, Features, ProbeBackbone
 from ..probes.cache import CacheUse, probe_features
 from ..probes.correspondence import held_out_pairs, pairs_frame_set
-from ..probes.frames import IGNORE_LABEL, ProbeFrames
+from ..probes.frames import ProbeFrames
 from ..probes.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
 from ..probes.registry import PROBES, ProbeInputs
 from ..progress import track
 from ..report.statistics import CONFIDENCE, Measurement, Resampling, class_iou, excludes_zero, interval
 from ..runtime import resolve_device
 from ..scenes.correspondence import CorrespondencePair, read_scannet1500
-from ..scenes.layout import Scene, list_scene_ids, read_scene
+from ..scenes.layout import IGNORE_LABEL, Scene, list_scene_ids, read_scene
 from ..scenes.normals import normals_from_depth_plane_fit
 from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
 from ..store import Store, file_sha256, file_stamp, write_text_atomic
