@@ -1,13 +1,15 @@
 """The probes ``snd eval`` can run, each declared once: what it reads, how it runs, what it reports.
 
-Adding a probe is one module beside this one (its fit and score) and one entry in :data:`PROBES`; the eval stage
-loops over the entries that ``eval.probes`` names, and the report's rows and its summary come from them.
+Adding a probe is one module beside this one (its fit, score and figure) and one entry in :data:`PROBES`; the eval
+stage loops over the entries that ``eval.probes`` names, and the report's rows, its summary and its figures come
+from them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.progress import Progress
@@ -19,6 +21,7 @@ from .backbone import DENSE_FEATURES, DEPTH_FEATURES, MULTI_BLOCK_FEATURES, SEGM
 from .cache import FeatureSet
 from .correspondence import correspondence_probe
 from .dense import depth_probe, normals_probe, segmentation_probe
+from .figures import correspondence_figure, depth_figure, normals_figure
 from .frames import ProbeFrames
 
 
@@ -65,6 +68,7 @@ class Probe:
         metrics: the report's rows for it, in order.
         headline: the metric of its column in the report's summary table.
         run: ``inputs -> (per-unit measurements by metric, the first seed's predictions for the figures or None)``.
+        figure: ``(report folder, test frames, {model: its predictions}) -> the picture's path``, or None.
     """
 
     name: str
@@ -72,6 +76,7 @@ class Probe:
     metrics: tuple[Metric, ...]
     headline: str
     run: Callable[[ProbeInputs], tuple[dict[str, Measurement], Any]]
+    figure: Callable[[Path, ProbeFrames, dict[str, Any]], Path] | None = None
     reads_pairs: bool = False
 
 
@@ -100,13 +105,13 @@ def _correspondence(inputs: ProbeInputs):
 _DEPTH_METRICS = (Metric("rmse", False, "{:.4f}"), Metric("abs_rel", False, "{:.4f}"), Metric("delta1", True, "{:.3f}"))
 
 PROBES: dict[str, Probe] = {probe.name: probe for probe in (
-    Probe("depth", DEPTH_FEATURES, _DEPTH_METRICS, "rmse", _depth(dense=False)),
+    Probe("depth", DEPTH_FEATURES, _DEPTH_METRICS, "rmse", _depth(dense=False), depth_figure),
     Probe("depth_dense", MULTI_BLOCK_FEATURES, _DEPTH_METRICS, "rmse", _depth(dense=True)),
     Probe("normals", DENSE_FEATURES, (Metric("rmse", False, "{:.2f}"), Metric("mean", False, "{:.2f}"),
                                       Metric("within_11_25", True, "{:.1f}"), Metric("within_22_5", True, "{:.1f}"),
-                                      Metric("within_30", True, "{:.1f}")), "rmse", _normals),
+                                      Metric("within_30", True, "{:.1f}")), "rmse", _normals, normals_figure),
     Probe("segmentation", SEGMENTATION_FEATURES, (Metric("miou", True, "{:.4f}"),), "miou", _segmentation),
     Probe("correspondence", DENSE_FEATURES, (Metric("recall_5px", True, "{:.3f}"), Metric("recall_10px", True, "{:.3f}"),
                                              Metric("recall_20px", True, "{:.3f}")), "recall_10px", _correspondence,
-          reads_pairs=True),
+          correspondence_figure, reads_pairs=True),
 )}

@@ -56,17 +56,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections
 from ..errors import ConfigError, DataError
 from ..models.checkpoints import finished_run_manifest, read_run_manifest, run_of
-from ..probes.backbone import SEGMENTATION_FEATURES, Features, ProbeBackbone
+from ..probes.backbone import SEGMENTATION_FEATURES, ProbeBackbone
 from ..probes.cache import CacheUse, probe_features
 from ..probes.correspondence import held_out_pairs, pairs_frame_set
 from ..probes.frames import ProbeFrames
 from ..probes.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
+from ..probes.figures import pca_figure
 from ..probes.registry import PROBES, ProbeInputs
 from ..progress import track
 from ..report.statistics import CONFIDENCE, Measurement, Resampling, class_iou, excludes_zero, interval
@@ -76,7 +76,6 @@ from ..scenes.layout import IGNORE_LABEL, Scene, list_scene_ids, read_scene
 from ..scenes.normals import normals_from_depth_plane_fit
 from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
 from ..store import Store, file_sha256, file_stamp, write_text_atomic
-from ..visualize import pca_rgb
 
 # Which tokens each frame probe reads (correspondence reads its features of the pairs' views).
 PROBE_FEATURES = {name: probe.features for name, probe in PROBES.items() if not probe.reads_pairs}
@@ -627,59 +626,11 @@ def _bounds_text(fmt: str, bounds, signed: bool) -> str:
     return f" [{show(bounds[0])}, {show(bounds[1])}]"
 
 
-def _colour_map(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    import matplotlib
-
-    scaled = np.clip((values - low) / max(high - low, 1e-9), 0, 1)
-    return (matplotlib.colormaps["magma_r"](scaled)[..., :3] * 255).astype(np.uint8)
-
-
 def save_figures(report_dir: Path, frames: ProbeFrames, outputs: dict) -> list[Path]:
-    figures = []
-    image = np.asarray(frames.load_image(0))
+    """Each probe's figure (:data:`~snd_stages.probes.registry.PROBES`) where every model has its predictions, then
+    the PCA pictures of the first test frame's features."""
     labels = list(outputs)
-    if all("depth" in outputs[label] for label in labels):
-        truth = frames.depth[0].numpy()
-        high = float(truth.max())
-        panels = [image, _colour_map(truth, 0, high)] + [_colour_map(outputs[l]["depth"][0].numpy(), 0, high) for l in labels]
-        figures.append(_save(report_dir / "depth.png", panels, ["image", "truth"] + labels))
-    if all("normals" in outputs[label] for label in labels):
-        to_rgb = lambda n: ((n.clamp(-1, 1) + 1) / 2 * 255).round().byte().numpy()  # noqa: E731
-        panels = [image, to_rgb(frames.normals[0].float().permute(1, 2, 0))]
-        panels += [to_rgb(outputs[l]["normals"][0].permute(1, 2, 0)) for l in labels]
-        figures.append(_save(report_dir / "normals.png", panels, ["image", "truth"] + labels))
-    if all("correspondence" in outputs[label] and outputs[label]["correspondence"] for label in labels):
-        rows = [_correspondence_picture(*outputs[l]["correspondence"]) for l in labels]
-        figures.append(_save(report_dir / "correspondence.png", rows, labels, vertical=True))
-    pca_panels = [_pca_picture(outputs[l]["pca"], image.shape[:2]) for l in labels]
-    figures.append(_save(report_dir / "pca.png", [image] + pca_panels, ["image"] + labels))
-    return figures
-
-
-def _pca_picture(features: Features, size) -> np.ndarray:
-    picture = pca_rgb(features.tokens[0])
-    return np.asarray(Image.fromarray(picture).resize((size[1], size[0]), Image.NEAREST))
-
-
-def _correspondence_picture(pair: CorrespondencePair, pixels0, pixels1, errors, shown: int = 80) -> np.ndarray:
-    """Both images side by side, every n-th of the top matches as a line from green (0 px) to red (>= 20 px)."""
-    image0, image1 = pair.load_image(0), pair.load_image(1)
-    width = image0.shape[1]
-    canvas = Image.fromarray(np.concatenate([image0, image1], axis=1))
-    draw = ImageDraw.Draw(canvas)
-    for index in range(0, len(errors), max(1, len(errors) // shown)):
-        badness = min(float(errors[index]) / 20.0, 1.0)
-        (x0, y0), (x1, y1) = pixels0[index].tolist(), pixels1[index].tolist()
-        draw.line([(x0, y0), (x1 + width, y1)], fill=(int(255 * badness), int(255 * (1 - badness)), 0), width=1)
-    return np.asarray(canvas)
-
-
-def _save(path: Path, panels: list[np.ndarray], titles: list[str], vertical: bool = False) -> Path:
-    """Panels side by side (or stacked), each under a title strip that names it."""
-    titled = []
-    for panel, title in zip(panels, titles):
-        strip = Image.new("RGB", (panel.shape[1], 14), (255, 255, 255))
-        ImageDraw.Draw(strip).text((2, 1), title[: max(4, panel.shape[1] // 6)], fill=(0, 0, 0))
-        titled.append(np.concatenate([np.asarray(strip), panel[..., :3]], axis=0))
-    Image.fromarray(np.concatenate(titled, axis=0 if vertical else 1)).save(path)
-    return path
+    figures = [probe.figure(report_dir, frames, {label: outputs[label][name] for label in labels})
+               for name, probe in PROBES.items()
+               if probe.figure is not None and all(name in outputs[label] for label in labels)]
+    return figures + [pca_figure(report_dir, frames, {label: outputs[label]["pca"] for label in labels})]
