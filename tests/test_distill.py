@@ -17,19 +17,11 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from snd_stages.models.distill import (
-    DINOHead,
-    StudentTeacher,
-    add_lora,
-    cosine_distillation_loss,
-    distillation_loss,
-    ema_schedule,
-    export_backbone,
-    lora_module_names,
-    merged_backbone,
-    patch_tokens,
-    prototype_cross_entropy,
-)
+from snd_stages.models.distill import StudentTeacher, ema_schedule
+from snd_stages.models.heads import DINOHead
+from snd_stages.models.lora import add_lora, export_backbone, lora_module_names, merged_backbone
+from snd_stages.models.losses import cosine_distillation_loss, distillation_loss, prototype_cross_entropy
+from snd_stages.models.tokens import patch_tokens
 from snd_stages.models.weights import create_backbone
 
 DEPTH = 2
@@ -751,7 +743,7 @@ def test_exports_are_byte_identical_for_the_same_tensors():
     import safetensors
     import safetensors.torch
 
-    from snd_stages.models.distill import _canonical_header
+    from snd_stages.models.lora import _canonical_header
 
     tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.tensor([-0.0, 1.5])}
     metadata = {"format": "pt", "architecture": "vit_small_patch14_dinov2", "z": "1", "m": "2"}

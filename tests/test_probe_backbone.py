@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from snd_stages.errors import ArtifactError
-from snd_stages.models.distill import patch_tokens
+from snd_stages.models.tokens import patch_tokens
 from snd_stages.probes.backbone import (
     DEPTH_FEATURES,
     MULTI_BLOCK_FEATURES,

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from snd_stages.models.distill import _soft_cross_entropy_rows  # noqa: E402
+from snd_stages.models.losses import _soft_cross_entropy_rows  # noqa: E402
 from snd_stages.models.soft_cross_entropy_kernel import soft_cross_entropy_rows  # noqa: E402
 
 # Relative errors, max |difference| / max |expected|. Measured on an H200: loss and entropy within 2.0e-6 of the

