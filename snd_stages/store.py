@@ -213,6 +213,11 @@ def file_checksum(path: Path) -> str:
     return checksum.hexdigest().decode()
 
 
+def file_record(path: Path) -> list:
+    """``[size, CRC32C]`` of a file: what manifests and unit seals record of it (:func:`verify_files`)."""
+    return [path.stat().st_size, file_checksum(path)]
+
+
 def file_records(directory: Path, leave_out: Callable[[str], bool] = lambda name: False) -> dict[str, list]:
     """``{relative path: [size, CRC32C]}`` of every file under ``directory`` whose relative path ``leave_out``
     does not reject, in sorted order."""
@@ -220,8 +225,26 @@ def file_records(directory: Path, leave_out: Callable[[str], bool] = lambda name
     for path in sorted(directory.rglob("*")):
         relative = path.relative_to(directory).as_posix()
         if path.is_file() and not leave_out(relative):
-            records[relative] = [path.stat().st_size, file_checksum(path)]
+            records[relative] = file_record(path)
     return records
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, exclusive: bool, refusal: str) -> Iterator[None]:
+    """Hold an advisory lock on ``path`` (created if needed; shared unless ``exclusive``) until the block ends.
+
+    The operating system releases it when the process dies, so a killed command never leaves it held.
+
+    Raises:
+        ArtifactError: ``refusal``, when another process holds a conflicting lock (no waiting).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArtifactError(refusal) from None
+        yield
 
 
 def verify_files(directory: Path, records: dict[str, list], files: Iterable[str], fix: str) -> None:
@@ -468,25 +491,14 @@ class Store:
         """
         index, count = shard
         directory = self.root / spec.stage
-        directory.mkdir(parents=True, exist_ok=True)
         what = f"{spec.stage}/{spec.key}" + (f" (shard {index}/{count})" if count > 1 else "")
-        handles = []
-        try:
-            for name, mode in ((f".{spec.key}.writers.lock", fcntl.LOCK_SH if count > 1 else fcntl.LOCK_EX),
-                               *([(f".{spec.key}.shard-{index}-of-{count}.lock", fcntl.LOCK_EX)] if count > 1 else [])):
-                handle = open(directory / name, "a+")
-                handles.append(handle)
-                try:
-                    fcntl.flock(handle, mode | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise ArtifactError(
-                        f"another {producer(spec.stage)} command is writing {what} in {self.root}; wait for it to "
-                        "finish (a rerun then finds its work), or stop it and rerun"
-                    ) from None
+        refusal = (f"another {producer(spec.stage)} command is writing {what} in {self.root}; wait for it to finish "
+                   "(a rerun then finds its work), or stop it and rerun")
+        with contextlib.ExitStack() as held:
+            held.enter_context(file_lock(directory / f".{spec.key}.writers.lock", count == 1, refusal))
+            if count > 1:
+                held.enter_context(file_lock(directory / f".{spec.key}.shard-{index}-of-{count}.lock", True, refusal))
             yield
-        finally:
-            for handle in handles:
-                handle.close()
 
     def writer(self, spec: ArtifactSpec, config_yaml: str, force: bool = False) -> "ArtifactWriter":
         """Start (or resume) writing the artifact of ``spec``. ``force`` deletes any existing copy first."""

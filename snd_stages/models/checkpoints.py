@@ -17,7 +17,7 @@ import torch
 
 from ..config import TrainCfg
 from ..errors import ArtifactError, ConfigError
-from ..store import file_checksum, verify_files
+from ..store import file_record, verify_files
 from .distill import StudentTeacher
 from .weights import create_backbone
 
@@ -51,7 +51,7 @@ RUN_MANIFEST = "manifest.json"
 
 def run_manifest_files(run_dir: Path, names: list[str]) -> dict[str, list]:
     """``{name: [size, CRC32C]}`` of a finished run's exported files, recorded in its manifest."""
-    return {name: [(run_dir / name).stat().st_size, file_checksum(run_dir / name)] for name in names}
+    return {name: file_record(run_dir / name) for name in names}
 
 
 def read_run_manifest(run_dir: Path) -> dict[str, Any] | None:

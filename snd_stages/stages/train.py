@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import json
 import logging
@@ -91,7 +90,7 @@ from ..scenes.layout import Scene, read_scene
 from ..scenes.sampling import ViewSample
 from ..splat.operator import SplatOperator, apply_operators, splat_tokens
 from ..splat.quirks import render_inputs
-from ..store import Artifact, ArtifactSpec, Store, file_sha256, write_text_atomic
+from ..store import Artifact, ArtifactSpec, Store, file_lock, file_sha256, write_text_atomic
 from ..visualize import pca_basis, pca_rgb
 from .learning_curves import LearningCurves
 from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
@@ -102,7 +101,6 @@ from .sample_views import SampleSet, load_samples
 STAGE = "run"
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,19 +536,12 @@ def train(
                       progress if world.is_main else None, held)
 
 
-@contextlib.contextmanager
 def training_lock(run_dir: Path):
     """Hold run ``run_dir`` against a second ``snd train`` of the same run (both would write the same checkpoints
-    and exports) until the block ends; refuse if another process holds it. An advisory file lock beside the run,
-    released by the operating system when the process dies."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.parent / f".{run_dir.name}.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ArtifactError(f"another snd train is training run {run_dir}; wait for it to finish (a rerun then "
-                                "finds the run), or stop it and rerun to resume from its last checkpoint") from None
-        yield
+    and exports) until the block ends; refuse if another process holds it (a lock file beside the run)."""
+    return file_lock(run_dir.parent / f".{run_dir.name}.lock", True,
+                     f"another snd train is training run {run_dir}; wait for it to finish (a rerun then finds the "
+                     "run), or stop it and rerun to resume from its last checkpoint")
 
 
 @dataclass(frozen=True)
