@@ -60,7 +60,7 @@ from rich.progress import Progress
 
 from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections
 from ..errors import ConfigError, DataError
-from ..models.checkpoints import finished_run_manifest, read_run_manifest, run_of
+from ..models.checkpoints import finished_run_manifest, run_of
 from ..probes.backbone import SEGMENTATION_FEATURES, ProbeBackbone
 from ..probes.cache import CacheUse, probe_features
 from ..probes.correspondence import held_out_pairs, pairs_frame_set
@@ -275,9 +275,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     """
     device = resolve_device(cfg.device, "eval.device")
     reference_position = reference_index(cfg.reference, runs)
-    for run in runs:  # a damaged or unfinished run stops the eval before any work
-        if Path(run).suffix != ".pt":
-            finished_run_manifest(Path(run))
+    # a damaged or unfinished run stops the eval before any work (a checkpoint is checked when it is read)
+    manifests = [None if Path(run).suffix == ".pt" else finished_run_manifest(Path(run)) for run in runs]
     pairs: list[CorrespondencePair] = []
     pairs_identity = None
     notes: list[str] = []
@@ -349,7 +348,7 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
         uses.extend(used)
         return sets
 
-    samples_seen = [0] + [_samples_seen(run) for run in runs]
+    samples_seen = [0] + [_samples_seen(manifest) for manifest in manifests]
     for backbone, seen in zip(track(models, "probing models", progress, unit="model"), samples_seen):
         scores, predictions = {}, {}
         train_sets = features_of(backbone, train_frames.frame_set("train"), frame_specs) if frame_specs else {}
@@ -452,10 +451,10 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
 SAMPLES_FOR_AN_EFFECT = 32_000
 
 
-def _samples_seen(run_dir: Path) -> int | None:
-    """Distillation samples (steps x batch) of a finished run, from its manifest; None where it does not say."""
+def _samples_seen(manifest: dict | None) -> int | None:
+    """Distillation samples (steps x batch) of a finished run, from its manifest; None where it does not say (a
+    checkpoint has none)."""
     try:
-        manifest = read_run_manifest(Path(run_dir)) or {}
         return int(manifest["steps"]) * int(manifest["params"]["batch_size"])
     except (ValueError, KeyError, TypeError):
         return None
