@@ -25,8 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from snd_stages.config import load_config
-from snd_stages.stages.precompute_operators import operator_unit_name
-from snd_stages.stages.train import TrainingData, run_inputs, teacher_operators
+from snd_stages.artifacts.operators import operator_unit_name
+from snd_stages.stages.train import TrainingData
+from snd_stages.artifacts.runs import run_inputs, teacher_operators
 from snd_stages.store import Store
 
 

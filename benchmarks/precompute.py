@@ -27,7 +27,8 @@ from rich.table import Table
 from snd_stages.config import GaussiansCfg
 from snd_stages.reconstruct import build_reconstructor
 from snd_stages.scenes.layout import frame_file_name, read_scene, write_scene
-from snd_stages.stages.precompute_gaussians import context_views, write_pair
+from snd_stages.stages.precompute_gaussians import context_views
+from snd_stages.artifacts.gaussians import write_pair
 from snd_stages.store import ArtifactSpec, Store
 
 

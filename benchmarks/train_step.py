@@ -60,11 +60,12 @@ from snd_stages.scenes.layout import read_scene
 from snd_stages.splat.features import blend_with_segments, downsample_to_tokens, lift_features, mask_aware_upsample
 from snd_stages.splat.operator import apply_operators, build_splat_operator
 from snd_stages.splat.render import render_features
-from snd_stages.stages.precompute_gaussians import PairGaussians, context_views
-from snd_stages.stages.precompute_operators import token_grid
+from snd_stages.artifacts.gaussians import PairGaussians
+from snd_stages.stages.precompute_gaussians import context_views
+from snd_stages.artifacts.operators import token_grid
+from snd_stages.models.checkpoints import build_model
 from snd_stages.stages.train import (
     TrainingSample,
-    build_model,
     distillation_step,
     learn,
     make_optimizer,

@@ -169,7 +169,7 @@ def sample_views_command(
 
 def _precompute(stage: str, section: str, config: Path, overrides: list[str], force: bool, shard: str | None) -> None:
     """The precompute commands differ only in their stage function and the config sections they read."""
-    from .stages.common import Shard
+    from .artifacts.protocol import Shard
 
     if stage == "precompute-gaussians":
         from .stages.precompute_gaussians import precompute_gaussians as function
@@ -250,7 +250,7 @@ def train_command(
 def run_dir_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = []) -> None:
     """Print where snd train puts the run of this configuration (its input artifacts must exist), e.g. to list
     several runs for snd eval: --set "eval.runs=[$(snd run-dir --set train.blending=1.0)]"."""
-    from .stages.train import run_directory
+    from .artifacts.runs import run_directory
 
     def action() -> None:
         cfg = _load(config, set_, {"data", "sampling", "gaussians", "masks", "train", "store"})
@@ -262,9 +262,9 @@ def run_dir_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOptio
 @app.command("eval")
 def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = []) -> None:
     """Probe the baseline and each fine-tuned model side by side: depth, normals, segmentation, correspondence."""
-    from .probes.backbone import with_checkpoints
+    from .artifacts.runs import with_checkpoints
     from .stages.evaluate import evaluate
-    from .stages.train import run_directory
+    from .artifacts.runs import run_directory
 
     def action() -> None:
         cfg = _load(config, set_, {"data", "sampling", "gaussians", "masks", "train", "eval", "store"})

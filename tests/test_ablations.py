@@ -23,12 +23,14 @@ from snd_stages.splat.features import (blend_with_segments, downsample_operator,
                                        mask_aware_upsample, upsample_operator)
 from snd_stages.splat.operator import SplatOperator
 from snd_stages.splat.render import render_features
-from snd_stages.stages.precompute_gaussians import load_gaussians
-from snd_stages.stages.precompute_masks import load_masks
-from snd_stages.stages.precompute_operators import load_operators, precompute_operators, token_grid
-from snd_stages.stages.sample_views import load_samples
-from snd_stages.stages.train import (TrainingData, build_model, checkpoint_path, run_directory, teacher_targets,
-                                     train, upload)
+from snd_stages.artifacts.gaussians import load_gaussians
+from snd_stages.artifacts.masks import load_masks
+from snd_stages.artifacts.operators import load_operators, token_grid
+from snd_stages.stages.precompute_operators import precompute_operators
+from snd_stages.artifacts.samples import load_samples
+from snd_stages.artifacts.runs import checkpoint_path, run_directory
+from snd_stages.models.checkpoints import build_model
+from snd_stages.stages.train import TrainingData, teacher_targets, train, upload
 from snd_stages.store import Store
 from tests.conftest import build_demo_artifacts
 from tests.test_splat_operator import relative_error

@@ -1,4 +1,5 @@
-"""The package's import contract (pyproject.toml, [tool.importlinter]): layers import only downwards."""
+"""The package's import contract (pyproject.toml, [tool.importlinter]): layers import only downwards, and stages
+never import each other."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def lint_imports(*config: Path) -> subprocess.CompletedProcess:
 def test_the_layers_import_only_downwards():
     result = lint_imports()
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 kept, 0 broken" in result.stdout
+    assert "2 kept, 0 broken" in result.stdout
 
 
 def test_the_contract_catches_an_upward_import(tmp_path):
@@ -28,3 +29,14 @@ def test_the_contract_catches_an_upward_import(tmp_path):
                         'name = "inverted"\ntype = "layers"\nlayers = ["snd_stages.store", "snd_stages.stages"]\n')
     result = lint_imports(inverted)
     assert result.returncode == 1 and "snd_stages.stages is not allowed to import snd_stages.store" in result.stdout
+
+
+def test_the_contract_catches_one_stage_importing_another(tmp_path):
+    # train reads the samples through snd_stages.artifacts; a contract that also binds the artifacts must break
+    coupled = tmp_path / "coupled.toml"
+    coupled.write_text('[tool.importlinter]\nroot_package = "snd_stages"\n\n[[tool.importlinter.contracts]]\n'
+                       'name = "coupled"\ntype = "independence"\n'
+                       'modules = ["snd_stages.stages.train", "snd_stages.artifacts.samples"]\n')
+    result = lint_imports(coupled)
+    assert result.returncode == 1 and "snd_stages.stages.train is not allowed to import snd_stages.artifacts.samples" \
+        in result.stdout

@@ -95,7 +95,7 @@ def test_debug_shows_the_exception(project):
 
 def test_run_dir_prints_where_train_puts_this_configurations_run(project):
     from snd_stages.config import load_config
-    from snd_stages.stages.train import run_directory
+    from snd_stages.artifacts.runs import run_directory
 
     for stage in ("sample-views", "precompute-gaussians", "precompute-masks"):
         assert snd(project, stage).exit_code == 0

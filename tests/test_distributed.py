@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from snd_stages.config import dump_yaml
 from snd_stages.distributed import World, world_from_environment
 from snd_stages.errors import ConfigError
-from snd_stages.stages.train import checkpoint_path, latest_checkpoint
+from snd_stages.artifacts.runs import checkpoint_path, latest_checkpoint
 from tests import test_train
 from tests.test_train import config, read_metric, run
 

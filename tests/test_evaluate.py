@@ -13,7 +13,8 @@ import yaml
 from snd_stages.config import load_config
 from snd_stages.errors import ConfigError
 from snd_stages.stages.evaluate import evaluate, markdown_report
-from snd_stages.stages.train import run_directory, train
+from snd_stages.artifacts.runs import run_directory
+from snd_stages.stages.train import train
 from snd_stages.store import Store
 from tests.conftest import build_demo_artifacts
 

@@ -14,8 +14,8 @@ from rich.progress import Progress
 
 from snd_stages.config import load_config
 from snd_stages.errors import ArtifactError
-from snd_stages.probes import ground_truth
-from snd_stages.probes.ground_truth import STAGE, FrameTruth, GroundTruthRequest, load_ground_truth
+from snd_stages.artifacts import ground_truth
+from snd_stages.artifacts.ground_truth import STAGE, FrameTruth, GroundTruthRequest, load_ground_truth
 from snd_stages.scenes.layout import Scene, list_scene_ids
 from snd_stages.stages import evaluate
 from snd_stages.stages.evaluate import class_count, load_frames, load_nyuv2_frames

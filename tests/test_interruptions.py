@@ -31,11 +31,11 @@ from snd_stages.cli import app
 from snd_stages.config import dump_yaml, load_config
 from snd_stages.errors import ArtifactError
 from snd_stages.stages import precompute_gaussians as precompute_gaussians_module
-from snd_stages.stages.common import Shard
-from snd_stages.stages.precompute_gaussians import load_gaussians
-from snd_stages.stages.precompute_masks import load_masks
-from snd_stages.stages.sample_views import load_samples
-from snd_stages.stages.train import latest_checkpoint
+from snd_stages.artifacts.protocol import Shard
+from snd_stages.artifacts.gaussians import load_gaussians
+from snd_stages.artifacts.masks import load_masks
+from snd_stages.artifacts.samples import load_samples
+from snd_stages.artifacts.runs import latest_checkpoint
 from snd_stages.store import DATA, MANIFEST, ArtifactSpec, Store, atomic_directory
 from tests import test_train
 from tests.conftest import build_demo_artifacts

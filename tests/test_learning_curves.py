@@ -16,12 +16,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from snd_stages.config import EvalCfg, load_config
 from snd_stages.errors import ConfigError
-from snd_stages.probes.backbone import DENSE_FEATURES, ProbeBackbone, with_checkpoints
-from snd_stages.probes.cache import probe_features
+from snd_stages.artifacts.runs import run_backbone, with_checkpoints
+from snd_stages.probes.backbone import DENSE_FEATURES, ProbeBackbone
+from snd_stages.artifacts.features import probe_features
 from snd_stages.probes.correspondence import correspondence_probe, held_out_pairs, pairs_frame_set
 from snd_stages.scenes.layout import list_scene_ids
 from snd_stages.stages.evaluate import evaluate
-from snd_stages.stages.train import checkpoint_path, train
+from snd_stages.artifacts.runs import checkpoint_path
+from snd_stages.stages.train import train
 from snd_stages.store import Store
 from tests.conftest import build_demo_artifacts
 
@@ -81,7 +83,7 @@ def test_validation_recall_is_the_eval_probe_of_the_pretrained_and_the_exported_
     assert [int(row["samples_seen"]) for row in logged] == [0, 2, 3]
     torch.manual_seed(cfg.train.seed)  # the run's random base weights: the baseline snd eval builds
     baseline = ProbeBackbone(cfg.train.backbone, "random", "baseline", allow_random=True)
-    final = ProbeBackbone.from_run(validated.run_dir)
+    final = run_backbone(validated.run_dir)
     for row, backbone in ((logged[0], baseline), (logged[-1], final)):
         expected = eval_recall(backbone, cfg)
         for name in ("recall_5px", "recall_10px", "recall_20px"):
@@ -140,8 +142,8 @@ def test_eval_probes_a_runs_checkpoints_and_the_last_one_is_the_exported_student
     result = run(project, "train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=0",
                  "train.validate_every=0", f"train.runs_root={project / 'runs-checkpoints'}")
     assert checkpoint_path(result.run_dir, 1).is_file()  # keep_checkpoints: 0 keeps every one
-    last = ProbeBackbone.from_run(checkpoint_path(result.run_dir, 2))
-    exported = ProbeBackbone.from_run(result.run_dir)
+    last = run_backbone(checkpoint_path(result.run_dir, 2))
+    exported = run_backbone(result.run_dir)
     assert last.label.endswith("step 2)")
     images = torch.rand(2, 3, 56, 70, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(last.features(images, DENSE_FEATURES).tokens,
@@ -162,4 +164,4 @@ def test_a_missing_checkpoint_names_those_kept_and_the_fix(project):
                                           r"\[2\] .*train.keep_checkpoints: 0"):
         with_checkpoints([result.run_dir], [1, 2])
     with pytest.raises(ConfigError, match=r"eval.runs: .* has no checkpoint step-000001.pt; it kept steps \[2\]"):
-        ProbeBackbone.from_run(checkpoint_path(result.run_dir, 1))
+        run_backbone(checkpoint_path(result.run_dir, 1))

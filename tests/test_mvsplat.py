@@ -446,8 +446,8 @@ def test_registry_entry_needs_no_depth(reference_state, tmp_path):
 @pytest.mark.slow
 @needs_fixture
 def test_training_runs_on_mvsplat_gaussians(tmp_path):
-    from snd_stages.stages.precompute_gaussians import load_gaussians, read_pair
-    from snd_stages.stages.sample_views import load_samples
+    from snd_stages.artifacts.gaussians import load_gaussians, read_pair
+    from snd_stages.artifacts.samples import load_samples
     from snd_stages.stages.train import train
     from tests.conftest import build_demo_artifacts
 

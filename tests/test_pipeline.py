@@ -17,9 +17,9 @@ from snd_stages.config import load_config
 from snd_stages.geometry import Camera
 from snd_stages.scenes.layout import read_scene
 from snd_stages.stages.check_geometry import check_geometry, psnr_where_covered, render_source_colours
-from snd_stages.stages.precompute_gaussians import load_gaussians, read_pair
-from snd_stages.stages.precompute_masks import load_masks
-from snd_stages.stages.sample_views import load_samples
+from snd_stages.artifacts.gaussians import load_gaussians, read_pair
+from snd_stages.artifacts.masks import load_masks
+from snd_stages.artifacts.samples import load_samples
 from tests.conftest import build_demo_artifacts, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]

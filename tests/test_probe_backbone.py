@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from snd_stages.artifacts.runs import run_backbone
 from snd_stages.errors import ArtifactError
 from snd_stages.models.tokens import patch_tokens
 from snd_stages.probes.backbone import (
@@ -67,7 +68,7 @@ def test_crop_maps_padded_predictions_to_the_image(backbone):
 
 def test_run_without_manifest_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match="not a finished training run"):
-        ProbeBackbone.from_run(tmp_path)
+        run_backbone(tmp_path)
 
 
 def test_one_pass_for_several_specs_gives_what_separate_passes_give(backbone):

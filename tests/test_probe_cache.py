@@ -11,7 +11,8 @@ from timm.layers import PatchEmbed
 
 from snd_stages.errors import ArtifactError
 from snd_stages.probes.backbone import DENSE_FEATURES, DEPTH_FEATURES, SEGMENTATION_FEATURES, ProbeBackbone
-from snd_stages.probes.cache import FRAMES_PER_UNIT, STAGE, FeatureSet, FrameSet, features_artifact_spec, probe_features
+from snd_stages.artifacts.features import FRAMES_PER_UNIT, STAGE, features_artifact_spec, probe_features, read_features
+from snd_stages.probes.features import FrameSet
 from snd_stages.store import Store
 
 SPECS = [DEPTH_FEATURES, SEGMENTATION_FEATURES]
@@ -88,7 +89,7 @@ def test_reading_per_minibatch_equals_reading_at_once(backbone, tmp_path):
     store = Store(tmp_path / "store")
     probe_features(backbone, frame_set(), [DENSE_FEATURES], store, "", memory_bytes=0)
     artifact = store.open(STAGE, features_artifact_spec(backbone, frame_set(), DENSE_FEATURES).key)
-    lazy, loaded = FeatureSet.from_artifact(artifact, 0), FeatureSet.from_artifact(artifact, 2**30)
+    lazy, loaded = read_features(artifact, 0), read_features(artifact, 2**30)
     assert lazy.memory is None and loaded.memory is not None and len(lazy) == len(loaded) == FRAMES_PER_UNIT + 8
     indices = torch.tensor([FRAMES_PER_UNIT + 5, 2, 2, FRAMES_PER_UNIT, 31])  # across units, unordered, repeated
     torch.testing.assert_close(lazy.batch(indices), loaded.batch(indices), rtol=0, atol=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from snd_stages.config import EvalCfg
-from snd_stages.probes.cache import FeatureSet
+from snd_stages.probes.features import FeatureSet
 from snd_stages.probes.dense import depth_probe, normals_probe, segmentation_probe
 from snd_stages.probes.fitting import clip_per_seed
 from snd_stages.probes.frames import ProbeFrames

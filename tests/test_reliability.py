@@ -302,8 +302,8 @@ def test_resume_from_something_that_is_not_a_checkpoint(project, target, fragmen
 
 def test_a_second_identical_precompute_is_refused_and_harms_nothing(project):  # noqa: F811
     from snd_stages.config import load_config
-    from snd_stages.stages.precompute_gaussians import gaussians_spec
-    from snd_stages.stages.sample_views import load_samples
+    from snd_stages.artifacts.gaussians import gaussians_spec
+    from snd_stages.artifacts.samples import load_samples
     from snd_stages.store import Store
 
     assert snd(project, "sample-views").exit_code == 0
@@ -324,7 +324,7 @@ def test_a_second_identical_precompute_is_refused_and_harms_nothing(project):  #
 
 @pytest.mark.filterwarnings("ignore:random weights")
 def test_a_second_identical_training_is_refused(project):  # noqa: F811
-    from snd_stages.stages.train import training_lock
+    from snd_stages.artifacts.runs import training_lock
 
     run = trained_run(project)
     (run / "manifest.json").unlink()  # as if still training

@@ -14,11 +14,13 @@ from snd_stages.geometry import Camera
 from snd_stages.splat.operator import SplatOperator, build_splat_operator, splat_tokens
 from snd_stages.splat.quirks import render_inputs
 from snd_stages.splat.render import gsplat_cuda_available, render_features, render_weights
-from snd_stages.stages.precompute_gaussians import load_gaussians
-from snd_stages.stages.precompute_masks import load_masks
-from snd_stages.stages.precompute_operators import load_operators, precompute_operators, token_grid
-from snd_stages.stages.sample_views import load_samples
-from snd_stages.stages.train import TrainingData, build_model, teacher_targets, train
+from snd_stages.artifacts.gaussians import load_gaussians
+from snd_stages.artifacts.masks import load_masks
+from snd_stages.artifacts.operators import load_operators, token_grid
+from snd_stages.stages.precompute_operators import precompute_operators
+from snd_stages.artifacts.samples import load_samples
+from snd_stages.models.checkpoints import build_model
+from snd_stages.stages.train import TrainingData, teacher_targets, train
 from snd_stages.store import Store
 from tests.conftest import build_demo_artifacts
 

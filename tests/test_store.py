@@ -206,9 +206,9 @@ def test_checkpoint_keys_follow_the_file_contents_not_the_path(tmp_path):
 
     from snd_stages.config import GaussiansCfg, MasksCfg, TrainCfg
     from snd_stages.errors import ConfigError
-    from snd_stages.stages.precompute_gaussians import gaussians_spec
-    from snd_stages.stages.precompute_masks import masks_spec
-    from snd_stages.stages.train import run_spec
+    from snd_stages.artifacts.gaussians import gaussians_spec
+    from snd_stages.artifacts.masks import masks_spec
+    from snd_stages.artifacts.runs import run_spec
 
     first, moved, other = tmp_path / "a.ckpt", tmp_path / "elsewhere" / "b.ckpt", tmp_path / "c.ckpt"
     moved.parent.mkdir()
@@ -238,7 +238,7 @@ def test_a_runs_key_holds_its_settings_never_the_device_it_trains_on():
     from types import SimpleNamespace
 
     from snd_stages.config import TrainCfg
-    from snd_stages.stages.train import run_spec
+    from snd_stages.artifacts.runs import run_spec
 
     artifact = SimpleNamespace(key="k")
     inputs = SimpleNamespace(samples_artifact=artifact, gaussians=artifact, masks=artifact)

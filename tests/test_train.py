@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from snd_stages.config import load_config
 from snd_stages.errors import ConfigError
-from snd_stages.stages.train import TrainingData, checkpoint_path, latest_checkpoint, train
+from snd_stages.stages.train import TrainingData, train
+from snd_stages.artifacts.runs import checkpoint_path, latest_checkpoint
 from snd_stages.store import Store
 from tests.conftest import build_demo_artifacts
 
@@ -120,10 +121,11 @@ def test_uncovered_tokens_are_zeroed_on_both_sides(project):
 
     from snd_stages.geometry import Camera
     from snd_stages.models.losses import distillation_loss
-    from snd_stages.stages.precompute_gaussians import load_gaussians
-    from snd_stages.stages.precompute_masks import load_masks
-    from snd_stages.stages.sample_views import load_samples
-    from snd_stages.stages.train import build_model, distillation_step, teacher_targets
+    from snd_stages.artifacts.gaussians import load_gaussians
+    from snd_stages.artifacts.masks import load_masks
+    from snd_stages.artifacts.samples import load_samples
+    from snd_stages.models.checkpoints import build_model
+    from snd_stages.stages.train import distillation_step, teacher_targets
 
     cfg = config(project, "train.teacher_splatting=render")  # the turned camera is rendered, not precomputed
     store = Store(cfg.store.root)
@@ -149,9 +151,9 @@ def test_uncovered_tokens_are_zeroed_on_both_sides(project):
 
 
 def training_data_of(root: Path) -> TrainingData:
-    from snd_stages.stages.precompute_gaussians import load_gaussians
-    from snd_stages.stages.precompute_masks import load_masks
-    from snd_stages.stages.sample_views import load_samples
+    from snd_stages.artifacts.gaussians import load_gaussians
+    from snd_stages.artifacts.masks import load_masks
+    from snd_stages.artifacts.samples import load_samples
 
     cfg = config(root)
     store = Store(cfg.store.root)
@@ -257,7 +259,8 @@ def test_a_non_finite_loss_changes_nothing_that_lasts(project):
     import copy
     import math
 
-    from snd_stages.stages.train import build_model, learn, make_optimizer
+    from snd_stages.models.checkpoints import build_model
+    from snd_stages.stages.train import learn, make_optimizer
 
     cfg = config(project)
     torch.manual_seed(0)

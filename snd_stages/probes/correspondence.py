@@ -1,7 +1,7 @@
 """Probe3D's training-free multi-view correspondence probe: pairs of held-out views, matched by their features.
 
 ``snd eval`` runs it on every model beside the other probes; ``snd train`` runs it on the current student to draw
-a learning curve (:mod:`snd_stages.stages.learning_curves`).
+a learning curve (:mod:`snd_stages.probes.learning_curves`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..progress import track
 from ..scenes.correspondence import CorrespondencePair, pairs_from_scene
 from ..scenes.layout import read_scene
 from .backbone import Features
-from .cache import FeatureSet, FrameSet
+from .features import FeatureSet, FrameSet
 from ..report.statistics import Measurement
 from .metrics import binned_recall, correspondence_recall, match_features, reprojection_errors
 

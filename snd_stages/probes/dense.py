@@ -14,7 +14,7 @@ from ..config import EvalCfg
 from ..report.statistics import Measurement, mean_iou
 from ..scenes.layout import IGNORE_LABEL
 from .backbone import MULTI_BLOCK_FEATURES
-from .cache import FeatureSet
+from .features import FeatureSet
 from .fitting import fit_seeds, mean_measurements, seed_scores, seeds_text
 from .frames import MIN_DEPTH, ProbeFrames
 from .heads import (DenseDepthProbe, DepthBinHead, NormalHead, SegmentationHead, depth_loss, segmentation_loss,

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cache import FrameSet
+from .features import FrameSet
 
 MIN_DEPTH = 1e-3  # metres: nearer depth is invalid
 

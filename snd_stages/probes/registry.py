@@ -18,7 +18,7 @@ from ..config import EvalCfg
 from ..report.statistics import Measurement
 from ..scenes.correspondence import CorrespondencePair
 from .backbone import DENSE_FEATURES, DEPTH_FEATURES, MULTI_BLOCK_FEATURES, SEGMENTATION_FEATURES, FeatureSpec
-from .cache import FeatureSet
+from .features import FeatureSet
 from .correspondence import correspondence_probe
 from .dense import depth_probe, normals_probe, segmentation_probe
 from .figures import correspondence_figure, depth_figure, normals_figure

@@ -32,7 +32,7 @@ from ..geometry import Camera, pixel_centers
 DEFAULT_WINDOW = 7
 DEFAULT_MAX_RELATIVE_JUMP = 0.05
 DEFAULT_MIN_POINTS = 6
-# Names the fitting method in the keys of stored ground truth (snd_stages.probes.ground_truth): change it whenever
+# Names the fitting method in the keys of stored ground truth (snd_stages.artifacts.ground_truth): change it whenever
 # a change to normals_from_depth_plane_fit changes its output, so that normals fitted before are not reused.
 PLANE_FIT_VERSION = "plane-fit-1"
 # Rows processed together: bounds the unfolded neighbourhood tensor ([4 * window^2, rows * W] float64).

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from rich.progress import Progress
 
+from ..artifacts.gaussians import PairGaussians, load_gaussians, read_pair
+from ..artifacts.samples import load_samples
 from ..config import DataCfg, GaussiansCfg, SamplingCfg
 from ..errors import ArtifactError, ConfigError
 from ..gaussians import export_point_cloud_ply
@@ -29,8 +31,6 @@ from ..progress import track
 from ..scenes.layout import read_scene
 from ..splat.features import lift_features
 from ..splat.render import render_features
-from .precompute_gaussians import PairGaussians, load_gaussians, read_pair
-from .sample_views import load_samples
 from ..store import Store
 
 # A pixel counts as covered when the splatted surface is (nearly) opaque there.

@@ -33,9 +33,9 @@ Probes, on frozen features (``reference/method.md`` §2, with a scaled-down iter
 The dense probes live in :mod:`snd_stages.probes.dense`, their fitting in :mod:`snd_stages.probes.fitting`; this
 stage loads the frames, runs the probes of every model and writes the report.
 
-Features come from the artifact store (:mod:`snd_stages.probes.cache`): the backbone runs once per model, frame
+Features come from the artifact store (:mod:`snd_stages.artifacts.features`): the backbone runs once per model, frame
 set and feature spec, and a later eval with other probe settings reuses its output. So does the probes' ground
-truth (:mod:`snd_stages.probes.ground_truth`): depth is decoded and normals are fitted once per frame set.
+truth (:mod:`snd_stages.artifacts.ground_truth`): depth is decoded and normals are fitted once per frame set.
 
 Writes ``<report_dir>/report.json``, ``report.md`` (a summary table of one metric per probe, then every metric of
 every model with deltas against the baseline or ``eval.reference``, then notes)
@@ -58,14 +58,14 @@ import torch
 import yaml
 from rich.progress import Progress
 
+from ..artifacts.features import CacheUse, probe_features
+from ..artifacts.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
+from ..artifacts.runs import finished_run_manifest, run_backbone, run_of
 from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections
 from ..errors import ConfigError, DataError
-from ..models.checkpoints import finished_run_manifest, run_of
 from ..probes.backbone import SEGMENTATION_FEATURES, ProbeBackbone
-from ..probes.cache import CacheUse, probe_features
 from ..probes.correspondence import held_out_pairs, pairs_frame_set
 from ..probes.frames import ProbeFrames
-from ..probes.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
 from ..probes.figures import pca_figure
 from ..probes.registry import PROBES, ProbeInputs
 from ..progress import track
@@ -85,7 +85,7 @@ def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device, progr
                       store: Store | None = None, config_yaml: str = "") -> ProbeFrames:
     """Every ``frame_stride``-th frame of NYUv2's official ``split``; normals fitted to depth (no GT normals).
 
-    With a ``store`` the ground truth is cached there (:mod:`snd_stages.probes.ground_truth`).
+    With a ``store`` the ground truth is cached there (:mod:`snd_stages.artifacts.ground_truth`).
     """
     if cfg.nyuv2_mat is None:
         raise ConfigError("eval.dataset = 'nyuv2' needs eval.nyuv2_mat: the path of nyu_depth_v2_labeled.mat")
@@ -131,7 +131,7 @@ def load_frames(root: Path, scene_ids: list[str], stride: int, probes: list[str]
 
     Normals come from the scene's ``normals/`` folder, else they are fitted to its depth. Semantic classes outside
     ``[0, classes)`` become 255 (ignored). With a ``store`` the ground truth is cached there
-    (:mod:`snd_stages.probes.ground_truth`).
+    (:mod:`snd_stages.artifacts.ground_truth`).
     """
     with_normals, with_semantics = "normals" in probes, "segmentation" in probes
     entries, image_files, source = [], [], []
@@ -269,8 +269,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
              store: Store | None = None) -> EvalReport:
     """Probe the baseline (``train.backbone`` with ``eval.baseline_weights``) and each run; write the report.
 
-    With a ``store``, features and ground truth are cached there (:mod:`snd_stages.probes.cache`,
-    :mod:`snd_stages.probes.ground_truth`); without one they are computed and kept in memory, as the same values
+    With a ``store``, features and ground truth are cached there (:mod:`snd_stages.artifacts.features`,
+    :mod:`snd_stages.artifacts.ground_truth`); without one they are computed and kept in memory, as the same values
     (features as float16), so the scores are the same either way.
     """
     device = resolve_device(cfg.device, "eval.device")
@@ -331,7 +331,7 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     torch.manual_seed(cfg.seed)  # a random-weights baseline (smoke runs) is then the same model every time
     models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"DINOv2 {train.backbone} ({cfg.baseline_weights})",
                             device, allow_random=cfg.baseline_weights == "random")]
-    models += [ProbeBackbone.from_run(run, device=device) for run in runs]
+    models += [run_backbone(run, device=device) for run in runs]
     for backbone, settings in zip(models[1:], distinguishing_settings(runs)):
         if settings:  # e.g. an ablation row: say what sets it apart from the runs beside it
             backbone.label = f"{backbone.label} · {', '.join(settings)}"

@@ -5,47 +5,24 @@ Usage::
     snd precompute-masks --config pipeline.yaml --set masks.source=felzenszwalb
     snd precompute-masks --shard 0/4 &  snd precompute-masks --shard 1/4 & ...   # one store, no merge step
 
-One unit per scene: ``labels`` ``[F, H, W]`` int32 for the scene's used frames (positions in ``positions``),
-at the images' resolution. The source and its parameters are recorded in the unit's attributes and the key.
+Writes the masks artifact (:mod:`snd_stages.artifacts.masks`): one unit per scene, the labels of every frame the
+samples use.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from rich.progress import Progress
 
-from ..config import DataCfg, MasksCfg, SamplingCfg, dump_sections, to_dict
+from ..artifacts.masks import masks_spec, used_positions, write_scene_masks
+from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
+from ..artifacts.samples import load_samples
+from ..config import DataCfg, MasksCfg, SamplingCfg, dump_sections
 from ..errors import DataError
 from ..masks.sources import SamSegmenter, SuperpixelOptions, felzenszwalb_segments, slic_segments
 from ..progress import track
 from ..scenes.layout import read_scene
-from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store, file_sha256
-from .common import Shard, StageResult, finish_if_complete, run_stage
-from .sample_views import SampleSet, load_samples
-
-STAGE = "masks"
-SCHEMA_VERSION = 1
-
-
-def used_positions(samples: SampleSet) -> dict[str, list[int]]:
-    """Per scene, every frame position that appears as a context or target frame, sorted."""
-    used: dict[str, set[int]] = {}
-    for sample in samples.samples:
-        used.setdefault(sample.scene, set()).update(sample.context, sample.targets)
-    return {scene: sorted(positions) for scene, positions in sorted(used.items())}
-
-
-def masks_spec(masks: MasksCfg, samples_key: str) -> ArtifactSpec:
-    params = to_dict(masks)
-    if masks.source != "sam":  # SAM settings do not change other sources' output, so keep them out of the key
-        params = {k: v for k, v in params.items() if not k.startswith("sam_")}
-    inputs = {"samples": samples_key}
-    if masks.source == "sam" and masks.sam_checkpoint is not None:  # the checkpoint's contents, not where it lies
-        del params["sam_checkpoint"]
-        inputs["sam_checkpoint_sha256"] = file_sha256(masks.sam_checkpoint, "masks.sam_checkpoint")
-    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=inputs)
-
+from ..store import Artifact, ArtifactWriter, Store
 
 def make_segmenter(masks: MasksCfg):
     """A function ``(scene, position) -> [H, W] int32 labels`` for the configured source."""
@@ -98,12 +75,8 @@ def precompute_masks(
         for scene_id, scene_positions in _group_by_scene(bar):
             scene = read_scene(samples.dataset_root, scene_id)
             labels = np.stack([_checked(segment(scene, p), scene, p) for p in scene_positions])
-            with writer.unit(scene_id) as group:
-                group.create_array("labels", data=labels, chunks=(1, *labels.shape[1:]))
-                group.create_array("positions", data=np.asarray(scene_positions, dtype=np.int32))
-                group.attrs.update(
-                    {"scene": scene_id, "source": masks.source, "frame_names": [scene.frames[p].name for p in scene_positions]}
-                )
+            write_scene_masks(writer, scene_id, scene_positions, [scene.frames[p].name for p in scene_positions],
+                              labels, masks.source)
         frames = sum(len(p) for p in positions.values())
         return finish_if_complete(
             writer, list(positions), lambda: {"scenes": len(positions), "frames": frames, "source": masks.source}
@@ -140,29 +113,3 @@ def _checked(labels: np.ndarray, scene, position: int) -> np.ndarray:
     if labels.size == 0:
         raise DataError(f"mask of {scene.directory}/{scene.frames[position].name} is empty")
     return labels.astype(np.int32)
-
-
-def load_masks(store: Store, masks: MasksCfg, samples_key: str) -> Artifact:
-    spec = masks_spec(masks, samples_key)
-    return store.open(spec.stage, spec.key, SCHEMA_VERSION)
-
-
-class MaskReader:
-    """Reads one frame's labels from a masks artifact, keeping each scene's unit open."""
-
-    def __init__(self, masks: Artifact):
-        self.masks = masks
-        self._units: dict[str, tuple[dict[int, int], object]] = {}
-
-    def __call__(self, scene_id: str, position: int) -> torch.Tensor:
-        """``[H, W]`` int64 labels of frame ``position`` of ``scene_id``."""
-        return torch.from_numpy(self.stored(scene_id, position)).long()
-
-    def stored(self, scene_id: str, position: int) -> np.ndarray:
-        """``[H, W]`` labels of frame ``position`` of ``scene_id`` as stored (int32)."""
-        if scene_id not in self._units:
-            unit = self.masks.unit(scene_id)
-            rows = {int(p): row for row, p in enumerate(unit["positions"][...])}
-            self._units[scene_id] = (rows, unit["labels"])
-        rows, labels = self._units[scene_id]
-        return np.asarray(labels[rows[position]])

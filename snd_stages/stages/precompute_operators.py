@@ -9,22 +9,8 @@ Given a sample's stored Gaussians, masks and target camera, the teacher's mask-a
 splatting, blending and downsampling form a fixed linear map from its context tokens to its target tokens
 (``splat/operator.py``). It is composed once here, from the renderer's own compositing weights (gsplat on CUDA,
 the torch twin on CPU), and ``snd train`` (``train.teacher_splatting: operator``) applies it as three sparse
-matmuls instead of rendering. One unit per (context pair, target frame):
-
-=========================  ========  ==============================================================
-array                      dtype     meaning
-=========================  ========  ==============================================================
-local_crow / _col / _values  int32 / uint16 / float32   CSR ``[T, S]``: rendered features, downsampled
-segment_means_*            as above  CSR ``[K, S]``: mean of the rendered features over each target segment
-segment_spread_*           as above  CSR ``[T, K]``: each token's share of each segment mean
-*_shape                    int64     the matrices' shapes
-coverage                   bool      ``[th, tw]`` tokens some Gaussian reached
-context_grid               int64     ``(h, w)`` the teacher's token grid of a context view
-=========================  ========  ==============================================================
-
-The key holds what changes the map: the Gaussians and masks artifacts, the samples, the ViT patch size and
-``train.mask_aware_upsampling`` / ``train.reference_quirks``. The blending coefficient is applied at training
-time, so changing it needs no new operators.
+matmuls instead of rendering. Writes the operators artifact (:mod:`snd_stages.artifacts.operators`): one unit per
+(context pair, target frame).
 """
 
 from __future__ import annotations
@@ -33,36 +19,18 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from ..artifacts.gaussians import load_gaussians, pair_unit_name, read_pair
+from ..artifacts.masks import MaskReader, load_masks
+from ..artifacts.operators import operators_spec, operator_unit_name, token_grid, write_operator
+from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
+from ..artifacts.samples import load_samples
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections
 from ..models.weights import PATCH
 from ..progress import track
 from ..runtime import resolve_device
-from ..splat.operator import SplatOperator, build_splat_operator
+from ..splat.operator import build_splat_operator
 from ..splat.quirks import render_inputs
-from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store
-from .common import Shard, StageResult, finish_if_complete, run_stage
-from .precompute_gaussians import load_gaussians, pair_unit_name, read_pair
-from .precompute_masks import MaskReader, load_masks
-from .sample_views import load_samples
-
-STAGE = "operators"
-SCHEMA_VERSION = 1
-
-
-def token_grid(height: int, width: int) -> tuple[int, int]:
-    """The ViT's token grid for an image: sides are cropped down to multiples of the patch size first."""
-    return height // PATCH, width // PATCH
-
-
-def operator_unit_name(scene: str, context: tuple[int, int], target: int) -> str:
-    return f"{pair_unit_name(scene, context)}--{target:05d}"
-
-
-def operators_spec(train: TrainCfg, samples_key: str, gaussians_key: str, masks_key: str) -> ArtifactSpec:
-    params = {"patch": PATCH, "mask_aware_upsampling": train.mask_aware_upsampling,
-              "reference_quirks": train.reference_quirks}
-    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params,
-                        inputs={"samples": samples_key, "gaussians": gaussians_key, "masks": masks_key})
+from ..store import Artifact, ArtifactWriter, Store
 
 
 def precompute_operators(
@@ -110,13 +78,7 @@ def precompute_operators(
                 context_grid=token_grid(*context_masks.shape[-2:]), target_grid=token_grid(camera.height, camera.width),
                 mask_aware_upsampling=train.mask_aware_upsampling,
             )
-            with writer.unit(name) as group:
-                arrays = operator.to_arrays()
-                for array_name, values in arrays.items():
-                    group.create_array(array_name, data=values)
-                group.attrs.update({"scene": scene_id, "context_positions": list(context), "target_position": target,
-                                    "nonzeros": operator.nonzeros(),
-                                    "bytes": int(sum(values.nbytes for values in arrays.values()))})
+            write_operator(writer, name, operator, scene_id, context, target)
         def counts() -> dict:
             stored = [writer.unit_attributes(name)["bytes"] for name in writer.done_units()]
             return {"samples": len(units), "bytes_per_sample": int(np.mean(stored)) if stored else 0}
@@ -124,12 +86,3 @@ def precompute_operators(
         return finish_if_complete(writer, list(units), counts)
 
     return run_stage(store, spec, config_yaml, force, build, expected_units=len(units), shard=shard)
-
-
-def load_operators(store: Store, train: TrainCfg, samples_key: str, gaussians_key: str, masks_key: str) -> Artifact:
-    spec = operators_spec(train, samples_key, gaussians_key, masks_key)
-    return store.open(spec.stage, spec.key, SCHEMA_VERSION)
-
-
-def read_operator(group) -> SplatOperator:
-    return SplatOperator.from_arrays(group)

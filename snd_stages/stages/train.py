@@ -23,7 +23,7 @@ The teacher follows the student by EMA every ``ema_every`` steps, after backward
 The run directory ``<runs_root>/<key>/`` (key = training config + input artifact keys) holds
 ``checkpoints/step-NNNNNN.pt`` (everything needed to continue exactly), ``metrics.csv``, ``pictures/``,
 ``config.yaml``, the learning curves (``validation.csv``, TensorBoard events, ``curves.png``: see
-:mod:`snd_stages.stages.learning_curves`), and at the end ``student.safetensors`` / ``teacher.safetensors``
+:mod:`snd_stages.probes.learning_curves`), and at the end ``student.safetensors`` / ``teacher.safetensors``
 (LoRA merged, timm-loadable) and ``manifest.json``.
 
 Under torchrun the step's global batch (``train.batch_size``) is split over the processes and DDP averages the
@@ -34,15 +34,11 @@ number of processes resumes with any other.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
-import json
 import logging
 import math
-import os
 import shutil
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -58,48 +54,40 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
-from ..config import (
-    TRAIN_OBSERVATION_ONLY,
-    DataCfg,
-    GaussiansCfg,
-    MasksCfg,
-    SamplingCfg,
-    TrainCfg,
-    dump_sections,
-    to_dict,
+from ..artifacts.gaussians import PairGaussians, pair_unit_name, read_pair
+from ..artifacts.masks import MaskReader
+from ..artifacts.operators import operator_unit_name, read_operator, token_grid
+from ..artifacts.runs import (
+    STUDENT_EXPORT,
+    TEACHER_EXPORT,
+    RunInputs,
+    latest_checkpoint,
+    load_checkpoint,
+    publish_run,
+    read_run_manifest,
+    run_inputs,
+    run_spec,
+    save_checkpoint,
+    teacher_operators,
+    training_lock,
 )
+from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_channels, unit_range
-from ..models.checkpoints import (
-    RUN_MANIFEST,
-    build_model,
-    checkpoint_path,
-    is_checkpoint_state,
-    read_checkpoint,
-    read_run_manifest,
-    restore_model_state,
-    run_manifest_files,
-)
+from ..models.checkpoints import build_model
 from ..models.distill import StudentTeacher, ema_schedule
-from ..models.lora import export_backbone
 from ..models.losses import cosine_distillation_loss, prototype_cross_entropy
+from ..models.lora import export_backbone
 from ..models.tokens import token_rows
-from ..models.weights import EMBEDDED
+from ..probes.learning_curves import LearningCurves
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..scenes.sampling import ViewSample
 from ..splat.operator import SplatOperator, apply_operators, splat_tokens
 from ..splat.quirks import render_inputs
-from ..store import Artifact, ArtifactSpec, Store, file_lock, file_sha256, write_text_atomic
+from ..store import Artifact, ArtifactSpec, Store, write_text_atomic
 from ..visualize import pca_basis, pca_rgb
-from .learning_curves import LearningCurves
-from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
-from .precompute_masks import MaskReader, load_masks
-from .precompute_operators import load_operators, operator_unit_name, read_operator, token_grid
-from .sample_views import SampleSet, load_samples
 
-STAGE = "run"
-SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 
 
@@ -462,48 +450,6 @@ class TrainResult:
     teacher_path: Path
 
 
-@dataclass(frozen=True)
-class RunInputs:
-    """The artifacts a run reads: the frozen samples, their Gaussians and their masks."""
-
-    samples_artifact: Artifact
-    samples: SampleSet
-    gaussians: Artifact
-    masks: Artifact
-
-
-def run_inputs(data: DataCfg, sampling: SamplingCfg, gaussians: GaussiansCfg, masks: MasksCfg, store: Store) -> RunInputs:
-    samples_artifact, samples = load_samples(store, data, sampling)
-    return RunInputs(samples_artifact, samples, load_gaussians(store, gaussians, samples_artifact.key),
-                     load_masks(store, masks, samples_artifact.key))
-
-
-def teacher_operators(train: TrainCfg, inputs: RunInputs, store: Store) -> Artifact:
-    """The run's precomputed teacher operators, with the two ways forward when they are missing."""
-    try:
-        return load_operators(store, train, inputs.samples_artifact.key, inputs.gaussians.key, inputs.masks.key)
-    except ArtifactError as error:
-        raise ArtifactError(f"{error} (train.teacher_splatting is 'operator'; or set it to 'render' to splat "
-                            "every step without them)") from None
-
-
-def run_spec(train: TrainCfg, inputs: RunInputs) -> ArtifactSpec:
-    """The run's identity: its training settings and input artifacts, never the device it trains on (so ``snd eval``
-    on another machine finds the run that ``snd train`` made)."""
-    params = {name: value for name, value in to_dict(train).items() if name not in TRAIN_OBSERVATION_ONLY}
-    keys = {"samples": inputs.samples_artifact.key, "gaussians": inputs.gaussians.key, "masks": inputs.masks.key}
-    if train.weights not in (EMBEDDED, "random"):  # a checkpoint: its contents, not where it lies
-        del params["weights"]
-        keys["weights_sha256"] = file_sha256(train.weights, "train.weights")
-    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=keys)
-
-
-def run_directory(data: DataCfg, sampling: SamplingCfg, gaussians: GaussiansCfg, masks: MasksCfg, train: TrainCfg,
-                  store: Store) -> Path:
-    """Where ``snd train`` puts (or has put) the run of this configuration."""
-    return Path(train.runs_root) / run_spec(train, run_inputs(data, sampling, gaussians, masks, store)).key
-
-
 def make_optimizer(model: StudentTeacher, train: TrainCfg, steps: int):
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -536,14 +482,6 @@ def train(
                       progress if world.is_main else None, held)
 
 
-def training_lock(run_dir: Path):
-    """Hold run ``run_dir`` against a second ``snd train`` of the same run (both would write the same checkpoints
-    and exports) until the block ends; refuse if another process holds it (a lock file beside the run)."""
-    return file_lock(run_dir.parent / f".{run_dir.name}.lock", True,
-                     f"another snd train is training run {run_dir}; wait for it to finish (a rerun then finds the "
-                     "run), or stop it and rerun to resume from its last checkpoint")
-
-
 @dataclass(frozen=True)
 class _Run:
     """A run about to be trained: what it reads, its identity and where it lives."""
@@ -555,11 +493,11 @@ class _Run:
 
     @property
     def student_path(self) -> Path:
-        return self.run_dir / "student.safetensors"
+        return self.run_dir / STUDENT_EXPORT
 
     @property
     def teacher_path(self) -> Path:
-        return self.run_dir / "teacher.safetensors"
+        return self.run_dir / TEACHER_EXPORT
 
     def result(self, skipped: bool, start_step: int, final_loss: float | None) -> TrainResult:
         return TrainResult(self.run_dir, skipped, self.steps, start_step, final_loss, self.student_path,
@@ -706,98 +644,14 @@ def _finish(model: StudentTeacher, run: _Run, train_cfg: TrainCfg, final_loss: f
     if world.is_main:
         export_backbone(model.student, run.student_path)
         export_backbone(model.teacher, run.teacher_path)
-        exported = [run.student_path.name, run.teacher_path.name]
-        manifest = {**run.spec.ingredients(), "key": run.spec.key, "complete": True, "steps": run.steps,
-                    "final_loss": final_loss, "backbone": train_cfg.backbone, "exported": exported,
-                    "files": run_manifest_files(run.run_dir, exported)}
-        write_text_atomic(run.run_dir / RUN_MANIFEST, json.dumps(manifest, indent=1))
+        publish_run(run.run_dir, run.spec, run.steps, final_loss, train_cfg.backbone,
+                    [run.student_path.name, run.teacher_path.name])
     world.barrier()  # the other ranks return once the run's files are complete
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints, metrics, pictures
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint of a run, or None.
-
-    Each checkpoint is written to ``.step-NNNNNN.pt.tmp-<pid>-<random>`` and renamed when whole, so a run killed
-    while writing one leaves only that temporary: it is never picked, and it is deleted here. A step file that is unreadable
-    all the same (a disk fault, a copy cut short) is still picked, and :func:`load_checkpoint` stops with an error
-    naming it and the checkpoint before it: resuming silently from an older one would hide the fault.
-    """
-    directory = run_dir / "checkpoints"
-    for leftover in directory.glob(".step-*.pt.tmp*"):
-        leftover.unlink(missing_ok=True)
-    found = sorted(directory.glob("step-*.pt"))
-    return found[-1] if found else None
-
-
-def save_checkpoint(run_dir: Path, step: int, model: StudentTeacher, optimizer, scheduler, key: str, keep: int) -> Path:
-    trainable = {name: p for name, p in model.state_dict().items() if is_checkpoint_state(name)}
-    state = {
-        "step": step,
-        "run_key": key,
-        "model": trainable,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    path = checkpoint_path(run_dir, step)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        torch.save(state, temporary)
-        temporary.replace(path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write (e.g. a full disk) as RuntimeError
-        temporary.unlink(missing_ok=True)
-        previous = latest_checkpoint(run_dir)
-        kept = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
-        detail = str(error).strip().splitlines()[0][:200]
-        full = getattr(error, "errno", None) == errno.ENOSPC or "space" in detail.lower()
-        fix = f"free space in {path.parent}" if full else "fix the cause above"
-        raise ArtifactError(f"cannot write checkpoint {path} ({detail}); {kept}: {fix} and rerun the same command "
-                            "to resume") from None
-    for old in sorted((run_dir / "checkpoints").glob("step-*.pt"))[:-keep]:
-        old.unlink()
-    return path
-
-
-def load_checkpoint(path: Path, model: StudentTeacher, optimizer, scheduler, key: str) -> int:
-    """Restore the state saved by :func:`save_checkpoint`; return the number of steps done.
-
-    An unreadable file stops the run with an error naming the checkpoint to fall back to (see
-    :func:`latest_checkpoint`).
-    """
-    if path.is_dir():
-        raise ArtifactError(f"--resume {path} is a folder; pass --resume auto or a checkpoint file "
-                            "(<run>/checkpoints/step-NNNNNN.pt)")
-    if not path.is_file():
-        raise ArtifactError(f"checkpoint {path} does not exist; pass --resume auto or a step-NNNNNN.pt file")
-    try:
-        state = read_checkpoint(path)
-    except ArtifactError as error:
-        if path.parent.name != "checkpoints" or not path.name.startswith("step-"):
-            # not one of a run's own checkpoints: never advise deleting it
-            raise ArtifactError(f"{error}; --resume takes a checkpoint that snd train wrote "
-                                "(<run>/checkpoints/step-NNNNNN.pt), or auto") from None
-        earlier = [other for other in sorted(path.parent.glob("step-*.pt")) if other.name < path.name]
-        then = f"--resume auto then continues from {earlier[-1].name}" if earlier else "the run then starts over"
-        raise ArtifactError(f"{error}; delete it and rerun: {then}") from None
-    if state.get("run_key") != key:
-        raise ConfigError(
-            f"checkpoint {path} belongs to run {state.get('run_key')}, not to this configuration's run {key}; "
-            "resume with the config that made it"
-        )
-    restore_model_state(model, state["model"], path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        # One state per GPU of the machine that saved it; a machine with fewer GPUs restores those it has.
-        torch.cuda.set_rng_state_all(state["rng_cuda"][: torch.cuda.device_count()])
-    return int(state["step"])
 
 
 def save_picture(path: Path, image: torch.Tensor, result: StepResult) -> None:

@@ -32,9 +32,9 @@ from ..config import DataCfg, EvalCfg, TrainCfg
 from ..errors import DataError
 from ..models.distill import StudentTeacher
 from ..models.lora import merged_backbone
-from ..probes.backbone import DENSE_FEATURES, ProbeBackbone
-from ..probes.cache import probe_features
-from ..probes.correspondence import correspondence_probe, held_out_pairs, pairs_frame_set
+from .backbone import DENSE_FEATURES, ProbeBackbone
+from .correspondence import correspondence_probe, held_out_pairs, pairs_frame_set
+from .features import features_in_memory
 from ..scenes.layout import list_scene_ids
 from ..store import write_text_atomic
 
@@ -92,8 +92,7 @@ class LearningCurves:
             student = merged_backbone(model.student)  # a copy in eval mode: no dropout, the student untouched
             backbone = ProbeBackbone.of_model(student, self.train.backbone, "student", f"student at step {step}",
                                               identity=f"run {self.run_dir.name} step {step}")
-            sets, _ = probe_features(backbone, pairs_frame_set(self.pairs, None), [DENSE_FEATURES], None, "",
-                                     memory_bytes=math.inf)
+            sets = features_in_memory(backbone, pairs_frame_set(self.pairs, None), [DENSE_FEATURES])
             scores, _ = correspondence_probe(sets[DENSE_FEATURES], self.pairs, self.protocol, self.device)
             del student, backbone, sets
         recalls = {name: scores[name].estimate() for name in RECALLS}

@@ -1,4 +1,5 @@
-"""Probe ground truth cached in the artifact store, so that depth is decoded and normals fitted once per frame set.
+"""The probes' ground truth of a frame set, cached in the artifact store, so that depth is decoded and normals
+fitted once per frame set.
 
 Besides the backbone, reading the probes' ground truth is the expensive part of ``snd eval``: every frame's depth
 is decoded and, where a dataset has no normals (NYUv2, real ScanNet++), normals are fitted to the depth by local
@@ -48,6 +49,7 @@ from ..errors import ArtifactError
 from ..progress import track
 from ..scenes.normals import DEFAULT_MAX_RELATIVE_JUMP, DEFAULT_MIN_POINTS, DEFAULT_WINDOW, PLANE_FIT_VERSION
 from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store, hash_json
+from .protocol import producing
 
 STAGE = "ground_truth"
 SCHEMA_VERSION = 1
@@ -177,41 +179,39 @@ def load_ground_truth(
         region_tensor = None if region is None else torch.as_tensor(np.asarray(region, dtype=bool))
         return _stack(frames, region_tensor, "in memory")
 
-    spec = ground_truth_artifact_spec(request, region is not None)
-    if store.exists(spec):
-        artifact = store.open(STAGE, spec.key, SCHEMA_VERSION)
-        return _read(artifact, request, "reused", f"{description} (cached)", progress)
-
     units = [range(start, min(start + FRAMES_PER_UNIT, len(request)))
              for start in range(0, len(request), FRAMES_PER_UNIT)]
     unit_names = [f"{index:05d}" for index in range(len(units))]
     expected = unit_names + ([REGION_UNIT] if region is not None else [])
-    writer = store.writer(spec, config_yaml)
-    writer.prepare({"frames": request.role, "image_size": list(request.image_size), "stride": request.stride,
-                    "normals": request.normals, "classes": request.classes})
-    done = writer.done_units()
-    if region is not None and REGION_UNIT not in done:
-        with writer.unit(REGION_UNIT) as group:
-            group.create_array("region", data=np.asarray(region, dtype=bool))
-    todo = [unit for unit, name in enumerate(unit_names) if name not in done]
-    frame_indices = (index for unit in todo for index in units[unit])
-    pieces: list[FrameTruth] = []
-    for index in track(frame_indices, description, progress, total=sum(len(units[u]) for u in todo), unit="frame"):
-        pieces.append(compute(index))
-        unit = index // FRAMES_PER_UNIT
-        if index == units[unit][-1]:
-            _write_unit(writer, unit_names[unit], units[unit], pieces, request)
-            pieces = []
-    artifact = writer.finish(
-        expected_units=expected,
-        counts=lambda: {
-            "frames": len(request),
-            "units": len(expected),
-            "fitted_normals": sum(int(writer.unit_attributes(name)["fitted_normals"]) for name in unit_names),
-        },
-    )
+    with producing(store, ground_truth_artifact_spec(request, region is not None), config_yaml) as production:
+        if production.reused:
+            return _read(production.artifact, request, "reused", f"{description} (cached)", progress)
+        writer = production.writer
+        writer.prepare({"frames": request.role, "image_size": list(request.image_size), "stride": request.stride,
+                        "normals": request.normals, "classes": request.classes})
+        done = writer.done_units()
+        if region is not None and REGION_UNIT not in done:
+            with writer.unit(REGION_UNIT) as group:
+                group.create_array("region", data=np.asarray(region, dtype=bool))
+        todo = [unit for unit, name in enumerate(unit_names) if name not in done]
+        frame_indices = (index for unit in todo for index in units[unit])
+        pieces: list[FrameTruth] = []
+        for index in track(frame_indices, description, progress, total=sum(len(units[u]) for u in todo), unit="frame"):
+            pieces.append(compute(index))
+            unit = index // FRAMES_PER_UNIT
+            if index == units[unit][-1]:
+                _write_unit(writer, unit_names[unit], units[unit], pieces, request)
+                pieces = []
+        artifact = writer.finish(
+            expected_units=expected,
+            counts=lambda: {
+                "frames": len(request),
+                "units": len(expected),
+                "fitted_normals": sum(int(writer.unit_attributes(name)["fitted_normals"]) for name in unit_names),
+            },
+        )
     # Read back what was stored rather than keep the computed frames: one path for fresh, resumed and reused sets.
-    return _read(artifact, request, "resumed" if done else "computed")
+    return _read(artifact, request, production.status)
 
 
 def _stack(frames: list[FrameTruth], region: Tensor | None, status: str, key: str | None = None) -> GroundTruth:
