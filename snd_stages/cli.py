@@ -260,11 +260,12 @@ def run_dir_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOptio
 
 
 @app.command("eval")
-def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = []) -> None:
+def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: Annotated[bool, typer.Option(
+        "--force", help="Probe again although the report folder holds the report of these models, data and settings "
+                        "(features and ground truth are still read from the store).")] = False) -> None:
     """Probe the baseline and each fine-tuned model side by side: depth, normals, segmentation, correspondence."""
-    from .artifacts.runs import with_checkpoints
+    from .artifacts.runs import run_directory, with_checkpoints
     from .stages.evaluate import evaluate
-    from .artifacts.runs import run_directory
 
     def action() -> None:
         cfg = _load(config, set_, {"data", "sampling", "gaussians", "masks", "train", "eval", "store"})
@@ -272,8 +273,12 @@ def eval_command(config: ConfigOption = Path("pipeline.yaml"), set_: SetOption =
                                                    Store(cfg.store.root))]
         runs = with_checkpoints(runs, cfg.eval.checkpoints)
         with make_progress() as progress:
-            report = evaluate(cfg.data, cfg.train, cfg.eval, runs, progress, store=Store(cfg.store.root))
+            report = evaluate(cfg.data, cfg.train, cfg.eval, runs, progress, store=Store(cfg.store.root), force=force)
         Console().print((report.report_dir / "report.md").read_text())
+        if report.up_to_date:
+            console.print(f"[green]eval[/]: up to date: {report.report_dir} holds the report of these models, data and "
+                          "settings (--force probes again)")
+            return
         reused = sum(use.status == "reused" for use in report.feature_uses)
         console.print(f"[green]eval[/]: features: {reused} of {len(report.feature_uses)} feature sets were up to date "
                       f"in {cfg.store.root / 'features'}, {len(report.feature_uses) - reused} extracted")

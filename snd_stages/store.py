@@ -144,6 +144,13 @@ def file_stamp(path: str | Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def small_file_identity(path: Path | None) -> dict | None:
+    """Name and sha256 of a small input file; None where it is unset or missing (reading it reports that)."""
+    if path is None or not Path(path).is_file():
+        return None
+    return {"name": Path(path).name, "sha256": file_sha256(path)}
+
+
 @functools.lru_cache(maxsize=64)
 def _sha256_of(path: Path, size: int, modified_ns: int) -> str:
     digest = hashlib.sha256()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,8 @@ import yaml
 
 from snd_stages.config import load_config
 from snd_stages.errors import ConfigError
-from snd_stages.stages.evaluate import evaluate, markdown_report
+from snd_stages.report.markdown import markdown_report
+from snd_stages.stages.evaluate import evaluate
 from snd_stages.artifacts.runs import run_directory
 from snd_stages.stages.train import train
 from snd_stages.store import Store
@@ -210,7 +212,9 @@ def test_a_second_eval_reuses_the_cached_features(project, tmp_path):
         cached = evaluate(other_steps.data, other_steps.train, other_steps.eval, [run], store=features)
     assert passes == [] and {use.status for use in cached.feature_uses} == {"reused"}
     assert len(features.complete_artifacts("ground_truth")) == 2  # the same frames' ground truth, read back
-    fresh = evaluate(other_steps.data, other_steps.train, other_steps.eval, [run])  # no store: extracted anew
+    # no store, and forced (the report folder holds this very report): extracted anew
+    fresh = evaluate(other_steps.data, other_steps.train, other_steps.eval, [run], force=True)
+    assert not fresh.up_to_date
     assert cached.results["models"] == fresh.results["models"]
     assert cached.results["models"] != first.results["models"]  # 4 probe steps instead of 3
 
@@ -276,3 +280,68 @@ def test_runs_are_labelled_by_the_settings_that_set_them_apart(tmp_path):
     assert distinguishing_settings([default / "checkpoints" / "step-000010.pt", default]) == [[], []]
     # A run without a readable config.yaml neither gets a label nor makes the others look different.
     assert distinguishing_settings([tmp_path / "missing", default, cosine]) == [[], [], ["train.loss=cosine"]]
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_an_unchanged_eval_is_up_to_date_and_does_no_work(project, tmp_path, monkeypatch):
+    from snd_stages.artifacts import reports
+    from tests.test_probe_cache import counting_backbone_passes
+
+    cfg, store = project
+    run = run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    settings = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probes=[depth,correspondence]",
+                                  f"eval.report_dir={tmp_path / 'report'}"])
+    first = evaluate(settings.data, settings.train, settings.eval, [run], store=Store(tmp_path / "store"))
+    assert not first.up_to_date and first.results["headline"]["depth"] == "rmse"
+    written = {path.name: path.read_bytes() for path in first.report_dir.iterdir()}
+    assert reports.REPORT_RECORD in written
+
+    with counting_backbone_passes() as passes:  # no backbone pass, no probe fit, nothing read from the store
+        again = evaluate(settings.data, settings.train, settings.eval, [run], store=Store(tmp_path / "elsewhere"))
+    assert again.up_to_date and passes == [] and not (tmp_path / "elsewhere").exists()
+    assert again.results == json.loads(written["report.json"]) and again.figures == first.figures
+    assert {path.name: path.read_bytes() for path in first.report_dir.iterdir()} == written
+
+    # anything the numbers depend on makes it out of date: a setting, the data, a damaged report file
+    changed = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probes=[depth,correspondence]",
+                                 "eval.probe_steps=4", f"eval.report_dir={tmp_path / 'report'}"])
+    spec = reports.report_spec(settings.data, settings.train, settings.eval, [run], 0, settings.data.root)
+    assert reports.finished_report(first.report_dir, spec) is not None
+    assert reports.report_spec(changed.data, changed.train, changed.eval, [run], 0, changed.data.root).key != spec.key
+    assert reports.report_spec(settings.data, settings.train, settings.eval, [run], 1, settings.data.root).key \
+        != spec.key
+    moved = dataclasses.replace(settings.eval, device="cpu", feature_memory_gb=0.5)
+    assert reports.report_spec(settings.data, settings.train, moved, [run], 0, settings.data.root).key == spec.key
+    (first.report_dir / "report.md").write_text("edited")
+    assert reports.finished_report(first.report_dir, spec) is None
+    image = next(Path(settings.data.root, "scenes").glob("*/images/*.png"))
+    image.touch()
+    try:
+        assert reports.report_spec(settings.data, settings.train, settings.eval, [run], 0,
+                                   settings.data.root).key != spec.key
+    finally:
+        (first.report_dir / "report.md").write_bytes(written["report.md"])
+    redone = evaluate(settings.data, settings.train, settings.eval, [run], store=Store(tmp_path / "store"))
+    assert not redone.up_to_date and redone.results["models"] == first.results["models"]
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_snd_eval_twice_says_up_to_date_the_second_time(project, tmp_path):
+    from typer.testing import CliRunner
+
+    from snd_stages.cli import app
+
+    cfg, store = project
+    run = run_directory(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    settings = [*(s for s in TINY if not s.startswith("demo.")), f"data.root={cfg.data.root}",
+                f"store.root={tmp_path / 'store'}", "eval.probes=[depth]",
+                f"eval.runs=[{run}]", f"eval.report_dir={tmp_path / 'report'}"]
+    command = ["--profile", "cpu", "eval", *(part for setting in settings for part in ("--set", setting))]
+    first = CliRunner().invoke(app, command)
+    assert first.exit_code == 0, first.output
+    assert "eval: up to date" not in first.output and "wrote" in first.output
+    second = CliRunner().invoke(app, command)
+    assert second.exit_code == 0 and "eval: up to date" in second.output and "extracted" not in second.output
+    forced = CliRunner().invoke(app, [*command, "--force"])
+    assert forced.exit_code == 0 and "eval: up to date" not in forced.output
+    assert "0 extracted" in " ".join(forced.output.split())

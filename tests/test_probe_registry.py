@@ -7,7 +7,8 @@ import pytest
 from snd_stages.config import PROBE_NAMES, EvalCfg
 from snd_stages.errors import ConfigError
 from snd_stages.probes.registry import PROBES
-from snd_stages.stages.evaluate import HEADLINE, PROBE_FEATURES, REPORTED
+from snd_stages.report.markdown import reported_metrics
+from snd_stages.stages.evaluate import PROBE_FEATURES, metric_table
 
 
 def test_every_registered_probe_is_a_valid_config_value_and_nothing_else_is():
@@ -18,9 +19,9 @@ def test_every_registered_probe_is_a_valid_config_value_and_nothing_else_is():
 
 
 def test_the_report_rows_and_summary_come_from_the_registry():
-    assert [(name, metric) for name, metric, _, _ in REPORTED] == [
-        (name, metric.name) for name, probe in PROBES.items() for metric in probe.metrics]
-    assert HEADLINE == [(name, probe.headline) for name, probe in PROBES.items()]
+    reported = reported_metrics({"metrics": metric_table()})
+    assert reported == [(name, metric.name, metric.higher_is_better, metric.format)
+                        for name, probe in PROBES.items() for metric in probe.metrics]
     for name, probe in PROBES.items():
         assert probe.headline in {metric.name for metric in probe.metrics}, name
     assert set(PROBE_FEATURES) == {name for name, probe in PROBES.items() if not probe.reads_pairs}

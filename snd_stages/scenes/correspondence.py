@@ -29,6 +29,7 @@ Every pair is expressed in camera 0's frame: ``camera0.world_to_camera`` is the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..geometry import Camera, check_rigid, rotation_angle_degrees
+from ..store import file_stamp
 from .layout import DEPTH_SCALE, Scene
 
 # ScanNet's colour frames are 1296x968 (w x h); SuperGlue's list gives K at that size.
@@ -327,3 +329,12 @@ def pairs_from_scene(scene: Scene, count: int, min_gap: int, max_gap: int, seed:
             )
         )
     return pairs
+
+
+def scannet1500_identity(pairs_file: Path, root: Path) -> dict:
+    """What the ScanNet-1500 pairs are read from: the pairs file's sha256 and each colour image's name, size and
+    time."""
+    colour_files = sorted((str(p.relative_to(root)), file_stamp(p))
+                          for p in Path(root).glob("*/color/*") if p.is_file())
+    return {"pairs_file_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest(),
+            "colour_files": colour_files}

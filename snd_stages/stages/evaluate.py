@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +57,7 @@ import yaml
 from rich.progress import Progress
 
 from ..artifacts.features import CacheUse, probe_features
+from ..artifacts.reports import finished_report, forget_report, report_spec, write_report
 from ..artifacts.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
 from ..artifacts.runs import finished_run_manifest, run_backbone, run_of
 from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections
@@ -69,13 +68,14 @@ from ..probes.frames import ProbeFrames
 from ..probes.figures import pca_figure
 from ..probes.registry import PROBES, ProbeInputs
 from ..progress import track
-from ..report.statistics import CONFIDENCE, Measurement, Resampling, class_iou, excludes_zero, interval
+from ..report.markdown import markdown_report
+from ..report.summary import samples_seen, short_run_notes, summarise
 from ..runtime import resolve_device
-from ..scenes.correspondence import CorrespondencePair, read_scannet1500
+from ..scenes.correspondence import CorrespondencePair, read_scannet1500, scannet1500_identity
 from ..scenes.layout import IGNORE_LABEL, Scene, list_scene_ids, read_scene
 from ..scenes.normals import normals_from_depth_plane_fit
 from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
-from ..store import Store, file_sha256, file_stamp, write_text_atomic
+from ..store import Store, file_stamp, small_file_identity
 
 # Which tokens each frame probe reads (correspondence reads its features of the pairs' views).
 PROBE_FEATURES = {name: probe.features for name, probe in PROBES.items() if not probe.reads_pairs}
@@ -111,10 +111,10 @@ def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device, progr
     mat = Path(cfg.nyuv2_mat)
     identity = {"nyuv2_mat": mat.name, "stamp": file_stamp(mat)}
     # The .mat (2.8 GB) is known by name, size and time; the small splits and class mapping files by content.
-    source = {**identity, "splits": _small_file_identity(cfg.nyuv2_splits),
+    source = {**identity, "splits": small_file_identity(cfg.nyuv2_splits),
               "camera": camera.intrinsics.tolist() if with_normals else None,
-              "mappings": {"classes": cfg.nyuv2_classes, "40": _small_file_identity(cfg.nyuv2_mapping_40),
-                           "13": _small_file_identity(cfg.nyuv2_mapping_13)} if with_semantics else None}
+              "mappings": {"classes": cfg.nyuv2_classes, "40": small_file_identity(cfg.nyuv2_mapping_40),
+                           "13": small_file_identity(cfg.nyuv2_mapping_13)} if with_semantics else None}
     names = [f"nyuv2/{index}" for index in indices]
     request = GroundTruthRequest(f"nyuv2 {split}", tuple(names), (data.height, data.width), cfg.frame_stride, source,
                                  normals=with_normals, classes=cfg.nyuv2_classes if with_semantics else None,
@@ -197,13 +197,6 @@ def _ground_truth_files(scene: Scene, position: int, name: str, normals: bool, s
     return record
 
 
-def _small_file_identity(path: Path | None) -> dict | None:
-    """Name and sha256 of a small input file; None where it is unset or missing (reading it reports that)."""
-    if path is None or not Path(path).is_file():
-        return None
-    return {"name": Path(path).name, "sha256": file_sha256(path)}
-
-
 def class_count(root: Path) -> int:
     classes_file = Path(root) / "metadata" / "semantic_classes.txt"
     if not classes_file.is_file():
@@ -227,13 +220,6 @@ def missing_semantics(root: Path, scene_ids: list[str]) -> str | None:
     return None
 
 
-def _scannet1500_identity(pairs_file: Path, root: Path) -> dict:
-    colour_files = sorted((str(p.relative_to(root)), file_stamp(p))
-                          for p in Path(root).glob("*/color/*") if p.is_file())
-    return {"pairs_file_sha256": hashlib.sha256(Path(pairs_file).read_bytes()).hexdigest(),
-            "colour_files": colour_files}
-
-
 def _scene_images_identity(root: Path, scene_ids: list[str]) -> list:
     files = []
     for scene_id in scene_ids:
@@ -250,12 +236,14 @@ def _scene_images_identity(root: Path, scene_ids: list[str]) -> list:
 
 @dataclass(frozen=True)
 class EvalReport:
-    """What ``snd eval`` wrote, and how each model's features were obtained (``feature_uses``)."""
+    """What ``snd eval`` wrote, and how each model's features were obtained (``feature_uses``); ``up_to_date`` when
+    the report folder already held this report and nothing was done."""
 
     report_dir: Path
     results: dict
     figures: list[Path]
     feature_uses: list[CacheUse] = field(default_factory=list)
+    up_to_date: bool = False
 
 
 def scenes_root(data: DataCfg, cfg: EvalCfg) -> Path:
@@ -266,17 +254,25 @@ def scenes_root(data: DataCfg, cfg: EvalCfg) -> Path:
 
 
 def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], progress: Progress | None = None,
-             store: Store | None = None) -> EvalReport:
+             store: Store | None = None, force: bool = False) -> EvalReport:
     """Probe the baseline (``train.backbone`` with ``eval.baseline_weights``) and each run; write the report.
 
     With a ``store``, features and ground truth are cached there (:mod:`snd_stages.artifacts.features`,
     :mod:`snd_stages.artifacts.ground_truth`); without one they are computed and kept in memory, as the same values
     (features as float16), so the scores are the same either way.
+
+    A report folder that already holds the report of the same models, data and settings
+    (:mod:`snd_stages.artifacts.reports`) is returned as it is, ``up_to_date``; ``force`` writes it again.
     """
     device = resolve_device(cfg.device, "eval.device")
     reference_position = reference_index(cfg.reference, runs)
     # a damaged or unfinished run stops the eval before any work (a checkpoint is checked when it is read)
     manifests = [None if Path(run).suffix == ".pt" else finished_run_manifest(Path(run)) for run in runs]
+    spec = report_spec(data, train, cfg, runs, reference_position, scenes_root(data, cfg))
+    found = None if force else finished_report(cfg.report_dir, spec)
+    if found is not None:
+        results, figures = found
+        return EvalReport(Path(cfg.report_dir), results, figures, up_to_date=True)
     pairs: list[CorrespondencePair] = []
     pairs_identity = None
     notes: list[str] = []
@@ -320,7 +316,7 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
         if cfg.scannet1500_pairs is None or cfg.scannet1500_root is None:
             raise ConfigError("ScanNet-1500 needs both eval.scannet1500_pairs and eval.scannet1500_root")
         pairs = read_scannet1500(cfg.scannet1500_pairs, cfg.scannet1500_root)[: cfg.correspondence_pairs]
-        pairs_identity = _scannet1500_identity(cfg.scannet1500_pairs, cfg.scannet1500_root)
+        pairs_identity = scannet1500_identity(cfg.scannet1500_pairs, cfg.scannet1500_root)
         probes = list(dict.fromkeys([*probes, "correspondence"]))
     fitted = train_frames.fitted_normals + test_frames.fitted_normals
     if "normals" in probes and fitted:
@@ -338,6 +334,7 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     reference = models[reference_position].label
     results: dict = {"protocol": {"dataset": cfg.dataset, "probes": probes,
                                   **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs))},
+                     "metrics": metric_table(), "headline": {name: probe.headline for name, probe in PROBES.items()},
                      "models": {}, "reference": reference, "notes": notes}
     memory_bytes = cfg.feature_memory_gb * 2**30
     frame_specs = [PROBE_FEATURES[probe] for probe in probes if probe in PROBE_FEATURES]
@@ -348,8 +345,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
         uses.extend(used)
         return sets
 
-    samples_seen = [0] + [_samples_seen(manifest) for manifest in manifests]
-    for backbone, seen in zip(track(models, "probing models", progress, unit="model"), samples_seen):
+    seen_by_model = [0] + [samples_seen(manifest) for manifest in manifests]
+    for backbone, seen in zip(track(models, "probing models", progress, unit="model"), seen_by_model):
         scores, predictions = {}, {}
         train_sets = features_of(backbone, train_frames.frame_set("train"), frame_specs) if frame_specs else {}
         test_sets = features_of(backbone, test_frames.frame_set("test"), frame_specs) if frame_specs else {}
@@ -378,11 +375,10 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     notes += short_run_notes(results)
 
     report_dir = Path(cfg.report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(report_dir / "report.json", json.dumps(results, indent=1))
-    write_text_atomic(report_dir / "report.md", markdown_report(results))
+    forget_report(report_dir)
     figures = save_figures(report_dir, test_frames, outputs)
-    write_text_atomic(report_dir / "config.yaml", config_yaml)
+    write_report(report_dir, spec, {"report.json": json.dumps(results, indent=1), "report.md": markdown_report(results),
+                                    "config.yaml": config_yaml}, figures)
     return EvalReport(report_dir, results, figures, uses)
 
 
@@ -445,184 +441,16 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
     }
 
 
-# Fewer distillation samples than this (steps x batch) are not expected to change a probe's score. On the GPU
-# demo (192x256, ViT-S/14), 8,000 samples moved nothing; with 64,000 every probe improved beyond its interval,
-# and the held-out correspondence recall had made most of its gain by 32,000.
-SAMPLES_FOR_AN_EFFECT = 32_000
-
-
-def _samples_seen(manifest: dict | None) -> int | None:
-    """Distillation samples (steps x batch) of a finished run, from its manifest; None where it does not say (a
-    checkpoint has none)."""
-    try:
-        return int(manifest["steps"]) * int(manifest["params"]["batch_size"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def short_run_notes(results: dict) -> list[str]:
-    """A plain warning for each model trained too briefly to be expected to differ from the baseline."""
-    notes = []
-    for label, model in list(results["models"].items())[1:]:
-        seen = model.get("samples_seen")
-        if seen is not None and seen < SAMPLES_FOR_AN_EFFECT:
-            notes.append(f"{label} saw {seen:,} distillation samples (steps x batch): too few to expect any change "
-                         f"from the baseline (on the GPU demo, gains showed after some {SAMPLES_FOR_AN_EFFECT:,}; a CPU "
-                         "run is a smoke test of the pipeline, not of the method). Its deltas are noise.")
-    return notes
-
-
-def summarise(results: dict, measurements: dict[str, dict[str, dict[str, Measurement]]], cfg: EvalCfg) -> None:
-    """Point estimates, per-seed scores, 95 % intervals and per-unit parts of every model's metrics, and each
-    model's paired deltas against ``results["reference"]`` (the baseline unless ``eval.reference`` names a run),
-    into ``results`` (:mod:`snd_stages.report.statistics`).
-
-    One resampling per probe is drawn from ``eval.seed`` and shared by every model, which makes the deltas paired.
-    """
-    labels = list(measurements)
-    rng = np.random.default_rng(cfg.seed)
-    resamplings = {}
-    for probe, metrics in measurements[labels[0]].items():
-        seeds, units = next(iter(metrics.values())).parts.shape[:2]
-        resamplings[probe] = Resampling.draw(seeds, units, cfg.bootstrap_replicates, rng)
-    replicates = {}
-    for label in labels:
-        model = results["models"][label]
-        model.update({"intervals": {}, "per_seed": {}, "per_unit": {}})
-        for probe, metrics in measurements[label].items():
-            for metric, m in metrics.items():
-                replicates[(label, probe, metric)] = m.replicates(resamplings[probe])
-            model[probe] = {metric: _finite(m.estimate()) for metric, m in metrics.items()}
-            model["intervals"][probe] = {metric: interval(replicates[(label, probe, metric)], CONFIDENCE)
-                                         for metric in metrics}
-            model["per_seed"][probe] = {metric: [_finite(v) for v in m.per_seed()] for metric, m in metrics.items()}
-            model["per_unit"][probe] = {metric: m.to_json() for metric, m in metrics.items()}
-            if probe == "segmentation":
-                model[probe]["per_class_iou"] = _per_class_iou(metrics["miou"])
-    reference = results.get("reference", labels[0])
-    results["deltas"] = {}
-    for label in labels:
-        if label == reference:
-            continue
-        deltas = results["deltas"][label] = {}
-        for probe, metrics in measurements[label].items():
-            if probe not in measurements[reference]:
-                continue
-            deltas[probe] = {}
-            for metric in metrics:
-                difference = replicates[(label, probe, metric)] - replicates[(reference, probe, metric)]
-                bounds = interval(difference, CONFIDENCE)
-                value = results["models"][label][probe][metric]
-                base = results["models"][reference][probe][metric]
-                deltas[probe][metric] = {"delta": None if value is None or base is None else value - base,
-                                         "interval": bounds, "excludes_zero": excludes_zero(bounds)}
-    results["statistics"] = {
-        "seeds": list(cfg.seeds), "bootstrap_replicates": cfg.bootstrap_replicates, "confidence": CONFIDENCE,
-        "method": "mean over probe seeds of each seed's score on all test units; percentile intervals from a "
-                  "two-level bootstrap redrawing seeds and test units (images, or pairs for correspondence) with "
-                  "replacement; deltas paired on the same draws",
-    }
-
-
-def _finite(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _per_class_iou(miou: Measurement) -> list[float | None]:
-    """Each class's IoU on all test images, averaged over seeds (None for a class absent everywhere)."""
-    iou = class_iou(miou.parts.sum(axis=1))  # [seeds, classes]
-    return [_finite(float(np.nanmean(column))) if np.isfinite(column).any() else None for column in iou.T]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
-# (probe, metric, higher is better, format)
-# The report's rows: every metric of every probe, with its direction and format (snd_stages.probes.registry).
-REPORTED = [(name, metric.name, metric.higher_is_better, metric.format)
-            for name, probe in PROBES.items() for metric in probe.metrics]
 
-
-def _signed(fmt: str, value: float) -> str:
-    return ("+" if value >= 0 else "−") + fmt.format(abs(value))
-
-
-# The one metric per probe that the summary table shows (the full table has them all).
-HEADLINE = [(name, probe.headline) for name, probe in PROBES.items()]
-
-
-def markdown_report(results: dict) -> str:
-    labels = list(results["models"])
-    baseline = labels[0]
-    reference = results.get("reference", baseline)
-    compared = [label for label in labels if label != reference]
-    protocol = results["protocol"]
-    statistics = results.get("statistics", {})
-    seeds = statistics.get("seeds", [protocol.get("seed")])
-    lines = [
-        "# 3D-awareness probes", "",
-        f"Probes trained on {protocol['probe_train_frames']} frames of {', '.join(protocol['probe_train_scenes'])}, "
-        f"tested on {protocol['test_frames']} frames of {', '.join(protocol['test_scenes'])} "
-        f"({protocol['image_size'][0]}x{protocol['image_size'][1]}); {protocol['probe_steps']} AdamW steps per probe, "
-        f"batch {protocol['probe_batch_size']}, probe seeds {', '.join(map(str, seeds))}; correspondence on "
-        f"{protocol['correspondence']['pairs']} pairs at scale {protocol['correspondence']['scale']}. "
-        "Every model gets identical probe settings, seeds and test data. Arrows: which direction is better.", "",
-        f"Each cell: the mean over probe seeds, then its {round(100 * statistics.get('confidence', CONFIDENCE))} % "
-        "interval over seeds and test images (pairs for correspondence; two-level bootstrap, "
-        f"{statistics.get('bootstrap_replicates', 0):,} replicates). Each Δ is taken against {reference}, with its "
-        "own paired interval; a **bold** Δ is one whose interval excludes 0.", "",
-    ]
-    formats = {(probe, metric): (higher, fmt) for probe, metric, higher, fmt in REPORTED}
-    headline = [(probe, metric) for probe, metric in HEADLINE
-                if results["models"][baseline].get(probe, {}).get(metric) is not None]
-    lines += ["| model | " + " | ".join(f"{probe} {metric} {'↑' if formats[(probe, metric)][0] else '↓'}"
-                                        for probe, metric in headline) + " |",
-              "|---|" + "---|" * len(headline)]
-    for label in labels:
-        cells = []
-        for probe, metric in headline:
-            fmt = formats[(probe, metric)][1]
-            value = results["models"][label].get(probe, {}).get(metric)
-            cell = "–" if value is None else fmt.format(value)
-            if label != reference:
-                cell += f" (Δ {_delta_text(results, label, probe, metric, fmt)})"
-            cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| " + " | ".join(["probe", "metric", *labels, *(f"Δ {label}" for label in compared)]) + " |",
-              "|---|---|" + "---|" * (len(labels) + len(compared))]
-    binned = [("correspondence", key, True, "{:.3f}") for key in results["models"][baseline].get("correspondence", {})
-              if key.startswith("recall_10px_rotation_")]
-    for probe, metric, higher, fmt in REPORTED + binned:
-        values = [results["models"][label].get(probe, {}).get(metric) for label in labels]
-        if values[0] is None:
-            continue
-        cells = []
-        for label, value in zip(labels, values):
-            bounds = results["models"][label].get("intervals", {}).get(probe, {}).get(metric, [None, None])
-            cells.append("–" if value is None else fmt.format(value) + _bounds_text(fmt, bounds, signed=False))
-        cells += [_delta_text(results, label, probe, metric, fmt) for label in compared]
-        lines.append(f"| {probe} | {metric} {'↑' if higher else '↓'} | " + " | ".join(cells) + " |")
-    lines += ["", "Features (stored as float16): " + "; ".join(f"{k}: {v}" for k, v in protocol["features"].items()) + "."]
-    if results.get("notes"):
-        lines += ["", "Notes:", ""] + [f"- {note}" for note in results["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def _delta_text(results: dict, label: str, probe: str, metric: str, fmt: str) -> str:
-    """``+0.050 [+0.027, +0.073]``, bold when the interval excludes 0; ``–`` where there is none."""
-    delta = results.get("deltas", {}).get(label, {}).get(probe, {}).get(metric)
-    if delta is None or delta["delta"] is None:
-        return "–"
-    text = _signed(fmt, delta["delta"])
-    return (f"**{text}**" if delta["excludes_zero"] else text) + _bounds_text(fmt, delta["interval"], signed=True)
-
-
-def _bounds_text(fmt: str, bounds, signed: bool) -> str:
-    if not bounds or bounds[0] is None:
-        return ""
-    show = (lambda v: _signed(fmt, v)) if signed else fmt.format
-    return f" [{show(bounds[0])}, {show(bounds[1])}]"
+def metric_table() -> dict[str, list[dict]]:
+    """Each probe's metrics with their better direction and format (:data:`~snd_stages.probes.registry.PROBES`),
+    recorded in the results so that the report's tables read from them alone."""
+    return {name: [{"name": metric.name, "higher_is_better": metric.higher_is_better, "format": metric.format}
+                   for metric in probe.metrics] for name, probe in PROBES.items()}
 
 
 def save_figures(report_dir: Path, frames: ProbeFrames, outputs: dict) -> list[Path]:
