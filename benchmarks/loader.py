@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from snd_stages.config import load_config
+from snd_stages.pipeline import load_config
 from snd_stages.artifacts.operators import operator_unit_name
 from snd_stages.stages.train import TrainingData
 from snd_stages.artifacts.runs import run_inputs, teacher_operators

@@ -31,7 +31,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from snd_stages.config import GaussiansCfg
+from snd_stages.reconstruct import GaussiansCfg
+from snd_stages.reconstruct.mvsplat.settings import MVSplatSettings
 from snd_stages.probes.metrics import depth_metrics
 from snd_stages.reconstruct import build_reconstructor
 from snd_stages.reconstruct.mvsplat import MVSplatEncoder
@@ -110,7 +111,7 @@ def main() -> None:
             raise SystemExit(f"{inputs} holds {len(scene)} frames; --pairs {args.pairs} --gap {args.gap} needs {frames}")
 
         reconstructor = build_reconstructor(
-            GaussiansCfg(reconstructor="mvsplat", mvsplat_checkpoint=checkpoint, device=args.device)
+            GaussiansCfg(reconstructor="mvsplat", mvsplat=MVSplatSettings(checkpoint), device=args.device)
         )
         assert reconstructor.reconstruct_with_depth is not None
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from snd_stages.config import GaussiansCfg
+from snd_stages.reconstruct import GaussiansCfg
 from snd_stages.reconstruct import build_reconstructor
 from snd_stages.scenes.layout import frame_file_name, read_scene, write_scene
 from snd_stages.stages.precompute_gaussians import context_views

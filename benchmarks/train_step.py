@@ -53,7 +53,9 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from snd_stages.config import GaussiansCfg, TrainCfg
+from snd_stages.config import TrainCfg
+
+from snd_stages.reconstruct import GaussiansCfg
 from snd_stages.geometry import image_to_channels
 from snd_stages.reconstruct import build_reconstructor
 from snd_stages.scenes.layout import read_scene

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from .config import PipelineCfg, load_config
+from .pipeline import PipelineCfg, load_config
 from .errors import SndError
 from .progress import make_progress
 from .store import Store

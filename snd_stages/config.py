@@ -49,13 +49,13 @@ class DemoCfg:
     horizontal_fov_degrees: float = 70.0
 
     def __post_init__(self) -> None:
-        _require(self.train_scenes >= 1, "demo.train_scenes", self.train_scenes, "an integer >= 1")
+        require(self.train_scenes >= 1, "demo.train_scenes", self.train_scenes, "an integer >= 1")
         _require_seed("demo.seed", self.seed)
-        _require(self.eval_scenes >= 0, "demo.eval_scenes", self.eval_scenes, "an integer >= 0")
-        _require(self.frames_per_scene >= 2, "demo.frames_per_scene", self.frames_per_scene, "an integer >= 2")
-        _require(self.height >= 16, "demo.height", self.height, "an integer >= 16")
-        _require(self.width >= 16, "demo.width", self.width, "an integer >= 16")
-        _require(
+        require(self.eval_scenes >= 0, "demo.eval_scenes", self.eval_scenes, "an integer >= 0")
+        require(self.frames_per_scene >= 2, "demo.frames_per_scene", self.frames_per_scene, "an integer >= 2")
+        require(self.height >= 16, "demo.height", self.height, "an integer >= 16")
+        require(self.width >= 16, "demo.width", self.width, "an integer >= 16")
+        require(
             10.0 <= self.horizontal_fov_degrees <= 150.0,
             "demo.horizontal_fov_degrees",
             self.horizontal_fov_degrees,
@@ -89,81 +89,23 @@ class SamplingCfg:
 
     def __post_init__(self) -> None:
         low, high = self.frame_gap
-        _require(1 <= low <= high, "sampling.frame_gap", list(self.frame_gap), "[min, max] with 1 <= min <= max")
-        _require(1 <= self.samples_per_scene <= MAX_SAMPLES_PER_SCENE, "sampling.samples_per_scene",
+        require(1 <= low <= high, "sampling.frame_gap", list(self.frame_gap), "[min, max] with 1 <= min <= max")
+        require(1 <= self.samples_per_scene <= MAX_SAMPLES_PER_SCENE, "sampling.samples_per_scene",
                  self.samples_per_scene, f"an integer in [1, {MAX_SAMPLES_PER_SCENE:,}]")
         _require_seed("sampling.seed", self.seed)
-        _require(self.targets_per_sample >= 1, "sampling.targets_per_sample", self.targets_per_sample, "an integer >= 1")
+        require(self.targets_per_sample >= 1, "sampling.targets_per_sample", self.targets_per_sample, "an integer >= 1")
         if self.targets == "context":
-            _require(self.targets_per_sample <= 2, "sampling.targets_per_sample", self.targets_per_sample,
+            require(self.targets_per_sample <= 2, "sampling.targets_per_sample", self.targets_per_sample,
                      "at most 2 with sampling.targets = 'context': a sample has two context frames")
             return
         candidates = low - 1 if self.exclude_context_targets else low + 1
-        _require(
+        require(
             candidates >= self.targets_per_sample,
             "sampling.targets_per_sample",
             self.targets_per_sample,
             f"at most {candidates}: that many distinct targets fit between context frames {low} apart "
             "(raise sampling.frame_gap[0] or lower sampling.targets_per_sample)",
         )
-
-
-@dataclass(frozen=True)
-class GaussiansCfg:
-    """``snd precompute-gaussians``: which reconstructor turns each context pair into pixel-aligned Gaussians."""
-
-    # depth: from the dataset's metric depth; mvsplat: MVSplat's encoder on the RGB pair (needs its checkpoint)
-    reconstructor: Literal["depth", "mvsplat"] = "depth"
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    # depth reconstructor: covariance shape and size (standard deviation in pixels of the source view)
-    covariance: Literal["disk", "isotropic"] = "disk"
-    footprint_scale: float = 0.7
-    disk_thickness: float = 0.1
-    opacity: float = 1.0
-    invalid_depth: Literal["drop", "mask"] = "drop"
-    normals: Literal["dataset", "estimate"] = "dataset"
-    # mvsplat reconstructor: the authors' RE10K checkpoint (re10k.ckpt, or a safetensors copy), loaded strictly,
-    # and the depth range of its cost volume in metres (the authors' 1 and 100)
-    mvsplat_checkpoint: Path | None = None
-    near: float = 1.0
-    far: float = 100.0
-
-    def __post_init__(self) -> None:
-        _require(0.05 <= self.footprint_scale <= 10.0, "gaussians.footprint_scale", self.footprint_scale, "a number in [0.05, 10]")
-        _require(0.0 < self.disk_thickness <= 1.0, "gaussians.disk_thickness", self.disk_thickness, "a number in (0, 1]")
-        _require(0.0 < self.opacity <= 1.0, "gaussians.opacity", self.opacity, "a number in (0, 1]")
-        _require(self.near > 0, "gaussians.near", self.near, "a positive number (metres)")
-        _require(self.far > self.near, "gaussians.far", self.far, f"a number (metres) > gaussians.near = {self.near}")
-        _require(
-            self.reconstructor != "mvsplat" or self.mvsplat_checkpoint is not None,
-            "gaussians.mvsplat_checkpoint",
-            self.mvsplat_checkpoint,
-            "the path to MVSplat's RE10K checkpoint (re10k.ckpt from the authors' release, or a .safetensors copy) "
-            "when gaussians.reconstructor = 'mvsplat'",
-        )
-
-
-@dataclass(frozen=True)
-class MasksCfg:
-    """``snd precompute-masks``: where each frame's segment label map comes from."""
-
-    source: Literal["gt", "sam", "felzenszwalb", "slic"] = "gt"
-    felzenszwalb_scale: float = 100.0
-    felzenszwalb_sigma: float = 0.8
-    felzenszwalb_min_size: int = 50
-    slic_segments: int = 150
-    slic_compactness: float = 10.0
-    sam_checkpoint: Path | None = None
-    sam_model: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
-    sam_points_per_side: int = 32
-
-    def __post_init__(self) -> None:
-        _require(self.felzenszwalb_scale > 0, "masks.felzenszwalb_scale", self.felzenszwalb_scale, "a positive number")
-        _require(self.felzenszwalb_sigma >= 0, "masks.felzenszwalb_sigma", self.felzenszwalb_sigma,
-                 "a number >= 0 (the Gaussian blur's width in pixels; 0 = no blur)")
-        _require(self.felzenszwalb_min_size >= 1, "masks.felzenszwalb_min_size", self.felzenszwalb_min_size, "an integer >= 1")
-        _require(self.slic_segments >= 2, "masks.slic_segments", self.slic_segments, "an integer >= 2")
-        _require(self.sam_points_per_side >= 1, "masks.sam_points_per_side", self.sam_points_per_side, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -231,21 +173,21 @@ class TrainCfg:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lora_rank", "prototypes", "ema_every",
                      "checkpoint_every", "picture_every", "log_every", "validation_pairs"):
-            _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
-        _require(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints,
+            require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
+        require(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints,
                  "an integer >= 0 (0 = keep every checkpoint)")
-        _require(self.validate_every >= 0, "train.validate_every", self.validate_every, "an integer >= 0 (0 = off)")
-        _require(0 < self.validation_scale <= 1, "train.validation_scale", self.validation_scale, "a number in (0, 1]")
-        _require(self.frame_cache_mb >= 0, "train.frame_cache_mb", self.frame_cache_mb, "an integer >= 0 (0 = no cache)")
-        _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number")
-        _require(self.lora_alpha > 0, "train.lora_alpha", self.lora_alpha, "a positive number (LoRA's scale is "
+        require(self.validate_every >= 0, "train.validate_every", self.validate_every, "an integer >= 0 (0 = off)")
+        require(0 < self.validation_scale <= 1, "train.validation_scale", self.validation_scale, "a number in (0, 1]")
+        require(self.frame_cache_mb >= 0, "train.frame_cache_mb", self.frame_cache_mb, "an integer >= 0 (0 = no cache)")
+        require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number")
+        require(self.lora_alpha > 0, "train.lora_alpha", self.lora_alpha, "a positive number (LoRA's scale is "
                  "lora_alpha / lora_rank)")
         _require_seed("train.seed", self.seed)
-        _require(0 < self.warmup_fraction < 1, "train.warmup_fraction", self.warmup_fraction, "a number in (0, 1)")
-        _require(0 <= self.lora_dropout < 1, "train.lora_dropout", self.lora_dropout, "a number in [0, 1)")
-        _require(0 <= self.ema_momentum <= 1, "train.ema_momentum", self.ema_momentum, "a number in [0, 1]")
-        _require(0 <= self.blending <= 1, "train.blending", self.blending, "a number in [0, 1] (1 = no blending)")
-        _require(self.compile or not self.cuda_graphs, "train.cuda_graphs", self.cuda_graphs,
+        require(0 < self.warmup_fraction < 1, "train.warmup_fraction", self.warmup_fraction, "a number in (0, 1)")
+        require(0 <= self.lora_dropout < 1, "train.lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        require(0 <= self.ema_momentum <= 1, "train.ema_momentum", self.ema_momentum, "a number in [0, 1]")
+        require(0 <= self.blending <= 1, "train.blending", self.blending, "a number in [0, 1] (1 = no blending)")
+        require(self.compile or not self.cuda_graphs, "train.cuda_graphs", self.cuda_graphs,
                  "false unless train.compile is true (the graphs are taken of the compiled token extraction)")
 
 
@@ -309,23 +251,23 @@ class EvalCfg:
     def __post_init__(self) -> None:
         allowed = set(PROBE_NAMES)
         unknown = sorted(set(self.probes) - allowed)
-        _require(not unknown and len(self.probes) > 0, "eval.probes", list(self.probes), f"a non-empty subset of {sorted(allowed)}")
-        _require(self.probe_train_scenes >= 1, "eval.probe_train_scenes", self.probe_train_scenes, "an integer >= 1")
+        require(not unknown and len(self.probes) > 0, "eval.probes", list(self.probes), f"a non-empty subset of {sorted(allowed)}")
+        require(self.probe_train_scenes >= 1, "eval.probe_train_scenes", self.probe_train_scenes, "an integer >= 1")
         _require_seed("eval.seed", self.seed)
         for seed in self.seeds:
             _require_seed("eval.seeds", seed)
-        _require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "eval.seeds", list(self.seeds),
+        require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "eval.seeds", list(self.seeds),
                  "a non-empty list of distinct integers (3 or more for an interval that covers the seeds' spread)")
-        _require(0 <= self.probe_warmup_fraction < 1, "eval.probe_warmup_fraction", self.probe_warmup_fraction,
+        require(0 <= self.probe_warmup_fraction < 1, "eval.probe_warmup_fraction", self.probe_warmup_fraction,
                  "a number in [0, 1)")
         for name in ("frame_stride", "probe_steps", "probe_batch_size", "correspondence_pairs", "correspondence_top_k",
                      "bootstrap_replicates"):
-            _require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "an integer >= 1")
-        _require(all(step >= 1 for step in self.checkpoints), "eval.checkpoints", self.checkpoints,
+            require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), "an integer >= 1")
+        require(all(step >= 1 for step in self.checkpoints), "eval.checkpoints", self.checkpoints,
                  "a list of training steps >= 1 (checkpoints/step-NNNNNN.pt)")
-        _require(0 < self.correspondence_scale <= 1, "eval.correspondence_scale", self.correspondence_scale, "a number in (0, 1]")
-        _require(self.max_depth > 0, "eval.max_depth", self.max_depth, "a positive number (metres)")
-        _require(self.feature_memory_gb >= 0, "eval.feature_memory_gb", self.feature_memory_gb, "a number >= 0 (GiB)")
+        require(0 < self.correspondence_scale <= 1, "eval.correspondence_scale", self.correspondence_scale, "a number in (0, 1]")
+        require(self.max_depth > 0, "eval.max_depth", self.max_depth, "a positive number (metres)")
+        require(self.feature_memory_gb >= 0, "eval.feature_memory_gb", self.feature_memory_gb, "a number >= 0 (GiB)")
 
 
 # The probes of snd_stages.probes.registry (which the config, a lower layer, cannot import; a test keeps the two
@@ -340,18 +282,6 @@ class StoreCfg:
     root: Path = Path("data/store")
 
 
-@dataclass(frozen=True)
-class PipelineCfg:
-    data: DataCfg = field(default_factory=DataCfg)
-    demo: DemoCfg = field(default_factory=DemoCfg)
-    sampling: SamplingCfg = field(default_factory=SamplingCfg)
-    gaussians: GaussiansCfg = field(default_factory=GaussiansCfg)
-    masks: MasksCfg = field(default_factory=MasksCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
-    eval: EvalCfg = field(default_factory=EvalCfg)
-    store: StoreCfg = field(default_factory=StoreCfg)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,17 +290,20 @@ class PipelineCfg:
 PROFILES = "profiles"
 
 
-def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = (), allowed_sections=None,
-                profile: str | None = None) -> PipelineCfg:
+def read_config(schema, path: Path | None, overrides: list[str] | tuple[str, ...] = (), allowed_sections=None,
+                profile: str | None = None, moved: Mapping[str, str] | None = None):
     """Read ``path`` (or the defaults if ``None``), apply a profile, then ``KEY=VALUE`` overrides, validate, return
-    typed config.
+    the typed ``schema`` dataclass (:class:`snd_stages.pipeline.PipelineCfg` for ``pipeline.yaml``).
 
     Args:
-        path: a YAML file shaped like :class:`PipelineCfg`, optionally with a top-level ``profiles`` mapping: named
+        schema: the dataclass of the whole file, one field per section.
+        path: a YAML file shaped like ``schema``, optionally with a top-level ``profiles`` mapping: named
             sets of ``section.key: value`` overrides (e.g. ``gpu``: a run long enough to show the method's gains).
         overrides: dotted ``section.key=value`` strings; values are parsed as YAML (``[4, 8]``, ``true``, ``0.5``).
         allowed_sections: if given, overrides may only touch these sections (the ones the stage reads).
         profile: the name of one of ``path``'s profiles to apply before the overrides; None applies none.
+        moved: dotted keys that an older layout used -> where they are now, so that such a key is refused with its
+            new name.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -415,7 +348,17 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = (), 
             )
         _set_dotted(raw, key, value, override)
         origins[key] = f"--set {override}"
-    return build(PipelineCfg, raw, prefix="", source=origins)
+    _refuse_moved(raw, moved or {}, origins)
+    return build(schema, raw, prefix="", source=origins)
+
+
+def _refuse_moved(raw: Mapping, moved: Mapping[str, str], source: Mapping[str, str], prefix: str = "") -> None:
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if dotted in moved:
+            raise ConfigError(f"{_origin(source, dotted)}: {dotted} is now {moved[dotted]}; rename the key")
+        if isinstance(value, Mapping):
+            _refuse_moved(value, moved, source, f"{dotted}.")
 
 
 def to_dict(config) -> dict[str, Any]:
@@ -478,9 +421,13 @@ def build(cls, raw: Any, prefix: str, source: str | Mapping[str, str] = "config"
     try:
         return cls(**values)
     except ConfigError as error:
-        # a section's own check names the key it refuses first: "<section.key> = <value> ..."
-        key = str(error).split(" ", 1)[0]
-        raise ConfigError(f"{_origin(source, key)}: {error}") from None
+        # A section's own check names the key it refuses first: "<section.key> = <value> ...". A component's
+        # settings (a sub-section) name their own field only, which takes the sub-section's prefix here.
+        message = str(error)
+        if prefix and "." not in message.split(" ", 1)[0]:
+            message = f"{prefix}{message}"
+        key = message.split(" ", 1)[0]
+        raise ConfigError(f"{_origin(source, key)}: {message}") from None
 
 
 def _coerce(annotation, value, key: str, source: str | Mapping[str, str]):
@@ -540,9 +487,18 @@ def _coerce(annotation, value, key: str, source: str | Mapping[str, str]):
     raise AssertionError(f"config field {key} has an unsupported annotation {annotation!r}")
 
 
-def _require(condition: bool, key: str, value, allowed: str) -> None:
+def require(condition: bool, key: str, value, allowed: str) -> None:
+    """Refuse ``value`` of ``key`` unless ``condition``, saying what is ``allowed``. A component's settings name
+    their field alone (``footprint_scale``); :func:`build` puts the sub-section in front."""
     if not condition:
         raise ConfigError(f"{key} = {value!r} is not allowed; expected {allowed}")
+
+
+def require_choice(key: str, value, choices) -> None:
+    """Refuse ``value`` of ``key`` unless it is one of ``choices`` (a registry's names), as a ``Literal`` field is
+    refused."""
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {sorted(choices)}")
 
 
 # Seeds feed numpy's and torch's generators, which take unsigned 32- and 64-bit values; one range for all of them.
@@ -550,7 +506,7 @@ SEED_RANGE = "an integer in [0, 2**32)"
 
 
 def _require_seed(key: str, value: int) -> None:
-    _require(0 <= value < 2**32, key, value, SEED_RANGE)
+    require(0 <= value < 2**32, key, value, SEED_RANGE)
 
 
 # More samples per scene than this only repeat the scene's distinct context-target triplets (a 1,000-frame scene

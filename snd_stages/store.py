@@ -121,7 +121,7 @@ def file_sha256(path: str | Path, setting: str | None = None) -> str:
     Hashed once per (path, size, modification time) in a process (a SAM ViT-H checkpoint takes seconds).
 
     Raises:
-        ConfigError: the file does not exist; names ``setting`` (e.g. ``gaussians.mvsplat_checkpoint``) if given.
+        ConfigError: the file does not exist; names ``setting`` (e.g. ``gaussians.mvsplat.checkpoint``) if given.
     """
     path = Path(path)
     try:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from snd_stages.config import load_config
+from snd_stages.pipeline import load_config
 from snd_stages.models.distill import StudentTeacher
 from snd_stages.models.lora import merged_backbone
 from snd_stages.splat.features import (blend_with_segments, downsample_operator, downsample_to_tokens, lift_features,

@@ -52,9 +52,9 @@ def test_pipeline_runs_skips_and_reports_changes(project):
     assert masks.exit_code == 0, masks.output
     again = snd(project, "precompute-gaussians")
     assert "up to date, nothing to do" in plain(again.output)
-    changed = snd(project, "precompute-gaussians", "--set", "gaussians.footprint_scale=1.0")
+    changed = snd(project, "precompute-gaussians", "--set", "gaussians.depth.footprint_scale=1.0")
     assert changed.exit_code == 0
-    assert "params.footprint_scale: 0.7 -> 1.0" in plain(changed.output)
+    assert "params.depth.footprint_scale: 0.7 -> 1.0" in plain(changed.output)
     store = Store(project / "store")
     assert len(store.complete_artifacts("gaussians")) == 2
     forced = snd(project, "precompute-masks", "--force")
@@ -94,7 +94,7 @@ def test_debug_shows_the_exception(project):
 
 
 def test_run_dir_prints_where_train_puts_this_configurations_run(project):
-    from snd_stages.config import load_config
+    from snd_stages.pipeline import load_config
     from snd_stages.artifacts.runs import run_directory
 
     for stage in ("sample-views", "precompute-gaussians", "precompute-masks"):

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snd_stages.config import PipelineCfg, dump_yaml, load_config
+from snd_stages.config import dump_yaml
+
+from snd_stages.pipeline import PipelineCfg, load_config
 from snd_stages.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +56,17 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("sampling:\n  targets: context\n  targets_per_sample: 3\n", ["sampling.targets_per_sample", "at most 2"]),
         ("train:\n  loss: l2\n", ["train.loss", "'l2'", "'dino', 'cosine'"]),
         ("train:\n  teacher: student\n", ["train.teacher", "'student'", "'ema', 'frozen'"]),
+        ("gaussians:\n  reconstructor: nerf\n", ["gaussians.reconstructor", "'nerf'", "['depth', 'mvsplat']"]),
+        ("masks:\n  source: grabcut\n", ["masks.source", "'grabcut'", "'felzenszwalb'", "'gt'", "'sam'", "'slic'"]),
+        ("gaussians:\n  depth:\n    footprint_scale: 0.01\n", ["gaussians.depth.footprint_scale = 0.01", "[0.05, 10]"]),
+        ("gaussians:\n  depth:\n    covariance: cube\n", ["gaussians.depth.covariance", "'disk', 'isotropic'"]),
+        ("gaussians:\n  depth:\n    footprintscale: 1\n", ["unknown key 'gaussians.depth.footprintscale'",
+                                                             "did you mean 'gaussians.depth.footprint_scale'"]),
+        ("gaussians:\n  reconstructor: mvsplat\n", ["gaussians.mvsplat.checkpoint = None", "RE10K checkpoint"]),
+        ("gaussians:\n  mvsplat:\n    near: 5\n    far: 2\n", ["gaussians.mvsplat.far = 2.0", "> near = 5.0"]),
+        ("masks:\n  slic:\n    segments: 1\n", ["masks.slic.segments = 1", ">= 2"]),
+        ("gaussians:\n  footprint_scale: 1.0\n", ["gaussians.footprint_scale is now gaussians.depth.footprint_scale"]),
+        ("masks:\n  sam_checkpoint: sam.pth\n", ["masks.sam_checkpoint is now masks.sam.checkpoint"]),
         ("- just\n- a list\n", ["mapping"]),
         ("data: [1, 2]\n", ["data", "mapping"]),
         ("demo: {seed: [\n", ["not valid YAML"]),
@@ -138,3 +151,34 @@ def test_the_shipped_profiles_load_and_the_gpu_one_trains_64000_samples():
     gpu = load_config(shipped, profile="gpu")
     assert gpu.train.steps * gpu.train.batch_size == 64_000 and gpu.data.root != load_config(shipped).data.root
     assert load_config(shipped, profile="cpu").train.steps == load_config(shipped).train.steps
+
+
+def test_a_moved_key_on_the_command_line_is_named_with_where_it_went():
+    with pytest.raises(ConfigError, match=r"--set gaussians.mvsplat_checkpoint=x.ckpt: gaussians.mvsplat_checkpoint is "
+                                          r"now gaussians.mvsplat.checkpoint"):
+        load_config(None, ["gaussians.mvsplat_checkpoint=x.ckpt"])
+
+
+def test_only_the_chosen_components_settings_enter_the_keys():
+    from snd_stages.artifacts.gaussians import gaussians_spec
+    from snd_stages.artifacts.masks import masks_spec
+
+    def masks_key(*overrides):
+        return masks_spec(load_config(None, list(overrides)).masks, "samples").key
+
+    def gaussians_key(*overrides):
+        return gaussians_spec(load_config(None, list(overrides)).gaussians, "samples").key
+
+    # gt masks have no settings: the superpixel sources' settings change nothing
+    assert masks_key("masks.felzenszwalb.scale=20", "masks.slic.segments=9") == masks_key()
+    assert masks_spec(load_config(None, []).masks, "s").params == {"source": "gt"}
+    chosen = "masks.source=felzenszwalb"
+    assert masks_key(chosen, "masks.felzenszwalb.scale=20") != masks_key(chosen)
+    assert masks_key(chosen, "masks.slic.segments=9", "masks.sam.points_per_side=4") == masks_key(chosen)
+    # the depth reconstructor's key ignores MVSplat's settings and the device, and holds its own
+    assert gaussians_key("gaussians.mvsplat.near=2", "gaussians.device=cpu") == gaussians_key()
+    assert gaussians_key("gaussians.depth.opacity=0.5") != gaussians_key()
+    params = gaussians_spec(load_config(None, []).gaussians, "s").params
+    assert params == {"reconstructor": "depth", "depth": {"covariance": "disk", "footprint_scale": 0.7,
+                                                           "disk_thickness": 0.1, "opacity": 1.0,
+                                                           "invalid_depth": "drop", "normals": "dataset"}}

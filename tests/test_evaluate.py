@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from snd_stages.config import load_config
+from snd_stages.pipeline import load_config
 from snd_stages.errors import ConfigError
 from snd_stages.report.markdown import markdown_report
 from snd_stages.stages.evaluate import evaluate

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from rich.progress import Progress
 
-from snd_stages.config import load_config
+from snd_stages.pipeline import load_config
 from snd_stages.errors import ArtifactError
 from snd_stages.artifacts import ground_truth
 from snd_stages.artifacts.ground_truth import STAGE, FrameTruth, GroundTruthRequest, load_ground_truth

@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from snd_stages.cli import app
-from snd_stages.config import dump_yaml, load_config
+from snd_stages.config import dump_yaml
+from snd_stages.pipeline import load_config
 from snd_stages.errors import ArtifactError
 from snd_stages.stages import precompute_gaussians as precompute_gaussians_module
 from snd_stages.artifacts.protocol import Shard

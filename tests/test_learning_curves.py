@@ -14,7 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from snd_stages.config import EvalCfg, load_config
+from snd_stages.config import EvalCfg
+
+from snd_stages.pipeline import load_config
 from snd_stages.errors import ConfigError
 from snd_stages.artifacts.runs import run_backbone, with_checkpoints
 from snd_stages.probes.backbone import DENSE_FEATURES, ProbeBackbone

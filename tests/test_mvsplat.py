@@ -20,7 +20,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from snd_stages.config import GaussiansCfg, load_config
+from snd_stages.reconstruct import GaussiansCfg
+from snd_stages.reconstruct.mvsplat.settings import MVSplatSettings
+
+from snd_stages.pipeline import load_config
 from snd_stages.errors import ConfigError, DataError
 from snd_stages.geometry import Camera, invert_rigid, project_points, quaternion_to_rotation_matrix
 from snd_stages.reconstruct import RECONSTRUCTORS, build_reconstructor
@@ -417,24 +420,24 @@ def test_context_size_must_be_a_multiple_of_16(small_encoder):
 
 
 def test_mvsplat_needs_a_checkpoint():
-    with pytest.raises(ConfigError, match="gaussians.mvsplat_checkpoint.*re10k.ckpt"):
+    with pytest.raises(ConfigError, match="gaussians.mvsplat.checkpoint.*re10k.ckpt"):
         load_config(None, ["gaussians.reconstructor=mvsplat"])
     with pytest.raises(ConfigError, match="does not exist"):
-        build_reconstructor(GaussiansCfg(reconstructor="mvsplat", mvsplat_checkpoint=Path("/nowhere/re10k.ckpt")))
+        build_reconstructor(GaussiansCfg(reconstructor="mvsplat", mvsplat=MVSplatSettings(Path("/nowhere/re10k.ckpt"))))
 
 
 def test_depth_range_is_validated():
-    assert (GaussiansCfg().near, GaussiansCfg().far) == (1.0, 100.0)
-    with pytest.raises(ConfigError, match="gaussians.near"):
-        load_config(None, ["gaussians.near=0"])
-    with pytest.raises(ConfigError, match="gaussians.far"):
-        load_config(None, ["gaussians.near=5", "gaussians.far=2"])
+    assert (GaussiansCfg().mvsplat.near, GaussiansCfg().mvsplat.far) == (1.0, 100.0)
+    with pytest.raises(ConfigError, match="gaussians.mvsplat.near"):
+        load_config(None, ["gaussians.mvsplat.near=0"])
+    with pytest.raises(ConfigError, match="gaussians.mvsplat.far"):
+        load_config(None, ["gaussians.mvsplat.near=5", "gaussians.mvsplat.far=2"])
 
 
 def test_registry_entry_needs_no_depth(reference_state, tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file(reference_state, path)
-    reconstructor = build_reconstructor(GaussiansCfg(reconstructor="mvsplat", mvsplat_checkpoint=path, device="cpu"))
+    reconstructor = build_reconstructor(GaussiansCfg(reconstructor="mvsplat", mvsplat=MVSplatSettings(path), device="cpu"))
     assert "mvsplat" in RECONSTRUCTORS and reconstructor.name == "mvsplat" and not reconstructor.requires_depth
     assert reconstructor.reconstruct_with_depth is not None
 
@@ -454,7 +457,7 @@ def test_training_runs_on_mvsplat_gaussians(tmp_path):
     cfg = load_config(None, [
         "demo.train_scenes=1", "demo.eval_scenes=0", "demo.frames_per_scene=8", "demo.height=48", "demo.width=64",
         "sampling.samples_per_scene=2", "sampling.frame_gap=[3,4]",
-        "gaussians.reconstructor=mvsplat", f"gaussians.mvsplat_checkpoint={FIXTURE / 'weights.safetensors'}",
+        "gaussians.reconstructor=mvsplat", f"gaussians.mvsplat.checkpoint={FIXTURE / 'weights.safetensors'}",
         "gaussians.device=cpu",
         "train.weights=random", "train.allow_random_weights=true", "train.prototypes=256", "train.batch_size=1",
         "train.log_every=1", "train.steps=2", "train.device=cpu",

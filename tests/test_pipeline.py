@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from snd_stages.config import load_config
+from snd_stages.pipeline import load_config
 from snd_stages.geometry import Camera
 from snd_stages.scenes.layout import read_scene
 from snd_stages.stages.check_geometry import check_geometry, psnr_where_covered, render_source_colours

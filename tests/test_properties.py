@@ -21,7 +21,9 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from snd_stages.config import PipelineCfg, build, dump_yaml, load_config
+from snd_stages.config import build, dump_yaml
+
+from snd_stages.pipeline import PipelineCfg, load_config
 from snd_stages.errors import ConfigError
 from snd_stages.geometry import (
     Camera,
@@ -35,8 +37,36 @@ from snd_stages.geometry import (
 from snd_stages.store import ArtifactSpec
 
 MODEST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-SECTIONS = {f.name: f.type for f in dataclasses.fields(PipelineCfg)}
-HINTS = {name: typing.get_type_hints(typing.get_type_hints(PipelineCfg)[name]) for name in SECTIONS}
+
+
+def sections_of(cls, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every section and a component's sub-section (``gaussians.depth``), dotted -> its fields' type hints."""
+    found = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            found[f"{prefix}{name}"] = typing.get_type_hints(hint)
+            found.update(sections_of(hint, f"{prefix}{name}."))
+    return found
+
+
+HINTS = sections_of(PipelineCfg)
+SECTIONS = sorted(HINTS)
+
+
+def nested(section: str, fields: dict) -> dict:
+    """``("gaussians.depth", {"opacity": 1})`` -> ``{"gaussians": {"depth": {"opacity": 1}}}``."""
+    for part in reversed(section.split(".")):
+        fields = {part: fields}
+    return fields
+
+
+def merge(into: dict, other: dict) -> dict:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+    return into
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
@@ -67,16 +97,18 @@ def value_of(annotation) -> st.SearchStrategy:
         return finite_floats
     if annotation in (str, Path):
         return words
+    if dataclasses.is_dataclass(annotation):  # a sub-section: drawn on its own in raw_configs
+        return st.just({})
     raise AssertionError(f"no strategy for {annotation!r}")
 
 
 @st.composite
 def raw_configs(draw) -> dict[str, dict[str, Any]]:
-    """pipeline.yaml content: a few random fields of a few random sections."""
+    """pipeline.yaml content: a few random fields of a few random sections and sub-sections."""
     raw: dict[str, dict[str, Any]] = {}
-    for section in draw(st.lists(st.sampled_from(sorted(SECTIONS)), min_size=1, max_size=3, unique=True)):
+    for section in draw(st.lists(st.sampled_from(SECTIONS), min_size=1, max_size=3, unique=True)):
         for name in draw(st.lists(st.sampled_from(sorted(HINTS[section])), min_size=1, max_size=3, unique=True)):
-            raw.setdefault(section, {})[name] = draw(value_of(HINTS[section][name]))
+            merge(raw, nested(section, {name: draw(value_of(HINTS[section][name]))}))
     return raw
 
 
@@ -98,10 +130,10 @@ def test_config_round_trips_through_its_dump(raw):
 
 
 @MODEST
-@given(st.sampled_from(sorted(SECTIONS)) | st.none(), st.text(st.sampled_from("abcdefgh_"), min_size=1, max_size=10),
+@given(st.sampled_from(SECTIONS) | st.none(), st.text(st.sampled_from("abcdefgh_"), min_size=1, max_size=10),
        raw_configs())
 def test_unknown_keys_are_always_rejected(section, key, raw):
-    allowed = set(SECTIONS) if section is None else set(HINTS[section])
+    allowed = {name for name in SECTIONS if "." not in name} if section is None else set(HINTS[section])
     assume(key not in allowed)
     try:
         build(PipelineCfg, raw, prefix="")
@@ -110,7 +142,7 @@ def test_unknown_keys_are_always_rejected(section, key, raw):
     if section is None:
         raw[key] = {}
     else:
-        raw.setdefault(section, {})[key] = 1
+        merge(raw, nested(section, {key: 1}))
     where = key if section is None else f"{section}.{key}"
     with pytest.raises(ConfigError, match=f"unknown key '{where}'"):
         build(PipelineCfg, raw, prefix="")
@@ -125,6 +157,8 @@ def wrong_values(annotation) -> list:
         return [v for v in wrong_values([a for a in args if a is not type(None)][0]) if v is not None]
     if origin in (tuple, list):
         return [5, "text", {"a": 1}]
+    if dataclasses.is_dataclass(annotation):  # a sub-section takes a mapping
+        return [5, "text", [1]]
     return {bool: [1, "yes", [True]], int: [1.5, "3", True, [1]], float: ["fast", True, [0.5]],
             str: [3, True, ["a"]], Path: [3, True, ["a"]]}[annotation]
 
@@ -132,11 +166,11 @@ def wrong_values(annotation) -> list:
 @MODEST
 @given(st.data())
 def test_mistyped_values_are_always_rejected(data):
-    section = data.draw(st.sampled_from(sorted(SECTIONS)))
+    section = data.draw(st.sampled_from(SECTIONS))
     name = data.draw(st.sampled_from(sorted(HINTS[section])))
     value = data.draw(st.sampled_from(wrong_values(HINTS[section][name])))
     with pytest.raises(ConfigError, match=f"{section}.{name}"):
-        build(PipelineCfg, {section: {name: value}}, prefix="")
+        build(PipelineCfg, nested(section, {name: value}), prefix="")
 
 
 FLOAT_FIELDS = sorted((section, name) for section in SECTIONS for name, hint in HINTS[section].items()
@@ -148,7 +182,7 @@ FLOAT_FIELDS = sorted((section, name) for section in SECTIONS for name, hint in 
 def test_non_finite_numbers_are_always_rejected(field, value):
     section, name = field
     with pytest.raises(ConfigError, match=f"{section}.{name} = .* must be a finite number"):
-        build(PipelineCfg, {section: {name: value}}, prefix="")
+        build(PipelineCfg, nested(section, {name: value}), prefix="")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from snd_stages.geometry import Camera, invert_rigid, project_points, quaternion_to_rotation_matrix, unproject_depth
-from snd_stages.reconstruct.depth import DepthReconstructorOptions, normals_from_depth, reconstruct_from_depth
+from snd_stages.reconstruct.depth import DepthSettings, normals_from_depth, reconstruct_from_depth
 
 HEIGHT, WIDTH = 24, 32
 
@@ -36,7 +36,7 @@ def tilted_plane_views(tilt_degrees: float = 50.0):
 
 def test_means_lie_on_the_surface_and_remember_their_pixel():
     depth, camera = tilted_plane_views()
-    gaussians = reconstruct_from_depth(depth, camera, DepthReconstructorOptions())
+    gaussians = reconstruct_from_depth(depth, camera, DepthSettings())
     assert len(gaussians) == 2 * HEIGHT * WIDTH
     assert gaussians.means[:, 2].abs().max() < 1e-5  # all on z = 0
     # Gaussian k of view v is pixel (row, col) = divmod(source_pixel, W); it projects back onto that pixel centre.
@@ -66,7 +66,7 @@ def projected_covariance(gaussians, camera: Camera, view: int) -> torch.Tensor:
 @pytest.mark.parametrize("covariance", ["disk", "isotropic"])
 def test_footprint_is_the_configured_size_in_the_source_view(covariance):
     depth, camera = tilted_plane_views(tilt_degrees=50.0)
-    options = DepthReconstructorOptions(covariance=covariance, footprint_scale=0.7)
+    options = DepthSettings(covariance=covariance, footprint_scale=0.7)
     gaussians = reconstruct_from_depth(depth, camera, options)
     eigenvalues = torch.linalg.eigvalsh(projected_covariance(gaussians, camera, view=0))
     std = eigenvalues.clamp(min=0).sqrt()
@@ -80,7 +80,7 @@ def test_footprint_is_the_configured_size_in_the_source_view(covariance):
 
 def test_disk_normal_axis_matches_the_surface_and_is_thin():
     depth, camera = tilted_plane_views()
-    gaussians = reconstruct_from_depth(depth, camera, DepthReconstructorOptions(covariance="disk", disk_thickness=0.1))
+    gaussians = reconstruct_from_depth(depth, camera, DepthSettings(covariance="disk", disk_thickness=0.1))
     axes = quaternion_to_rotation_matrix(gaussians.quats.double())
     normal_axis = axes[..., 2]  # the local z axis carries the thin scale
     assert (normal_axis[:, 2].abs() > 0.9999).all()  # plane z = 0 has normal +-z
@@ -100,7 +100,7 @@ def test_normals_from_depth_face_the_camera():
 def test_invalid_depth_is_dropped_or_transparent(mode, count):
     depth, camera = tilted_plane_views()
     depth[1, 3, 4:9] = 0
-    gaussians = reconstruct_from_depth(depth, camera, DepthReconstructorOptions(invalid_depth=mode))
+    gaussians = reconstruct_from_depth(depth, camera, DepthSettings(invalid_depth=mode))
     assert len(gaussians) == count
     invalid_pixel = 3 * WIDTH + 4
     at_invalid = (gaussians.source_view == 1) & (gaussians.source_pixel == invalid_pixel)
@@ -114,4 +114,4 @@ def test_invalid_depth_is_dropped_or_transparent(mode, count):
 def test_all_invalid_depth_is_an_error():
     depth, camera = tilted_plane_views()
     with pytest.raises(ValueError, match="no valid depth"):
-        reconstruct_from_depth(torch.zeros_like(depth), camera, DepthReconstructorOptions())
+        reconstruct_from_depth(torch.zeros_like(depth), camera, DepthSettings())

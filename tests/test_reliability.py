@@ -22,7 +22,7 @@ from tests.test_cli import project, snd  # noqa: F401  (project is a fixture)
     [
         ("sampling.seed=-1", ["--set sampling.seed=-1:", "sampling.seed = -1", "[0, 2**32)"]),
         ("train.seed=1180591620717411303424", ["--set train.seed=", "train.seed", "[0, 2**32)"]),
-        ("masks.felzenszwalb_sigma=-1", ["masks.felzenszwalb_sigma = -1.0", "a number >= 0"]),
+        ("masks.felzenszwalb.sigma=-1", ["masks.felzenszwalb.sigma = -1.0", "a number >= 0"]),
         ("train.lora_alpha=-2", ["train.lora_alpha = -2.0", "a positive number"]),
         ("sampling.samples_per_scene=1000000000", ["sampling.samples_per_scene = 1000000000", "[1, 100,000]"]),
         ("eval.seeds=[0,-3]", ["eval.seeds = -3", "[0, 2**32)"]),
@@ -301,7 +301,7 @@ def test_resume_from_something_that_is_not_a_checkpoint(project, target, fragmen
 
 
 def test_a_second_identical_precompute_is_refused_and_harms_nothing(project):  # noqa: F811
-    from snd_stages.config import load_config
+    from snd_stages.pipeline import load_config
     from snd_stages.artifacts.gaussians import gaussians_spec
     from snd_stages.artifacts.samples import load_samples
     from snd_stages.store import Store

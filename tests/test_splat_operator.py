@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from snd_stages.config import load_config
+from snd_stages.pipeline import load_config
 from snd_stages.errors import ArtifactError
 from snd_stages.geometry import Camera
 from snd_stages.splat.operator import SplatOperator, build_splat_operator, splat_tokens

@@ -204,7 +204,13 @@ def test_killed_writer_resumes_to_an_identical_artifact(tmp_path):
 def test_checkpoint_keys_follow_the_file_contents_not_the_path(tmp_path):
     from types import SimpleNamespace
 
-    from snd_stages.config import GaussiansCfg, MasksCfg, TrainCfg
+    from snd_stages.config import TrainCfg
+
+    from snd_stages.reconstruct import GaussiansCfg
+
+    from snd_stages.masks import MasksCfg
+    from snd_stages.masks.sources import SamSettings
+    from snd_stages.reconstruct.mvsplat.settings import MVSplatSettings
     from snd_stages.errors import ConfigError
     from snd_stages.artifacts.gaussians import gaussians_spec
     from snd_stages.artifacts.masks import masks_spec
@@ -218,8 +224,8 @@ def test_checkpoint_keys_follow_the_file_contents_not_the_path(tmp_path):
     artifact = SimpleNamespace(key="k")
     inputs = SimpleNamespace(samples_artifact=artifact, gaussians=artifact, masks=artifact)
     keys = {
-        "gaussians": lambda path: gaussians_spec(GaussiansCfg(reconstructor="mvsplat", mvsplat_checkpoint=path), "s").key,
-        "masks": lambda path: masks_spec(MasksCfg(source="sam", sam_checkpoint=path), "s").key,
+        "gaussians": lambda path: gaussians_spec(GaussiansCfg(reconstructor="mvsplat", mvsplat=MVSplatSettings(path)), "s").key,
+        "masks": lambda path: masks_spec(MasksCfg(source="sam", sam=SamSettings(path)), "s").key,
         "train": lambda path: run_spec(TrainCfg(weights=str(path)), inputs).key,
     }
     for stage, key in keys.items():
@@ -229,7 +235,7 @@ def test_checkpoint_keys_follow_the_file_contents_not_the_path(tmp_path):
         first.write_bytes(b"checkpoint three")  # replaced in place: noticed, despite the in-process cache
         assert key(first) not in (key(moved), key(other)), stage
         first.write_bytes(b"checkpoint one")
-    with pytest.raises(ConfigError, match=r"gaussians.mvsplat_checkpoint = .*missing.ckpt does not exist"):
+    with pytest.raises(ConfigError, match=r"gaussians.mvsplat.checkpoint = .*missing.ckpt does not exist"):
         keys["gaussians"](tmp_path / "missing.ckpt")
     assert run_spec(TrainCfg(weights="embedded"), inputs).ingredients()["params"]["weights"] == "embedded"
 

@@ -12,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from snd_stages.config import load_config
+from snd_stages.pipeline import load_config
 from snd_stages.errors import ConfigError
 from snd_stages.stages.train import TrainingData, train
 from snd_stages.artifacts.runs import checkpoint_path, latest_checkpoint

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import GaussiansCfg, to_dict
 from ..gaussians import Gaussians
 from ..geometry import Camera
 from ..scenes.layout import Scene
 from ..scenes.sampling import ViewSample
-from ..store import Artifact, ArtifactSpec, Store, file_sha256
+from ..reconstruct import GaussiansCfg
+from ..store import Artifact, ArtifactSpec, Store
 
 STAGE = "gaussians"
 SCHEMA_VERSION = 1
@@ -61,13 +61,9 @@ class PairGaussians:
 
 
 def gaussians_spec(gaussians: GaussiansCfg, samples_key: str) -> ArtifactSpec:
-    # Where the reconstruction runs does not change what it produces, so the device stays out of the key.
-    params = {name: value for name, value in to_dict(gaussians).items() if name != "device"}
-    inputs = {"samples": samples_key}
-    if gaussians.reconstructor == "mvsplat":  # the checkpoint's contents, not where it lies
-        del params["mvsplat_checkpoint"]
-        inputs["mvsplat_checkpoint_sha256"] = file_sha256(gaussians.mvsplat_checkpoint, "gaussians.mvsplat_checkpoint")
-    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=inputs)
+    """The key holds the reconstructor and its own settings (the registry entry's key rule), never the device."""
+    params, inputs = gaussians.key()
+    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs={"samples": samples_key, **inputs})
 
 
 def pairs_of(samples: list[ViewSample]) -> dict[str, tuple[str, tuple[int, int], list[int]]]:

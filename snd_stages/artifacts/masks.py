@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import MasksCfg, to_dict
-from ..store import Artifact, ArtifactSpec, Store, file_sha256
+from ..masks import MasksCfg
+from ..store import Artifact, ArtifactSpec, Store
 from .samples import SampleSet
 
 STAGE = "masks"
@@ -26,14 +26,9 @@ def used_positions(samples: SampleSet) -> dict[str, list[int]]:
 
 
 def masks_spec(masks: MasksCfg, samples_key: str) -> ArtifactSpec:
-    params = to_dict(masks)
-    if masks.source != "sam":  # SAM settings do not change other sources' output, so keep them out of the key
-        params = {k: v for k, v in params.items() if not k.startswith("sam_")}
-    inputs = {"samples": samples_key}
-    if masks.source == "sam" and masks.sam_checkpoint is not None:  # the checkpoint's contents, not where it lies
-        del params["sam_checkpoint"]
-        inputs["sam_checkpoint_sha256"] = file_sha256(masks.sam_checkpoint, "masks.sam_checkpoint")
-    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=inputs)
+    """The key holds the source and its own settings (the registry entry's key rule)."""
+    params, inputs = masks.key()
+    return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs={"samples": samples_key, **inputs})
 
 
 def write_scene_masks(writer, scene_id: str, positions: list[int], frame_names: list[str], labels: np.ndarray,

@@ -29,7 +29,11 @@ from typing import Any
 import torch
 import yaml
 
-from ..config import TRAIN_OBSERVATION_ONLY, build, DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, to_dict
+from ..config import TRAIN_OBSERVATION_ONLY, build, DataCfg, SamplingCfg, TrainCfg, to_dict
+
+from ..reconstruct import GaussiansCfg
+
+from ..masks import MasksCfg
 from ..errors import ArtifactError, ConfigError
 from ..models.checkpoints import build_model, is_checkpoint_state, restore_model_state
 from ..models.lora import merged_backbone

@@ -1,1 +1,113 @@
-"""Segment label maps per frame (gt instances, SAM, Felzenszwalb, SLIC)."""
+"""Segment label maps per frame, from one of several sources. A registry by name.
+
+Each entry of :data:`MASK_SOURCES` owns its settings (a sub-section of ``masks`` named after it, whose dataclass
+lives in :mod:`.sources`; ``gt`` has none), makes the segmenter from them, and says what of them enters the masks'
+key. Adding a source: its function and settings in :mod:`.sources`, one entry here and its sub-section in
+:class:`MasksCfg`.
+
+- ``gt``: the dataset's instance masks (``instance_segmentation/``), the reference method's default.
+- ``felzenszwalb`` / ``slic``: scikit-image superpixels; need nothing but the image.
+- ``sam``: segment-anything's automatic mask generator with the user's checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import require_choice, to_dict
+from ..errors import DataError
+from ..scenes.layout import Scene
+from ..store import file_sha256
+from .sources import (
+    FelzenszwalbSettings,
+    SamSegmenter,
+    SamSettings,
+    SlicSettings,
+    felzenszwalb_segments,
+    slic_segments,
+)
+
+# (scene, frame position) -> [H, W] int32 labels
+Segmenter = Callable[[Scene, int], np.ndarray]
+
+
+def _ground_truth(settings: None) -> Segmenter:
+    def segment(scene: Scene, position: int) -> np.ndarray:
+        if not scene.has("instance_segmentation"):
+            raise DataError(
+                f"masks.source = 'gt' but scene {scene.directory} has no instance_segmentation/ folder; "
+                "use masks.source felzenszwalb, slic or sam for data without instance masks"
+            )
+        return scene.load_instances(position).astype(np.int32)
+
+    return segment
+
+
+def _sam(settings: SamSettings) -> Segmenter:
+    sam = SamSegmenter(settings.checkpoint, settings.model, settings.points_per_side)
+    return lambda scene, position: sam(scene.load_image(position))
+
+
+def _settings_key(settings: Any) -> tuple[dict, dict]:
+    """Every setting enters the masks' key as it is (none for a source without settings)."""
+    return (to_dict(settings) if settings is not None else {}), {}
+
+
+def _sam_key(settings: SamSettings) -> tuple[dict, dict]:
+    """The checkpoint's contents enter the key, not where it lies."""
+    params = {name: value for name, value in to_dict(settings).items() if name != "checkpoint"}
+    if settings.checkpoint is None:  # refused when the segmenter is made, with what to do
+        return params, {}
+    return params, {"sam_checkpoint_sha256": file_sha256(settings.checkpoint, "masks.sam.checkpoint")}
+
+
+@dataclass(frozen=True)
+class MaskSourceEntry:
+    """A registered mask source.
+
+    Attributes:
+        segmenter: its settings (None for a source without any) -> the segmenter.
+        key: its settings -> (what enters the masks' key as parameters, as input identities).
+    """
+
+    segmenter: Callable[[Any], Segmenter]
+    key: Callable[[Any], tuple[dict, dict]] = _settings_key
+
+
+MASK_SOURCES: dict[str, MaskSourceEntry] = {
+    "gt": MaskSourceEntry(_ground_truth),
+    "felzenszwalb": MaskSourceEntry(lambda settings: lambda scene, position: felzenszwalb_segments(
+        scene.load_image(position), settings)),
+    "slic": MaskSourceEntry(lambda settings: lambda scene, position: slic_segments(scene.load_image(position), settings)),
+    "sam": MaskSourceEntry(_sam, key=_sam_key),
+}
+
+
+@dataclass(frozen=True)
+class MasksCfg:
+    """``snd precompute-masks``: where each frame's segment label map comes from, and each source's settings (only
+    the chosen one's are used, and enter the key)."""
+
+    source: str = "gt"
+    felzenszwalb: FelzenszwalbSettings = field(default_factory=FelzenszwalbSettings)
+    slic: SlicSettings = field(default_factory=SlicSettings)
+    sam: SamSettings = field(default_factory=SamSettings)
+
+    def __post_init__(self) -> None:
+        require_choice("masks.source", self.source, MASK_SOURCES)
+
+    @property
+    def settings(self) -> Any:
+        """The chosen source's settings (its sub-section), or None for a source without any."""
+        return getattr(self, self.source, None)
+
+    def key(self) -> tuple[dict, dict]:
+        """What enters the masks' key: the source's name and its settings' parameters, and their input identities."""
+        params, inputs = MASK_SOURCES[self.source].key(self.settings)
+        return {"source": self.source, **({self.source: params} if params else {})}, inputs
+
+    def segmenter(self) -> Segmenter:
+        return MASK_SOURCES[self.source].segmenter(self.settings)

@@ -1,7 +1,10 @@
 """Reconstructors: turn two context views into pixel-aligned 3D Gaussians. A registry by name.
 
 A reconstructor is a callable ``(views: ContextViews) -> Gaussians``; ``requires_depth`` says whether it reads
-the dataset's depth. New members register in ``RECONSTRUCTORS``.
+the dataset's depth. Each entry of :data:`RECONSTRUCTORS` owns its settings (a sub-section of ``gaussians`` named
+after it, whose dataclass lives beside it), builds the reconstructor from them, and says what of them enters the
+Gaussians' key. Adding one: its module, its settings dataclass, one entry here and its sub-section in
+:class:`GaussiansCfg`.
 
 - ``depth``: one Gaussian per valid pixel from the dataset's metric depth (:mod:`.depth`).
 - ``mvsplat``: MVSplat's encoder on the RGB pair with the authors' checkpoint (:mod:`.mvsplat`); it also
@@ -10,18 +13,20 @@ the dataset's depth. New members register in ``RECONSTRUCTORS``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
-from ..config import GaussiansCfg
+from ..config import require, require_choice, to_dict
 from ..errors import ConfigError, DataError
 from ..gaussians import Gaussians
 from ..geometry import Camera
 from ..runtime import resolve_device
-from .depth import DepthReconstructorOptions, reconstruct_from_depth
+from ..store import file_sha256
+from .depth import DepthSettings, reconstruct_from_depth
+from .mvsplat.settings import MVSplatSettings
 
 
 @dataclass(frozen=True)
@@ -61,16 +66,7 @@ class Reconstructor:
     reconstruct_with_depth: Callable[[ContextViews], tuple[Gaussians, torch.Tensor]] | None = None
 
 
-def _depth_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
-    options = DepthReconstructorOptions(
-        covariance=cfg.covariance,
-        footprint_scale=cfg.footprint_scale,
-        disk_thickness=cfg.disk_thickness,
-        opacity=cfg.opacity,
-        invalid_depth=cfg.invalid_depth,
-    )
-    device = resolve_device(cfg.device, "gaussians.device")
-
+def _depth_reconstructor(settings: DepthSettings, device: torch.device) -> Reconstructor:
     def reconstruct(views: ContextViews) -> Gaussians:
         assert views.depth is not None
         for depth, name in zip(views.depth, views.names):
@@ -79,30 +75,27 @@ def _depth_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
             if not np.isfinite(depth).all():
                 raise DataError(f"depth of frame {name} contains NaN or inf")
         normals = None
-        if cfg.normals == "dataset" and views.normals is not None:
+        if settings.normals == "dataset" and views.normals is not None:
             normals = torch.from_numpy(views.normals).to(device)
         depth = torch.from_numpy(views.depth).to(device)
-        return reconstruct_from_depth(depth, views.camera.to(device), options, normals).to("cpu")
+        return reconstruct_from_depth(depth, views.camera.to(device), settings, normals).to("cpu")
 
     return Reconstructor("depth", requires_depth=True, reconstruct=reconstruct)
 
 
-def _mvsplat_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
+def _mvsplat_reconstructor(settings: MVSplatSettings, device: torch.device) -> Reconstructor:
     # Imported here: only this reconstructor needs the encoder (and, through it, e3nn).
     from .mvsplat import load_mvsplat_encoder, reconstruct_pair
 
-    if cfg.mvsplat_checkpoint is None:
-        raise ConfigError("gaussians.reconstructor = 'mvsplat' needs gaussians.mvsplat_checkpoint (re10k.ckpt)")
-    if not cfg.mvsplat_checkpoint.is_file():
+    if not settings.checkpoint.is_file():
         raise ConfigError(
-            f"gaussians.mvsplat_checkpoint = {str(cfg.mvsplat_checkpoint)!r} does not exist; point it at the MVSplat "
+            f"gaussians.mvsplat.checkpoint = {str(settings.checkpoint)!r} does not exist; point it at the MVSplat "
             "authors' RE10K checkpoint (re10k.ckpt) or a .safetensors copy of it"
         )
-    device = resolve_device(cfg.device, "gaussians.device")
-    encoder = load_mvsplat_encoder(cfg.mvsplat_checkpoint, device)
+    encoder = load_mvsplat_encoder(settings.checkpoint, device)
 
     def reconstruct_with_depth(views: ContextViews) -> tuple[Gaussians, torch.Tensor]:
-        result = reconstruct_pair(encoder, views.images, views.camera, cfg.near, cfg.far, views.names)
+        result = reconstruct_pair(encoder, views.images, views.camera, settings.near, settings.far, views.names)
         return result.gaussians, result.depth
 
     return Reconstructor(
@@ -113,13 +106,73 @@ def _mvsplat_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
     )
 
 
-RECONSTRUCTORS: dict[str, Callable[[GaussiansCfg], Reconstructor]] = {
-    "depth": _depth_reconstructor,
-    "mvsplat": _mvsplat_reconstructor,
+def _settings_key(settings: Any) -> tuple[dict, dict]:
+    """Every setting enters the Gaussians' key as it is."""
+    return to_dict(settings), {}
+
+
+def _mvsplat_key(settings: MVSplatSettings) -> tuple[dict, dict]:
+    """The checkpoint's contents enter the key, not where it lies."""
+    params = {name: value for name, value in to_dict(settings).items() if name != "checkpoint"}
+    return params, {"mvsplat_checkpoint_sha256": file_sha256(settings.checkpoint, "gaussians.mvsplat.checkpoint")}
+
+
+@dataclass(frozen=True)
+class ReconstructorEntry:
+    """A registered reconstructor.
+
+    Attributes:
+        build: (its settings, device) -> the reconstructor.
+        key: its settings -> (what enters the Gaussians' key as parameters, as input identities).
+        needs: a check of its settings before any work: None, or (the missing setting, what it must be).
+    """
+
+    build: Callable[[Any, torch.device], Reconstructor]
+    key: Callable[[Any], tuple[dict, dict]] = _settings_key
+    needs: Callable[[Any], tuple[str, str] | None] = lambda settings: None
+
+
+RECONSTRUCTORS: dict[str, ReconstructorEntry] = {
+    "depth": ReconstructorEntry(_depth_reconstructor),
+    "mvsplat": ReconstructorEntry(
+        _mvsplat_reconstructor, key=_mvsplat_key,
+        needs=lambda settings: None if settings.checkpoint is not None else (
+            "checkpoint", "the path to MVSplat's RE10K checkpoint (re10k.ckpt from the authors' release, or a "
+                          ".safetensors copy)")),
 }
 
 
+@dataclass(frozen=True)
+class GaussiansCfg:
+    """``snd precompute-gaussians``: which reconstructor turns each context pair into pixel-aligned Gaussians, and
+    each reconstructor's settings (only the chosen one's are used, and enter the key)."""
+
+    # depth: from the dataset's metric depth; mvsplat: MVSplat's encoder on the RGB pair (needs its checkpoint)
+    reconstructor: str = "depth"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    depth: DepthSettings = field(default_factory=DepthSettings)
+    mvsplat: MVSplatSettings = field(default_factory=MVSplatSettings)
+
+    def __post_init__(self) -> None:
+        require_choice("gaussians.reconstructor", self.reconstructor, RECONSTRUCTORS)
+        missing = RECONSTRUCTORS[self.reconstructor].needs(self.settings)
+        if missing is not None:
+            setting, expected = missing
+            require(False, f"gaussians.{self.reconstructor}.{setting}", getattr(self.settings, setting),
+                    f"{expected} when gaussians.reconstructor = {self.reconstructor!r}")
+
+    @property
+    def settings(self) -> Any:
+        """The chosen reconstructor's settings (its sub-section)."""
+        return getattr(self, self.reconstructor)
+
+    def key(self) -> tuple[dict, dict]:
+        """What enters the Gaussians' key: the reconstructor's name and its settings' parameters, and their input
+        identities (e.g. a checkpoint's sha256). Not the device: it does not change what is produced."""
+        params, inputs = RECONSTRUCTORS[self.reconstructor].key(self.settings)
+        return {"reconstructor": self.reconstructor, self.reconstructor: params}, inputs
+
+
 def build_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
-    if cfg.reconstructor not in RECONSTRUCTORS:
-        raise ConfigError(f"gaussians.reconstructor = {cfg.reconstructor!r}; choose one of {sorted(RECONSTRUCTORS)}")
-    return RECONSTRUCTORS[cfg.reconstructor](cfg)
+    device = resolve_device(cfg.device, "gaussians.device")
+    return RECONSTRUCTORS[cfg.reconstructor].build(cfg.settings, device)

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..config import require
 from ..gaussians import Gaussians
 from ..geometry import Camera, pixel_centers, rotation_matrix_to_quaternion, unproject_depth
 
@@ -30,12 +31,21 @@ MAX_SLANT_STRETCH = 4.0
 
 
 @dataclass(frozen=True)
-class DepthReconstructorOptions:
+class DepthSettings:
+    """``gaussians.depth``: the Gaussians' shape and size, opacity, invalid pixels and normals."""
+
+    # covariance shape, and its size: standard deviation in pixels of the source view
     covariance: Literal["disk", "isotropic"] = "disk"
     footprint_scale: float = 0.7
-    disk_thickness: float = 0.1
+    disk_thickness: float = 0.1  # a disk's thickness along the normal, relative to its shorter tangent axis
     opacity: float = 1.0
-    invalid_depth: Literal["drop", "mask"] = "drop"
+    invalid_depth: Literal["drop", "mask"] = "drop"  # mask: keep a transparent Gaussian (a fixed count)
+    normals: Literal["dataset", "estimate"] = "dataset"  # dataset: the scene's normals/ where it has them
+
+    def __post_init__(self) -> None:
+        require(0.05 <= self.footprint_scale <= 10.0, "footprint_scale", self.footprint_scale, "a number in [0.05, 10]")
+        require(0.0 < self.disk_thickness <= 1.0, "disk_thickness", self.disk_thickness, "a number in (0, 1]")
+        require(0.0 < self.opacity <= 1.0, "opacity", self.opacity, "a number in (0, 1]")
 
 
 def camera_space_rays(camera: Camera, dtype=torch.float64) -> Float[Tensor, "*batch H W 3"]:
@@ -80,7 +90,7 @@ def normals_from_depth(depth: Float[Tensor, "*batch H W"], camera: Camera) -> Fl
 def reconstruct_from_depth(
     depth: Float[Tensor, "V H W"],
     camera: Camera,
-    options: DepthReconstructorOptions,
+    options: DepthSettings,
     normals: Float[Tensor, "V H W 3"] | None = None,
 ) -> Gaussians:
     """Pixel-aligned Gaussians of ``V`` context views.
@@ -158,7 +168,7 @@ def _at_origin(camera: Camera) -> Camera:
 
 
 def _footprint_disks(
-    points: Float[Tensor, "V H W 3"], normals: Float[Tensor, "V H W 3"], camera: Camera, options: DepthReconstructorOptions
+    points: Float[Tensor, "V H W 3"], normals: Float[Tensor, "V H W 3"], camera: Camera, options: DepthSettings
 ) -> tuple[Float[Tensor, "V H W 3 3"], Float[Tensor, "V H W 3"]]:
     """Camera-frame axes (columns) and standard deviations of tangent-plane disks with a round image footprint.
 

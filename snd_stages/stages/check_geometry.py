@@ -23,7 +23,8 @@ from rich.progress import Progress
 
 from ..artifacts.gaussians import PairGaussians, load_gaussians, read_pair
 from ..artifacts.samples import load_samples
-from ..config import DataCfg, GaussiansCfg, SamplingCfg
+from ..config import DataCfg, SamplingCfg
+from ..reconstruct import GaussiansCfg
 from ..errors import ArtifactError, ConfigError
 from ..gaussians import export_point_cloud_ply
 from ..geometry import Camera, image_to_tensor

@@ -410,15 +410,26 @@ def distinguishing_settings(runs: Sequence[Path]) -> list[list[str]]:
         except (OSError, yaml.YAMLError):
             config = None
         flat.append(None if not isinstance(config, dict) else {
-            f"{section}.{key}": json.dumps(value, sort_keys=True)
-            for section in RUN_SECTIONS for key, value in (config.get(section) or {}).items()
-            if not (section == "train" and key in TRAIN_OBSERVATION_ONLY)})
+            key: json.dumps(value, sort_keys=True)
+            for section in RUN_SECTIONS for key, value in _dotted(config.get(section) or {}, f"{section}.").items()
+            if not (section == "train" and key.removeprefix("train.") in TRAIN_OBSERVATION_ONLY)})
     readable = [settings for settings in flat if settings is not None]
     keys = sorted(set().union(*readable)) if readable else []
     common = {key: collections.Counter(s.get(key) for s in readable).most_common(1)[0][0] for key in keys}
     return [[] if settings is None else
             [f"{key}={_setting_text(settings.get(key))}" for key in keys if settings.get(key) != common[key]]
             for settings in flat]
+
+
+def _dotted(section: dict, prefix: str) -> dict:
+    """``{"depth": {"opacity": 1.0}}`` -> ``{"<prefix>depth.opacity": 1.0}``: a component's sub-section key by key."""
+    flat = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _setting_text(encoded: str | None) -> str:

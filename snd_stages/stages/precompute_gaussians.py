@@ -18,7 +18,8 @@ from rich.progress import Progress
 from ..artifacts.gaussians import BYTES_PER_GAUSSIAN, gaussians_spec, pairs_of, write_pair
 from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
 from ..artifacts.samples import load_samples
-from ..config import DataCfg, GaussiansCfg, SamplingCfg, dump_sections
+from ..config import DataCfg, SamplingCfg, dump_sections
+from ..reconstruct import GaussiansCfg
 from ..errors import DataError
 from ..progress import track
 from ..reconstruct import ContextViews, build_reconstructor

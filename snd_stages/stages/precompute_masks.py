@@ -17,38 +17,12 @@ from rich.progress import Progress
 from ..artifacts.masks import masks_spec, used_positions, write_scene_masks
 from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
 from ..artifacts.samples import load_samples
-from ..config import DataCfg, MasksCfg, SamplingCfg, dump_sections
+from ..config import DataCfg, SamplingCfg, dump_sections
 from ..errors import DataError
-from ..masks.sources import SamSegmenter, SuperpixelOptions, felzenszwalb_segments, slic_segments
+from ..masks import MasksCfg
 from ..progress import track
 from ..scenes.layout import read_scene
 from ..store import Artifact, ArtifactWriter, Store
-
-def make_segmenter(masks: MasksCfg):
-    """A function ``(scene, position) -> [H, W] int32 labels`` for the configured source."""
-    options = SuperpixelOptions(
-        felzenszwalb_scale=masks.felzenszwalb_scale,
-        felzenszwalb_sigma=masks.felzenszwalb_sigma,
-        felzenszwalb_min_size=masks.felzenszwalb_min_size,
-        slic_segments=masks.slic_segments,
-        slic_compactness=masks.slic_compactness,
-    )
-    if masks.source == "gt":
-        def ground_truth(scene, position):
-            if not scene.has("instance_segmentation"):
-                raise DataError(
-                    f"masks.source = 'gt' but scene {scene.directory} has no instance_segmentation/ folder; "
-                    "use masks.source felzenszwalb, slic or sam for data without instance masks"
-                )
-            return scene.load_instances(position).astype(np.int32)
-        return ground_truth
-    if masks.source == "felzenszwalb":
-        return lambda scene, position: felzenszwalb_segments(scene.load_image(position), options)
-    if masks.source == "slic":
-        return lambda scene, position: slic_segments(scene.load_image(position), options)
-    sam = SamSegmenter(masks.sam_checkpoint, masks.sam_model, masks.sam_points_per_side)
-    return lambda scene, position: sam(scene.load_image(position))
-
 
 def precompute_masks(
     data: DataCfg,
@@ -68,7 +42,7 @@ def precompute_masks(
 
     def build(writer: ArtifactWriter) -> Artifact | None:
         writer.prepare({"mask_source": masks.source})
-        segment = make_segmenter(masks)
+        segment = masks.segmenter()
         todo = [scene for scene in shard.select(list(positions)) if scene not in writer.done_units()]
         frames_total = sum(len(positions[scene]) for scene in todo)
         bar = track(_frames(todo, positions), "segmenting frames", progress, total=frames_total, unit="frame")

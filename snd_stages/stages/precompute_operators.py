@@ -24,7 +24,9 @@ from ..artifacts.masks import MaskReader, load_masks
 from ..artifacts.operators import operators_spec, operator_unit_name, token_grid, write_operator
 from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
 from ..artifacts.samples import load_samples
-from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections
+from ..config import DataCfg, SamplingCfg, TrainCfg, dump_sections
+from ..reconstruct import GaussiansCfg
+from ..masks import MasksCfg
 from ..models.weights import PATCH
 from ..progress import track
 from ..runtime import resolve_device

@@ -71,7 +71,9 @@ from ..artifacts.runs import (
     teacher_operators,
     training_lock,
 )
-from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections
+from ..config import DataCfg, SamplingCfg, TrainCfg, dump_sections
+from ..reconstruct import GaussiansCfg
+from ..masks import MasksCfg
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_channels, unit_range
 from ..models.checkpoints import build_model

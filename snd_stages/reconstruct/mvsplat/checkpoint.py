@@ -43,7 +43,7 @@ def read_mvsplat_checkpoint(path: Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"MVSplat checkpoint {path} does not exist (set gaussians.mvsplat_checkpoint to re10k.ckpt)")
+        raise DataError(f"MVSplat checkpoint {path} does not exist (set gaussians.mvsplat.checkpoint to re10k.ckpt)")
     if path.suffix.lower() == ".safetensors":
         try:
             return safetensors.torch.load_file(path, device="cpu")
