@@ -52,7 +52,7 @@ def test_multi_block_features_stack_four_blocks(backbone):
 
 def test_centre_padding_and_crop_back():
     images = torch.rand(1, 3, 50, 61)
-    padded, padding = centre_pad(images)
+    padded, padding = centre_pad(images, 14)
     assert padded.shape[-2:] == (56, 70) and padding == (3, 3, 4, 5)
     torch.testing.assert_close(padded[..., 3:53, 4:65], images)
 

@@ -11,8 +11,8 @@ One artifact per (model weights, frame set, feature spec). Its key (:func:`featu
 - the frame set's identity (:attr:`FrameSet.key`): its name, frame names, image size and a fingerprint of the
   images' source (the image files' names, sizes and modification times, as
   :func:`snd_stages.scenes.layout.dataset_fingerprint` does; for NYUv2 the ``.mat`` file's);
-- the feature spec: absolute block indices, final norm, CLS concatenation, the preprocessing (ImageNet mean/std,
-  zero centre-padding to multiples of 14) and the stored dtype.
+- the feature spec: absolute block indices, final norm, CLS concatenation, the preprocessing (the backbone's
+  normalisation, zero centre-padding to multiples of its patch size: :func:`preprocessing`) and the stored dtype.
 
 Layout: units ``00000``, ``00001``, ... of :data:`FRAMES_PER_UNIT` consecutive frames each, holding ``tokens``
 ``[n, C, h, w]`` float16 (one Zarr chunk per frame), with the unit's first frame index, frame names, padding and
@@ -41,14 +41,19 @@ from ..errors import DataError
 from ..geometry import image_to_tensor
 from ..progress import track
 from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store, hash_json
-from ..models.weights import PATCH
+from ..models.backbones import BackboneSpec
 from .backbone import Features, FeatureSpec, ProbeBackbone, centre_padding, crop_to_image
 
 STAGE = "features"
 SCHEMA_VERSION = 1
 FRAMES_PER_UNIT = 32
 EXTRACTION_BATCH = 8  # divides FRAMES_PER_UNIT, so that batches never straddle units
-PREPROCESSING = "ImageNet mean/std, zero centre-padding to multiples of 14"
+
+
+def preprocessing(backbone: BackboneSpec) -> str:
+    """How images become the backbone's input, in words, for the key (for DINOv2 "ImageNet mean/std, zero
+    centre-padding to multiples of 14")."""
+    return f"{backbone.normalisation.name} mean/std, zero centre-padding to multiples of {backbone.patch}"
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,7 @@ def features_artifact_spec(backbone: ProbeBackbone, frames: FrameSet, spec: Feat
         "final_norm": resolved.final_norm,
         "with_cls": resolved.with_cls,
         "image_size": list(frames.image_size),
-        "preprocessing": PREPROCESSING,
+        "preprocessing": preprocessing(backbone.backbone_spec),
         "dtype": "float16",
         "frames_per_unit": FRAMES_PER_UNIT,
         "extraction_batch": EXTRACTION_BATCH,
@@ -223,7 +228,7 @@ def probe_features(
     specs = list(dict.fromkeys(specs))
     units = [range(start, min(start + FRAMES_PER_UNIT, len(frames))) for start in range(0, len(frames), FRAMES_PER_UNIT)]
     unit_names = [f"{index:05d}" for index in range(len(units))]
-    padding = centre_padding(*frames.image_size, multiple=PATCH)
+    padding = centre_padding(*frames.image_size, multiple=backbone.backbone_spec.patch)
     artifact_specs = {spec: features_artifact_spec(backbone, frames, spec) for spec in specs}
     ready: dict[FeatureSpec, Artifact] = {}
     writers: dict[FeatureSpec, ArtifactWriter] = {}

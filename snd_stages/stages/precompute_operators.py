@@ -34,7 +34,7 @@ import torch
 from rich.progress import Progress
 
 from ..config import DataCfg, GaussiansCfg, MasksCfg, SamplingCfg, TrainCfg, dump_sections
-from ..models.weights import PATCH
+from ..models.backbones import backbone_spec
 from ..progress import track
 from ..runtime import resolve_device
 from ..splat.operator import SplatOperator, build_splat_operator
@@ -49,17 +49,12 @@ STAGE = "operators"
 SCHEMA_VERSION = 1
 
 
-def token_grid(height: int, width: int) -> tuple[int, int]:
-    """The ViT's token grid for an image: sides are cropped down to multiples of the patch size first."""
-    return height // PATCH, width // PATCH
-
-
 def operator_unit_name(scene: str, context: tuple[int, int], target: int) -> str:
     return f"{pair_unit_name(scene, context)}--{target:05d}"
 
 
 def operators_spec(train: TrainCfg, samples_key: str, gaussians_key: str, masks_key: str) -> ArtifactSpec:
-    params = {"patch": PATCH, "mask_aware_upsampling": train.mask_aware_upsampling,
+    params = {"patch": backbone_spec(train.backbone).patch, "mask_aware_upsampling": train.mask_aware_upsampling,
               "reference_quirks": train.reference_quirks}
     return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params,
                         inputs={"samples": samples_key, "gaussians": gaussians_key, "masks": masks_key})
@@ -89,9 +84,10 @@ def precompute_operators(
     units = dict(sorted(units.items()))
     config_yaml = dump_sections(data=data, sampling=sampling, gaussians=gaussians, masks=masks, train=train)
     device = resolve_device(train.device, "train.device")
+    backbone = backbone_spec(train.backbone)
 
     def build(writer: ArtifactWriter) -> Artifact | None:
-        writer.prepare({"patch": PATCH})
+        writer.prepare({"patch": backbone.patch})
         read_mask = MaskReader(masks_artifact)
         todo = [name for name in shard.select(list(units)) if name not in writer.done_units()]
         pair_name, pair = None, None
@@ -107,7 +103,8 @@ def precompute_operators(
                                                        train.reference_quirks)
             operator = build_splat_operator(
                 rendered_gaussians, camera, context_masks, read_mask(scene_id, target).to(device),
-                context_grid=token_grid(*context_masks.shape[-2:]), target_grid=token_grid(camera.height, camera.width),
+                context_grid=backbone.token_grid(*context_masks.shape[-2:]),
+                target_grid=backbone.token_grid(camera.height, camera.width),
                 mask_aware_upsampling=train.mask_aware_upsampling,
             )
             with writer.unit(name) as group:

@@ -80,6 +80,7 @@ from ..models.checkpoints import (
     restore_model_state,
     run_manifest_files,
 )
+from ..models.backbones import backbone_spec
 from ..models.distill import StudentTeacher, ema_schedule
 from ..models.lora import export_backbone
 from ..models.losses import cosine_distillation_loss, prototype_cross_entropy
@@ -95,7 +96,7 @@ from ..visualize import pca_basis, pca_rgb
 from .learning_curves import LearningCurves
 from .precompute_gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
 from .precompute_masks import MaskReader, load_masks
-from .precompute_operators import load_operators, operator_unit_name, read_operator, token_grid
+from .precompute_operators import load_operators, operator_unit_name, read_operator
 from .sample_views import SampleSet, load_samples
 
 STAGE = "run"
@@ -304,11 +305,12 @@ def teacher_targets(model: StudentTeacher, batch: list[TrainingSample], cfg: Tra
     if cfg.teacher_splatting == "operator":
         return apply_operators([sample.operator.to(device) for sample in batch], context_tokens, cfg.blending)
     targets, coverages = [], []
+    backbone = backbone_spec(cfg.backbone)
     for index, sample in enumerate(batch):
         gaussians, camera = render_inputs(sample.pair.gaussians.to(device), sample.target_camera, cfg.reference_quirks)
         target, coverage = splat_tokens(
             context_tokens[2 * index : 2 * index + 2], gaussians, camera, sample.context_masks.to(device),
-            sample.target_mask.to(device), token_grid(*sample.target_image.shape[-2:]), cfg.blending,
+            sample.target_mask.to(device), backbone.token_grid(*sample.target_image.shape[-2:]), cfg.blending,
             cfg.mask_aware_upsampling,
         )
         targets.append(target)
