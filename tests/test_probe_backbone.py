@@ -28,7 +28,7 @@ def test_last_block_with_final_norm_is_the_training_feature(backbone):
     images = torch.rand(2, 3, 56, 70)  # already multiples of 14: no padding
     features = backbone.features(images, SEGMENTATION_FEATURES)
     assert features.padding == (0, 0, 0, 0) and features.tokens.shape == (2, 384, 4, 5)
-    torch.testing.assert_close(features.tokens, patch_tokens(backbone.model, images), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features.tokens, patch_tokens(backbone.model, backbone.backbone_spec, images), atol=1e-5, rtol=1e-5)
 
 
 def test_depth_features_concatenate_the_unnormed_cls(backbone):

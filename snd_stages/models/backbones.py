@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import NamedTuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -109,9 +108,9 @@ class BackboneSpec:
 
 
 # Every DINOv2 checkpoint format (timm, torch hub, transformers) holds the same tensors under other names.
-_DINOV2_CONVERTERS: Mapping[str, Converter] = MappingProxyType(
-    {TIMM: keep_timm_names, TORCH_HUB: convert_torch_hub_to_timm, HF: convert_hf_to_timm}
-)
+_DINOV2_CONVERTERS: Mapping[str, Converter] = {
+    TIMM: keep_timm_names, TORCH_HUB: convert_torch_hub_to_timm, HF: convert_hf_to_timm
+}
 
 
 def _dinov2(name: str, timm_name: str, embed_dim: int, depth: int, registers: int) -> BackboneSpec:

@@ -332,6 +332,7 @@ class StudentSide(nn.Module):
         super().__init__()
         self.student = model.student
         self.student_head = model.student_head
+        self.backbone_spec = model.backbone_spec
         self.patch_tokens = model.patch_tokens
 
     def forward(self, images: torch.Tensor, coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -346,7 +347,7 @@ class StudentSide(nn.Module):
             prototypes); the logits are ``bottleneck @ prototypes.T``. Without heads (``train.loss: cosine``) the
             tokens alone, then None, None.
         """
-        tokens = self.patch_tokens(self.student, images)
+        tokens = self.patch_tokens(self.student, self.backbone_spec, images)
         if self.student_head is None:
             return tokens, None, None
         covered = coverage[:, None].to(tokens.dtype)
