@@ -57,6 +57,7 @@ from snd_stages.config import TrainCfg
 
 from snd_stages.reconstruct import GaussiansCfg
 from snd_stages.geometry import image_to_channels
+from snd_stages.models.backbones import backbone_spec
 from snd_stages.reconstruct import build_reconstructor
 from snd_stages.scenes.layout import read_scene
 from snd_stages.splat.features import blend_with_segments, downsample_to_tokens, lift_features, mask_aware_upsample
@@ -64,7 +65,6 @@ from snd_stages.splat.operator import apply_operators, build_splat_operator
 from snd_stages.splat.render import render_features
 from snd_stages.artifacts.gaussians import PairGaussians
 from snd_stages.stages.precompute_gaussians import context_views
-from snd_stages.artifacts.operators import token_grid
 from snd_stages.models.checkpoints import build_model
 from snd_stages.stages.train import (
     TrainingSample,
@@ -87,6 +87,16 @@ def sample_of(root: Path, size: str) -> TrainingSample:
     # uint8 and page-locked, as training's batches are on a GPU.
     return TrainingSample(torch.stack([image(0), image(1)]).pin_memory(), torch.stack([mask(0), mask(1)]),
                           image(1).pin_memory(), mask(1), pair, scene.camera[[1]])
+
+
+def token_grid(backbones: list[str], height: int, width: int) -> tuple[int, int]:
+    """The token grid that every benchmarked backbone cuts a ``height`` x ``width`` image into: the targets and the
+    operator of one image size serve them all."""
+    grids = {backbone_spec(backbone).token_grid(height, width) for backbone in backbones}
+    if len(grids) > 1:
+        raise SystemExit(f"--backbones {' '.join(backbones)} cut {height}x{width} images into different token grids "
+                         f"{sorted(grids)}; benchmark backbones of one patch size at a time")
+    return grids.pop()
 
 
 def median_ms(function, repeats: int, warmup: int = 2) -> float:
@@ -215,7 +225,7 @@ def count_flops(args) -> None:
     for size in args.sizes:
         scene = read_scene(args.inputs, f"bench{size}")
         images = torch.stack([image_to_channels(scene.load_image(p)) for p in (0, 1)])
-        grid = token_grid(*images.shape[-2:])
+        grid = token_grid(args.backbones, *images.shape[-2:])
         for backbone in args.backbones:
             cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
             model = build_model(cfg).to(device)
@@ -269,7 +279,7 @@ def kernel_floor(args) -> None:
     ceiling = gemm_ceiling_tflops(args.repeats)
     for size in args.sizes:
         height, width = (int(side) for side in size.split("x"))
-        grid = token_grid(height, width)
+        grid = token_grid(args.backbones, height, width)
         patches = grid[0] * grid[1]
         for backbone in args.backbones:
             cfg = TrainCfg(backbone=backbone, weights="random", allow_random_weights=True)
@@ -350,7 +360,7 @@ def attention_backends(args) -> None:
     shapes = []
     for size in args.sizes:
         height, width = (int(side) for side in size.split("x"))
-        grid = token_grid(height, width)
+        grid = token_grid(args.backbones, height, width)
         for backbone in args.backbones:
             vit = build_model(TrainCfg(backbone=backbone, weights="random", allow_random_weights=True)).teacher.get_base_model()
             heads, tokens = vit.blocks[0].attn.num_heads, grid[0] * grid[1] + vit.num_prefix_tokens
@@ -401,7 +411,7 @@ def profile_step(args) -> None:
     for size in args.sizes:
         scene = read_scene(args.inputs, f"bench{size}")
         images = torch.stack([image_to_channels(scene.load_image(p)) for p in (0, 1)]).pin_memory()
-        grid = token_grid(*images.shape[-2:])
+        grid = token_grid(args.backbones, *images.shape[-2:])
         for backbone in args.backbones:
             cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
             for batch_size in args.batch:
@@ -605,7 +615,7 @@ def main() -> None:
     for size in args.sizes:
         sample = sample_of(args.inputs, size)
         height, width = sample.target_image.shape[-2:]
-        grid = token_grid(height, width)
+        grid = token_grid(args.backbones, height, width)
         gaussians = sample.pair.gaussians.to(device)
         camera = sample.target_camera.to(device=device, dtype=torch.float32)
         masks, target_mask = sample.context_masks.to(device), sample.target_mask.to(device)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from snd_stages.pipeline import load_config
+from snd_stages.models.backbones import backbone_spec
 from snd_stages.models.distill import StudentTeacher
 from snd_stages.models.lora import merged_backbone
 from snd_stages.splat.features import (blend_with_segments, downsample_operator, downsample_to_tokens, lift_features,
@@ -25,7 +26,7 @@ from snd_stages.splat.operator import SplatOperator
 from snd_stages.splat.render import render_features
 from snd_stages.artifacts.gaussians import load_gaussians
 from snd_stages.artifacts.masks import load_masks
-from snd_stages.artifacts.operators import load_operators, token_grid
+from snd_stages.artifacts.operators import load_operators
 from snd_stages.stages.precompute_operators import precompute_operators
 from snd_stages.artifacts.samples import load_samples
 from snd_stages.artifacts.runs import checkpoint_path, run_directory
@@ -95,7 +96,8 @@ def teacher_path(project) -> TeacherPath:
                                            align_corners=True)}
     rendered = {name: render_features(gaussians, lift_features(features, gaussians), sample.target_camera)
                 .features.permute(0, 3, 1, 2) for name, features in upsampled.items()}
-    return TeacherPath(model, sample.target_mask, token_grid(*sample.target_image.shape[-2:]), rendered)
+    grid = backbone_spec(cfg.train.backbone).token_grid(*sample.target_image.shape[-2:])
+    return TeacherPath(model, sample.target_mask, grid, rendered)
 
 
 def blended_tokens(path: TeacherPath, upsampling: str, blending: float) -> torch.Tensor:

@@ -50,6 +50,7 @@ def counted_step(train_step):
     from torch.utils.flop_counter import FlopCounterMode
 
     from snd_stages.config import TrainCfg
+    from snd_stages.models.backbones import backbone_spec
     from snd_stages.models.distill import StudentTeacher
     from snd_stages.stages.train import TrainingSample, distillation_step
 
@@ -58,7 +59,7 @@ def counted_step(train_step):
     # rank-1 LoRA (not model FLOPs) stays under 1 % of the student's.
     vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, embed_dim=64, num_heads=1,
                             depth=2, num_classes=0, dynamic_img_size=True)
-    model = StudentTeacher(vit, out_dim=256, lora_rank=1, lora_alpha=1.0)
+    model = StudentTeacher(vit, backbone_spec("dinov2_vits14"), out_dim=256, lora_rank=1, lora_alpha=1.0)
     cfg = TrainCfg(prototypes=256, lora_rank=1, lora_alpha=1.0)
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     batch = [TrainingSample(images, None, images[1], None, None, None)] * 2

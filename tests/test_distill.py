@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from snd_stages.models.backbones import backbone_spec
 from snd_stages.models.distill import StudentTeacher, ema_schedule
 from snd_stages.models.heads import DINOHead
 from snd_stages.models.lora import add_lora, export_backbone, lora_module_names, merged_backbone
@@ -26,6 +27,7 @@ from snd_stages.models.weights import create_backbone
 
 DEPTH = 2
 SMALL_OUT_DIM = 512  # prototypes where a test does not need the real 65,536
+VITS14 = backbone_spec("dinov2_vits14")  # what tiny_vit is, but for its depth
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 # One float32 rounding step of slack for the EMA: a fused lerp and the two-term formula round differently.
@@ -69,7 +71,7 @@ def seed() -> None:
 
 
 def test_lora_lands_on_attention_projections_only():
-    model = add_lora(tiny_vit())
+    model = add_lora(tiny_vit(), VITS14.lora_targets)
     expected = [f"blocks.{i}.attn.{name}" for i in range(DEPTH) for name in ("qkv", "proj")]
     assert sorted(lora_module_names(model)) == sorted(expected)
     assert len(lora_module_names(model)) == 2 * DEPTH
@@ -83,7 +85,7 @@ def test_lora_lands_on_attention_projections_only():
 
 
 def test_lora_reference_quirks_also_adapt_patch_embedding():
-    model = add_lora(tiny_vit(), reference_quirks=True)
+    model = add_lora(tiny_vit(), VITS14.lora_targets, reference_quirks=True)
     names = lora_module_names(model)
     assert len(names) == 2 * DEPTH + 1
     assert "patch_embed.proj" in names
@@ -98,7 +100,7 @@ def test_lora_reference_quirks_also_adapt_patch_embedding():
 def test_lora_at_init_leaves_outputs_unchanged(reference_quirks):
     backbone = tiny_vit()
     base = copy.deepcopy(backbone)
-    model = add_lora(backbone, reference_quirks=reference_quirks)
+    model = add_lora(backbone, VITS14.lora_targets, reference_quirks=reference_quirks)
     model.train()  # LoRA dropout active: B = 0 must still contribute exactly nothing
     images = torch.randn(2, 3, 56, 70)
     with torch.no_grad():
@@ -114,7 +116,7 @@ def test_lora_rejects_targets_missing_from_blocks():
 def test_merged_backbone_matches_lora_model(reference_quirks):
     backbone = tiny_vit()
     base = copy.deepcopy(backbone).eval()
-    model = add_lora(backbone, reference_quirks=reference_quirks)
+    model = add_lora(backbone, VITS14.lora_targets, reference_quirks=reference_quirks)
     randomize_lora_b(model)
     model.eval()
     images = torch.rand(2, 3, 56, 70)
@@ -139,7 +141,7 @@ def test_exported_backbone_loads_offline_through_timm(tmp_path, monkeypatch):
     with torch.no_grad():
         for parameter in backbone.parameters():
             parameter.normal_(0.0, 0.02)
-    model = add_lora(backbone, reference_quirks=True)
+    model = add_lora(backbone, VITS14.lora_targets, reference_quirks=True)
     randomize_lora_b(model, std=0.02)
     model.eval()
     path = tmp_path / "student.safetensors"
@@ -388,7 +390,7 @@ def test_cosine_loss_of_identical_tokens_is_zero_whatever_their_scale():
 
 
 def small_student_teacher(reference_quirks: bool = False) -> StudentTeacher:
-    return StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM, reference_quirks=reference_quirks)
+    return StudentTeacher(tiny_vit(), VITS14, out_dim=SMALL_OUT_DIM, reference_quirks=reference_quirks)
 
 
 def test_trainable_parameters_are_student_lora_and_student_head():
@@ -408,7 +410,7 @@ def test_trainable_parameters_are_student_lora_and_student_head():
 
 
 def test_without_heads_only_lora_trains_and_follows_by_ema():
-    model = StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM, heads=False)
+    model = StudentTeacher(tiny_vit(), VITS14, out_dim=SMALL_OUT_DIM, heads=False)
     assert model.student_head is None and model.teacher_head is None
     assert not [name for name in model.state_dict() if name.startswith(("student_head.", "teacher_head."))]
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
@@ -531,7 +533,7 @@ def test_teacher_runs_merged_and_matches_its_lora_model_after_every_update():
     for _ in range(2):  # the merged weights follow each EMA step
         model.update_teacher(0.5)
         with torch.no_grad():
-            through_lora = patch_tokens(model.teacher, images)
+            through_lora = patch_tokens(model.teacher, VITS14, images)
         assert relative_error(model.teacher_tokens(images), through_lora) < 1e-5
     plain = model._merged_teacher()
     assert type(plain) is VisionTransformer
@@ -552,7 +554,7 @@ def test_merged_teacher_refreshes_linear_layers_in_one_product_and_convolutions_
     model.update_teacher(0.5)
     images = torch.rand(2, 3, 56, 56)
     with torch.no_grad():
-        through_lora = patch_tokens(model.teacher, images)
+        through_lora = patch_tokens(model.teacher, VITS14, images)
     assert relative_error(model.teacher_tokens(images), through_lora) < 1e-5
     refreshed_by_peft = {type(layer).__name__ for _, layer, product in model._merged_teacher._merged if product is None}
     assert refreshed_by_peft == {"Conv2d"}
@@ -567,7 +569,7 @@ def test_merged_teacher_view_follows_the_teacher_to_another_dtype():
     model.teacher_tokens(images)
     model.double()
     with torch.no_grad():
-        expected = patch_tokens(model.teacher, images.double())
+        expected = patch_tokens(model.teacher, VITS14, images.double())
     tokens = model.teacher_tokens(images.double())
     assert tokens.dtype == torch.float64 and relative_error(tokens, expected) < 1e-12
 
@@ -627,20 +629,19 @@ def by_hand(backbone: VisionTransformer, images: Tensor, size: tuple[int, int], 
     return tokens.reshape(images.shape[0], *grid, -1).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize(
-    ("name", "prefix"), [("vit_small_patch14_dinov2", 1), ("vit_small_patch14_reg4_dinov2", 5)]
-)
+@pytest.mark.parametrize(("name", "prefix"), [("dinov2_vits14", 1), ("dinov2_vits14_reg", 5)])
 def test_patch_tokens_resize_normalise_and_drop_prefix(name, prefix):
-    backbone = tiny_vit(name, depth=1).eval()
-    assert backbone.num_prefix_tokens == prefix
+    spec = backbone_spec(name)
+    backbone = tiny_vit(spec.timm_name, depth=1).eval()
+    assert backbone.num_prefix_tokens == spec.prefix_tokens == prefix
     images = torch.rand(2, 3, 60, 90)
     with torch.no_grad():
-        tokens = patch_tokens(backbone, images)
+        tokens = patch_tokens(backbone, spec, images)
         assert tokens.shape == (2, 384, 4, 6)
         assert torch.equal(tokens, by_hand(backbone, images, (56, 84), prefix))
         already_multiple = torch.rand(1, 3, 42, 70)
         expected = by_hand(backbone, already_multiple, (42, 70), prefix)
-        assert torch.equal(patch_tokens(backbone, already_multiple), expected)
+        assert torch.equal(patch_tokens(backbone, spec, already_multiple), expected)
 
 
 @pytest.mark.gpu
@@ -659,7 +660,7 @@ def test_cuda_graphs_give_the_compiled_steps_while_the_weights_change_in_place()
         for block in backbone.blocks:  # LayerScale's 1e-5 initialisation would hide what LoRA changes
             block.ls1.gamma.data.fill_(1.0)
             block.ls2.gamma.data.fill_(1.0)
-        model = StudentTeacher(backbone, out_dim=SMALL_OUT_DIM, lora_dropout=0.0).cuda()
+        model = StudentTeacher(backbone, VITS14, out_dim=SMALL_OUT_DIM, lora_dropout=0.0).cuda()
         randomize_lora_b(model.student, std=0.2)
         model.compile_backbones(cuda_graphs=cuda_graphs)
         optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.01)
@@ -690,17 +691,17 @@ def test_cuda_graphs_give_the_compiled_steps_while_the_weights_change_in_place()
 def test_patch_tokens_through_the_lora_model():
     backbone = tiny_vit()
     base = copy.deepcopy(backbone).eval()
-    model = add_lora(backbone, reference_quirks=True).eval()
+    model = add_lora(backbone, VITS14.lora_targets, reference_quirks=True).eval()
     images = torch.rand(1, 3, 60, 90)
     with torch.no_grad():
-        assert torch.equal(patch_tokens(model, images), patch_tokens(base, images))
+        assert torch.equal(patch_tokens(model, VITS14, images), patch_tokens(base, VITS14, images))
 
 
 def test_patch_tokens_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\(2, 1, 56, 56\)"):
-        patch_tokens(tiny_vit(), torch.rand(2, 1, 56, 56))
+        patch_tokens(tiny_vit(), VITS14, torch.rand(2, 1, 56, 56))
     with pytest.raises(ValueError, match="H >= 14"):
-        patch_tokens(tiny_vit(), torch.rand(2, 3, 10, 56))
+        patch_tokens(tiny_vit(), VITS14, torch.rand(2, 3, 10, 56))
 
 
 @pytest.mark.parametrize("device", [
@@ -708,7 +709,7 @@ def test_patch_tokens_rejects_bad_shapes():
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]),
 ])
 def test_compiled_backbones_give_the_eager_tokens_and_gradients(device):
-    model = StudentTeacher(tiny_vit(), out_dim=SMALL_OUT_DIM).to(device)
+    model = StudentTeacher(tiny_vit(), VITS14, out_dim=SMALL_OUT_DIM).to(device)
     randomize_lora_b(model.student)
     randomize_lora_b(model.teacher)
     model.eval()  # no dropout: both runs must see the same computation
@@ -735,7 +736,7 @@ def test_compiled_backbones_give_the_eager_tokens_and_gradients(device):
         assert relative_error(compiled_gradient, eager_gradient) < 5e-2
     # Export merges a copy of the backbone; it computes the student's tokens on its own, compiled or not.
     with torch.autocast(device, dtype=torch.bfloat16), torch.no_grad():
-        exported = patch_tokens(merged_backbone(model.student), images).float()
+        exported = patch_tokens(merged_backbone(model.student), VITS14, images).float()
     assert relative_error(exported, eager[0]) < 2e-2
 
 

@@ -29,7 +29,7 @@ def test_last_block_with_final_norm_is_the_training_feature(backbone):
     images = torch.rand(2, 3, 56, 70)  # already multiples of 14: no padding
     features = backbone.features(images, SEGMENTATION_FEATURES)
     assert features.padding == (0, 0, 0, 0) and features.tokens.shape == (2, 384, 4, 5)
-    torch.testing.assert_close(features.tokens, patch_tokens(backbone.model, images), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features.tokens, patch_tokens(backbone.model, backbone.backbone_spec, images), atol=1e-5, rtol=1e-5)
 
 
 def test_depth_features_concatenate_the_unnormed_cls(backbone):
@@ -53,7 +53,7 @@ def test_multi_block_features_stack_four_blocks(backbone):
 
 def test_centre_padding_and_crop_back():
     images = torch.rand(1, 3, 50, 61)
-    padded, padding = centre_pad(images)
+    padded, padding = centre_pad(images, 14)
     assert padded.shape[-2:] == (56, 70) and padding == (3, 3, 4, 5)
     torch.testing.assert_close(padded[..., 3:53, 4:65], images)
 

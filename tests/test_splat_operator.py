@@ -11,12 +11,13 @@ import torch
 from snd_stages.pipeline import load_config
 from snd_stages.errors import ArtifactError
 from snd_stages.geometry import Camera
+from snd_stages.models.backbones import backbone_spec
 from snd_stages.splat.operator import SplatOperator, build_splat_operator, splat_tokens
 from snd_stages.splat.quirks import render_inputs
 from snd_stages.splat.render import gsplat_cuda_available, render_features, render_weights
 from snd_stages.artifacts.gaussians import load_gaussians
 from snd_stages.artifacts.masks import load_masks
-from snd_stages.artifacts.operators import load_operators, token_grid
+from snd_stages.artifacts.operators import load_operators
 from snd_stages.stages.precompute_operators import precompute_operators
 from snd_stages.artifacts.samples import load_samples
 from snd_stages.models.checkpoints import build_model
@@ -26,6 +27,7 @@ from tests.conftest import build_demo_artifacts
 
 # Float32 rendering on both paths; the operator sums the same products in another order.
 RELATIVE_TOLERANCE = 1e-5
+VITS14 = backbone_spec("dinov2_vits14")
 
 TINY = [
     "demo.train_scenes=1", "demo.eval_scenes=0", "demo.frames_per_scene=8", "demo.height=84", "demo.width=112",
@@ -63,7 +65,7 @@ def test_operator_equals_the_plain_path(project, quirks, mask_aware, blending):
     cfg = config(project)
     sample = training_data(cfg, Store(cfg.store.root)).load(0)
     gaussians, camera = render_inputs(sample.pair.gaussians, sample.target_camera, quirks)
-    grid = token_grid(camera.height, camera.width)
+    grid = backbone_spec(cfg.train.backbone).token_grid(camera.height, camera.width)
     tokens = torch.randn(2, 24, *grid, generator=torch.Generator().manual_seed(0))
     operator = build_splat_operator(gaussians, camera, sample.context_masks, sample.target_mask, grid, grid, mask_aware)
     expected, coverage = splat_tokens(tokens, gaussians, camera, sample.context_masks, sample.target_mask, grid,
@@ -143,7 +145,7 @@ def test_gsplat_operator_equals_the_gsplat_path(blending):
     device = torch.device("cuda")
     gaussians, camera, masks, target_mask = synthetic_sample(torch.Generator().manual_seed(1))
     gaussians, camera, masks, target_mask = gaussians.to(device), camera.to(device), masks.to(device), target_mask.to(device)
-    grid = token_grid(camera.height, camera.width)
+    grid = VITS14.token_grid(camera.height, camera.width)
     tokens = torch.randn(2, 64, *grid, generator=torch.Generator().manual_seed(1)).to(device)
     operator = build_splat_operator(gaussians, camera, masks, target_mask, grid, grid, backend="gsplat")
     expected, coverage = splat_tokens(tokens, gaussians, camera, masks, target_mask, grid, blending, backend="gsplat")
@@ -156,7 +158,7 @@ def test_gsplat_operator_equals_the_gsplat_path(blending):
 
 def test_a_damaged_stored_operator_is_an_error_not_an_out_of_bounds_read():
     gaussians, camera, masks, target_mask = synthetic_sample(torch.Generator().manual_seed(3))
-    grid = token_grid(camera.height, camera.width)
+    grid = VITS14.token_grid(camera.height, camera.width)
     operator = build_splat_operator(gaussians, camera, masks, target_mask, grid, grid)
     arrays = operator.to_arrays()
     restored = SplatOperator.from_arrays(arrays)

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from snd_stages.errors import ConfigError, DataError
 from snd_stages.models import weights
+from snd_stages.models.backbones import backbone_spec
 from snd_stages.models.weights import (
-    BACKBONES,
     PatchProjection,
     create_backbone,
     embedded_teacher_state_dict,
@@ -42,7 +42,8 @@ ONNX_POSITION_TABLE = "/backbone/embeddings/Concat_6_output_0"
 
 def timm_model(name: str, img_size: int = 518) -> timm.models.VisionTransformer:
     """A randomly initialised timm model of one of our backbones, built the way create_backbone builds it."""
-    return timm.create_model(BACKBONES[name], pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size)
+    return timm.create_model(backbone_spec(name).timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                             img_size=img_size)
 
 
 def timm_to_torch_hub(state_dict: dict[str, Tensor], class_position: Tensor | None = None) -> dict[str, Tensor]:

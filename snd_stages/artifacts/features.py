@@ -12,8 +12,8 @@ One artifact per (model weights, frame set, feature spec). Its key (:func:`featu
 - the frame set's identity (:attr:`FrameSet.key`): its name, frame names, image size and a fingerprint of the
   images' source (the image files' names, sizes and modification times, as
   :func:`snd_stages.scenes.layout.dataset_fingerprint` does; for NYUv2 the ``.mat`` file's);
-- the feature spec: absolute block indices, final norm, CLS concatenation, the preprocessing (ImageNet mean/std,
-  zero centre-padding to multiples of 14) and the stored dtype.
+- the feature spec: absolute block indices, final norm, CLS concatenation, the preprocessing (the backbone's
+  normalisation, zero centre-padding to multiples of its patch size: :func:`preprocessing`) and the stored dtype.
 
 Layout: units ``00000``, ``00001``, ... of :data:`FRAMES_PER_UNIT` consecutive frames each, holding ``tokens``
 ``[n, C, h, w]`` float16 (one Zarr chunk per frame), with the unit's first frame index, frame names, padding and
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from rich.progress import Progress
 
+from ..models.backbones import BackboneSpec
 from ..probes.backbone import FeatureSpec, ProbeBackbone, centre_padding
 from ..probes.features import EXTRACTION_BATCH, FeatureSet, FrameSet, extract_features, features_in_memory
 from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store
@@ -45,7 +46,12 @@ from .protocol import producing
 STAGE = "features"
 SCHEMA_VERSION = 1
 FRAMES_PER_UNIT = 32  # a multiple of EXTRACTION_BATCH: batches never straddle units
-PREPROCESSING = "ImageNet mean/std, zero centre-padding to multiples of 14"
+
+
+def preprocessing(backbone: BackboneSpec) -> str:
+    """How images become the backbone's input, in words, for the key (for DINOv2 "ImageNet mean/std, zero
+    centre-padding to multiples of 14")."""
+    return f"{backbone.normalisation.name} mean/std, zero centre-padding to multiples of {backbone.patch}"
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ def features_artifact_spec(backbone: ProbeBackbone, frames: FrameSet, spec: Feat
         "final_norm": resolved.final_norm,
         "with_cls": resolved.with_cls,
         "image_size": list(frames.image_size),
-        "preprocessing": PREPROCESSING,
+        "preprocessing": preprocessing(backbone.backbone_spec),
         "dtype": "float16",
         "frames_per_unit": FRAMES_PER_UNIT,
         "extraction_batch": EXTRACTION_BATCH,
@@ -102,7 +108,7 @@ def probe_features(
         return sets, [CacheUse(backbone.label, frames.name, spec.describe(), None, "in memory") for spec in specs]
     units = [range(start, min(start + FRAMES_PER_UNIT, len(frames))) for start in range(0, len(frames), FRAMES_PER_UNIT)]
     unit_names = [f"{index:05d}" for index in range(len(units))]
-    padding = centre_padding(*frames.image_size)
+    padding = centre_padding(*frames.image_size, multiple=backbone.backbone_spec.patch)
     with contextlib.ExitStack() as held:
         productions = {spec: held.enter_context(producing(store, features_artifact_spec(backbone, frames, spec),
                                                           config_yaml)) for spec in specs}

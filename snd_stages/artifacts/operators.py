@@ -21,7 +21,7 @@ time, so changing it needs no new operators.
 from __future__ import annotations
 
 from ..config import TrainCfg
-from ..models.weights import PATCH
+from ..models.backbones import backbone_spec
 from ..splat.operator import SplatOperator
 from ..store import Artifact, ArtifactSpec, Store
 from .gaussians import pair_unit_name
@@ -30,17 +30,12 @@ STAGE = "operators"
 SCHEMA_VERSION = 1
 
 
-def token_grid(height: int, width: int) -> tuple[int, int]:
-    """The ViT's token grid for an image: sides are cropped down to multiples of the patch size first."""
-    return height // PATCH, width // PATCH
-
-
 def operator_unit_name(scene: str, context: tuple[int, int], target: int) -> str:
     return f"{pair_unit_name(scene, context)}--{target:05d}"
 
 
 def operators_spec(train: TrainCfg, samples_key: str, gaussians_key: str, masks_key: str) -> ArtifactSpec:
-    params = {"patch": PATCH, "mask_aware_upsampling": train.mask_aware_upsampling,
+    params = {"patch": backbone_spec(train.backbone).patch, "mask_aware_upsampling": train.mask_aware_upsampling,
               "reference_quirks": train.reference_quirks}
     return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params,
                         inputs={"samples": samples_key, "gaussians": gaussians_key, "masks": masks_key})

@@ -14,6 +14,7 @@ import torch
 
 from ..config import TrainCfg
 from ..errors import ArtifactError, ConfigError
+from .backbones import backbone_spec
 from .distill import StudentTeacher
 from .weights import create_backbone
 
@@ -25,9 +26,9 @@ def build_model(train: TrainCfg) -> StudentTeacher:
         raise ConfigError("train.weights = 'random' needs train.allow_random_weights: true (smoke tests only)")
     weights = None if train.weights == "random" else train.weights
     backbone = create_backbone(train.backbone, weights, allow_random=train.allow_random_weights)
-    return StudentTeacher(backbone, out_dim=train.prototypes, lora_rank=train.lora_rank, lora_alpha=train.lora_alpha,
-                          lora_dropout=train.lora_dropout, reference_quirks=train.reference_quirks,
-                          heads=train.loss == "dino")
+    return StudentTeacher(backbone, backbone_spec(train.backbone), out_dim=train.prototypes, lora_rank=train.lora_rank,
+                          lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
+                          reference_quirks=train.reference_quirks, heads=train.loss == "dino")
 
 
 def is_checkpoint_state(name: str) -> bool:

@@ -17,12 +17,13 @@ loss compares, per token, the teacher head's softmax with the student head's log
 
 Example::
 
+    from snd_stages.models.backbones import backbone_spec
     from snd_stages.models.distill import StudentTeacher, ema_schedule
     from snd_stages.models.lora import export_backbone
     from snd_stages.models.losses import distillation_loss
     from snd_stages.models.weights import create_backbone
 
-    model = StudentTeacher(create_backbone("dinov2_vits14", "embedded"))
+    model = StudentTeacher(create_backbone("dinov2_vits14", "embedded"), backbone_spec("dinov2_vits14"))
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=2e-5)
     for step in range(num_steps):
         teacher_map = splat_and_blend(model.teacher_tokens(context_images))  # [B, C, h, w]
@@ -45,6 +46,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from .backbones import BackboneSpec
 from .heads import DINOHead
 from .lora import LORA_PARAMETER, MergedView, add_lora
 from .tokens import patch_tokens, token_rows
@@ -63,6 +65,7 @@ class StudentTeacher(nn.Module):
 
     Args:
         backbone: the pretrained timm ViT; modified in place (it becomes the student's base model).
+        spec: its registry entry: where LoRA goes, how images become tokens.
         out_dim: number of prototypes K of both heads.
         lora_rank: LoRA rank r.
         lora_alpha: LoRA alpha (scaling ``alpha / r``).
@@ -75,6 +78,7 @@ class StudentTeacher(nn.Module):
     def __init__(
         self,
         backbone: VisionTransformer,
+        spec: BackboneSpec,
         out_dim: int = 65536,
         lora_rank: int = 8,
         lora_alpha: float = 8.0,
@@ -84,9 +88,9 @@ class StudentTeacher(nn.Module):
     ):
         super().__init__()
         self.reference_quirks = reference_quirks
-        self.student = add_lora(
-            backbone, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, reference_quirks=reference_quirks
-        )
+        self.backbone_spec = spec
+        self.student = add_lora(backbone, spec.lora_targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                                reference_quirks=reference_quirks)
         self.student_head = DINOHead(backbone.embed_dim, out_dim) if heads else None
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False) if heads else None
@@ -152,9 +156,9 @@ class StudentTeacher(nn.Module):
             images: [B, 3, H, W] RGB in [0, 1].
 
         Returns:
-            [B, C, H // 14, W // 14] (see :func:`patch_tokens`).
+            [B, C, H // p, W // p], p the patch size (see :func:`patch_tokens`).
         """
-        return self.patch_tokens(self.student, images)
+        return self.patch_tokens(self.student, self.backbone_spec, images)
 
     @torch.no_grad()
     def teacher_tokens(self, images: Tensor) -> Tensor:
@@ -164,11 +168,11 @@ class StudentTeacher(nn.Module):
             images: [B, 3, H, W] RGB in [0, 1].
 
         Returns:
-            [B, C, H // 14, W // 14] (see :func:`patch_tokens`).
+            [B, C, H // p, W // p], p the patch size (see :func:`patch_tokens`).
         """
         if self.teacher.training:  # reference quirks: its LoRA dropout is active, so the update cannot be merged
-            return self.patch_tokens(self.teacher, images)
-        return self.patch_tokens(self._merged_teacher(), images)
+            return self.patch_tokens(self.teacher, self.backbone_spec, images)
+        return self.patch_tokens(self._merged_teacher(), self.backbone_spec, images)
 
     def student_logits(self, features: Tensor) -> Tensor:
         """Student head on every token of a feature map.

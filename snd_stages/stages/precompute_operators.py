@@ -21,13 +21,13 @@ from rich.progress import Progress
 
 from ..artifacts.gaussians import load_gaussians, pair_unit_name, read_pair
 from ..artifacts.masks import MaskReader, load_masks
-from ..artifacts.operators import operators_spec, operator_unit_name, token_grid, write_operator
+from ..artifacts.operators import operators_spec, operator_unit_name, write_operator
 from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
 from ..artifacts.samples import load_samples
 from ..config import DataCfg, SamplingCfg, TrainCfg, dump_sections
-from ..reconstruct import GaussiansCfg
 from ..masks import MasksCfg
-from ..models.weights import PATCH
+from ..models.backbones import backbone_spec
+from ..reconstruct import GaussiansCfg
 from ..progress import track
 from ..runtime import resolve_device
 from ..splat.operator import build_splat_operator
@@ -59,9 +59,10 @@ def precompute_operators(
     units = dict(sorted(units.items()))
     config_yaml = dump_sections(data=data, sampling=sampling, gaussians=gaussians, masks=masks, train=train)
     device = resolve_device(train.device, "train.device")
+    backbone = backbone_spec(train.backbone)
 
     def build(writer: ArtifactWriter) -> Artifact | None:
-        writer.prepare({"patch": PATCH})
+        writer.prepare({"patch": backbone.patch})
         read_mask = MaskReader(masks_artifact)
         todo = [name for name in shard.select(list(units)) if name not in writer.done_units()]
         pair_name, pair = None, None
@@ -77,7 +78,8 @@ def precompute_operators(
                                                        train.reference_quirks)
             operator = build_splat_operator(
                 rendered_gaussians, camera, context_masks, read_mask(scene_id, target).to(device),
-                context_grid=token_grid(*context_masks.shape[-2:]), target_grid=token_grid(camera.height, camera.width),
+                context_grid=backbone.token_grid(*context_masks.shape[-2:]),
+                target_grid=backbone.token_grid(camera.height, camera.width),
                 mask_aware_upsampling=train.mask_aware_upsampling,
             )
             write_operator(writer, name, operator, scene_id, context, target)

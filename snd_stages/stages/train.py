@@ -56,7 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import distributed
 from ..artifacts.gaussians import PairGaussians, pair_unit_name, read_pair
 from ..artifacts.masks import MaskReader
-from ..artifacts.operators import operator_unit_name, read_operator, token_grid
+from ..artifacts.operators import operator_unit_name, read_operator
 from ..artifacts.runs import (
     STUDENT_EXPORT,
     TEACHER_EXPORT,
@@ -76,6 +76,7 @@ from ..reconstruct import GaussiansCfg
 from ..masks import MasksCfg
 from ..errors import ArtifactError, ConfigError
 from ..geometry import Camera, image_to_channels, unit_range
+from ..models.backbones import backbone_spec
 from ..models.checkpoints import build_model
 from ..models.distill import StudentTeacher, ema_schedule
 from ..models.losses import cosine_distillation_loss, prototype_cross_entropy
@@ -294,11 +295,12 @@ def teacher_targets(model: StudentTeacher, batch: list[TrainingSample], cfg: Tra
     if cfg.teacher_splatting == "operator":
         return apply_operators([sample.operator.to(device) for sample in batch], context_tokens, cfg.blending)
     targets, coverages = [], []
+    backbone = backbone_spec(cfg.backbone)
     for index, sample in enumerate(batch):
         gaussians, camera = render_inputs(sample.pair.gaussians.to(device), sample.target_camera, cfg.reference_quirks)
         target, coverage = splat_tokens(
             context_tokens[2 * index : 2 * index + 2], gaussians, camera, sample.context_masks.to(device),
-            sample.target_mask.to(device), token_grid(*sample.target_image.shape[-2:]), cfg.blending,
+            sample.target_mask.to(device), backbone.token_grid(*sample.target_image.shape[-2:]), cfg.blending,
             cfg.mask_aware_upsampling,
         )
         targets.append(target)
@@ -320,6 +322,7 @@ class StudentSide(nn.Module):
         super().__init__()
         self.student = model.student
         self.student_head = model.student_head
+        self.backbone_spec = model.backbone_spec
         self.patch_tokens = model.patch_tokens
 
     def forward(self, images: torch.Tensor, coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -334,7 +337,7 @@ class StudentSide(nn.Module):
             prototypes); the logits are ``bottleneck @ prototypes.T``. Without heads (``train.loss: cosine``) the
             tokens alone, then None, None.
         """
-        tokens = self.patch_tokens(self.student, images)
+        tokens = self.patch_tokens(self.student, self.backbone_spec, images)
         if self.student_head is None:
             return tokens, None, None
         covered = coverage[:, None].to(tokens.dtype)
