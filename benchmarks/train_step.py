@@ -1,8 +1,11 @@
 """Training-step cost: the full Splat-and-Distill step, its parts, and the network-only step, in one process.
 
-Inputs are the two-frame scenes that ``benchmarks/precompute.py --write-inputs DIR`` writes; the sample is
+One subcommand per mode. Those that read scenes (``steps``, ``count-flops``, ``profile``) take ``--inputs DIR``,
+the two-frame scenes that ``benchmarks/precompute.py --write-inputs DIR`` writes; the sample is
 (context 0, 1 -> target 1), repeated ``--batch`` times, with depth-reconstructed Gaussians and ground-truth
-instance masks. For each (model, size, batch) it times, with warm-up and medians:
+instance masks. Every mode takes ``--sizes``, ``--backbones`` and ``--batch``.
+
+``steps`` (the main table) times, for each (model, size, batch), with warm-up and medians:
 
 - the parts: teacher forward (2B context images), the plain path's upsample+lift, render (gsplat) and
   blend+downsample, the fast path's sparse-operator apply, student forward+backward with both heads and the loss,
@@ -19,20 +22,29 @@ instance masks. For each (model, size, batch) it times, with warm-up and medians
   ``24 n d^2 + 4 n^2 d`` forward; the teacher runs forward only (2B images), the student forward + activation
   backward (its base weights are frozen: no weight gradients), i.e. 2x forward for the linear layers and 3x for
   attention (backward's dV, dP, dQ, dK are two forwards); heads ``2 (d 2048 + 2048^2 + 2048 256 + 256 K)`` per
-  token, teacher forward (1x), student forward + backward (3x). ``--count-flops`` instead prints torch's own
-  count of the network-only step on the GPU (``FlopCounterMode``), which also books flash attention's recomputed
-  scores and LoRA's products.
+  token, teacher forward (1x), student forward + backward (3x).
 
 It also composes one operator at each size (``build_splat_operator`` with gsplat) and prints its cost and bytes.
-``--kernel-floor`` instead times the network-only step's matrix products and attention alone, at its shapes, and
-prints their sum: the step's cost if nothing else ran, and the share of the peak that would be. ``--attention``
-times each attention kernel alone at the step's shapes (SDPA's backends, and FA3/FA4 where installed).
+Its ``--batch`` takes sizes and ``max``: the largest batch (a multiple of 8) whose full step, optimiser state
+included, peaks within ``--max-memory-fraction`` (0.85) of the GPU's memory, found by doubling and then bisecting
+with eager steps before any timing.
 
-``--batch`` takes sizes and ``max``: the largest batch (a multiple of 8) whose full step, optimiser state included,
-peaks within ``--max-memory-fraction`` (0.85) of the GPU's memory, found by doubling and then bisecting with eager
-steps before any timing.
+The other modes:
 
-    python benchmarks/train_step.py --inputs DIR --sizes 448x448 576x880 --batch 8 max [--weights PATH] [--compile]
+- ``count-flops`` prints torch's own count of the network-only step on the GPU (``FlopCounterMode``) beside the
+  formula's; the count also books flash attention's recomputed scores and LoRA's products.
+- ``kernel-floor`` times the network-only step's matrix products and attention alone, at its shapes, and prints
+  their sum: the step's cost if nothing else ran, and the share of the peak that would be.
+- ``attention`` times each attention kernel alone at the step's shapes (SDPA's backends, and FA3/FA4 where
+  installed), with its error against float64.
+- ``profile`` sums the network-only step's CUDA kernel time by part and lists the slowest kernels.
+
+    python benchmarks/train_step.py steps --inputs DIR --sizes 448x448 576x880 --batch 8 max [--weights PATH]
+        [--compile [--cuda-graphs]] [--skip-render]
+    python benchmarks/train_step.py count-flops --inputs DIR --sizes 576x880 --batch 8
+    python benchmarks/train_step.py kernel-floor --sizes 576x880 --batch 8 64
+    python benchmarks/train_step.py attention --sizes 576x880 --batch 8 64 --repeats 20
+    python benchmarks/train_step.py profile --inputs DIR --sizes 576x880 --batch 64 --compile [--slowest 40]
 """
 
 from __future__ import annotations
@@ -53,19 +65,18 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from snd_stages.artifacts.gaussians import PairGaussians
 from snd_stages.config import TrainCfg
-
-from snd_stages.reconstruct import GaussiansCfg
-from snd_stages.geometry import image_to_channels
+from snd_stages.gaussians import Gaussians
+from snd_stages.geometry import Camera, image_to_channels
 from snd_stages.models.backbones import backbone_spec
-from snd_stages.reconstruct import build_reconstructor
+from snd_stages.models.checkpoints import build_model
+from snd_stages.reconstruct import GaussiansCfg, build_reconstructor
 from snd_stages.scenes.layout import read_scene
 from snd_stages.splat.features import blend_with_segments, downsample_to_tokens, lift_features, mask_aware_upsample
 from snd_stages.splat.operator import apply_operators, build_splat_operator
 from snd_stages.splat.render import render_features
-from snd_stages.artifacts.gaussians import PairGaussians
 from snd_stages.stages.precompute_gaussians import context_views
-from snd_stages.models.checkpoints import build_model
 from snd_stages.stages.train import (
     TrainingSample,
     distillation_step,
@@ -74,6 +85,16 @@ from snd_stages.stages.train import (
     teacher_targets,
     upload,
 )
+
+def token_grid(backbones: list[str], height: int, width: int) -> tuple[int, int]:
+    """The token grid that every benchmarked backbone cuts a ``height`` x ``width`` image into: the targets and the
+    operator of one image size serve them all."""
+    grids = {backbone_spec(backbone).token_grid(height, width) for backbone in backbones}
+    if len(grids) > 1:
+        raise SystemExit(f"--backbones {' '.join(backbones)} cut {height}x{width} images into different token grids "
+                         f"{sorted(grids)}; benchmark backbones of one patch size at a time")
+    return grids.pop()
+
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
 
@@ -87,16 +108,6 @@ def sample_of(root: Path, size: str) -> TrainingSample:
     # uint8 and page-locked, as training's batches are on a GPU.
     return TrainingSample(torch.stack([image(0), image(1)]).pin_memory(), torch.stack([mask(0), mask(1)]),
                           image(1).pin_memory(), mask(1), pair, scene.camera[[1]])
-
-
-def token_grid(backbones: list[str], height: int, width: int) -> tuple[int, int]:
-    """The token grid that every benchmarked backbone cuts a ``height`` x ``width`` image into: the targets and the
-    operator of one image size serve them all."""
-    grids = {backbone_spec(backbone).token_grid(height, width) for backbone in backbones}
-    if len(grids) > 1:
-        raise SystemExit(f"--backbones {' '.join(backbones)} cut {height}x{width} images into different token grids "
-                         f"{sorted(grids)}; benchmark backbones of one patch size at a time")
-    return grids.pop()
 
 
 def median_ms(function, repeats: int, warmup: int = 2) -> float:
@@ -216,8 +227,239 @@ def network_targets(model, batch: list[TrainingSample], grid: tuple[int, int], d
     return resized, torch.ones(len(batch), *grid, dtype=torch.bool, device=device)
 
 
+class SizeInputs(NamedTuple):
+    """One image size's sample and what the step reads of it on the GPU (the sample carries its composed operator)."""
+
+    sample: TrainingSample
+    grid: tuple[int, int]
+    gaussians: Gaussians
+    camera: Camera
+    target_mask: torch.Tensor
+
+
+class RowTiming(NamedTuple):
+    """One (model, size, batch) row: the parts' and steps' median ms, the peak memory and the model FLOPs."""
+
+    timed: dict[str, float]
+    peak_gib: float
+    flops: float
+
+
+def step_tables() -> tuple[Table, Table, Table]:
+    """The steps mode's tables: the parts of one step, the steps, and the composing of one operator."""
+    parts = Table(title="Parts of one step (median ms)")
+    for column in ("model", "image", "batch", "teacher fwd", "upsample+lift", "render", "blend+down", "operator",
+                   "student fwd+bwd", "optimiser", "EMA"):
+        parts.add_column(column, justify="right")
+    steps = Table(title="Steps (median ms), samples/s, network share of the bf16 datasheet peak and of the measured "
+                        "GEMM ceiling")
+    for column in ("model", "image", "batch", "full (render)", "full (operator)", "network only", "operator/network",
+                   "samples/s", "TFLOP/step", "network TFLOP/s", "% of peak", "% of GEMM ceiling", "peak GiB"):
+        steps.add_column(column, justify="right")
+    operators = Table(title="Composing one sample's operator (gsplat)")
+    for column in ("image", "Gaussians", "compose ms", "samples/s", "non-zeros", "stored bytes"):
+        operators.add_column(column, justify="right")
+    return parts, steps, operators
+
+
+def compose_operator(sample: TrainingSample, size: str, device: torch.device, operators: Table) -> SizeInputs:
+    """Times composing the sample's operator (a row of ``operators``) and keeps the operator on the GPU in the
+    sample, as training keeps its cached operators."""
+    height, width = sample.target_image.shape[-2:]
+    grid = token_grid(args.backbones, height, width)
+    gaussians = sample.pair.gaussians.to(device)
+    camera = sample.target_camera.to(device=device, dtype=torch.float32)
+    masks, target_mask = sample.context_masks.to(device), sample.target_mask.to(device)
+
+    def compose():
+        return build_splat_operator(gaussians, camera, masks, target_mask, grid, grid)
+
+    compose_ms = median_ms(compose, 3, warmup=1)
+    operator = compose()
+    stored = sum(array.nbytes for array in operator.to_arrays().values())
+    operators.add_row(size, f"{len(gaussians):,}", f"{compose_ms:.1f}", f"{1e3 / compose_ms:.1f}",
+                      f"{operator.nonzeros():,}", f"{stored:,}")
+    sample.operator = operator
+    return SizeInputs(sample, grid, gaussians, camera, target_mask)
+
+
+def largest_fitting_batch(cfg: TrainCfg, sample: TrainingSample, device: torch.device, memory_fraction: float) -> int:
+    """``--batch max``: the largest batch whose full step fits (:func:`largest_batch` over :func:`step_fits`),
+    searched with an eager model of its own, released when it returns, before any timing."""
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    optimizer, scheduler = make_optimizer(model, cfg, 10_000)
+    return largest_batch(
+        lambda size: step_fits(model, optimizer, scheduler, sample, cfg, size, device, memory_fraction))
+
+
+def time_parts_and_steps(model, optimizer, scheduler, cfg: TrainCfg, inputs: SizeInputs, batch_size: int,
+                         skip_render: bool, repeats: int, device: torch.device) -> dict[str, float] | None:
+    """Median ms of each part and of the three steps (keys as the tables read them); None when they run out of
+    memory. The plain (render) path's parts and step are left out with ``skip_render``."""
+    autocast = bf16_autocast
+    render_cfg = TrainCfg(**{**cfg.__dict__, "teacher_splatting": "render"})
+    sample, grid, gaussians, camera, target_mask = inputs
+    batch = [sample] * batch_size
+    contexts = upload([s.context_images for s in batch], device)
+
+    def teacher_forward():
+        model.begin_step()
+        with autocast():
+            return model.teacher_tokens(contexts).float()
+
+    tokens = teacher_forward().clone()  # kept: under CUDA graphs the next replay reuses the output
+    index_masks = [s.context_masks.to(device) for s in batch]
+
+    def upsample_lift():
+        return [lift_features(mask_aware_upsample(tokens[2 * i : 2 * i + 2], index_masks[i]), gaussians)
+                for i in range(batch_size)]
+
+    def render():
+        return [render_features(gaussians, features, camera).features for features in lifted]
+
+    lifted = rendered = None
+    if not skip_render:
+        lifted = upsample_lift()
+        rendered = render()
+
+    def blend_downsample():
+        return [downsample_to_tokens(blend_with_segments(r.permute(0, 3, 1, 2), target_mask[None], 0.5), grid)
+                for r in rendered]
+
+    device_operators = [sample.operator] * batch_size
+
+    def apply():
+        return apply_operators(device_operators, tokens, cfg.blending)
+
+    targets = apply()
+
+    def step(targets_fn, step_cfg):
+        def run():  # as the training loop runs a step (reading the loss included)
+            model.begin_step()
+            loss, result = distillation_step(model, batch, step_cfg, device, autocast,
+                                             targets=targets_fn(), with_kl=False)
+            learn(loss, result.statistics, model, optimizer, scheduler, cfg.ema_momentum)
+        return run
+
+    def student_side():
+        model.begin_step()
+        loss, _ = distillation_step(model, batch, cfg, device, autocast, targets=targets, with_kl=False)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        timed = {
+            "teacher": median_ms(teacher_forward, repeats),
+            "operator": median_ms(apply, repeats),
+            "student": median_ms(student_side, repeats),
+            "optimiser": median_ms(optimizer.step, repeats),
+            "ema": median_ms(lambda: model.update_teacher(cfg.ema_momentum), repeats),
+            "full_operator": median_ms(step(lambda: teacher_targets(model, batch, cfg, device, autocast), cfg),
+                                       repeats),
+            "network": median_ms(step(lambda: network_targets(model, batch, grid, device, autocast), cfg), repeats),
+        }
+        if not skip_render:
+            timed["upsample"] = median_ms(upsample_lift, repeats)
+            timed["render"] = median_ms(render, repeats)
+            timed["blend"] = median_ms(blend_downsample, repeats)
+            timed["full_render"] = median_ms(
+                step(lambda: teacher_targets(model, batch, render_cfg, device, autocast), render_cfg), repeats)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    return timed
+
+
+def time_row(cfg: TrainCfg, inputs: SizeInputs, batch_size: int, args, device: torch.device) -> RowTiming | None:
+    """One row of the steps mode on a fresh model (seeded, compiled as asked); None when it runs out of memory.
+    Everything the row allocated is released when it returns."""
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    if args.compile:
+        model.compile_backbones(cuda_graphs=args.cuda_graphs)
+    optimizer, scheduler = make_optimizer(model, cfg, 10_000)
+    timed = time_parts_and_steps(model, optimizer, scheduler, cfg, inputs, batch_size, args.skip_render,
+                                 args.repeats, device)
+    if timed is None:
+        return None
+    flops = network_flops(model.teacher.get_base_model(), inputs.grid[0] * inputs.grid[1], batch_size, cfg.prototypes)
+    return RowTiming(timed, torch.cuda.max_memory_allocated() / 2**30, flops)
+
+
+def record_row(parts: Table, step_rows: list, labels: list[str], batch_size: int, row: RowTiming) -> float:
+    """Adds a timed row to the parts table and its cells to ``step_rows`` (the share of the GEMM ceiling comes once
+    the run's passes are known); returns the network-only step's TFLOP/s."""
+    timed = row.timed
+    achieved = row.flops / (timed["network"] * 1e-3) / 1e12
+    dash = lambda key: f"{timed[key]:.1f}" if key in timed else "-"  # noqa: E731
+    parts.add_row(*labels, dash("teacher"), dash("upsample"), dash("render"), dash("blend"), dash("operator"),
+                  dash("student"), dash("optimiser"), dash("ema"))
+    step_rows.append(([*labels, dash("full_render"), dash("full_operator"), dash("network"),
+                       f"{timed['full_operator'] / timed['network']:.3f}",
+                       f"{batch_size / timed['full_operator'] * 1e3:.1f}", f"{row.flops / 1e12:.2f}",
+                       f"{achieved:.0f}", f"{100 * achieved / peak_tflops():.1f}"], achieved, f"{row.peak_gib:.1f}"))
+    return achieved
+
+
+def time_steps(args) -> None:
+    """The parts of one step, the three steps and the composing of one operator, for every (model, size, batch),
+    between GEMM-ceiling passes (``train_step.py --help`` says what each column is)."""
+    if args.cuda_graphs and not args.compile:
+        raise SystemExit("--cuda-graphs replays the compiled backbones: add --compile")
+    if args.compile:
+        allow_a_compile_per_row()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device("cuda")
+    console = Console()
+    parts, steps, operators = step_tables()
+    ceilings = RunCeiling()
+    ceilings.add(gemm_ceiling_tflops(args.repeats))
+    step_rows: list[tuple[list[str], float | None, str]] = []  # cells before the share, TFLOP/s (None: OOM), GiB
+    for size in args.sizes:
+        inputs = compose_operator(sample_of(args.inputs, size), size, device, operators)
+        for backbone in args.backbones:
+            cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
+            for requested in args.batch:
+                if requested == "max":
+                    batch_size = largest_fitting_batch(cfg, inputs.sample, device, args.max_memory_fraction)
+                    torch.cuda.empty_cache()
+                    if batch_size == 0:
+                        step_rows.append(([backbone, size, "max", "OOM at 8", *[""] * 7], None, ""))
+                        continue
+                    label = f"{batch_size} (max)"
+                else:
+                    batch_size, label = int(requested), requested
+                row = time_row(cfg, inputs, batch_size, args, device)
+                torch.cuda.empty_cache()
+                if row is None:
+                    step_rows.append(([backbone, size, label, "OOM", *[""] * 7], None, ""))
+                    continue
+                achieved = record_row(parts, step_rows, [backbone, size, label], batch_size, row)
+                ceilings.add(gemm_ceiling_tflops(args.repeats))  # the state the GPU was in just after this row
+                # A line as each row ends, so that a run cut short still reports what it timed.
+                console.print(f"{backbone} {size} batch {label}: network only {row.timed['network']:.1f} ms, "
+                              f"{achieved:.0f} TFLOP/s, {100 * achieved / peak_tflops():.1f} % of peak, "
+                              f"{ceilings.share(achieved):.1f} % of the highest GEMM ceiling so far")
+    for cells, achieved, peak in step_rows:  # shares against the run's highest pass, known only now
+        steps.add_row(*cells, "" if achieved is None else f"{ceilings.share(achieved):.1f}", peak)
+    console.print(parts)
+    console.print(steps)
+    console.print(operators)
+    console.print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, compile={args.compile}; "
+                  f"{ceilings.describe()}")
+
+
+def allow_a_compile_per_row() -> None:
+    """Every (backbone, shape) compiled in one process is one more entry for the same function; past Dynamo's
+    default limit of 8 it would silently run eager and the later rows would not be compiled timings."""
+    torch._dynamo.config.recompile_limit = 64
+
+
 def count_flops(args) -> None:
-    """torch's own count of the network-only step (matrix products and attention, forward and backward)."""
+    """torch's own count of the network-only step (matrix products and attention, forward and backward), beside
+    the formula's. A mode of its own, apart from the timings: running the compiled loss under a dispatch mode
+    leaves later steps of the same process slower."""
     device = torch.device("cuda")
     table = Table(title="FLOPs of the network-only step: formula vs torch's FlopCounterMode")
     for column in ("model", "image", "batch", "formula TFLOP", "counted TFLOP"):
@@ -418,6 +660,7 @@ def profile_step(args) -> None:
                 torch.manual_seed(0)
                 model = build_model(cfg).to(device)
                 if args.compile:
+                    allow_a_compile_per_row()
                     model.compile_backbones()
                 optimizer, scheduler = make_optimizer(model, cfg, 10_000)
                 batch = [TrainingSample(images, None, images[1], None, None, None)] * batch_size
@@ -541,217 +784,65 @@ def peak_tflops() -> float:
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), float("nan"))
 
 
-def main() -> None:
+def requested_batches(args) -> list:
+    """``--batch`` checked: the steps mode keeps its strings (``max`` searches), every other mode takes sizes."""
+    requested = batch_sizes(args.batch)
+    if args.batch_search:
+        return requested
+    if "max" in requested:
+        raise SystemExit(f"--batch max only applies to the timed steps (the steps mode); give {args.mode} sizes")
+    return [int(value) for value in requested]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per mode; the options two or more modes share are declared once, as parent parsers."""
+    shapes = argparse.ArgumentParser(add_help=False)
+    shapes.add_argument("--sizes", nargs="+", default=["448x448", "576x880"], help="HxW image sizes")
+    shapes.add_argument("--backbones", nargs="+", default=["dinov2_vits14"])
+    scenes = argparse.ArgumentParser(add_help=False)
+    scenes.add_argument("--inputs", type=Path, required=True,
+                        help="the scenes that benchmarks/precompute.py --write-inputs wrote")
+    scenes.add_argument("--weights", default="random")
+    repeated = argparse.ArgumentParser(add_help=False)
+    repeated.add_argument("--repeats", type=int, default=5)
+    compiled = argparse.ArgumentParser(add_help=False)
+    compiled.add_argument("--compile", action="store_true", help="torch.compile the backbones (train.compile)")
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", type=Path, required=True)
-    parser.add_argument("--sizes", nargs="+", default=["448x448", "576x880"])
-    parser.add_argument("--batch", nargs="+", default=["8"], help="batch sizes, or max: the largest that fits")
-    parser.add_argument("--backbones", nargs="+", default=["dinov2_vits14"])
-    parser.add_argument("--weights", default="random")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-memory-fraction", type=float, default=0.85,
-                        help="--batch max: the largest batch whose step peaks within this share of the GPU's memory")
-    parser.add_argument("--skip-render", action="store_true", help="do not time the plain (render) path")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (train.compile)")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="with --compile: replay the compiled backbones as CUDA graphs (train.cuda_graphs)")
-    parser.add_argument("--kernel-floor", action="store_true",
-                        help="only time the step's matrix products and attention alone and print their sum")
-    parser.add_argument("--attention", action="store_true",
-                        help="only time each attention kernel at the step's shapes, with its error against float64")
-    parser.add_argument("--profile", action="store_true",
-                        help="only profile the network-only step's CUDA kernels and print their time by part")
-    parser.add_argument("--slowest", type=int, default=12, help="--profile: how many of the slowest kernels to list")
-    parser.add_argument("--count-flops", action="store_true",
-                        help="only count the network-only step's FLOPs with torch's FlopCounterMode, beside the formula")
-    args = parser.parse_args()
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+
+    def mode(name: str, run, summary: str, parents: list[argparse.ArgumentParser],
+             batch_search: bool = False) -> argparse.ArgumentParser:
+        subcommand = modes.add_parser(name, parents=[shapes, *parents], help=summary, description=run.__doc__)
+        subcommand.add_argument("--batch", nargs="+", default=["8"],
+                                help="batch sizes, or max: the largest that fits" if batch_search else "batch sizes")
+        subcommand.set_defaults(run=run, batch_search=batch_search)
+        return subcommand
+
+    steps = mode("steps", time_steps, "time the parts and the full and network-only steps (the main table)",
+                 [scenes, repeated, compiled], batch_search=True)
+    steps.add_argument("--max-memory-fraction", type=float, default=0.85,
+                       help="--batch max: the largest batch whose step peaks within this share of the GPU's memory")
+    steps.add_argument("--skip-render", action="store_true", help="do not time the plain (render) path")
+    steps.add_argument("--cuda-graphs", action="store_true",
+                       help="with --compile: replay the compiled backbones as CUDA graphs (train.cuda_graphs)")
+    mode("count-flops", count_flops, "count the network-only step's FLOPs with torch's FlopCounterMode, beside "
+         "the formula", [scenes])
+    mode("kernel-floor", kernel_floor, "time the step's matrix products and attention alone and print their sum",
+         [repeated])
+    mode("attention", attention_backends, "time each attention kernel at the step's shapes, with its error "
+         "against float64", [repeated])
+    profile = mode("profile", profile_step, "profile the network-only step's CUDA kernels and print their time by "
+                   "part", [scenes, repeated, compiled])
+    profile.add_argument("--slowest", type=int, default=12, help="how many of the slowest kernels to list")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     assert torch.cuda.is_available(), "this benchmark times the GPU path"
-    args.batch = batch_sizes(args.batch)
-    if (args.kernel_floor or args.count_flops or args.attention or args.profile) and "max" in args.batch:
-        raise SystemExit("--batch max only applies to the timed steps; give --kernel-floor, --count-flops, "
-                         "--attention and --profile sizes")
-    if args.kernel_floor or args.count_flops or args.attention or args.profile:
-        args.batch = [int(value) for value in args.batch]
-    if args.cuda_graphs and not args.compile:
-        raise SystemExit("--cuda-graphs replays the compiled backbones: add --compile")
-    if args.compile:
-        # Every (backbone, shape) compiled here is one more entry for the same function; past Dynamo's default
-        # limit of 8 it would silently run eager and the later rows would not be compiled timings.
-        torch._dynamo.config.recompile_limit = 64
-    if args.kernel_floor:
-        kernel_floor(args)
-        return
-    if args.attention:
-        attention_backends(args)
-        return
-    if args.profile:
-        profile_step(args)
-        return
-    if args.count_flops:
-        # Apart from the timings: running the compiled loss under a dispatch mode leaves later steps slower.
-        count_flops(args)
-        return
-    torch.backends.cuda.matmul.allow_tf32 = True
-    device = torch.device("cuda")
-    autocast = bf16_autocast
-    console = Console()
-
-    parts = Table(title="Parts of one step (median ms)")
-    for column in ("model", "image", "batch", "teacher fwd", "upsample+lift", "render", "blend+down", "operator",
-                   "student fwd+bwd", "optimiser", "EMA"):
-        parts.add_column(column, justify="right")
-    ceilings = RunCeiling()
-    ceilings.add(gemm_ceiling_tflops(args.repeats))
-    step_rows: list[tuple[list[str], float | None, str]] = []  # cells before the share, TFLOP/s (None: OOM), GiB
-    steps = Table(title="Steps (median ms), samples/s, network share of the bf16 datasheet peak and of the measured "
-                        "GEMM ceiling")
-    for column in ("model", "image", "batch", "full (render)", "full (operator)", "network only", "operator/network",
-                   "samples/s", "TFLOP/step", "network TFLOP/s", "% of peak", "% of GEMM ceiling", "peak GiB"):
-        steps.add_column(column, justify="right")
-    operators = Table(title="Composing one sample's operator (gsplat)")
-    for column in ("image", "Gaussians", "compose ms", "samples/s", "non-zeros", "stored bytes"):
-        operators.add_column(column, justify="right")
-
-    for size in args.sizes:
-        sample = sample_of(args.inputs, size)
-        height, width = sample.target_image.shape[-2:]
-        grid = token_grid(args.backbones, height, width)
-        gaussians = sample.pair.gaussians.to(device)
-        camera = sample.target_camera.to(device=device, dtype=torch.float32)
-        masks, target_mask = sample.context_masks.to(device), sample.target_mask.to(device)
-
-        def compose():
-            return build_splat_operator(gaussians, camera, masks, target_mask, grid, grid)
-
-        compose_ms = median_ms(compose, 3, warmup=1)
-        operator = compose()
-        stored = sum(array.nbytes for array in operator.to_arrays().values())
-        operators.add_row(size, f"{len(gaussians):,}", f"{compose_ms:.1f}", f"{1e3 / compose_ms:.1f}",
-                          f"{operator.nonzeros():,}", f"{stored:,}")
-        sample.operator = operator  # on the GPU, as train keeps its cached operators
-
-        for backbone in args.backbones:
-            cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
-            render_cfg = TrainCfg(**{**cfg.__dict__, "teacher_splatting": "render"})
-            for requested in args.batch:
-                label = requested
-                if requested == "max":
-                    torch.manual_seed(0)
-                    model = build_model(cfg).to(device)
-                    optimizer, scheduler = make_optimizer(model, cfg, 10_000)
-                    batch_size = largest_batch(
-                        lambda size: step_fits(model, optimizer, scheduler, sample, cfg, size, device,
-                                               args.max_memory_fraction))
-                    del model, optimizer, scheduler
-                    torch.cuda.empty_cache()
-                    if batch_size == 0:
-                        step_rows.append(([backbone, size, "max", "OOM at 8", *[""] * 7], None, ""))
-                        continue
-                    label = f"{batch_size} (max)"
-                else:
-                    batch_size = int(requested)
-                torch.manual_seed(0)
-                model = build_model(cfg).to(device)
-                if args.compile:
-                    model.compile_backbones(cuda_graphs=args.cuda_graphs)
-                optimizer, scheduler = make_optimizer(model, cfg, 10_000)
-                batch = [sample] * batch_size
-                contexts = upload([s.context_images for s in batch], device)
-
-                def teacher_forward():
-                    model.begin_step()
-                    with autocast():
-                        return model.teacher_tokens(contexts).float()
-
-                tokens = teacher_forward().clone()  # kept: under CUDA graphs the next replay reuses the output
-                index_masks = [s.context_masks.to(device) for s in batch]
-
-                def upsample_lift():
-                    return [lift_features(mask_aware_upsample(tokens[2 * i : 2 * i + 2], index_masks[i]), gaussians)
-                            for i in range(batch_size)]
-
-                def render():
-                    return [render_features(gaussians, features, camera).features for features in lifted]
-
-                lifted = rendered = None
-                if not args.skip_render:
-                    lifted = upsample_lift()
-                    rendered = render()
-
-                def blend_downsample():
-                    return [downsample_to_tokens(blend_with_segments(r.permute(0, 3, 1, 2), target_mask[None], 0.5), grid)
-                            for r in rendered]
-
-                device_operators = [operator] * batch_size
-
-                def apply():
-                    return apply_operators(device_operators, tokens, cfg.blending)
-
-                targets = apply()
-
-                def step(targets_fn, step_cfg):
-                    def run():  # as the training loop runs a step (reading the loss included)
-                        model.begin_step()
-                        loss, result = distillation_step(model, batch, step_cfg, device, autocast,
-                                                         targets=targets_fn(), with_kl=False)
-                        learn(loss, result.statistics, model, optimizer, scheduler, cfg.ema_momentum)
-                    return run
-
-                def student_side():
-                    model.begin_step()
-                    loss, _ = distillation_step(model, batch, cfg, device, autocast, targets=targets, with_kl=False)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-
-                torch.cuda.reset_peak_memory_stats()
-                try:
-                    timed = {
-                        "teacher": median_ms(teacher_forward, args.repeats),
-                        "operator": median_ms(apply, args.repeats),
-                        "student": median_ms(student_side, args.repeats),
-                        "optimiser": median_ms(optimizer.step, args.repeats),
-                        "ema": median_ms(lambda: model.update_teacher(cfg.ema_momentum), args.repeats),
-                        "full_operator": median_ms(step(lambda: teacher_targets(model, batch, cfg, device, autocast), cfg),
-                                                   args.repeats),
-                        "network": median_ms(step(lambda: network_targets(model, batch, grid, device, autocast), cfg),
-                                              args.repeats),
-                    }
-                    if not args.skip_render:
-                        timed["upsample"] = median_ms(upsample_lift, args.repeats)
-                        timed["render"] = median_ms(render, args.repeats)
-                        timed["blend"] = median_ms(blend_downsample, args.repeats)
-                        timed["full_render"] = median_ms(
-                            step(lambda: teacher_targets(model, batch, render_cfg, device, autocast), render_cfg),
-                            args.repeats)
-                except torch.cuda.OutOfMemoryError:
-                    step_rows.append(([backbone, size, label, "OOM", *[""] * 7], None, ""))
-                    del model, optimizer
-                    torch.cuda.empty_cache()
-                    continue
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                flops = network_flops(model.teacher.get_base_model(), grid[0] * grid[1], batch_size, cfg.prototypes)
-                achieved = flops / (timed["network"] * 1e-3) / 1e12
-                dash = lambda key: f"{timed[key]:.1f}" if key in timed else "-"  # noqa: E731
-                parts.add_row(backbone, size, label, dash("teacher"), dash("upsample"), dash("render"),
-                              dash("blend"), dash("operator"), dash("student"), dash("optimiser"), dash("ema"))
-                step_rows.append(([backbone, size, label, dash("full_render"), dash("full_operator"),
-                                   dash("network"), f"{timed['full_operator'] / timed['network']:.3f}",
-                                   f"{batch_size / timed['full_operator'] * 1e3:.1f}", f"{flops / 1e12:.2f}",
-                                   f"{achieved:.0f}", f"{100 * achieved / peak_tflops():.1f}"], achieved, f"{peak:.1f}"))
-                del model, optimizer, tokens, lifted, rendered, targets
-                torch.cuda.empty_cache()
-                ceilings.add(gemm_ceiling_tflops(args.repeats))  # the state the GPU was in just after this row
-                # A line as each row ends, so that a run cut short still reports what it timed.
-                console.print(f"{backbone} {size} batch {label}: network only {timed['network']:.1f} ms, "
-                              f"{achieved:.0f} TFLOP/s, {100 * achieved / peak_tflops():.1f} % of peak, "
-                              f"{ceilings.share(achieved):.1f} % of the highest GEMM ceiling so far")
-    for cells, achieved, peak in step_rows:  # shares against the run's highest pass, known only now
-        steps.add_row(*cells, "" if achieved is None else f"{ceilings.share(achieved):.1f}", peak)
-    console.print(parts)
-    console.print(steps)
-    console.print(operators)
-    console.print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, compile={args.compile}; "
-                  f"{ceilings.describe()}")
+    args.batch = requested_batches(args)
+    args.run(args)
 
 
 if __name__ == "__main__":

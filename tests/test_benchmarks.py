@@ -38,6 +38,74 @@ def test_batch_sizes_reject_what_is_neither_a_size_nor_max(train_step):
             train_step.batch_sizes([bad])
 
 
+MODES = {
+    "steps": ["--inputs", "--batch", "--max-memory-fraction", "--skip-render", "--compile", "--cuda-graphs"],
+    "count-flops": ["--inputs", "--batch", "--weights"],
+    "kernel-floor": ["--batch", "--repeats"],
+    "attention": ["--batch", "--repeats"],
+    "profile": ["--inputs", "--batch", "--compile", "--slowest"],
+}
+
+
+@pytest.mark.parametrize("mode, options", MODES.items())
+def test_each_mode_is_a_subcommand_whose_help_lists_its_options(train_step, mode, options, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        train_step.build_parser().parse_args([mode, "--help"])
+    assert exit_status.value.code == 0
+    printed = capsys.readouterr().out
+    assert all(option in printed for option in [*options, "--sizes", "--backbones"])
+
+
+def test_subcommands_run_their_own_mode_with_the_shared_options(train_step):
+    parser = train_step.build_parser()
+    steps = parser.parse_args(["steps", "--inputs", "scenes", "--sizes", "576x880", "--batch", "8", "max",
+                               "--compile", "--cuda-graphs"])
+    assert steps.run is train_step.time_steps and steps.batch == ["8", "max"] and steps.inputs.name == "scenes"
+    assert steps.backbones == ["dinov2_vits14"] and steps.repeats == 5 and steps.max_memory_fraction == 0.85
+    assert train_step.requested_batches(steps) == ["8", "max"]
+    profile = parser.parse_args(["profile", "--inputs", "scenes", "--batch", "64", "--slowest", "40"])
+    assert profile.run is train_step.profile_step and train_step.requested_batches(profile) == [64]
+    floor = parser.parse_args(["kernel-floor", "--batch", "8", "64"])
+    assert floor.run is train_step.kernel_floor and train_step.requested_batches(floor) == [8, 64]
+    assert parser.parse_args(["count-flops", "--inputs", "scenes"]).run is train_step.count_flops
+    assert parser.parse_args(["attention", "--repeats", "20"]).run is train_step.attention_backends
+
+
+def test_only_the_steps_search_the_largest_batch(train_step):
+    for mode in ("kernel-floor", "attention"):
+        args = train_step.build_parser().parse_args([mode, "--batch", "8", "max"])
+        with pytest.raises(SystemExit, match=f"--batch max only applies to the timed steps.*give {mode} sizes"):
+            train_step.requested_batches(args)
+
+
+@pytest.mark.parametrize("command", [
+    [],  # a mode is required
+    ["--inputs", "scenes", "--kernel-floor"],  # the modes were flags before they were subcommands
+    ["kernel-floor", "--inputs", "scenes"],
+    ["attention", "--skip-render"],
+    ["count-flops", "--inputs", "scenes", "--repeats", "3"],
+])
+def test_a_mode_is_required_and_takes_only_its_own_options(train_step, command, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        train_step.build_parser().parse_args(command)
+    assert exit_status.value.code == 2
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_flop_formula_gives_the_published_step_for_vit_s_at_the_authors_size(train_step):
+    """ViT-S/14 at 576x880 (41 x 62 tokens), 65,536 prototypes: 11.86 TFLOP a step at batch 8 and 94.87 at 64,
+    the figures benchmarks/README.md reports for the step."""
+    from snd_stages.config import TrainCfg
+    from snd_stages.models.checkpoints import build_model
+
+    cfg = TrainCfg(backbone="dinov2_vits14", weights="random", allow_random_weights=True)
+    vit = build_model(cfg).teacher.get_base_model()
+    rows, columns = train_step.token_grid([cfg.backbone], 576, 880)
+    assert (rows, columns, cfg.prototypes) == (41, 62, 65536)
+    assert train_step.network_flops(vit, rows * columns, 8, cfg.prototypes) / 1e12 == pytest.approx(11.858, abs=1e-3)
+    assert train_step.network_flops(vit, rows * columns, 64, cfg.prototypes) / 1e12 == pytest.approx(94.866, abs=1e-3)
+
+
 @pytest.fixture(scope="module")
 def counted_step(train_step):
     """torch's FlopCounterMode over the parts of a small network-only step on the CPU, with attention in its math
