@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DataCfg, DemoCfg, EvalCfg, SamplingCfg, StoreCfg, TrainCfg, read_config
+from .config import DataCfg, DemoCfg, EvalCfg, SamplingCfg, StoreCfg, TrainCfg, read_config, require_choice
 from .masks import MasksCfg
+from .models.backbones import registered_backbones
+from .probes.registry import PROBES
 from .reconstruct import GaussiansCfg
 
 
@@ -29,6 +31,12 @@ class PipelineCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     store: StoreCfg = field(default_factory=StoreCfg)
+
+    def __post_init__(self) -> None:
+        # The names that registries own, checked against them: each registry is the one list of its names.
+        require_choice("train.backbone", self.train.backbone, [spec.name for spec in registered_backbones()])
+        for probe in self.eval.probes:
+            require_choice("eval.probes", probe, PROBES)
 
 
 # Keys of the earlier flat layout -> their sub-section now: such a key is refused with its new name.

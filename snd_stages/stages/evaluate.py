@@ -60,7 +60,7 @@ from ..artifacts.features import CacheUse, probe_features
 from ..artifacts.reports import finished_report, forget_report, report_spec, write_report
 from ..artifacts.ground_truth import FrameTruth, GroundTruthRequest, load_ground_truth
 from ..artifacts.runs import finished_run_manifest, run_backbone, run_of
-from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections
+from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections, require_choice
 from ..errors import ConfigError, DataError
 from ..probes.backbone import SEGMENTATION_FEATURES, ProbeBackbone
 from ..probes.correspondence import held_out_pairs, pairs_frame_set
@@ -276,6 +276,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     pairs: list[CorrespondencePair] = []
     pairs_identity = None
     notes: list[str] = []
+    for name in cfg.probes:  # what pipeline.yaml checks, for callers that build EvalCfg themselves
+        require_choice("eval.probes", name, PROBES)
     probes = list(cfg.probes)
     config_yaml = dump_sections(data=data, train=train, eval=cfg)
     if cfg.dataset == "nyuv2":
