@@ -482,6 +482,17 @@ def _coerce(annotation, value, key: str, source: str | Mapping[str, str]):
     raise AssertionError(f"config field {key} has an unsupported annotation {annotation!r}")
 
 
+def with_sub_sections(base: type, name: str, sub_sections: Mapping[str, type], doc: str) -> type:
+    """The section dataclass ``name``: ``base``'s fields and methods, plus one sub-section per registry entry that
+    has settings (``{entry name: its settings dataclass}``), each defaulting to its dataclass's defaults. A
+    registry thus declares a component's settings once: its entry names them."""
+    section = dataclasses.make_dataclass(
+        name, [(key, settings, field(default_factory=settings)) for key, settings in sub_sections.items()],
+        bases=(base,), frozen=True, namespace={"__module__": base.__module__, "__doc__": doc},
+    )
+    return section
+
+
 def require(condition: bool, key: str, value, allowed: str) -> None:
     """Refuse ``value`` of ``key`` unless ``condition``, saying what is ``allowed``. A component's settings name
     their field alone (``footprint_scale``); :func:`build` puts the sub-section in front."""

@@ -182,3 +182,17 @@ def test_only_the_chosen_components_settings_enter_the_keys():
     assert params == {"reconstructor": "depth", "depth": {"covariance": "disk", "footprint_scale": 0.7,
                                                            "disk_thickness": 0.1, "opacity": 1.0,
                                                            "invalid_depth": "drop", "normals": "dataset"}}
+
+
+def test_each_registered_component_with_settings_is_a_sub_section_of_its_section():
+    import dataclasses
+
+    from snd_stages.masks import MASK_SOURCES, MasksCfg
+    from snd_stages.reconstruct import RECONSTRUCTORS, GaussiansCfg
+
+    gaussians = {field.name: field.type for field in dataclasses.fields(GaussiansCfg)}
+    assert gaussians == {"reconstructor": "str", "device": "Literal['auto', 'cpu', 'cuda']",
+                         **{name: entry.settings for name, entry in RECONSTRUCTORS.items()}}
+    masks = {field.name: field.type for field in dataclasses.fields(MasksCfg)}
+    assert masks == {"source": "str", **{name: entry.settings for name, entry in MASK_SOURCES.items() if entry.settings}}
+    assert "gt" not in masks and GaussiansCfg().depth == RECONSTRUCTORS["depth"].settings()

@@ -2,8 +2,8 @@
 
 Each entry of :data:`MASK_SOURCES` owns its settings (a sub-section of ``masks`` named after it, whose dataclass
 lives in :mod:`.sources`; ``gt`` has none), makes the segmenter from them, and says what of them enters the masks'
-key. Adding a source: its function and settings in :mod:`.sources`, one entry here and its sub-section in
-:class:`MasksCfg`.
+key. Adding a source: its function and settings dataclass in a module, and one entry here (which names the
+settings: ``masks.<name>`` follows from it).
 
 - ``gt``: the dataset's instance masks (``instance_segmentation/``), the reference method's default.
 - ``felzenszwalb`` / ``slic``: scikit-image superpixels; need nothing but the image.
@@ -12,12 +12,12 @@ key. Adding a source: its function and settings in :mod:`.sources`, one entry he
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from ..config import require_choice, to_dict
+from ..config import require_choice, to_dict, with_sub_sections
 from ..errors import DataError
 from ..scenes.layout import Scene
 from ..store import file_sha256
@@ -69,32 +69,30 @@ class MaskSourceEntry:
     """A registered mask source.
 
     Attributes:
+        settings: its settings' dataclass, the sub-section ``masks.<name>`` of :class:`MasksCfg`; None for a source
+            without any.
         segmenter: its settings (None for a source without any) -> the segmenter.
         key: its settings -> (what enters the masks' key as parameters, as input identities).
     """
 
+    settings: type | None
     segmenter: Callable[[Any], Segmenter]
     key: Callable[[Any], tuple[dict, dict]] = _settings_key
 
 
 MASK_SOURCES: dict[str, MaskSourceEntry] = {
-    "gt": MaskSourceEntry(_ground_truth),
-    "felzenszwalb": MaskSourceEntry(lambda settings: lambda scene, position: felzenszwalb_segments(
+    "gt": MaskSourceEntry(None, _ground_truth),
+    "felzenszwalb": MaskSourceEntry(FelzenszwalbSettings, lambda settings: lambda scene, position: felzenszwalb_segments(
         scene.load_image(position), settings)),
-    "slic": MaskSourceEntry(lambda settings: lambda scene, position: slic_segments(scene.load_image(position), settings)),
-    "sam": MaskSourceEntry(_sam, key=_sam_key),
+    "slic": MaskSourceEntry(SlicSettings, lambda settings: lambda scene, position: slic_segments(
+        scene.load_image(position), settings)),
+    "sam": MaskSourceEntry(SamSettings, _sam, key=_sam_key),
 }
 
 
 @dataclass(frozen=True)
-class MasksCfg:
-    """``snd precompute-masks``: where each frame's segment label map comes from, and each source's settings (only
-    the chosen one's are used, and enter the key)."""
-
+class _MasksSection:
     source: str = "gt"
-    felzenszwalb: FelzenszwalbSettings = field(default_factory=FelzenszwalbSettings)
-    slic: SlicSettings = field(default_factory=SlicSettings)
-    sam: SamSettings = field(default_factory=SamSettings)
 
     def __post_init__(self) -> None:
         require_choice("masks.source", self.source, MASK_SOURCES)
@@ -111,3 +109,10 @@ class MasksCfg:
 
     def segmenter(self) -> Segmenter:
         return MASK_SOURCES[self.source].segmenter(self.settings)
+
+
+MasksCfg = with_sub_sections(
+    _MasksSection, "MasksCfg",
+    {name: entry.settings for name, entry in MASK_SOURCES.items() if entry.settings is not None},
+    """``snd precompute-masks``: where each frame's segment label map comes from, and each registered source's
+    settings as a sub-section named after it (only the chosen one's are used, and enter the key).""")

@@ -3,8 +3,8 @@
 A reconstructor is a callable ``(views: ContextViews) -> Gaussians``; ``requires_depth`` says whether it reads
 the dataset's depth. Each entry of :data:`RECONSTRUCTORS` owns its settings (a sub-section of ``gaussians`` named
 after it, whose dataclass lives beside it), builds the reconstructor from them, and says what of them enters the
-Gaussians' key. Adding one: its module, its settings dataclass, one entry here and its sub-section in
-:class:`GaussiansCfg`.
+Gaussians' key. Adding one: its module with its settings dataclass, and one entry here (which names the settings:
+``gaussians.<name>`` follows from it).
 
 - ``depth``: one Gaussian per valid pixel from the dataset's metric depth (:mod:`.depth`).
 - ``mvsplat``: MVSplat's encoder on the RGB pair with the authors' checkpoint (:mod:`.mvsplat`); it also
@@ -13,13 +13,13 @@ Gaussians' key. Adding one: its module, its settings dataclass, one entry here a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
-from ..config import require, require_choice, to_dict
+from ..config import require, require_choice, to_dict, with_sub_sections
 from ..errors import ConfigError, DataError
 from ..gaussians import Gaussians
 from ..geometry import Camera
@@ -122,20 +122,22 @@ class ReconstructorEntry:
     """A registered reconstructor.
 
     Attributes:
+        settings: its settings' dataclass, the sub-section ``gaussians.<name>`` of :class:`GaussiansCfg`.
         build: (its settings, device) -> the reconstructor.
         key: its settings -> (what enters the Gaussians' key as parameters, as input identities).
         needs: a check of its settings before any work: None, or (the missing setting, what it must be).
     """
 
+    settings: type
     build: Callable[[Any, torch.device], Reconstructor]
     key: Callable[[Any], tuple[dict, dict]] = _settings_key
     needs: Callable[[Any], tuple[str, str] | None] = lambda settings: None
 
 
 RECONSTRUCTORS: dict[str, ReconstructorEntry] = {
-    "depth": ReconstructorEntry(_depth_reconstructor),
+    "depth": ReconstructorEntry(DepthSettings, _depth_reconstructor),
     "mvsplat": ReconstructorEntry(
-        _mvsplat_reconstructor, key=_mvsplat_key,
+        MVSplatSettings, _mvsplat_reconstructor, key=_mvsplat_key,
         needs=lambda settings: None if settings.checkpoint is not None else (
             "checkpoint", "the path to MVSplat's RE10K checkpoint (re10k.ckpt from the authors' release, or a "
                           ".safetensors copy)")),
@@ -143,15 +145,10 @@ RECONSTRUCTORS: dict[str, ReconstructorEntry] = {
 
 
 @dataclass(frozen=True)
-class GaussiansCfg:
-    """``snd precompute-gaussians``: which reconstructor turns each context pair into pixel-aligned Gaussians, and
-    each reconstructor's settings (only the chosen one's are used, and enter the key)."""
-
+class _GaussiansSection:
     # depth: from the dataset's metric depth; mvsplat: MVSplat's encoder on the RGB pair (needs its checkpoint)
     reconstructor: str = "depth"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    depth: DepthSettings = field(default_factory=DepthSettings)
-    mvsplat: MVSplatSettings = field(default_factory=MVSplatSettings)
 
     def __post_init__(self) -> None:
         require_choice("gaussians.reconstructor", self.reconstructor, RECONSTRUCTORS)
@@ -171,6 +168,13 @@ class GaussiansCfg:
         identities (e.g. a checkpoint's sha256). Not the device: it does not change what is produced."""
         params, inputs = RECONSTRUCTORS[self.reconstructor].key(self.settings)
         return {"reconstructor": self.reconstructor, self.reconstructor: params}, inputs
+
+
+GaussiansCfg = with_sub_sections(
+    _GaussiansSection, "GaussiansCfg", {name: entry.settings for name, entry in RECONSTRUCTORS.items()},
+    """``snd precompute-gaussians``: which reconstructor turns each context pair into pixel-aligned Gaussians, and
+    each registered reconstructor's settings as a sub-section named after it (only the chosen one's are used, and
+    enter the key).""")
 
 
 def build_reconstructor(cfg: GaussiansCfg) -> Reconstructor:
