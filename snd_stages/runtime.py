@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import ConfigError
@@ -14,3 +16,14 @@ def resolve_device(name: str, key: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key} = 'cuda' but no CUDA device is available; use auto or cpu")
     return torch.device(name)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or a job scheduler's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_count(requested: int, units: int) -> int:
+    """How many worker processes to start for ``units`` independent units: ``requested``, or every available core
+    where it is 0; never more than there are units."""
+    return max(1, min(requested or available_cores(), units))

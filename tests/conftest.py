@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from collections.abc import Iterator
@@ -46,7 +47,8 @@ def build_demo_artifacts(cfg, operators: bool = True):
     from snd_stages.stages.sample_views import sample_views
     from snd_stages.store import Store
 
-    make_demo_data(cfg.data, cfg.demo)
+    # The tests' scenes are tiny: generating them here costs less than starting worker processes would.
+    make_demo_data(cfg.data, dataclasses.replace(cfg.demo, workers=1))
     store = Store(cfg.store.root)
     sample_views(cfg.data, cfg.sampling, store)
     precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)

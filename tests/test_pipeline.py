@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -167,3 +168,20 @@ def test_killed_demo_generation_resumes_to_identical_files(tmp_path):
     assert digest == tree_digest(tmp_path / "reference" / "data" / "demo")
     again = run_cli(["make-demo-data", *overrides], tmp_path / "resumed")
     assert "up to date" in again.communicate(timeout=300)[0]
+
+
+def test_demo_scenes_are_the_same_files_however_many_processes_make_them(tmp_path):
+    from snd_stages.stages.make_demo_data import demo_spec, make_demo_data
+
+    settings = ["demo.train_scenes=2", "demo.eval_scenes=1", "demo.frames_per_scene=4", "demo.height=48",
+                "demo.width=64"]
+    one = load_config(None, [*settings, "demo.workers=1", f"data.root={tmp_path / 'one'}"])
+    three = load_config(None, [*settings, "demo.workers=3", f"data.root={tmp_path / 'three'}"])
+    assert demo_spec(one.demo).key == demo_spec(three.demo).key  # how it ran is not what it made
+    serial, parallel = make_demo_data(one.data, one.demo), make_demo_data(three.data, three.demo)
+    assert sorted(parallel.generated) == sorted(serial.generated) == ["demo0000", "demo0001", "demo0002"]
+    # every scene file the same; the record differs only in where it lies and how it ran (its config dump)
+    assert tree_digest(tmp_path / "one", ("snd_dataset.json",)) == tree_digest(tmp_path / "three", ("snd_dataset.json",))
+    records = [json.loads((tmp_path / name / "snd_dataset.json").read_text()) for name in ("one", "three")]
+    assert records[0]["key"] == records[1]["key"] and records[0]["params"] == records[1]["params"]
+    assert make_demo_data(three.data, one.demo).skipped  # the other worker count finds them up to date
