@@ -550,7 +550,7 @@ class ArtifactWriter:
         if not (self.data / "zarr.json").is_file():
             with atomic_directory(self.data, scratch=self.partial) as temporary:
                 group = zarr.open_group(store=str(temporary), mode="w", zarr_format=3)
-                group.attrs.update({**self.root_attributes(), **(attributes or {})})
+                group.update_attributes({**self.root_attributes(), **(attributes or {})})
 
     def done_units(self) -> set[str]:
         units = list_units(self.data)

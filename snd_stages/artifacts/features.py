@@ -154,5 +154,5 @@ def _write_unit(writer: ArtifactWriter, name: str, tokens: np.ndarray, frame_ran
                 padding: tuple[int, int, int, int]) -> None:
     with writer.unit(name) as group:
         group.create_array("tokens", data=tokens, chunks=(1, *tokens.shape[1:]))
-        group.attrs.update({"start": frame_range.start, "names": [frames.names[i] for i in frame_range],
+        group.update_attributes({"start": frame_range.start, "names": [frames.names[i] for i in frame_range],
                             "padding": list(padding), "image_size": list(frames.image_size)})

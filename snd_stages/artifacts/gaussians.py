@@ -95,7 +95,7 @@ def write_pair(group, scene: Scene, context: tuple[int, int], targets: list[int]
     group.create_array("target_positions", data=np.asarray(targets, dtype=np.int32))
     group.create_array("target_intrinsics", data=target_camera.intrinsics.numpy())
     group.create_array("target_world_to_camera", data=target_camera.world_to_camera.numpy())
-    group.attrs.update(
+    group.update_attributes(
         {
             "scene": scene.scene_id,
             "context_positions": list(context),

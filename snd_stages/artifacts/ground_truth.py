@@ -233,7 +233,7 @@ def _write_unit(writer: ArtifactWriter, name: str, frame_range: range, pieces: l
         if request.classes is not None:
             semantics = torch.stack([piece.semantics for piece in pieces]).numpy()
             group.create_array("semantics", data=semantics, chunks=(1, *semantics.shape[1:]))
-        group.attrs.update({"start": frame_range.start, "names": [request.names[i] for i in frame_range],
+        group.update_attributes({"start": frame_range.start, "names": [request.names[i] for i in frame_range],
                             "fitted_normals": sum(piece.fitted for piece in pieces)})
 
 

@@ -37,7 +37,7 @@ def write_scene_masks(writer, scene_id: str, positions: list[int], frame_names: 
     with writer.unit(scene_id) as group:
         group.create_array("labels", data=labels, chunks=(1, *labels.shape[1:]))
         group.create_array("positions", data=np.asarray(positions, dtype=np.int32))
-        group.attrs.update({"scene": scene_id, "source": source, "frame_names": frame_names})
+        group.update_attributes({"scene": scene_id, "source": source, "frame_names": frame_names})
 
 
 def load_masks(store: Store, masks: MasksCfg, samples_key: str) -> Artifact:

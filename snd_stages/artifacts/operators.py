@@ -48,7 +48,7 @@ def write_operator(writer, name: str, operator: SplatOperator, scene: str, conte
         arrays = operator.to_arrays()
         for array_name, values in arrays.items():
             group.create_array(array_name, data=values)
-        group.attrs.update({"scene": scene, "context_positions": list(context), "target_position": target,
+        group.update_attributes({"scene": scene, "context_positions": list(context), "target_position": target,
                             "nonzeros": operator.nonzeros(),
                             "bytes": int(sum(values.nbytes for values in arrays.values()))})
 

@@ -264,6 +264,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     A report folder that already holds the report of the same models, data and settings
     (:mod:`snd_stages.artifacts.reports`) is returned as it is, ``up_to_date``; ``force`` writes it again.
     """
+    for name in cfg.probes:  # what pipeline.yaml checks, for callers that build EvalCfg themselves
+        require_choice("eval.probes", name, PROBES)
     device = resolve_device(cfg.device, "eval.device")
     reference_position = reference_index(cfg.reference, runs)
     # a damaged or unfinished run stops the eval before any work (a checkpoint is checked when it is read)
@@ -276,8 +278,6 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     pairs: list[CorrespondencePair] = []
     pairs_identity = None
     notes: list[str] = []
-    for name in cfg.probes:  # what pipeline.yaml checks, for callers that build EvalCfg themselves
-        require_choice("eval.probes", name, PROBES)
     probes = list(cfg.probes)
     config_yaml = dump_sections(data=data, train=train, eval=cfg)
     if cfg.dataset == "nyuv2":

@@ -11,6 +11,8 @@ sample with that pair.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from rich.progress import Progress
@@ -21,10 +23,12 @@ from ..artifacts.samples import load_samples
 from ..config import DataCfg, SamplingCfg, dump_sections
 from ..reconstruct import GaussiansCfg
 from ..errors import DataError
+from ..gaussians import Gaussians
 from ..progress import track
 from ..reconstruct import ContextViews, build_reconstructor
 from ..scenes.layout import Scene, read_scene
 from ..store import Artifact, ArtifactWriter, Store
+from ..throughput import overlapped, phase, timed
 
 
 def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool) -> ContextViews:
@@ -67,25 +71,35 @@ def precompute_gaussians(
         writer.prepare({"reconstructor": gaussians.reconstructor})
         reconstructor = build_reconstructor(gaussians)
         todo = [name for name in shard.select(list(pairs)) if name not in writer.done_units()]
-        scenes: dict[str, Scene] = {}
-        for name in track(todo, "reconstructing context pairs", progress, unit="pair"):
-            scene_id, context, targets = pairs[name]
-            if scene_id not in scenes:
-                scenes[scene_id] = read_scene(samples.dataset_root, scene_id)
-            scene = scenes[scene_id]
-            views = context_views(scene, context, reconstructor.requires_depth)
+        scene_of = functools.lru_cache(maxsize=None)(functools.partial(read_scene, samples.dataset_root))
+
+        def read(name: str) -> tuple[Scene, ContextViews]:
+            scene_id, context, _ = pairs[name]
+            return scene_of(scene_id), context_views(scene_of(scene_id), context, reconstructor.requires_depth)
+
+        def compute(name: str, inputs: tuple[Scene, ContextViews]) -> tuple[Scene, Gaussians]:
+            scene, views = inputs
             with torch.no_grad():
-                result = reconstructor.reconstruct(views)
+                return scene, reconstructor.reconstruct(views)
+
+        def write(name: str, result: tuple[Scene, Gaussians]) -> None:
+            scene, reconstructed = result
+            _, context, targets = pairs[name]
             with writer.unit(name) as group:
-                write_pair(group, scene, context, targets, result)
-        return finish_if_complete(
-            writer,
-            list(pairs),
-            lambda: {
-                "pairs": len(pairs),
-                "gaussians": sum(writer.unit_attributes(name)["count"] for name in writer.done_units()),
-                "bytes_per_gaussian": BYTES_PER_GAUSSIAN,
-            },
-        )
+                write_pair(group, scene, context, targets, reconstructed)
+
+        units = overlapped(todo, timed("read", read), timed("compute", compute), timed("write", write))
+        for _ in track(units, "reconstructing context pairs", progress, total=len(todo), unit="pair"):
+            pass
+        with phase("publish"):
+            return finish_if_complete(
+                writer,
+                list(pairs),
+                lambda: {
+                    "pairs": len(pairs),
+                    "gaussians": sum(writer.unit_attributes(name)["count"] for name in writer.done_units()),
+                    "bytes_per_gaussian": BYTES_PER_GAUSSIAN,
+                },
+            )
 
     return run_stage(store, spec, config_yaml, force, build, expected_units=len(pairs), shard=shard)

@@ -15,11 +15,13 @@ matmuls instead of rendering. Writes the operators artifact (:mod:`snd_stages.ar
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from rich.progress import Progress
 
-from ..artifacts.gaussians import load_gaussians, pair_unit_name, read_pair
+from ..artifacts.gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
 from ..artifacts.masks import MaskReader, load_masks
 from ..artifacts.operators import operators_spec, operator_unit_name, write_operator
 from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
@@ -30,9 +32,10 @@ from ..models.backbones import backbone_spec
 from ..reconstruct import GaussiansCfg
 from ..progress import track
 from ..runtime import resolve_device
-from ..splat.operator import build_splat_operator
+from ..splat.operator import SplatOperator, build_splat_operator
 from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactWriter, Store
+from ..throughput import overlapped, phase, timed
 
 
 def precompute_operators(
@@ -65,28 +68,46 @@ def precompute_operators(
         writer.prepare({"patch": backbone.patch})
         read_mask = MaskReader(masks_artifact)
         todo = [name for name in shard.select(list(units)) if name not in writer.done_units()]
-        pair_name, pair = None, None
-        for name in track(todo, "composing teacher operators", progress, unit="sample"):
+
+        # Units are sorted, so a pair's targets are adjacent: its Gaussians and context masks are read once (the
+        # reading threads run a few units ahead, hence a few pairs cached) and moved to the device once.
+        @functools.lru_cache(maxsize=8)
+        def pair_inputs(scene_id: str, context: tuple[int, int]) -> tuple[PairGaussians, torch.Tensor]:
+            pair = read_pair(gaussians_artifact.unit(pair_unit_name(scene_id, context)))
+            return pair, torch.stack([read_mask(scene_id, p) for p in context])
+
+        def read(name: str) -> tuple[PairGaussians, torch.Tensor, torch.Tensor]:
             scene_id, context, target = units[name]
-            if pair_unit_name(scene_id, context) != pair_name:  # units are sorted, so a pair's targets are adjacent
-                pair_name = pair_unit_name(scene_id, context)
-                pair = read_pair(gaussians_artifact.unit(pair_name))
-                pair_gaussians = pair.gaussians.to(device)
-                context_masks = torch.stack([read_mask(scene_id, p) for p in context]).to(device)
-            index = pair.target_index(target)
-            rendered_gaussians, camera = render_inputs(pair_gaussians, pair.target_camera[index : index + 1],
+            return (*pair_inputs(scene_id, context), read_mask(scene_id, target))
+
+        on_device: dict[str, object] = {}
+
+        def compute(name: str, inputs: tuple[PairGaussians, torch.Tensor, torch.Tensor]) -> SplatOperator:
+            pair, context_masks, target_mask = inputs
+            if on_device.get("pair") is not pair:
+                on_device.update(pair=pair, gaussians=pair.gaussians.to(device), masks=context_masks.to(device))
+            index = pair.target_index(units[name][2])
+            rendered_gaussians, camera = render_inputs(on_device["gaussians"], pair.target_camera[index : index + 1],
                                                        train.reference_quirks)
-            operator = build_splat_operator(
-                rendered_gaussians, camera, context_masks, read_mask(scene_id, target).to(device),
+            return build_splat_operator(
+                rendered_gaussians, camera, on_device["masks"], target_mask.to(device),
                 context_grid=backbone.token_grid(*context_masks.shape[-2:]),
                 target_grid=backbone.token_grid(camera.height, camera.width),
                 mask_aware_upsampling=train.mask_aware_upsampling,
             )
-            write_operator(writer, name, operator, scene_id, context, target)
+
+        def write(name: str, operator: SplatOperator) -> None:
+            write_operator(writer, name, operator, *units[name])
+
+        composed = overlapped(todo, timed("read", read), timed("compute", compute), timed("write", write))
+        for _ in track(composed, "composing teacher operators", progress, total=len(todo), unit="sample"):
+            pass
+
         def counts() -> dict:
             stored = [writer.unit_attributes(name)["bytes"] for name in writer.done_units()]
             return {"samples": len(units), "bytes_per_sample": int(np.mean(stored)) if stored else 0}
 
-        return finish_if_complete(writer, list(units), counts)
+        with phase("publish"):
+            return finish_if_complete(writer, list(units), counts)
 
     return run_stage(store, spec, config_yaml, force, build, expected_units=len(units), shard=shard)

@@ -1,0 +1,140 @@
+"""Keeping the machine busy in the stages around training: reading, computing and writing units at once, and
+recording where each stage's time goes.
+
+:func:`overlapped` runs a stage's units as a three-step pipeline: inputs are read (files decoded, stored units
+loaded) by threads running ahead, each unit is computed in the calling thread in order (the GPU's one stream, or
+the CPU's threads through torch), and results are written (compressed, sealed, renamed) by threads behind it.
+Decoding PNGs, reading Zarr chunks and compressing them release the GIL, so the three overlap. What a unit stores
+does not depend on the overlap: every unit is written whole by one writer, as it would be serially.
+
+:func:`phase` records wall time per named phase (``read``, ``compute``, ``write``, ``publish``) into the recorder
+that :func:`recording` installs; ``benchmarks/stages.py`` prints them. Without a recorder it costs nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait, FIRST_COMPLETED
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .runtime import available_cores
+
+Item = TypeVar("Item")
+
+
+@dataclass
+class Phases:
+    """Seconds spent in each phase, summed over units and threads (overlapped phases can add up to more than the
+    wall time), and how many units each phase handled."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    counts: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self.lock:
+            self.seconds[name] += seconds
+            self.counts[name] += 1
+
+
+_recorder: Phases | None = None
+_overlap = True
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Phases]:
+    """Record the phases of whatever runs inside the block (in any thread)."""
+    global _recorder
+    previous, _recorder = _recorder, Phases()
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    recorder = _recorder
+    if recorder is None:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        recorder.add(name, time.perf_counter() - start)
+
+
+def timed(name: str, function: Callable) -> Callable:
+    """``function``, its calls recorded as phase ``name``."""
+    def call(*args, **kwargs):
+        with phase(name):
+            return function(*args, **kwargs)
+    return call
+
+
+@contextlib.contextmanager
+def serial() -> Iterator[None]:
+    """Inside the block, :func:`overlapped` runs every step in the calling thread, one unit after the other (to
+    measure what the overlap gains, or to debug)."""
+    global _overlap
+    previous, _overlap = _overlap, False
+    try:
+        yield
+    finally:
+        _overlap = previous
+
+
+def io_threads() -> int:
+    """Threads for each of reading and writing: enough to keep one computing thread fed, never more than the
+    machine's cores."""
+    return max(1, min(4, available_cores()))
+
+
+def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: Callable[[Item, object], object],
+               write: Callable[[Item, object], None], ahead: int = 4) -> Iterator[Item]:
+    """Run ``read``, ``compute`` and ``write`` on every item, yielding each item once its write is done.
+
+    Reads run up to ``ahead`` items ahead and writes up to ``ahead`` items behind (bounding the memory held), each in
+    :func:`io_threads` threads; ``compute`` runs in this thread in item order. A failure anywhere stops new work,
+    lets the writes already started finish (their units are whole), and is raised here.
+    """
+    items = list(items)
+    if not _overlap or len(items) < 2:
+        for item in items:
+            write(item, compute(item, read(item)))
+            yield item
+        return
+    threads = io_threads()
+    with ThreadPoolExecutor(threads, thread_name_prefix="snd-read") as readers, \
+            ThreadPoolExecutor(threads, thread_name_prefix="snd-write") as writers:
+        reads: collections.deque[Future] = collections.deque(readers.submit(read, item) for item in items[:ahead])
+        writes: dict[Future, Item] = {}
+        try:
+            for position, item in enumerate(items):
+                inputs = reads.popleft().result()
+                if position + ahead < len(items):
+                    reads.append(readers.submit(read, items[position + ahead]))
+                result = compute(item, inputs)
+                while len(writes) >= ahead:  # hold at most `ahead` results in memory
+                    yield from _finished(writes, wait(writes, return_when=FIRST_COMPLETED).done)
+                writes[writers.submit(write, item, result)] = item
+                yield from _finished(writes, [future for future in writes if future.done()])
+            yield from _finished(writes, wait(writes).done)
+        except BaseException:
+            for future in reads:
+                future.cancel()
+            wait(writes)  # units being written are finished whole, so a rerun keeps them
+            raise
+
+
+def _finished(writes: dict[Future, Item], done) -> Iterator[Item]:
+    for future in list(done):
+        item = writes.pop(future)
+        future.result()  # a failed write is raised here
+        yield item

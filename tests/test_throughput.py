@@ -1,0 +1,163 @@
+"""The stages' read / compute / write overlap: every unit computed in order and written whole, failures raised
+after the writes in flight finish, and the stored artifacts byte for byte those of a serial run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from snd_stages import throughput
+from snd_stages.artifacts.gaussians import load_gaussians
+from snd_stages.artifacts.masks import load_masks
+from snd_stages.artifacts.operators import load_operators
+from snd_stages.artifacts.samples import load_samples
+from snd_stages.stages.precompute_gaussians import precompute_gaussians
+from snd_stages.stages.precompute_operators import precompute_operators
+from snd_stages.store import DATA, Store
+from tests.conftest import build_demo_artifacts, tree_digest
+from tests.test_splat_operator import config
+
+
+def test_every_item_is_read_computed_in_order_and_written_once():
+    computed, written, lock = [], {}, threading.Lock()
+
+    def read(item):
+        time.sleep(0.002 * (item % 3))  # reads finish out of order
+        return item * 10
+
+    def compute(item, value):
+        computed.append(item)
+        assert threading.current_thread() is threading.main_thread()  # the GPU's one stream stays in one thread
+        return value + 1
+
+    def write(item, result):
+        time.sleep(0.001 * (item % 2))
+        with lock:
+            assert item not in written
+            written[item] = result
+
+    done = list(throughput.overlapped(range(20), read, compute, write, ahead=3))
+    assert computed == list(range(20)) and sorted(done) == list(range(20))
+    assert written == {item: item * 10 + 1 for item in range(20)}
+    with throughput.serial():
+        written.clear()
+        computed.clear()
+        assert list(throughput.overlapped(range(5), read, compute, write)) == list(range(5))
+    assert computed == list(range(5))
+
+
+def test_a_failed_write_is_raised_after_the_writes_in_flight_finish():
+    finished = []
+
+    def write(item, result):
+        if item == 3:
+            raise OSError("disk full")
+        time.sleep(0.01)
+        finished.append(item)
+
+    with pytest.raises(OSError, match="disk full"):
+        for _ in throughput.overlapped(range(30), lambda item: item, lambda item, value: value, write, ahead=4):
+            pass
+    assert 3 not in finished and {0, 1, 2} <= set(finished) and len(finished) < 29
+    settled = len(finished)
+    time.sleep(0.1)
+    assert len(finished) == settled  # nothing still writing behind the error
+
+
+def test_a_failed_read_stops_the_run():
+    def read(item):
+        if item == 5:
+            raise ValueError("unreadable frame")
+        return item
+
+    written = []
+    with pytest.raises(ValueError, match="unreadable frame"):
+        list(throughput.overlapped(range(10), read, lambda item, value: value, lambda item, value: written.append(item)))
+    assert 5 not in written and set(written) <= {0, 1, 2, 3, 4}
+
+
+def test_phases_are_recorded_only_inside_recording():
+    with throughput.phase("compute"):
+        pass  # no recorder: nothing to record into
+    with throughput.recording() as phases:
+        list(throughput.overlapped(range(4), throughput.timed("read", lambda item: item),
+                                   throughput.timed("compute", lambda item, value: value),
+                                   throughput.timed("write", lambda item, value: None)))
+    assert dict(phases.counts) == {"read": 4, "compute": 4, "write": 4}
+    assert all(seconds >= 0 for seconds in phases.seconds.values())
+
+
+def unit_files(store: Path, stage: str) -> dict[str, str]:
+    """Every file of every unit (the root group names the artifact's key, which covers the scenes' file times)."""
+    (artifact,) = [path for path in (store / stage).iterdir() if not path.name.startswith(".")]
+    return {name: digest for name, digest in tree_digest(artifact / DATA).items() if "/" in name}
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_overlapped_stages_store_the_bytes_of_a_serial_run(tmp_path):
+    more = ["sampling.samples_per_scene=6", "demo.frames_per_scene=12"]  # several units per stage
+    serial_cfg = config(tmp_path / "serial", *more)
+    with throughput.serial():
+        build_demo_artifacts(serial_cfg, operators=True)
+    cfg = config(tmp_path / "overlapped", *more)
+    build_demo_artifacts(cfg, operators=True)
+    serial_store, store = Path(serial_cfg.store.root), Path(cfg.store.root)
+    for stage in ("gaussians", "operators"):
+        files = unit_files(store, stage)
+        assert len(files) > 10 and files == unit_files(serial_store, stage), stage
+    # and they read back as what the next stages read
+    samples_artifact, _ = load_samples(Store(store), cfg.data, cfg.sampling)
+    gaussians = load_gaussians(Store(store), cfg.gaussians, samples_artifact.key)
+    masks = load_masks(Store(store), cfg.masks, samples_artifact.key)
+    operators = load_operators(Store(store), cfg.train, samples_artifact.key, gaussians.key, masks.key)
+    assert len(operators.units()) >= 4 and len(gaussians.units()) >= 4
+    assert precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, Store(store)).skipped
+    assert precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, Store(store)).skipped
+
+
+def test_the_unit_writers_store_the_same_bytes_as_before(tmp_path):
+    """write_pair and write_operator on fixed synthetic inputs: every stored file's sha256, against the listing the
+    writers gave before the overlap and the single attribute write (a change here changes stored artifacts)."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from snd_stages.artifacts.gaussians import write_pair
+    from snd_stages.artifacts.operators import write_operator
+    from snd_stages.gaussians import Gaussians
+    from snd_stages.scenes.layout import read_scene
+    from snd_stages.splat.operator import SplatOperator
+    from snd_stages.store import ArtifactSpec
+    from tests.scannetpp_fixture import write_fixture
+
+    write_fixture(tmp_path, "scene", frame_numbers=(1, 2, 3))
+    scene = read_scene(tmp_path, "scene")
+    generator = torch.Generator().manual_seed(0)
+    count = 5000
+    quats = torch.nn.functional.normalize(torch.rand(count, 4, generator=generator) - 0.5, dim=-1)
+    gaussians = Gaussians(means=torch.rand(count, 3, generator=generator) * 4, quats=quats,
+                          scales=torch.rand(count, 3, generator=generator) * 0.01 + 1e-3,
+                          opacities=torch.rand(count, generator=generator),
+                          source_view=torch.randint(0, 2, (count,), generator=generator),
+                          source_pixel=torch.randint(0, 1000, (count,), generator=generator))
+    rng = np.random.default_rng(0)
+
+    def csr(rows, columns, density):
+        dense = (rng.random((rows, columns)) < density) * rng.random((rows, columns)).astype(np.float32)
+        return torch.from_numpy(dense.astype(np.float32)).to_sparse_csr()
+
+    operator = SplatOperator(local=csr(20, 60, 0.1), segment_means=csr(5, 60, 0.2), segment_spread=csr(20, 5, 0.3),
+                             coverage=torch.from_numpy(rng.random((4, 5)) < 0.5), context_grid=(4, 6))
+    writer = Store(tmp_path / "store").writer(ArtifactSpec("pin", 1, {}), "")
+    writer.prepare()
+    with writer.unit("pair") as group:
+        write_pair(group, scene, (0, 1), [2], gaussians)
+    write_operator(writer, "operator", operator, "scene", (0, 1), 2)
+    listing = "".join(f"{path.relative_to(writer.data)} {hashlib.sha256(path.read_bytes()).hexdigest()[:16]}\n"
+                      for path in sorted(writer.data.rglob("*")) if path.is_file() and path.parent != writer.data)
+    assert listing.count("\n") == 54
+    assert hashlib.sha256(listing.encode()).hexdigest()[:20] == "8b96c4c6c63fdbd11b7c"
