@@ -96,6 +96,28 @@ def io_threads() -> int:
     return max(1, min(4, available_cores()))
 
 
+def ordered_map(function: Callable[[Item], object], items: Iterable[Item], ahead: int | None = None) -> Iterator:
+    """``function`` of each item, in item order, computed by :func:`io_threads` threads at most ``ahead`` items ahead
+    of the consumer (default: twice the threads), so that memory stays bounded however many items there are."""
+    items = list(items)
+    if not _overlap or len(items) < 2:
+        yield from map(function, items)
+        return
+    threads = io_threads()
+    ahead = ahead or 2 * threads
+    with ThreadPoolExecutor(threads, thread_name_prefix="snd-map") as pool:
+        pending: collections.deque[Future] = collections.deque(pool.submit(function, item) for item in items[:ahead])
+        try:
+            for position in range(len(items)):
+                result = pending.popleft().result()
+                if position + ahead < len(items):
+                    pending.append(pool.submit(function, items[position + ahead]))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: Callable[[Item, object], object],
                write: Callable[[Item, object], None], ahead: int = 4) -> Iterator[Item]:
     """Run ``read``, ``compute`` and ``write`` on every item, yielding each item once its write is done.
@@ -110,16 +132,11 @@ def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: C
             write(item, compute(item, read(item)))
             yield item
         return
-    threads = io_threads()
-    with ThreadPoolExecutor(threads, thread_name_prefix="snd-read") as readers, \
-            ThreadPoolExecutor(threads, thread_name_prefix="snd-write") as writers:
-        reads: collections.deque[Future] = collections.deque(readers.submit(read, item) for item in items[:ahead])
+    with ThreadPoolExecutor(io_threads(), thread_name_prefix="snd-write") as writers:
+        reads = ordered_map(read, items, ahead)
         writes: dict[Future, Item] = {}
         try:
-            for position, item in enumerate(items):
-                inputs = reads.popleft().result()
-                if position + ahead < len(items):
-                    reads.append(readers.submit(read, items[position + ahead]))
+            for item, inputs in zip(items, reads):
                 result = compute(item, inputs)
                 while len(writes) >= ahead:  # hold at most `ahead` results in memory
                     yield from _finished(writes, wait(writes, return_when=FIRST_COMPLETED).done)
@@ -127,8 +144,7 @@ def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: C
                 yield from _finished(writes, [future for future in writes if future.done()])
             yield from _finished(writes, wait(writes).done)
         except BaseException:
-            for future in reads:
-                future.cancel()
+            reads.close()  # no further reads
             wait(writes)  # units being written are finished whole, so a rerun keeps them
             raise
 

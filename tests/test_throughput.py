@@ -98,14 +98,14 @@ def unit_files(store: Path, stage: str) -> dict[str, str]:
 
 @pytest.mark.filterwarnings("ignore:random weights")
 def test_overlapped_stages_store_the_bytes_of_a_serial_run(tmp_path):
-    more = ["sampling.samples_per_scene=6", "demo.frames_per_scene=12"]  # several units per stage
+    more = ["sampling.samples_per_scene=6", "demo.frames_per_scene=12", "demo.train_scenes=2"]  # several units each
     serial_cfg = config(tmp_path / "serial", *more)
     with throughput.serial():
         build_demo_artifacts(serial_cfg, operators=True)
     cfg = config(tmp_path / "overlapped", *more)
     build_demo_artifacts(cfg, operators=True)
     serial_store, store = Path(serial_cfg.store.root), Path(cfg.store.root)
-    for stage in ("gaussians", "operators"):
+    for stage in ("gaussians", "masks", "operators"):
         files = unit_files(store, stage)
         assert len(files) > 10 and files == unit_files(serial_store, stage), stage
     # and they read back as what the next stages read
@@ -161,3 +161,20 @@ def test_the_unit_writers_store_the_same_bytes_as_before(tmp_path):
                       for path in sorted(writer.data.rglob("*")) if path.is_file() and path.parent != writer.data)
     assert listing.count("\n") == 54
     assert hashlib.sha256(listing.encode()).hexdigest()[:20] == "8b96c4c6c63fdbd11b7c"
+
+
+def test_ordered_map_keeps_order_and_runs_at_most_ahead_items_in_front():
+    started, lock = [], threading.Lock()
+
+    def slow(item):
+        with lock:
+            started.append(item)
+        time.sleep(0.003 * (item % 4))
+        return item * item
+
+    results = []
+    for value in throughput.ordered_map(slow, range(40), ahead=5):
+        with lock:
+            assert len(started) <= len(results) + 1 + 5  # never more than `ahead` beyond what was consumed
+        results.append(value)
+    assert results == [item * item for item in range(40)]

@@ -73,11 +73,14 @@ class MaskSourceEntry:
             without any.
         segmenter: its settings (None for a source without any) -> the segmenter.
         key: its settings -> (what enters the masks' key as parameters, as input identities).
+        frames_at_once: whether its segmenter may run on several frames at once (in threads); not for a model
+            holding a GPU's memory.
     """
 
     settings: type | None
     segmenter: Callable[[Any], Segmenter]
     key: Callable[[Any], tuple[dict, dict]] = _settings_key
+    frames_at_once: bool = True
 
 
 MASK_SOURCES: dict[str, MaskSourceEntry] = {
@@ -86,7 +89,7 @@ MASK_SOURCES: dict[str, MaskSourceEntry] = {
         scene.load_image(position), settings)),
     "slic": MaskSourceEntry(SlicSettings, lambda settings: lambda scene, position: slic_segments(
         scene.load_image(position), settings)),
-    "sam": MaskSourceEntry(SamSettings, _sam, key=_sam_key),
+    "sam": MaskSourceEntry(SamSettings, _sam, key=_sam_key, frames_at_once=False),
 }
 
 
@@ -109,6 +112,10 @@ class _MasksSection:
 
     def segmenter(self) -> Segmenter:
         return MASK_SOURCES[self.source].segmenter(self.settings)
+
+    @property
+    def frames_at_once(self) -> bool:
+        return MASK_SOURCES[self.source].frames_at_once
 
 
 MasksCfg = with_sub_sections(

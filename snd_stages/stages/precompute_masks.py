@@ -11,6 +11,8 @@ samples use.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from rich.progress import Progress
 
@@ -23,6 +25,8 @@ from ..masks import MasksCfg
 from ..progress import track
 from ..scenes.layout import read_scene
 from ..store import Artifact, ArtifactWriter, Store
+from ..throughput import ordered_map, phase, timed
+
 
 def precompute_masks(
     data: DataCfg,
@@ -44,17 +48,28 @@ def precompute_masks(
         writer.prepare({"mask_source": masks.source})
         segment = masks.segmenter()
         todo = [scene for scene in shard.select(list(positions)) if scene not in writer.done_units()]
-        frames_total = sum(len(positions[scene]) for scene in todo)
-        bar = track(_frames(todo, positions), "segmenting frames", progress, total=frames_total, unit="frame")
-        for scene_id, scene_positions in _group_by_scene(bar):
-            scene = read_scene(samples.dataset_root, scene_id)
-            labels = np.stack([_checked(segment(scene, p), scene, p) for p in scene_positions])
-            write_scene_masks(writer, scene_id, scene_positions, [scene.frames[p].name for p in scene_positions],
-                              labels, masks.source)
-        frames = sum(len(p) for p in positions.values())
-        return finish_if_complete(
-            writer, list(positions), lambda: {"scenes": len(positions), "frames": frames, "source": masks.source}
-        )
+        scene_of = functools.lru_cache(maxsize=None)(functools.partial(read_scene, samples.dataset_root))
+        frames = list(_frames(todo, positions))
+
+        def label(frame: tuple[str, int]) -> tuple[tuple[str, int], np.ndarray]:
+            scene = scene_of(frame[0])
+            return frame, _checked(segment(scene, frame[1]), scene, frame[1])
+
+        # Frames are segmented (or, for gt, decoded) by several threads ahead of the writer, in order.
+        label = timed("compute", label)
+        segmented = ordered_map(label, frames) if masks.frames_at_once else map(label, frames)
+        labelled = track(segmented, "segmenting frames", progress, total=len(frames), unit="frame")
+        for scene_id, scene_labels in _group_by_scene(labelled):
+            scene = scene_of(scene_id)
+            scene_positions = [position for position, _ in scene_labels]
+            with phase("write"):
+                write_scene_masks(writer, scene_id, scene_positions, [scene.frames[p].name for p in scene_positions],
+                                  np.stack([labels for _, labels in scene_labels]), masks.source)
+        total = sum(len(p) for p in positions.values())
+        with phase("publish"):
+            return finish_if_complete(
+                writer, list(positions), lambda: {"scenes": len(positions), "frames": total, "source": masks.source}
+            )
 
     return run_stage(store, spec, config_yaml, force, build, expected_units=len(positions), shard=shard)
 
@@ -65,15 +80,16 @@ def _frames(scenes, positions):
             yield scene_id, position
 
 
-def _group_by_scene(frames):
-    """Regroup a flat (scene, position) stream (flat so the progress bar counts frames) into per-scene lists."""
+def _group_by_scene(labelled):
+    """Regroup a flat ``((scene, position), labels)`` stream (flat so the progress bar counts frames) into
+    ``(scene, [(position, labels), ...])`` per scene."""
     current, collected = None, []
-    for scene_id, position in frames:
+    for (scene_id, position), labels in labelled:
         if scene_id != current and collected:
             yield current, collected
             collected = []
         current = scene_id
-        collected.append(position)
+        collected.append((position, labels))
     if collected:
         yield current, collected
 
