@@ -106,8 +106,10 @@ def main() -> None:
     console = Console(width=max(Console().width, 150))  # the table's columns, unabbreviated
     console.print(table)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    console.print(f"torch {torch.__version__}, {available_cores()} CPU cores available, {name}, "
-                  f"{throughput.io_threads()} reading and {throughput.io_threads()} writing threads")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    threads = throughput.io_threads(device)
+    console.print(f"torch {torch.__version__}, {available_cores()} CPU cores available, {name}; computing on {device}, "
+                  f"{threads} reading and {threads} writing threads (0: serial)")
 
 
 if __name__ == "__main__":

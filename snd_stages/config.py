@@ -47,11 +47,11 @@ class DemoCfg:
     height: int = 192
     width: int = 256
     horizontal_fov_degrees: float = 70.0
-    # Scenes generated at once, one process each; 0 = one per available core. Not part of what is generated.
+    # Scenes generated at once, one process each; 0 = one per two available cores. Not part of what is generated.
     workers: int = 0
 
     def __post_init__(self) -> None:
-        require(self.workers >= 0, "demo.workers", self.workers, "an integer >= 0 (0 = one per available core)")
+        require(self.workers >= 0, "demo.workers", self.workers, "an integer >= 0 (0 = one per two available cores)")
         require(self.train_scenes >= 1, "demo.train_scenes", self.train_scenes, "an integer >= 1")
         _require_seed("demo.seed", self.seed)
         require(self.eval_scenes >= 0, "demo.eval_scenes", self.eval_scenes, "an integer >= 0")

@@ -23,7 +23,8 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def worker_count(requested: int, units: int) -> int:
-    """How many worker processes to start for ``units`` independent units: ``requested``, or every available core
-    where it is 0; never more than there are units."""
-    return max(1, min(requested or available_cores(), units))
+def worker_count(requested: int, units: int, threads_per_worker: int = 1) -> int:
+    """How many worker processes to start for ``units`` independent units: ``requested``, or where it is 0 as many as
+    the available cores hold when each worker keeps ``threads_per_worker`` of them busy; never more than there are
+    units."""
+    return max(1, min(requested or available_cores() // threads_per_worker, units))

@@ -79,6 +79,13 @@ def test_a_failed_read_stops_the_run():
     assert 5 not in written and set(written) <= {0, 1, 2, 3, 4}
 
 
+def test_a_cpu_computing_stage_overlaps_only_with_cores_to_spare(monkeypatch):
+    monkeypatch.setattr(throughput, "available_cores", lambda: 2)
+    assert throughput.io_threads("cpu") == 0 and throughput.io_threads("cuda") == 2
+    monkeypatch.setattr(throughput, "available_cores", lambda: 16)
+    assert throughput.io_threads("cpu") == 2 and throughput.io_threads("cuda") == 4
+
+
 def test_phases_are_recorded_only_inside_recording():
     with throughput.phase("compute"):
         pass  # no recorder: nothing to record into
@@ -97,12 +104,15 @@ def unit_files(store: Path, stage: str) -> dict[str, str]:
 
 
 @pytest.mark.filterwarnings("ignore:random weights")
-def test_overlapped_stages_store_the_bytes_of_a_serial_run(tmp_path):
+def test_overlapped_stages_store_the_bytes_of_a_serial_run(tmp_path, monkeypatch):
     more = ["sampling.samples_per_scene=6", "demo.frames_per_scene=12", "demo.train_scenes=2"]  # several units each
     serial_cfg = config(tmp_path / "serial", *more)
     with throughput.serial():
         build_demo_artifacts(serial_cfg, operators=True)
     cfg = config(tmp_path / "overlapped", *more)
+    # these stages compute on the CPU here, which leaves threads for reading and writing only with cores to spare
+    monkeypatch.setattr(throughput, "CORES_TO_SPARE_FOR_IO", 1)
+    assert throughput.io_threads("cpu") >= 1  # so the stages below overlap
     build_demo_artifacts(cfg, operators=True)
     serial_store, store = Path(serial_cfg.store.root), Path(cfg.store.root)
     for stage in ("gaussians", "masks", "operators"):

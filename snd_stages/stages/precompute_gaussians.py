@@ -26,6 +26,7 @@ from ..errors import DataError
 from ..gaussians import Gaussians
 from ..progress import track
 from ..reconstruct import ContextViews, build_reconstructor
+from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..store import Artifact, ArtifactWriter, Store
 from ..throughput import overlapped, phase, timed
@@ -88,7 +89,8 @@ def precompute_gaussians(
             with writer.unit(name) as group:
                 write_pair(group, scene, context, targets, reconstructed)
 
-        units = overlapped(todo, timed("read", read), timed("compute", compute), timed("write", write))
+        units = overlapped(todo, timed("read", read), timed("compute", compute), timed("write", write),
+                           compute_device=resolve_device(gaussians.device, "gaussians.device").type)
         for _ in track(units, "reconstructing context pairs", progress, total=len(todo), unit="pair"):
             pass
         with phase("publish"):

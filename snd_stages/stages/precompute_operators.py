@@ -99,7 +99,8 @@ def precompute_operators(
         def write(name: str, operator: SplatOperator) -> None:
             write_operator(writer, name, operator, *units[name])
 
-        composed = overlapped(todo, timed("read", read), timed("compute", compute), timed("write", write))
+        composed = overlapped(todo, timed("read", read), timed("compute", compute), timed("write", write),
+                              compute_device=device.type)
         for _ in track(composed, "composing teacher operators", progress, total=len(todo), unit="sample"):
             pass
 
