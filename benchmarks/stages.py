@@ -9,6 +9,7 @@ wall time). Both runs store the same bytes (tests/test_throughput.py, tests/test
     python benchmarks/stages.py                                      # demo size: 192x256, on CUDA when present
     python benchmarks/stages.py --size 576x880 --train-scenes 2 --frames 24   # the authors' size
     python benchmarks/stages.py --device cpu                         # the CPU alone
+    python benchmarks/stages.py --mvsplat re10k.ckpt                 # Gaussians from MVSplat instead of depth
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def settings(args, root: Path, *extra: str) -> list[str]:
             f"demo.eval_scenes={args.eval_scenes}", f"demo.frames_per_scene={args.frames}",
             f"sampling.samples_per_scene={args.samples_per_scene}", f"data.root={root / 'demo'}",
             f"store.root={root / 'store'}", f"gaussians.device={args.device}", f"train.device={args.device}",
-            f"eval.device={args.device}", *extra]
+            f"eval.device={args.device}",
+            *([] if args.mvsplat is None else ["gaussians.reconstructor=mvsplat",
+                                               f"gaussians.mvsplat.checkpoint={args.mvsplat}"]), *extra]
 
 
 def timed_stage(name: str, mode: str, units: int, run, rows: list) -> None:
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=40, help="frames per scene")
     parser.add_argument("--samples-per-scene", type=int, default=16)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--mvsplat", type=Path, help="reconstruct with MVSplat from this checkpoint (e.g. the "
+                        "authors' re10k.ckpt; frame sides must be multiples of 16)")
     parser.add_argument("--workdir", type=Path, help="where to write (default: a temporary folder, removed after)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="snd-stages-"))
@@ -93,7 +98,9 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    table = Table(title=f"Stages around training at {args.size}: {args.train_scenes} scenes of {args.frames} frames, "
+    reconstructor = "depth" if args.mvsplat is None else "MVSplat"
+    table = Table(title=f"Stages around training at {args.size} ({reconstructor} Gaussians): {args.train_scenes} "
+                        f"scenes of {args.frames} frames, "
                         f"{args.samples_per_scene} samples per scene (units: scenes for data and masks, pairs for "
                         "Gaussians, samples for operators)")
     for column in ("stage", "mode", "units", "wall s", "units/s", "speed-up", *(f"{phase} s" for phase in PHASES)):
