@@ -80,6 +80,17 @@ def test_cached_ground_truth_equals_fresh_bitwise(scenes, tmp_path):
     assert_bitwise_equal(cached, fresh)
 
 
+def test_frames_computed_several_at_once_are_the_serial_ground_truth(scenes, tmp_path, monkeypatch):
+    from snd_stages import throughput
+
+    with throughput.serial():
+        serial = load(scenes, Store(tmp_path / "serial"))
+    monkeypatch.setattr(throughput, "CORES_TO_SPARE_FOR_IO", 1)  # threads even for a CPU fit on this machine
+    assert throughput.io_threads("cpu") >= 1
+    assert_bitwise_equal(load(scenes, Store(tmp_path / "threads")), serial)
+    assert_bitwise_equal(load(scenes, None), serial)
+
+
 def test_a_cached_set_is_read_without_decoding_or_fitting(scenes, tmp_path, monkeypatch):
     store = Store(tmp_path / "store")
     first = load(scenes, store)

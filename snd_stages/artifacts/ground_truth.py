@@ -49,6 +49,7 @@ from ..errors import ArtifactError
 from ..progress import track
 from ..scenes.normals import DEFAULT_MAX_RELATIVE_JUMP, DEFAULT_MIN_POINTS, DEFAULT_WINDOW, PLANE_FIT_VERSION
 from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store, hash_json
+from ..throughput import ordered_map
 from .protocol import producing
 
 STAGE = "ground_truth"
@@ -162,8 +163,11 @@ def load_ground_truth(
     config_yaml: str = "",
     region: np.ndarray | Tensor | None = None,
     progress: Progress | None = None,
+    compute_device: str = "cpu",
 ) -> GroundTruth:
-    """The ground truth of ``request``'s frames: read from ``store`` where cached, else computed frame by frame.
+    """The ground truth of ``request``'s frames: read from ``store`` where cached, else computed frame by frame,
+    several frames at once where the machine has room (:func:`~snd_stages.throughput.ordered_map`: decoding depth
+    and label images; fitting normals on ``compute_device``), in frame order.
 
     Args:
         request: the frames and what ground truth they need.
@@ -175,7 +179,8 @@ def load_ground_truth(
     """
     description = f"ground truth · {request.role}"
     if store is None:
-        frames = [compute(index) for index in track(range(len(request)), description, progress, unit="frame")]
+        frames = list(track(ordered_map(compute, range(len(request)), compute_device=compute_device), description,
+                            progress, total=len(request), unit="frame"))
         region_tensor = None if region is None else torch.as_tensor(np.asarray(region, dtype=bool))
         return _stack(frames, region_tensor, "in memory")
 
@@ -194,10 +199,11 @@ def load_ground_truth(
             with writer.unit(REGION_UNIT) as group:
                 group.create_array("region", data=np.asarray(region, dtype=bool))
         todo = [unit for unit, name in enumerate(unit_names) if name not in done]
-        frame_indices = (index for unit in todo for index in units[unit])
+        frame_indices = [index for unit in todo for index in units[unit]]
+        computed = zip(frame_indices, ordered_map(compute, frame_indices, compute_device=compute_device))
         pieces: list[FrameTruth] = []
-        for index in track(frame_indices, description, progress, total=sum(len(units[u]) for u in todo), unit="frame"):
-            pieces.append(compute(index))
+        for index, piece in track(computed, description, progress, total=len(frame_indices), unit="frame"):
+            pieces.append(piece)
             unit = index // FRAMES_PER_UNIT
             if index == units[unit][-1]:
                 _write_unit(writer, unit_names[unit], units[unit], pieces, request)

@@ -119,7 +119,7 @@ def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device, progr
     request = GroundTruthRequest(f"nyuv2 {split}", tuple(names), (data.height, data.width), cfg.frame_stride, source,
                                  normals=with_normals, classes=cfg.nyuv2_classes if with_semantics else None,
                                  fits_normals=with_normals)
-    truth = load_ground_truth(request, compute, store, config_yaml, region, progress)
+    truth = load_ground_truth(request, compute, store, config_yaml, region, progress, torch.device(device).type)
     return ProbeFrames(names, lambda i: data.image(indices[i]), (data.height, data.width), identity, truth.depth,
                        truth.normals, truth.semantics, truth.region, fitted_normals=truth.fitted_normals)
 
@@ -176,7 +176,8 @@ def load_frames(root: Path, scene_ids: list[str], stride: int, probes: list[str]
     request = GroundTruthRequest(role, tuple(names), size, stride, source, normals=with_normals,
                                  classes=classes if with_semantics else None,
                                  fits_normals=with_normals and not all(scene.has("normals") for scene, _ in entries))
-    truth = load_ground_truth(request, compute, store, config_yaml, progress=progress)
+    truth = load_ground_truth(request, compute, store, config_yaml, progress=progress,
+                              compute_device=torch.device(device).type)
     loaders = [functools.partial(scene.load_image, position) for scene, position in entries]
     return ProbeFrames(names, lambda i: loaders[i](), size, image_files, truth.depth, truth.normals, truth.semantics,
                        fitted_normals=truth.fitted_normals)
