@@ -81,9 +81,9 @@ def test_a_failed_read_stops_the_run():
 
 def test_a_cpu_computing_stage_overlaps_only_with_cores_to_spare(monkeypatch):
     monkeypatch.setattr(throughput, "available_cores", lambda: 2)
-    assert throughput.io_threads("cpu") == 0 and throughput.io_threads("cuda") == 2
+    assert throughput.io_threads("cpu") == 0 and throughput.io_threads("cuda") == 1
     monkeypatch.setattr(throughput, "available_cores", lambda: 16)
-    assert throughput.io_threads("cpu") == 2 and throughput.io_threads("cuda") == 4
+    assert throughput.io_threads("cpu") == 2 and throughput.io_threads("cuda") == 8
 
 
 def test_phases_are_recorded_only_inside_recording():
