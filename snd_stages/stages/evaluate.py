@@ -76,6 +76,7 @@ from ..scenes.layout import IGNORE_LABEL, Scene, list_scene_ids, read_scene
 from ..scenes.normals import normals_from_depth_plane_fit
 from ..scenes.nyuv2 import NYU_HEIGHT, NYU_WIDTH, NYUv2Labeled, eigen_crop_mask
 from ..store import Store, file_stamp, small_file_identity
+from ..throughput import phase
 
 # Which tokens each frame probe reads (correspondence reads its features of the pairs' views).
 PROBE_FEATURES = {name: probe.features for name, probe in PROBES.items() if not probe.reads_pairs}
@@ -119,7 +120,8 @@ def load_nyuv2_frames(cfg: EvalCfg, split: str, probes: list[str], device, progr
     request = GroundTruthRequest(f"nyuv2 {split}", tuple(names), (data.height, data.width), cfg.frame_stride, source,
                                  normals=with_normals, classes=cfg.nyuv2_classes if with_semantics else None,
                                  fits_normals=with_normals)
-    truth = load_ground_truth(request, compute, store, config_yaml, region, progress, torch.device(device).type)
+    with phase("ground truth"):
+        truth = load_ground_truth(request, compute, store, config_yaml, region, progress, torch.device(device).type)
     return ProbeFrames(names, lambda i: data.image(indices[i]), (data.height, data.width), identity, truth.depth,
                        truth.normals, truth.semantics, truth.region, fitted_normals=truth.fitted_normals)
 
@@ -176,8 +178,9 @@ def load_frames(root: Path, scene_ids: list[str], stride: int, probes: list[str]
     request = GroundTruthRequest(role, tuple(names), size, stride, source, normals=with_normals,
                                  classes=classes if with_semantics else None,
                                  fits_normals=with_normals and not all(scene.has("normals") for scene, _ in entries))
-    truth = load_ground_truth(request, compute, store, config_yaml, progress=progress,
-                              compute_device=torch.device(device).type)
+    with phase("ground truth"):
+        truth = load_ground_truth(request, compute, store, config_yaml, progress=progress,
+                                  compute_device=torch.device(device).type)
     loaders = [functools.partial(scene.load_image, position) for scene, position in entries]
     return ProbeFrames(names, lambda i: loaders[i](), size, image_files, truth.depth, truth.normals, truth.semantics,
                        fitted_normals=truth.fitted_normals)
@@ -344,7 +347,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     outputs, uses, measurements = {}, [], {}
 
     def features_of(backbone, frame_set, specs):
-        sets, used = probe_features(backbone, frame_set, specs, store, config_yaml, memory_bytes, progress)
+        with phase("features"):
+            sets, used = probe_features(backbone, frame_set, specs, store, config_yaml, memory_bytes, progress)
         uses.extend(used)
         return sets
 
@@ -363,7 +367,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
                 inputs = ProbeInputs(cfg, device, f"{name} probe · {backbone.label}", progress,
                                      train=(train_sets[probe.features], train_frames),
                                      test=(test_sets[probe.features], test_frames), classes=classes)
-            scores[name], shown = probe.run(inputs)
+            with phase("probes"):
+                scores[name], shown = probe.run(inputs)
             if shown is not None:
                 predictions[name] = shown
         # PCA picture of the first test frame's final-normed last block (a one-frame set unless segmentation has it).
@@ -374,14 +379,14 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
         results["models"][backbone.label] = {"backbone": backbone.name, "weights": backbone.weights,
                                              "samples_seen": seen}
         outputs[backbone.label] = predictions
-    summarise(results, measurements, cfg)
-    notes += short_run_notes(results)
-
-    report_dir = Path(cfg.report_dir)
-    forget_report(report_dir)
-    figures = save_figures(report_dir, test_frames, outputs)
-    write_report(report_dir, spec, {"report.json": json.dumps(results, indent=1), "report.md": markdown_report(results),
-                                    "config.yaml": config_yaml}, figures)
+    with phase("report"):
+        summarise(results, measurements, cfg)
+        notes += short_run_notes(results)
+        report_dir = Path(cfg.report_dir)
+        forget_report(report_dir)
+        figures = save_figures(report_dir, test_frames, outputs)
+        write_report(report_dir, spec, {"report.json": json.dumps(results, indent=1),
+                                        "report.md": markdown_report(results), "config.yaml": config_yaml}, figures)
     return EvalReport(report_dir, results, figures, uses)
 
 
