@@ -62,6 +62,7 @@ from ..artifacts.ground_truth import FrameTruth, GroundTruthRequest, load_ground
 from ..artifacts.runs import finished_run_manifest, run_backbone, run_of
 from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections, require_choice
 from ..errors import ConfigError, DataError
+from ..models.backbones import backbone_spec
 from ..probes.backbone import SEGMENTATION_FEATURES, ProbeBackbone
 from ..probes.correspondence import held_out_pairs, pairs_frame_set
 from ..probes.frames import ProbeFrames
@@ -328,7 +329,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
                      "(snd_stages/scenes/normals.py).")
 
     torch.manual_seed(cfg.seed)  # a random-weights baseline (smoke runs) is then the same model every time
-    models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"DINOv2 {train.backbone} ({cfg.baseline_weights})",
+    family = backbone_spec(train.backbone).family
+    models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"{family} {train.backbone} ({cfg.baseline_weights})",
                             device, allow_random=cfg.baseline_weights == "random")]
     models += [run_backbone(run, device=device) for run in runs]
     for backbone, settings in zip(models[1:], distinguishing_settings(runs)):
