@@ -99,6 +99,27 @@ def test_models_are_built_at_the_grid_their_checkpoints_store():
                      "radio_v3_vitb16": (32, 32)}
 
 
+@pytest.mark.filterwarnings("ignore:random weights")
+@pytest.mark.parametrize("name", ["dinov3_vits16", "dinov3_vits16plus", "siglip2_vitb16", "clip_vitb16",
+                                  "radio_v3_vitb16"])
+def test_real_entries_give_probe_features_at_their_full_size(name):
+    spec = backbone_spec(name)
+    backbone = ProbeBackbone(name, "random", f"random {name}", allow_random=True)
+    depth, segmentation = backbone.features_many(torch.rand(1, 3, 50, 93), [DEPTH_FEATURES, SEGMENTATION_FEATURES])
+    assert segmentation.tokens.shape == (1, spec.embed_dim, 4, 6) and torch.isfinite(segmentation.tokens).all()
+    assert depth.tokens.shape == (1, 2 * spec.embed_dim, 4, 6)
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+@pytest.mark.parametrize("name", ["dinov3_vits16", "siglip2_vitb16"])
+def test_real_entries_load_their_timm_safetensors(name, tmp_path):
+    model = create_backbone(name, None, allow_random=True)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(model.state_dict(), path)
+    loaded = create_backbone(name, path).state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in model.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Each family, tiny
 

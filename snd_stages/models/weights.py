@@ -317,7 +317,8 @@ def _strip_backbone_prefix(state_dict: Mapping[str, Tensor], source: str) -> dic
         raise DataError(
             f"{source} holds no ViT backbone that this loader knows: none of its keys ends in "
             f"{' or '.join(_PATCH_WEIGHT_KEYS)} (first keys: {short_list(list(state_dict))}). "
-            "Expected a timm, torch-hub DINOv2 or transformers Dinov2 state dict; LoRA adapters must be merged."
+            "Expected a timm state dict (or, for DINOv2, a torch-hub or transformers Dinov2 one); LoRA adapters must "
+            "be merged."
         )
     if len(prefixes) > 1:
         raise DataError(
@@ -442,7 +443,7 @@ def _suggest_fix(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor
     """One sentence on how to make the checkpoint and the model agree."""
     found, wanted = _architecture_of(state_dict), _architecture_of(expected)
     if found is None:
-        return "the checkpoint has no patch embedding; is it a DINOv2 backbone state dict at all?"
+        return "the checkpoint has no patch embedding; is it a ViT backbone state dict at all?"
     if found != wanted:
         backbones = registered_backbones()
         names = [backbone.name for backbone in backbones if backbone.architecture == found]
