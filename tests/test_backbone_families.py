@@ -237,7 +237,7 @@ def test_distillation_steps_on_the_operators_of_the_backbones_grid(tiny_families
 
 
 @pytest.mark.filterwarnings("ignore:random weights")
-@pytest.mark.parametrize("name", ["siglip2_vitb16", "dinov3_vits16"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_every_probe_runs_on_a_family(tiny_families, demo_root, name, tmp_path):
     cfg = config(demo_root, f"train.backbone={tiny_families[name].name}",
                  "eval.probes=[depth,normals,segmentation,correspondence,depth_dense]", f"eval.report_dir={tmp_path}")
@@ -247,3 +247,5 @@ def test_every_probe_runs_on_a_family(tiny_families, demo_root, name, tmp_path):
     assert math.isfinite(scores["depth"]["rmse"]) and math.isfinite(scores["depth_dense"]["abs_rel"])
     assert 0 <= scores["normals"]["within_30"] <= 100 and 0 <= scores["segmentation"]["miou"] <= 1
     assert 0 <= scores["correspondence"]["recall_10px"] <= 1
+    global_token = "CLS" if backbone_spec(name).class_tokens else "mean patch token"
+    assert report.results["protocol"]["features"]["depth"] == f"blocks [-1], no final norm, {global_token} concatenated"

@@ -51,9 +51,12 @@ class FeatureSpec:
     final_norm: bool = False
     with_cls: bool = False
 
-    def describe(self) -> str:
+    def describe(self, class_token: bool = True) -> str:
+        """In words, for reports and manifests; ``class_token=False`` for a backbone without one (the mean patch
+        token is concatenated instead)."""
         norm = "final norm" if self.final_norm else "no final norm"
-        return f"blocks {list(self.blocks)}, {norm}{', CLS concatenated' if self.with_cls else ''}"
+        global_token = "CLS" if class_token else "mean patch token"
+        return f"blocks {list(self.blocks)}, {norm}{f', {global_token} concatenated' if self.with_cls else ''}"
 
     def resolved(self, depth: int) -> "FeatureSpec":
         """The same spec with absolute block indices of a ViT with ``depth`` blocks."""

@@ -338,7 +338,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
             backbone.label = f"{backbone.label} · {', '.join(settings)}"
     reference = models[reference_position].label
     results: dict = {"protocol": {"dataset": cfg.dataset, "probes": probes,
-                                  **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs))},
+                                  **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs),
+                                              class_token=backbone_spec(train.backbone).class_tokens > 0)},
                      "metrics": metric_table(), "headline": {name: probe.headline for name, probe in PROBES.items()},
                      "models": {}, "reference": reference, "notes": notes}
     memory_bytes = cfg.feature_memory_gb * 2**30
@@ -442,7 +443,8 @@ def _setting_text(encoded: str | None) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test_frames: ProbeFrames, pairs: int) -> dict:
+def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test_frames: ProbeFrames, pairs: int,
+              class_token: bool = True) -> dict:
     height, width = train_frames.image_size
     return {
         "probe_train_scenes": train_ids, "test_scenes": test_ids,
@@ -450,7 +452,7 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
         "image_size": [height, width], "probe_steps": cfg.probe_steps, "probe_batch_size": cfg.probe_batch_size,
         "probe_learning_rate": cfg.probe_learning_rate,
         "probe_warmup_fraction": cfg.probe_warmup_fraction, "seeds": list(cfg.seeds), "seed": cfg.seed,
-        "features": {name: probe.features.describe() for name, probe in PROBES.items()},
+        "features": {name: probe.features.describe(class_token) for name, probe in PROBES.items()},
         "correspondence": {"pairs": pairs, "scale": cfg.correspondence_scale, "top_k": cfg.correspondence_top_k,
                            "gap": list(cfg.correspondence_gap),
                            "source": "ScanNet-1500" if cfg.scannet1500_pairs is not None else "held-out scenes"},
