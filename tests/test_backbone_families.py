@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import safetensors.torch
@@ -78,7 +79,7 @@ def test_entry_describes_the_model_timm_builds(name):
                                                                  tuple(model.pretrained_cfg["std"]))
     for target in spec.lora_targets:  # SnD's LoRA goes on the attention's qkv and output projections
         assert isinstance(model.blocks[0].get_submodule(target), torch.nn.Linear)
-    assert set(spec.converters) == {"timm"}
+    assert set(spec.converters) == ({"timm", "torch_hub"} if spec.family == "DINOv3" else {"timm"})
 
 
 def test_entries_count_their_prefix_tokens_as_timm_does():
@@ -178,10 +179,47 @@ def test_timm_checkpoints_and_exports_load_back_exactly(tiny_families, name, tmp
     export_backbone(add_lora(random_backbone(spec.name), spec.lora_targets, rank=2, alpha=2.0), exported)
     assert create_backbone(spec.name, exported).state_dict().keys() == model.state_dict().keys()
 
-    torch_hub = tmp_path / "hub.pth"
-    torch.save({**model.state_dict(), "mask_token": torch.zeros(1, WIDTH)}, torch_hub)
-    with pytest.raises(DataError, match=f"torch_hub checkpoint, which backbone {spec.name} does not load.*: timm$"):
-        create_backbone(spec.name, torch_hub)
+    if spec.family != "DINOv3":
+        torch_hub = tmp_path / "hub.pth"
+        torch.save({**model.state_dict(), "mask_token": torch.zeros(1, WIDTH)}, torch_hub)
+        with pytest.raises(DataError, match=f"torch_hub checkpoint, which backbone {spec.name} does not load.*: timm$"):
+            create_backbone(spec.name, torch_hub)
+
+
+def dinov3_release_names(state_dict: dict[str, torch.Tensor], qkv_bias: float = 0.0) -> dict[str, torch.Tensor]:
+    """A timm DINOv3 state dict under facebookresearch/dinov3's names, with the tensors its releases add."""
+    renames = [(r"^reg_token$", "storage_tokens"), (r"\.gamma_([12])$", r".ls\1.gamma"),
+               (r"\.mlp\.fc1_g\.", ".mlp.w1."), (r"\.mlp\.fc1_x\.", ".mlp.w2."), (r"\.mlp\.fc2\.", ".mlp.w3.")]
+    swiglu = any(".fc1_g." in key for key in state_dict)
+    released = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in renames:
+            if pattern.startswith(r"\.mlp\.fc2") and not swiglu:
+                continue
+            key = re.sub(pattern, replacement, key)
+        released[key] = value
+    width = state_dict["cls_token"].shape[-1]
+    released["mask_token"] = torch.zeros(1, width)
+    released["rope_embed.periods"] = torch.ones(width // 8)
+    for block in {int(key.split(".")[1]) for key in state_dict if key.startswith("blocks.")}:
+        released[f"blocks.{block}.attn.qkv.bias"] = torch.full((3 * width,), qkv_bias)
+        released[f"blocks.{block}.attn.qkv.bias_mask"] = torch.ones(3 * width)
+    return released
+
+
+@pytest.mark.parametrize("name", ["dinov3_vits16", "dinov3_vits16plus"])
+def test_dinov3_release_checkpoints_load_exactly(tiny_families, name, tmp_path):
+    spec = tiny_families[name]
+    model = random_backbone(spec.name)
+    path = tmp_path / "dinov3_pretrain.pth"
+    torch.save(dinov3_release_names(model.state_dict()), path)
+    loaded = create_backbone(spec.name, path).state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in model.state_dict().items())
+
+    # A query/value bias that is not zero has no place in the qkv-bias-free timm model: refused, never dropped.
+    torch.save(dinov3_release_names(model.state_dict(), qkv_bias=0.1), path)
+    with pytest.raises(DataError, match=r"unexpected keys: blocks\.0\.attn\.qkv\.bias"):
+        create_backbone(spec.name, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

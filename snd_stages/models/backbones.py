@@ -31,7 +31,15 @@ from timm.data import (
 from torch import Tensor
 
 from ..errors import ConfigError
-from .checkpoint_formats import HF, TIMM, TORCH_HUB, convert_hf_to_timm, convert_torch_hub_to_timm, keep_timm_names
+from .checkpoint_formats import (
+    HF,
+    TIMM,
+    TORCH_HUB,
+    convert_dinov3_torch_hub_to_timm,
+    convert_hf_to_timm,
+    convert_torch_hub_to_timm,
+    keep_timm_names,
+)
 
 Converter = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
@@ -133,7 +141,7 @@ _DINOV2_CONVERTERS: Mapping[str, Converter] = {
 # SnD puts LoRA on the attention's fused qkv and output projections; every entry's timm model names them so
 # (timm's Attention in VisionTransformer, EvaAttention in DINOv3's Eva).
 _ATTENTION = ("attn.qkv", "attn.proj")
-# The other families load timm-named checkpoints (timm / HF-hub model.safetensors, and our exports) only.
+# SigLIP 2, CLIP and C-RADIOv3 load timm-named checkpoints (timm / HF-hub model.safetensors, our exports) only.
 _TIMM_ONLY: Mapping[str, Converter] = {TIMM: keep_timm_names}
 
 
@@ -143,11 +151,16 @@ def _dinov2(name: str, timm_name: str, embed_dim: int, depth: int, registers: in
                         family="DINOv2")
 
 
+# DINOv3 comes as timm / HF-hub safetensors and as facebookresearch/dinov3's own .pth files.
+_DINOV3_CONVERTERS: Mapping[str, Converter] = {TIMM: keep_timm_names, TORCH_HUB: convert_dinov3_torch_hub_to_timm}
+
+
 def _dinov3(name: str, timm_name: str, embed_dim: int, depth: int) -> BackboneSpec:
     """DINOv3: patch 16, rotary position embeddings (no position table: any grid works), the class token and
     4 registers, ImageNet mean/std; timm builds it as an ``Eva``."""
     return BackboneSpec(name, timm_name, patch=16, embed_dim=embed_dim, depth=depth, registers=4,
-                        normalisation=IMAGENET, lora_targets=_ATTENTION, converters=_TIMM_ONLY, family="DINOv3")
+                        normalisation=IMAGENET, lora_targets=_ATTENTION, converters=_DINOV3_CONVERTERS,
+                        family="DINOv3")
 
 
 def _radio(name: str, timm_name: str, embed_dim: int, depth: int) -> BackboneSpec:
