@@ -70,8 +70,9 @@ def test_lookup_names_the_known_backbones_for_an_unknown_one():
     assert [spec.name for spec in registered_backbones()][:6] == ["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14",
                                                                   "dinov2_vits14_reg", "dinov2_vitb14_reg",
                                                                   "dinov2_vitl14_reg"]
-    with pytest.raises(ConfigError, match=r"unknown backbone 'dinov3_vits16'; choose one of dinov2_vits14, .*_reg"):
-        backbone_spec("dinov3_vits16")
+    with pytest.raises(ConfigError,
+                       match=r"unknown backbone 'dinov4_vits16'; choose one of dinov2_vits14, .*, radio_v3_vitl16$"):
+        backbone_spec("dinov4_vits16")
 
 
 def test_dinov2_entries_describe_the_models_timm_builds():

@@ -21,8 +21,8 @@ def test_every_registered_probe_is_a_valid_config_value_and_nothing_else_is():
 
 
 def test_backbone_names_come_from_the_backbone_registry():
-    with pytest.raises(ConfigError, match=r"train.backbone = 'dinov3_vits16' is not allowed; choose one of \["):
-        load_config(None, ["train.backbone=dinov3_vits16"])
+    with pytest.raises(ConfigError, match=r"train.backbone = 'dinov4_vits16' is not allowed; choose one of \["):
+        load_config(None, ["train.backbone=dinov4_vits16"])
 
 
 def test_the_report_rows_and_summary_come_from_the_registry():

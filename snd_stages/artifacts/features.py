@@ -103,9 +103,10 @@ def probe_features(
         the feature sets by spec, and how each was obtained.
     """
     specs = list(dict.fromkeys(specs))
+    described = {spec: spec.describe(class_token=backbone.backbone_spec.class_tokens > 0) for spec in specs}
     if store is None:
         sets = features_in_memory(backbone, frames, specs, progress)
-        return sets, [CacheUse(backbone.label, frames.name, spec.describe(), None, "in memory") for spec in specs]
+        return sets, [CacheUse(backbone.label, frames.name, described[spec], None, "in memory") for spec in specs]
     units = [range(start, min(start + FRAMES_PER_UNIT, len(frames))) for start in range(0, len(frames), FRAMES_PER_UNIT)]
     unit_names = [f"{index:05d}" for index in range(len(units))]
     padding = centre_padding(*frames.image_size, multiple=backbone.backbone_spec.patch)
@@ -115,7 +116,7 @@ def probe_features(
         writing = {spec: production.writer for spec, production in productions.items() if not production.reused}
         for spec, writer in writing.items():
             writer.prepare({"backbone": backbone.name, "weights": backbone.weights, "frames": frames.name,
-                            "features": spec.describe(), "padding": list(padding),
+                            "features": described[spec], "padding": list(padding),
                             "image_size": list(frames.image_size)})
         done = {spec: writer.done_units() for spec, writer in writing.items()}
         todo = [(unit, [spec for spec in writing if unit_names[unit] not in done[spec]]) for unit in range(len(units))]
@@ -128,7 +129,7 @@ def probe_features(
             productions[spec].artifact = writer.finish(expected_units=unit_names,
                                                        counts={"frames": len(frames), "units": len(unit_names)})
     sets = {spec: read_features(productions[spec].artifact, memory_bytes) for spec in specs}
-    uses = [CacheUse(backbone.label, frames.name, spec.describe(), productions[spec].artifact.key,
+    uses = [CacheUse(backbone.label, frames.name, described[spec], productions[spec].artifact.key,
                      productions[spec].status) for spec in specs]
     return sets, uses
 

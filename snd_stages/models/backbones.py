@@ -3,8 +3,8 @@
 A spec holds what the pipeline needs to know about a backbone besides its weights: the timm architecture it is
 built as, its patch size (token grids, the probes' padding, the operators' key), the prefix tokens in front of the
 patch tokens, the input normalisation, where LoRA goes, the architecture facts a checkpoint is diagnosed against,
-and the checkpoint formats it loads. The DINOv2 entries below are registered on import; :func:`register_backbone`
-adds another one.
+and the checkpoint formats it loads. The entries below (DINOv2, DINOv3, SigLIP 2, CLIP, C-RADIOv3) are registered
+on import; :func:`register_backbone` adds another one.
 
 Example::
 
@@ -18,13 +18,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_INCEPTION_MEAN,
+    IMAGENET_INCEPTION_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
 from torch import Tensor
 
 from ..errors import ConfigError
-from .checkpoint_formats import HF, TIMM, TORCH_HUB, convert_hf_to_timm, convert_torch_hub_to_timm, keep_timm_names
+from .checkpoint_formats import (
+    HF,
+    TIMM,
+    TORCH_HUB,
+    convert_dinov3_torch_hub_to_timm,
+    convert_hf_to_timm,
+    convert_torch_hub_to_timm,
+    keep_timm_names,
+)
 
 Converter = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
@@ -42,6 +57,9 @@ class Normalisation:
 
 
 IMAGENET = Normalisation("ImageNet", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+# SigLIP's [-1, 1] scaling, which timm calls the Inception mean/std.
+INCEPTION = Normalisation("Inception", IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)
+OPENAI_CLIP = Normalisation("OpenAI CLIP", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
 class Architecture(NamedTuple):
@@ -69,11 +87,15 @@ class BackboneSpec:
         patch: side of its square patches in pixels: an H x W input gives (H // patch) x (W // patch) tokens.
         embed_dim: token channels.
         depth: number of blocks.
-        registers: register tokens, which follow the class token.
+        registers: register tokens, which follow the class token (if any).
         normalisation: what input images are normalised with.
         lora_targets: module paths inside each block that get LoRA (:func:`snd_stages.models.lora.add_lora`).
         converters: checkpoint format (:mod:`snd_stages.models.checkpoint_formats`) -> its conversion to timm's
             names; a checkpoint in any other format is refused.
+        family: what reports call the backbone's kind (``"DINOv2"``), in front of its name.
+        class_tokens: class tokens in front of the registers: 1, or 0 for a model without one (SigLIP).
+        timm_kwargs: further keyword arguments of ``timm.create_model`` (e.g. a smaller depth for a test model);
+            the entry's ``embed_dim`` and ``depth`` must describe the model they give.
     """
 
     name: str
@@ -85,11 +107,14 @@ class BackboneSpec:
     normalisation: Normalisation
     lora_targets: tuple[str, ...]
     converters: Mapping[str, Converter] = field(hash=False)
+    family: str = "ViT"
+    class_tokens: int = 1
+    timm_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def prefix_tokens(self) -> int:
-        """Tokens in front of the patch tokens: the class token, then the registers."""
-        return 1 + self.registers
+        """Tokens in front of the patch tokens: the class token (if any), then the registers."""
+        return self.class_tokens + self.registers
 
     @property
     def architecture(self) -> Architecture:
@@ -113,9 +138,36 @@ _DINOV2_CONVERTERS: Mapping[str, Converter] = {
 }
 
 
+# SnD puts LoRA on the attention's fused qkv and output projections; every entry's timm model names them so
+# (timm's Attention in VisionTransformer, EvaAttention in DINOv3's Eva).
+_ATTENTION = ("attn.qkv", "attn.proj")
+# SigLIP 2, CLIP and C-RADIOv3 load timm-named checkpoints (timm / HF-hub model.safetensors, our exports) only.
+_TIMM_ONLY: Mapping[str, Converter] = {TIMM: keep_timm_names}
+
+
 def _dinov2(name: str, timm_name: str, embed_dim: int, depth: int, registers: int) -> BackboneSpec:
     return BackboneSpec(name, timm_name, patch=14, embed_dim=embed_dim, depth=depth, registers=registers,
-                        normalisation=IMAGENET, lora_targets=("attn.qkv", "attn.proj"), converters=_DINOV2_CONVERTERS)
+                        normalisation=IMAGENET, lora_targets=_ATTENTION, converters=_DINOV2_CONVERTERS,
+                        family="DINOv2")
+
+
+# DINOv3 comes as timm / HF-hub safetensors and as facebookresearch/dinov3's own .pth files.
+_DINOV3_CONVERTERS: Mapping[str, Converter] = {TIMM: keep_timm_names, TORCH_HUB: convert_dinov3_torch_hub_to_timm}
+
+
+def _dinov3(name: str, timm_name: str, embed_dim: int, depth: int) -> BackboneSpec:
+    """DINOv3: patch 16, rotary position embeddings (no position table: any grid works), the class token and
+    4 registers, ImageNet mean/std; timm builds it as an ``Eva``."""
+    return BackboneSpec(name, timm_name, patch=16, embed_dim=embed_dim, depth=depth, registers=4,
+                        normalisation=IMAGENET, lora_targets=_ATTENTION, converters=_DINOV3_CONVERTERS,
+                        family="DINOv3")
+
+
+def _radio(name: str, timm_name: str, embed_dim: int, depth: int) -> BackboneSpec:
+    """C-RADIOv3: patch 16, the class token and 7 registers, OpenAI CLIP mean/std, no final norm."""
+    return BackboneSpec(name, timm_name, patch=16, embed_dim=embed_dim, depth=depth, registers=7,
+                        normalisation=OPENAI_CLIP, lora_targets=_ATTENTION, converters=_TIMM_ONLY,
+                        family="C-RADIOv3")
 
 
 # The built-in entries; register_backbone adds more.
@@ -126,6 +178,18 @@ _REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     _dinov2("dinov2_vits14_reg", "vit_small_patch14_reg4_dinov2", 384, 12, 4),
     _dinov2("dinov2_vitb14_reg", "vit_base_patch14_reg4_dinov2", 768, 12, 4),
     _dinov2("dinov2_vitl14_reg", "vit_large_patch14_reg4_dinov2", 1024, 24, 4),
+    _dinov3("dinov3_vits16", "vit_small_patch16_dinov3", 384, 12),
+    _dinov3("dinov3_vits16plus", "vit_small_plus_patch16_dinov3", 384, 12),
+    _dinov3("dinov3_vitb16", "vit_base_patch16_dinov3", 768, 12),
+    _dinov3("dinov3_vitl16", "vit_large_patch16_dinov3", 1024, 24),
+    # SigLIP 2 (the v2_webli weights; the same architecture as SigLIP's): no class token, a learned 16x16 table.
+    BackboneSpec("siglip2_vitb16", "vit_base_patch16_siglip_256.v2_webli", patch=16, embed_dim=768, depth=12,
+                 registers=0, normalisation=INCEPTION, lora_targets=_ATTENTION, converters=_TIMM_ONLY,
+                 family="SigLIP 2", class_tokens=0),
+    BackboneSpec("clip_vitb16", "vit_base_patch16_clip_224.openai", patch=16, embed_dim=768, depth=12, registers=0,
+                 normalisation=OPENAI_CLIP, lora_targets=_ATTENTION, converters=_TIMM_ONLY, family="CLIP"),
+    _radio("radio_v3_vitb16", "vit_base_patch16_radio_v3.c_radio", 768, 12),
+    _radio("radio_v3_vitl16", "vit_large_patch16_radio_v3.c_radio", 1024, 24),
 )}
 
 

@@ -1,10 +1,13 @@
-"""The checkpoint formats DINOv2 weights come in, told apart by their keys, and their conversion to timm's names.
+"""The checkpoint formats DINOv2 and DINOv3 weights come in, told apart by their keys, and their conversion to
+timm's names.
 
 - ``timm`` (``patch_embed.proj.weight`` and no ``mask_token``): timm / HF-hub ``model.safetensors``, FiT3D's
   ``dinov2_{small,base}_finetuned.pth``.
 - ``torch_hub`` (``mask_token`` or ``register_tokens``): facebookresearch/dinov2 ``dinov2_vits14_pretrain.pth``
   and friends, and the Splat-and-Distill releases ``dinov2_{small,base}_snd*.pth`` (saved from the hub model after
   merging LoRA).
+  DINOv3's own releases (facebookresearch/dinov3 ``dinov3_vits16_pretrain_lvd1689m-*.pth`` and friends) are
+  told apart from DINOv2's by ``storage_tokens``, their name for the registers.
 - ``hf`` (``embeddings.patch_embeddings.projection.weight``): transformers ``Dinov2Model`` /
   ``Dinov2WithRegistersModel`` weights, with the attention names of transformers 4 or 5.
 
@@ -26,7 +29,7 @@ def checkpoint_format(state_dict: Mapping[str, Tensor]) -> str:
     """The format of a state dict without a wrapper prefix, told from its keys: ``timm``, ``torch_hub`` or ``hf``."""
     if "embeddings.patch_embeddings.projection.weight" in state_dict:
         return HF
-    if "mask_token" in state_dict or "register_tokens" in state_dict:
+    if "mask_token" in state_dict or "register_tokens" in state_dict or "storage_tokens" in state_dict:
         return TORCH_HUB
     return TIMM
 
@@ -62,6 +65,50 @@ def convert_torch_hub_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Ten
         converted["reg_token"] = converted.pop("register_tokens")
         converted["cls_token"] = converted["cls_token"] + position_table[:, :1]
         converted["pos_embed"] = position_table[:, 1:]
+    return converted
+
+
+# facebookresearch/dinov3 name -> timm Eva name (the renames of timm's own eva.checkpoint_filter_fn).
+_DINOV3_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"^storage_tokens$", "reg_token"),
+        (r"^(blocks\.\d+)\.ls([12])\.gamma$", r"\1.gamma_\2"),
+        # SwiGLU MLP (ViT-S+): gate, value and output projections.
+        (r"^(blocks\.\d+)\.mlp\.w1\.(weight|bias)$", r"\1.mlp.fc1_g.\2"),
+        (r"^(blocks\.\d+)\.mlp\.w2\.(weight|bias)$", r"\1.mlp.fc1_x.\2"),
+        (r"^(blocks\.\d+)\.mlp\.w3\.(weight|bias)$", r"\1.mlp.fc2.\2"),
+    )
+)
+# Tensors timm's DINOv3 has no place for and needs none of: iBOT's mask embedding (self-supervised training only),
+# the rotary embedding's periods (timm computes them) and the constant mask that zeroes the key bias.
+_DINOV3_UNUSED = re.compile(r"^mask_token$|\.periods$|\.bias_mask$")
+_DINOV3_QKV_BIAS = re.compile(r"^blocks\.\d+\.attn\.qkv\.bias$")
+
+
+def convert_dinov3_torch_hub_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a facebookresearch/dinov3 ``DinoVisionTransformer`` state dict to timm's ``Eva`` names.
+
+    ``storage_tokens`` [1, 4, C] become ``reg_token``, layer scales ``ls{1,2}.gamma`` become ``gamma_{1,2}``, the
+    SwiGLU projections ``w1``/``w2``/``w3`` become ``fc1_g``/``fc1_x``/``fc2``; ``mask_token``, the rotary
+    ``periods`` and the key-bias ``bias_mask`` are dropped. The fused ``attn.qkv.bias`` is dropped only where its
+    query and value thirds are zero (its key third is masked to zero in DINOv3 anyway), as in the released
+    distilled models that timm's ``vit_*_patch16_dinov3`` (no qkv bias) load; a non-zero one keeps its name, so a
+    strict load reports it instead of losing it.
+    """
+    converted: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if _DINOV3_UNUSED.search(key):
+            continue
+        if _DINOV3_QKV_BIAS.match(key):
+            query, _, value_bias = value.chunk(3, dim=-1)
+            if not (query.any() or value_bias.any()):
+                continue
+        for pattern, replacement in _DINOV3_RENAMES:
+            if pattern.match(key):
+                key = pattern.sub(replacement, key)
+                break
+        converted[key] = value
     return converted
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import peft  # about 2 s on top of torch + timm on two CPU cores (it imports transformers)
 import safetensors.torch
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -109,7 +110,8 @@ def merged_backbone(model: peft.PeftModel) -> VisionTransformer:
     """
     # safe_merge checks the merged weights for NaN/Inf before replacing the originals.
     merged = copy.deepcopy(model).merge_and_unload(safe_merge=True)
-    assert isinstance(merged, VisionTransformer), f"merge_and_unload returned a {type(merged).__name__}"
+    # The registered backbones are timm VisionTransformers, and Evas (DINOv3).
+    assert isinstance(merged, (VisionTransformer, Eva)), f"merge_and_unload returned a {type(merged).__name__}"
     leftover = [name for name, _ in merged.named_parameters() if "lora_" in name or "base_layer" in name]
     assert not leftover, f"LoRA parameters survived the merge: {leftover[:4]}"
     return merged.eval().requires_grad_(False)

@@ -69,20 +69,22 @@ _LISTED_KEYS = 6  # how many offending keys of each kind an error message spells
 def create_backbone(
     name: str,
     weights: str | Path | None,
-    img_size: int = 518,
+    img_size: int | None = None,
     allow_random: bool = False,
-) -> VisionTransformer:
+) -> nn.Module:
     """Create a registered backbone by our name and load its weights strictly; nothing is ever downloaded.
 
     The model is timm's, with ``dynamic_img_size=True`` (any input of whole patches works; timm
     resamples the position table to the input's grid on every forward) and ``num_classes=0`` (no head).
 
     .. note::
-        DINOv2 checkpoints store a 37x37 position table (518 px). At the default ``img_size=518`` it is loaded
-        unchanged. For another ``img_size`` the table is resampled once at load time with timm's
-        ``resample_abs_pos_embed`` (bicubic, antialiased), and each forward at yet another size then resamples the
-        resampled table: keep 518 unless memory matters. Only the position table is ever resampled, and only when
-        the checkpoint's grid differs from the model's.
+        A backbone with a learned position table stores it for one grid: DINOv2's 37x37 (518 px), SigLIP 2's
+        16x16 (256 px), CLIP's 14x14 (224 px), C-RADIOv3's 32x32 (512 px). The default ``img_size=None`` builds the
+        model at timm's default size for its architecture, which is that grid, so the table loads unchanged. For
+        another ``img_size`` the table is resampled once at load time with timm's ``resample_abs_pos_embed``
+        (bicubic, antialiased), and each forward at yet another size then resamples the resampled table: keep the
+        default unless memory matters. Only the position table is ever resampled, and only when the checkpoint's
+        grid differs from the model's. DINOv3's rotary embeddings have no table: any grid works as it is.
 
     Args:
         name: a registered backbone (:func:`~snd_stages.models.backbones.backbone_spec`), e.g. ``"dinov2_vits14"``.
@@ -90,11 +92,13 @@ def create_backbone(
             ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` checkpoint in a format the backbone's registry entry
             loads (:mod:`~snd_stages.models.checkpoint_formats`), or None for random weights (only with
             ``allow_random``).
-        img_size: side of the square input the model is built for; sets the stored position-table grid.
+        img_size: side of the square input the model is built for, which sets the stored position-table grid;
+            None = timm's default for the architecture (the grid its checkpoints store).
         allow_random: accept ``weights=None`` (tests and smoke runs); a warning is emitted.
 
     Returns:
-        The timm VisionTransformer (train mode, as timm creates it; DINOv2 has no dropout, so the modes agree).
+        The timm ViT (``VisionTransformer``, or ``Eva`` for DINOv3), in train mode as timm creates it; none of the
+        registered backbones has dropout, so the modes agree.
 
     Raises:
         ConfigError: unknown ``name``, ``"embedded"`` for another architecture, no weights without
@@ -114,8 +118,9 @@ def create_backbone(
             f"set model to dinov2_vits14 or give a {name} checkpoint file"
         )
 
+    size = {} if img_size is None else {"img_size": img_size}
     model = timm.create_model(
-        spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size
+        spec.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **size, **spec.timm_kwargs
     )
     _check_entry(spec, model)
     model.patch_embed.proj = PatchProjection.of(model.patch_embed.proj)
@@ -139,7 +144,7 @@ def create_backbone(
     return model
 
 
-def _check_entry(spec: BackboneSpec, model: VisionTransformer) -> None:
+def _check_entry(spec: BackboneSpec, model: nn.Module) -> None:
     """The registry entry must describe the model timm builds: token grids, prefix counts and checkpoint diagnosis
     all rely on it."""
     built = _architecture_of(model.state_dict())
@@ -312,7 +317,8 @@ def _strip_backbone_prefix(state_dict: Mapping[str, Tensor], source: str) -> dic
         raise DataError(
             f"{source} holds no ViT backbone that this loader knows: none of its keys ends in "
             f"{' or '.join(_PATCH_WEIGHT_KEYS)} (first keys: {short_list(list(state_dict))}). "
-            "Expected a timm, torch-hub DINOv2 or transformers Dinov2 state dict; LoRA adapters must be merged."
+            "Expected a timm state dict (or, for DINOv2, a torch-hub or transformers Dinov2 one); LoRA adapters must "
+            "be merged."
         )
     if len(prefixes) > 1:
         raise DataError(
@@ -437,7 +443,7 @@ def _suggest_fix(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor
     """One sentence on how to make the checkpoint and the model agree."""
     found, wanted = _architecture_of(state_dict), _architecture_of(expected)
     if found is None:
-        return "the checkpoint has no patch embedding; is it a DINOv2 backbone state dict at all?"
+        return "the checkpoint has no patch embedding; is it a ViT backbone state dict at all?"
     if found != wanted:
         backbones = registered_backbones()
         names = [backbone.name for backbone in backbones if backbone.architecture == found]

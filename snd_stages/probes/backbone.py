@@ -4,7 +4,8 @@ student of one of its checkpoints.
 Probes read dense patch tokens of chosen blocks, with or without the final LayerNorm, optionally with the CLS
 token broadcast and concatenated, exactly as each protocol asks (``reference/method.md`` §2):
 
-- FiT3D/SnD linear depth: last block, no final norm, CLS concatenated (:data:`DEPTH_FEATURES`);
+- FiT3D/SnD linear depth: last block, no final norm, CLS concatenated (:data:`DEPTH_FEATURES`; a backbone without
+  a class token, SigLIP 2, concatenates the mean of its patch tokens in its place: see :class:`FeatureSpec`);
 - FiT3D/SnD linear segmentation: last block, final norm, no CLS (:data:`SEGMENTATION_FEATURES`);
 - Probe3D normals and correspondence: last block, no final norm, dense only (:data:`DENSE_FEATURES`);
 - Probe3D's multi-block dense probe: four evenly spaced blocks, no final norm (:data:`MULTI_BLOCK_FEATURES`).
@@ -36,15 +37,26 @@ from .resize import resize
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Which tokens a probe sees. ``blocks`` index the ViT's blocks (negative: from the end)."""
+    """Which tokens a probe sees. ``blocks`` index the ViT's blocks (negative: from the end).
+
+    ``with_cls`` broadcasts a global token over the grid and concatenates it after the patch tokens: the class
+    token where the backbone has one, else (SigLIP 2, whose registry entry has ``class_tokens=0``) the mean of the
+    last chosen block's patch tokens, taken the same way (with or without the final norm). Why the mean: it keeps
+    the probe's input at twice the width as with a class token, so one depth head fits every backbone, and it is
+    what the tokens themselves say about the whole image; SigLIP's own pooled embedding (its attention-pooling
+    head) is trained for text matching, not for dense probes.
+    """
 
     blocks: tuple[int, ...] = (-1,)
     final_norm: bool = False
     with_cls: bool = False
 
-    def describe(self) -> str:
+    def describe(self, class_token: bool = True) -> str:
+        """In words, for reports and manifests; ``class_token=False`` for a backbone without one (the mean patch
+        token is concatenated instead)."""
         norm = "final norm" if self.final_norm else "no final norm"
-        return f"blocks {list(self.blocks)}, {norm}{', CLS concatenated' if self.with_cls else ''}"
+        global_token = "CLS" if class_token else "mean patch token"
+        return f"blocks {list(self.blocks)}, {norm}{f', {global_token} concatenated' if self.with_cls else ''}"
 
     def resolved(self, depth: int) -> "FeatureSpec":
         """The same spec with absolute block indices of a ViT with ``depth`` blocks."""
@@ -170,11 +182,14 @@ class ProbeBackbone:
         padded, padding = centre_pad(self.backbone_spec.normalise(images.to(self.device)), self.backbone_spec.patch)
         grid = self.backbone_spec.token_grid(*padded.shape[-2:])
         indices = sorted({block % self.depth for spec in specs for block in spec.blocks})
-        outputs = self.model.forward_intermediates(
-            padded, indices=indices, norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True,
-        )
-        raw = {block: torch.cat([prefix, spatial], dim=1) for block, (spatial, prefix) in zip(indices, outputs)}
         prefix_count = self.backbone_spec.prefix_tokens
+        # Without prefix tokens timm returns the patch tokens alone, not (patch tokens, prefix tokens) pairs.
+        outputs = self.model.forward_intermediates(
+            padded, indices=indices, norm=False, output_fmt="NLC", intermediates_only=True,
+            return_prefix_tokens=prefix_count > 0,
+        )
+        raw = ({block: torch.cat([prefix, spatial], dim=1) for block, (spatial, prefix) in zip(indices, outputs)}
+               if prefix_count else dict(zip(indices, outputs)))
         normed: dict[int, Tensor] = {}
 
         def tokens(block: int, final_norm: bool) -> Tensor:  # [B, prefix + h * w, C]
@@ -191,7 +206,11 @@ class ProbeBackbone:
                 spatial = tokens(block % self.depth, spec.final_norm)[:, prefix_count:]
                 maps.append(spatial.reshape(spatial.shape[0], *grid, -1).permute(0, 3, 1, 2))
             if spec.with_cls:
-                cls = tokens(spec.blocks[-1] % self.depth, spec.final_norm)[:, 0]  # registers, if any, follow it
-                maps.append(cls[:, :, None, None].expand(-1, -1, *grid))
+                last = tokens(spec.blocks[-1] % self.depth, spec.final_norm)
+                if self.backbone_spec.class_tokens:
+                    global_token = last[:, 0]  # registers, if any, follow it
+                else:
+                    global_token = last[:, prefix_count:].mean(dim=1)
+                maps.append(global_token[:, :, None, None].expand(-1, -1, *grid))
             results.append(Features(torch.cat(maps, dim=1).float().contiguous(), padding, tuple(images.shape[-2:])))
         return results

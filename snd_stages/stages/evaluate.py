@@ -62,6 +62,7 @@ from ..artifacts.ground_truth import FrameTruth, GroundTruthRequest, load_ground
 from ..artifacts.runs import finished_run_manifest, run_backbone, run_of
 from ..config import TRAIN_OBSERVATION_ONLY, DataCfg, EvalCfg, TrainCfg, dump_sections, require_choice
 from ..errors import ConfigError, DataError
+from ..models.backbones import backbone_spec
 from ..probes.backbone import SEGMENTATION_FEATURES, ProbeBackbone
 from ..probes.correspondence import held_out_pairs, pairs_frame_set
 from ..probes.frames import ProbeFrames
@@ -331,7 +332,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
                      "(snd_stages/scenes/normals.py).")
 
     torch.manual_seed(cfg.seed)  # a random-weights baseline (smoke runs) is then the same model every time
-    models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"DINOv2 {train.backbone} ({cfg.baseline_weights})",
+    family = backbone_spec(train.backbone).family
+    models = [ProbeBackbone(train.backbone, cfg.baseline_weights, f"{family} {train.backbone} ({cfg.baseline_weights})",
                             device, allow_random=cfg.baseline_weights == "random")]
     models += [run_backbone(run, device=device) for run in runs]
     for backbone, settings in zip(models[1:], distinguishing_settings(runs)):
@@ -339,7 +341,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
             backbone.label = f"{backbone.label} · {', '.join(settings)}"
     reference = models[reference_position].label
     results: dict = {"protocol": {"dataset": cfg.dataset, "probes": probes,
-                                  **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs))},
+                                  **_protocol(cfg, train_ids, test_ids, train_frames, test_frames, len(pairs),
+                                              class_token=backbone_spec(train.backbone).class_tokens > 0)},
                      "metrics": metric_table(), "headline": {name: probe.headline for name, probe in PROBES.items()},
                      "models": {}, "reference": reference, "notes": notes}
     memory_bytes = cfg.feature_memory_gb * 2**30
@@ -445,7 +448,8 @@ def _setting_text(encoded: str | None) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test_frames: ProbeFrames, pairs: int) -> dict:
+def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test_frames: ProbeFrames, pairs: int,
+              class_token: bool = True) -> dict:
     height, width = train_frames.image_size
     return {
         "probe_train_scenes": train_ids, "test_scenes": test_ids,
@@ -453,7 +457,7 @@ def _protocol(cfg: EvalCfg, train_ids, test_ids, train_frames: ProbeFrames, test
         "image_size": [height, width], "probe_steps": cfg.probe_steps, "probe_batch_size": cfg.probe_batch_size,
         "probe_learning_rate": cfg.probe_learning_rate,
         "probe_warmup_fraction": cfg.probe_warmup_fraction, "seeds": list(cfg.seeds), "seed": cfg.seed,
-        "features": {name: probe.features.describe() for name, probe in PROBES.items()},
+        "features": {name: probe.features.describe(class_token) for name, probe in PROBES.items()},
         "correspondence": {"pairs": pairs, "scale": cfg.correspondence_scale, "top_k": cfg.correspondence_top_k,
                            "gap": list(cfg.correspondence_gap),
                            "source": "ScanNet-1500" if cfg.scannet1500_pairs is not None else "held-out scenes"},
