@@ -144,6 +144,16 @@ def file_stamp(path: str | Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def checkpoint_by_content(params: dict[str, Any], field: str, input_name: str, setting: str
+                          ) -> tuple[dict[str, Any], dict[str, str]]:
+    """A key's ``params`` without the checkpoint path in ``field``, and ``{input_name: the file's sha256}``: a
+    checkpoint enters a key by its contents, not where it lies (nothing where the path is None; ``setting`` names
+    it in the error for a missing file)."""
+    params = dict(params)
+    path = params.pop(field)
+    return params, ({} if path is None else {input_name: file_sha256(path, setting)})
+
+
 def small_file_identity(path: Path | None) -> dict | None:
     """Name and sha256 of a small input file; None where it is unset or missing (reading it reports that)."""
     if path is None or not Path(path).is_file():

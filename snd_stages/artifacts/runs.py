@@ -40,7 +40,8 @@ from ..models.lora import merged_backbone
 from ..models.distill import StudentTeacher
 from ..models.weights import EMBEDDED
 from ..probes.backbone import ProbeBackbone
-from ..store import Artifact, ArtifactSpec, Store, file_lock, file_record, file_sha256, verify_files, write_text_atomic
+from ..store import (Artifact, ArtifactSpec, Store, checkpoint_by_content, file_lock, file_record, verify_files,
+                     write_text_atomic)
 from .gaussians import load_gaussians
 from .masks import load_masks
 from .operators import load_operators
@@ -83,9 +84,9 @@ def run_spec(train: TrainCfg, inputs: RunInputs) -> ArtifactSpec:
     on another machine finds the run that ``snd train`` made)."""
     params = {name: value for name, value in to_dict(train).items() if name not in TRAIN_OBSERVATION_ONLY}
     keys = {"samples": inputs.samples_artifact.key, "gaussians": inputs.gaussians.key, "masks": inputs.masks.key}
-    if train.weights not in (EMBEDDED, "random"):  # a checkpoint: its contents, not where it lies
-        del params["weights"]
-        keys["weights_sha256"] = file_sha256(train.weights, "train.weights")
+    if train.weights not in (EMBEDDED, "random"):  # a checkpoint
+        params, weights = checkpoint_by_content(params, "weights", "weights_sha256", "train.weights")
+        keys.update(weights)
     return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, inputs=keys)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import require_choice, to_dict, with_sub_sections
 from ..errors import DataError
 from ..scenes.layout import Scene
-from ..store import file_sha256
+from ..store import checkpoint_by_content
 from .sources import (
     FelzenszwalbSettings,
     SamSegmenter,
@@ -57,11 +57,8 @@ def _settings_key(settings: Any) -> tuple[dict, dict]:
 
 
 def _sam_key(settings: SamSettings) -> tuple[dict, dict]:
-    """The checkpoint's contents enter the key, not where it lies."""
-    params = {name: value for name, value in to_dict(settings).items() if name != "checkpoint"}
-    if settings.checkpoint is None:  # refused when the segmenter is made, with what to do
-        return params, {}
-    return params, {"sam_checkpoint_sha256": file_sha256(settings.checkpoint, "masks.sam.checkpoint")}
+    # No checkpoint yet: the segmenter refuses to start, with what to do.
+    return checkpoint_by_content(to_dict(settings), "checkpoint", "sam_checkpoint_sha256", "masks.sam.checkpoint")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ..errors import ConfigError, DataError
 from ..gaussians import Gaussians
 from ..geometry import Camera
 from ..runtime import resolve_device
-from ..store import file_sha256
+from ..store import checkpoint_by_content
 from .depth import DepthSettings, reconstruct_from_depth
 from .mvsplat.settings import MVSplatSettings
 
@@ -112,9 +112,8 @@ def _settings_key(settings: Any) -> tuple[dict, dict]:
 
 
 def _mvsplat_key(settings: MVSplatSettings) -> tuple[dict, dict]:
-    """The checkpoint's contents enter the key, not where it lies."""
-    params = {name: value for name, value in to_dict(settings).items() if name != "checkpoint"}
-    return params, {"mvsplat_checkpoint_sha256": file_sha256(settings.checkpoint, "gaussians.mvsplat.checkpoint")}
+    return checkpoint_by_content(to_dict(settings), "checkpoint", "mvsplat_checkpoint_sha256",
+                                 "gaussians.mvsplat.checkpoint")
 
 
 @dataclass(frozen=True)
