@@ -135,17 +135,18 @@ def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: C
     """Run ``read``, ``compute`` and ``write`` on every item, yielding each item once its write is done.
 
     Reads run up to ``ahead`` items ahead and writes up to ``ahead`` items behind (bounding the memory held; default:
-    twice the threads), each in :func:`io_threads` threads; ``compute`` runs in this thread in item order, on ``compute_device`` (a CPU compute
-    leaves threads for reading and writing only on a machine with cores to spare). A failure anywhere stops new
-    work, lets the writes already started finish (their units are whole), and is raised here.
+    twice the threads), each in :func:`io_threads` threads; ``compute`` runs in this thread in item order, on
+    ``compute_device`` (a CPU compute leaves threads for reading and writing only on a machine with cores to spare).
+    A failure anywhere stops new work, lets the writes already started finish (their units are whole), and is
+    raised here.
     """
     items = list(items)
-    if not _overlap or len(items) < 2 or io_threads(compute_device) == 0:
+    threads = io_threads(compute_device)
+    if not _overlap or len(items) < 2 or threads == 0:
         for item in items:
             write(item, compute(item, read(item)))
             yield item
         return
-    threads = io_threads(compute_device)
     ahead = ahead or 2 * threads
     with ThreadPoolExecutor(threads, thread_name_prefix="snd-write") as writers:
         reads = ordered_map(read, items, ahead, compute_device)
