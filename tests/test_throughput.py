@@ -130,7 +130,8 @@ def test_overlapped_stages_store_the_bytes_of_a_serial_run(tmp_path, monkeypatch
 
 def test_the_unit_writers_store_the_same_bytes_as_before(tmp_path):
     """write_pair and write_operator on fixed synthetic inputs: every stored file's sha256, against the listing the
-    writers gave before the overlap and the single attribute write (a change here changes stored artifacts)."""
+    writers gave before the overlap and the single attribute write (a change here changes stored artifacts; the
+    Gaussians' codec changed it once, with their schema version: the test below shows their values did not)."""
     import hashlib
 
     import numpy as np
@@ -170,7 +171,42 @@ def test_the_unit_writers_store_the_same_bytes_as_before(tmp_path):
     listing = "".join(f"{path.relative_to(writer.data)} {hashlib.sha256(path.read_bytes()).hexdigest()[:16]}\n"
                       for path in sorted(writer.data.rglob("*")) if path.is_file() and path.parent != writer.data)
     assert listing.count("\n") == 54
-    assert hashlib.sha256(listing.encode()).hexdigest()[:20] == "8b96c4c6c63fdbd11b7c"
+    assert hashlib.sha256(listing.encode()).hexdigest()[:20] == "1a7c898617d75fa86bd7"
+
+
+def test_the_gaussians_codec_stores_the_values_zstd_stored(tmp_path):
+    """Schema 2 of the Gaussians changed only their compression: every array of a unit, read back, is bit for bit
+    what Zarr's default zstd (schema 1) gives back, and the per-Gaussian arrays really are in Blosc LZ4."""
+    import numpy as np
+    import torch
+    import zarr
+
+    from snd_stages.artifacts.gaussians import write_pair
+    from snd_stages.gaussians import Gaussians
+    from snd_stages.scenes.layout import read_scene
+    from tests.scannetpp_fixture import write_fixture
+
+    write_fixture(tmp_path, "scene", frame_numbers=(1, 2, 3))
+    scene = read_scene(tmp_path, "scene")
+    generator = torch.Generator().manual_seed(1)
+    count = 70000  # over a Blosc block, with values of every exponent the stages store
+    gaussians = Gaussians(means=torch.randn(count, 3, generator=generator) * 3,
+                          quats=torch.nn.functional.normalize(torch.randn(count, 4, generator=generator), dim=-1),
+                          scales=torch.rand(count, 3, generator=generator) * 0.05,
+                          opacities=torch.rand(count, generator=generator),
+                          source_view=torch.randint(0, 2, (count,), generator=generator),
+                          source_pixel=torch.randint(0, 1 << 20, (count,), generator=generator))
+    new = zarr.open_group(store=str(tmp_path / "new.zarr"), mode="w", zarr_format=3)
+    write_pair(new, scene, (0, 1), [2], gaussians)
+    old = zarr.open_group(store=str(tmp_path / "old.zarr"), mode="w", zarr_format=3)
+    for name, values in new.arrays():
+        old.create_array(name, data=np.asarray(values[...]), chunks=values.chunks)  # Zarr's default codec
+    for name, values in zarr.open_group(store=str(tmp_path / "old.zarr"), mode="r").arrays():
+        stored = np.asarray(new[name][...])
+        assert stored.dtype == values.dtype and stored.tobytes() == np.asarray(values[...]).tobytes(), name
+    assert np.array_equal(np.asarray(new["means"][...]), gaussians.means.numpy())
+    assert type(new["means"].compressors[0]).__name__ == "BloscCodec"
+    assert type(new["context_intrinsics"].compressors[0]).__name__ == "ZstdCodec"
 
 
 def test_ordered_map_keeps_order_and_runs_at_most_ahead_items_in_front():
