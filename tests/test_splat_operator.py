@@ -164,7 +164,13 @@ def test_a_damaged_stored_operator_is_an_error_not_an_out_of_bounds_read():
     restored = SplatOperator.from_arrays(arrays)
     for name in ("local", "segment_means", "segment_spread"):
         assert torch.equal(getattr(restored, name).to_dense(), getattr(operator, name).to_dense()), name
-    damaged = dict(arrays, local_col=arrays["local_col"].copy())
-    damaged["local_col"][-1] = int(arrays["local_shape"][1])  # one past the last column
+    assert torch.equal(restored.coverage, operator.coverage) and restored.context_grid == operator.context_grid
+    assert sorted(arrays) == ["columns", "coverage", "layout", "row_pointers", "values"]
+    damaged = dict(arrays, columns=arrays["columns"].copy())
+    local_nonzeros = int(arrays["layout"][2])
+    damaged["columns"][local_nonzeros - 1] = int(arrays["layout"][1])  # the local matrix: one past its last column
     with pytest.raises(ArtifactError, match="operator matrix 'local' is damaged.*col_indices.*precompute-operators --force"):
         SplatOperator.from_arrays(damaged)
+    short = dict(arrays, values=arrays["values"][:-1])  # a value lost: the last matrix asks for more than is stored
+    with pytest.raises(ArtifactError, match="operator matrix 'segment_spread' is damaged.*beyond the stored arrays"):
+        SplatOperator.from_arrays(short)

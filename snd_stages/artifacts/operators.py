@@ -2,16 +2,12 @@
 
 One unit per (context pair, target frame):
 
-=========================  ========  ==============================================================
-array                      dtype     meaning
-=========================  ========  ==============================================================
-local_crow / _col / _values  int32 / uint16 / float32   CSR ``[T, S]``: rendered features, downsampled
-segment_means_*            as above  CSR ``[K, S]``: mean of the rendered features over each target segment
-segment_spread_*           as above  CSR ``[T, K]``: each token's share of each segment mean
-*_shape                    int64     the matrices' shapes
-coverage                   bool      ``[th, tw]`` tokens some Gaussian reached
-context_grid               int64     ``(h, w)`` the teacher's token grid of a context view
-=========================  ========  ==============================================================
+three sparse matrices: ``local`` CSR ``[T, S]`` (the rendered features, downsampled), ``segment_means`` ``[K, S]``
+(the mean of the rendered features over each target segment) and ``segment_spread`` ``[T, K]`` (each token's share
+of each segment mean), the tokens some Gaussian reached (``coverage``) and the teacher's token grid of a context view,
+stored as :meth:`~snd_stages.splat.operator.SplatOperator.to_arrays` packs them: five arrays, the matrices' CSR
+parts one after the other. Schema 1 stored each part as its own array (14 arrays); a unit's fixed cost per array made
+writing one take 37 ms and reading it 16 ms, against 11 and 5 ms packed (2 cores, ``benchmarks/compression.py``).
 
 The key holds what changes the map: the Gaussians and masks artifacts, the samples, the ViT patch size and
 ``train.mask_aware_upsampling`` / ``train.reference_quirks``. The blending coefficient is applied at training
@@ -27,7 +23,7 @@ from ..store import Artifact, ArtifactSpec, Store
 from .gaussians import pair_unit_name
 
 STAGE = "operators"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: five packed arrays (1: fourteen, the same values)
 
 
 def operator_unit_name(scene: str, context: tuple[int, int], target: int) -> str:
