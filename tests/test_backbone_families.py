@@ -14,7 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from snd_stages.artifacts.operators import load_operators
+from snd_stages.artifacts.operators import load_operators, read_operator
 from snd_stages.artifacts.gaussians import load_gaussians
 from snd_stages.artifacts.masks import load_masks
 from snd_stages.artifacts.samples import load_samples
@@ -264,7 +264,7 @@ def test_distillation_steps_on_the_operators_of_the_backbones_grid(tiny_families
     model = random_backbone(backbone).eval()
     with torch.no_grad():
         grid = tuple(patch_tokens(model, spec, torch.rand(1, 3, 56, 70)).shape[-2:])
-    assert tuple(unit["context_grid"][...]) == grid == {14: (4, 5), 16: (3, 4)}[spec.patch]
+    assert read_operator(unit).context_grid == grid == {14: (4, 5), 16: (3, 4)}[spec.patch]
 
     result = train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
     lines = (result.run_dir / "metrics.csv").read_text().splitlines()

@@ -205,7 +205,7 @@ def test_patch16_operators_give_the_training_targets_of_rendering(tiny16, tmp_pa
                                load_masks(store, cfg.masks, samples_artifact.key).key)
     assert operators.group().attrs["patch"] == 16
     unit = operators.unit(operators.units()[0])
-    assert tuple(unit["context_grid"][...]) == tuple(read_operator(unit).coverage.shape) == (5, 7)  # 84 x 112 px
+    assert read_operator(unit).context_grid == tuple(read_operator(unit).coverage.shape) == (5, 7)  # 84 x 112 px
 
     batch = training_data(cfg, store, operators).batch(0, 2)
     torch.manual_seed(0)

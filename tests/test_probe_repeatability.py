@@ -34,19 +34,31 @@ def synthetic_probe_data(frames: int, seed: int, height: int = 28, width: int = 
     return features, probe_frames
 
 
-def fitted_scores(device: str, seeds=(0,), steps: int = 100) -> dict[str, np.ndarray]:
+def fitted_scores(device: str, seeds=(0,), steps: int = 100, models=(0,)) -> list[dict[str, np.ndarray]]:
+    """Each model's scores on the same frames, fitted together; model ``m`` sees the frames' tokens with noise of
+    seed ``m`` added (model 0: none)."""
     cfg = EvalCfg(probe_steps=steps, probe_batch_size=4, probe_learning_rate=1e-2, max_depth=5.0)
-    train, test = synthetic_probe_data(10, seed=0), synthetic_probe_data(4, seed=1)
-    depth, _ = depth_probe(train, test, cfg, device, seeds=seeds)
-    normals, _ = normals_probe(train, test, cfg, device, seeds=seeds)
+    (train_features, train_frames), (test_features, test_frames) = (synthetic_probe_data(10, seed=0),
+                                                                    synthetic_probe_data(4, seed=1))
+
+    def model_features(features: FeatureSet, model: int) -> FeatureSet:
+        tokens = features.memory.float()
+        noise = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(model)) * (0.5 if model else 0.0)
+        return FeatureSet([(tokens + noise).numpy().astype(np.float16)], features.padding, features.image_size)
+
+    train = ([model_features(train_features, model) for model in models], train_frames)
+    test = ([model_features(test_features, model) for model in models], test_frames)
+    depth = depth_probe(train, test, cfg, device, seeds=seeds)
+    normals = normals_probe(train, test, cfg, device, seeds=seeds)
     segmentation = segmentation_probe(train, test, 3, cfg, device, seeds=seeds)
-    return ({f"depth {key}": m.parts for key, m in depth.items()}
-            | {f"normals {key}": m.parts for key, m in normals.items()}
-            | {f"segmentation {key}": m.parts for key, m in segmentation.items()})
+    return [{f"depth {key}": m.parts for key, m in depth[model][0].items()}
+            | {f"normals {key}": m.parts for key, m in normals[model][0].items()}
+            | {f"segmentation {key}": m.parts for key, m in segmentation[model].items()}
+            for model in range(len(models))]
 
 
 def test_a_probe_fitted_twice_on_the_cpu_scores_the_same_to_the_bit():
-    first, second = fitted_scores("cpu"), fitted_scores("cpu")
+    (first,), (second,) = fitted_scores("cpu"), fitted_scores("cpu")
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
     # The probe learned something: its error is far below a constant guess's (depth spans 1 to 4 m).
@@ -56,8 +68,8 @@ def test_a_probe_fitted_twice_on_the_cpu_scores_the_same_to_the_bit():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_a_probe_repeats_on_cuda_to_the_bit_and_agrees_with_the_cpu():
-    first, second = fitted_scores("cuda", (0, 1), 400), fitted_scores("cuda", (0, 1), 400)
-    cpu = fitted_scores("cpu", (0, 1), 400)
+    (first,), (second,) = fitted_scores("cuda", (0, 1), 400), fitted_scores("cuda", (0, 1), 400)
+    (cpu,) = fitted_scores("cpu", (0, 1), 400)
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
         np.testing.assert_allclose(first[key], cpu[key], rtol=CPU_CUDA_RELATIVE, atol=1e-6, err_msg=key)
@@ -71,8 +83,8 @@ TOGETHER_ALONE_RELATIVE = 1e-4
 
 def test_seeds_fitted_together_score_as_each_seed_fitted_alone():
     seeds, steps = (0, 1, 2), 20
-    together = fitted_scores("cpu", seeds, steps)
-    alone = [fitted_scores("cpu", (seed,), steps) for seed in seeds]
+    (together,) = fitted_scores("cpu", seeds, steps)
+    alone = [fitted_scores("cpu", (seed,), steps)[0] for seed in seeds]
     for key, parts in together.items():
         np.testing.assert_allclose(parts, np.concatenate([scores[key] for scores in alone]),
                                    rtol=TOGETHER_ALONE_RELATIVE, atol=1e-9, err_msg=key)
@@ -98,3 +110,16 @@ def test_the_gradient_clip_is_torchs_own_for_each_seed():
         for parameter, grad in zip(stacked, expected[seed]):
             torch.testing.assert_close(parameter.grad[seed], grad, rtol=1e-6, atol=0)
     assert torch.equal(stacked[1].grad[1], expected[1][1])  # unclipped: untouched
+
+
+def test_models_fitted_together_score_as_each_model_fitted_alone():
+    """The eval fits every model's heads in one step: each model's scores are those of its own fit, to the same
+    rounding as the seeds', and the models' fits stay apart (their features differ, so must their scores)."""
+    seeds, steps, models = (0, 1), 20, (0, 1, 2)
+    together = fitted_scores("cpu", seeds, steps, models)
+    for model, scores in zip(models, together):
+        (alone,) = fitted_scores("cpu", seeds, steps, (model,))
+        for key, parts in scores.items():
+            np.testing.assert_allclose(parts, alone[key], rtol=TOGETHER_ALONE_RELATIVE, atol=1e-9,
+                                       err_msg=f"model {model}: {key}")
+    assert not np.allclose(together[0]["depth rmse"], together[1]["depth rmse"])

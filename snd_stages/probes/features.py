@@ -135,6 +135,44 @@ class FeatureSet:
         return Features(self.batch([index], device), self.padding, self.image_size)
 
 
+class ModelFeatures:
+    """The same frames' feature sets of several models, drawn from together: row ``r`` of a ``[models * seeds,
+    batch]`` index array reads model ``r // seeds``. This is how :func:`~snd_stages.probes.fitting.fit_seeds` fits
+    every model's heads in one step (its fits are model-major, ``seeds`` per model); the sets must share their
+    token grid, channels, padding and image size (:func:`stackable_groups`)."""
+
+    def __init__(self, sets: Sequence[FeatureSet], seeds: int):
+        if len({_stack_signature(feature_set) for feature_set in sets}) != 1:
+            raise ValueError("feature sets of different grids, channels or sizes cannot be drawn from together")
+        self.sets, self.seeds = list(sets), seeds
+        first = self.sets[0]
+        self.padding, self.image_size, self.channels, self.padded_size = (first.padding, first.image_size,
+                                                                          first.channels, first.padded_size)
+
+    def __len__(self) -> int:
+        return len(self.sets[0])
+
+    def batch(self, indices, device: torch.device | str = "cpu") -> Tensor:
+        indices = torch.as_tensor(indices)
+        per_model = indices.reshape(len(self.sets), self.seeds, *indices.shape[1:])
+        return torch.cat([feature_set.batch(rows, device) for feature_set, rows in zip(self.sets, per_model)])
+
+    def crop(self, dense: Tensor) -> Tensor:
+        return crop_to_image(dense, self.padding, self.image_size)
+
+
+def _stack_signature(feature_set: FeatureSet) -> tuple:
+    return (len(feature_set), tuple(feature_set.parts[0].shape[1:]), feature_set.padding, feature_set.image_size)
+
+
+def stackable_groups(sets: Sequence[FeatureSet]) -> list[list[int]]:
+    """The indices of ``sets`` grouped by what :class:`ModelFeatures` needs them to share, in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for index, feature_set in enumerate(sets):
+        groups.setdefault(_stack_signature(feature_set), []).append(index)
+    return list(groups.values())
+
+
 def extract_features(backbone: ProbeBackbone, frames: FrameSet, groups: Iterable[tuple[range, Sequence[FeatureSpec]]],
                      progress: Progress | None = None) -> Iterator[dict[FeatureSpec, np.ndarray]]:
     """For each ``(frame range, specs)`` of ``groups``, the float16 ``[n, C, h, w]`` features of those frames under

@@ -1,4 +1,5 @@
-"""Fitting probe heads on frozen features: every seed's head in one vmapped step, with repeatable kernels."""
+"""Fitting probe heads on frozen features: every model's and every seed's head in one vmapped step, with repeatable
+kernels."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from rich.progress import Progress
 from ..config import EvalCfg
 from ..progress import track
 from ..report.statistics import Measurement
+from .features import FeatureSet, ModelFeatures, stackable_groups
 
 
 @contextlib.contextmanager
@@ -106,6 +108,23 @@ def fit_seeds(make_head: Callable[[], torch.nn.Module], loss_of, inputs_of, coun
     return [head.eval() for head in heads]
 
 
+def fitted_per_model(train_sets: Sequence[FeatureSet], seeds: Sequence[int],
+                     fit: Callable[[ModelFeatures, list[int]], list[torch.nn.Module]]) -> list[list[torch.nn.Module]]:
+    """``heads[model][seed]``: the heads of every model fitted together, ``fit(features, fits' seeds)`` once per group
+    of models whose features stack (usually one: every model of an eval shares its backbone's grid).
+
+    The fits are model-major (``seeds`` for the first model, then for the next) and each is seeded by its seed alone,
+    so a model's heads are those :func:`fit_seeds` gives it on its own: the same initialisation, the same minibatches
+    and its own gradient (tested). On a GPU the step of all models costs about what one model's did.
+    """
+    heads: list[list[torch.nn.Module]] = [[] for _ in train_sets]
+    for group in stackable_groups(train_sets):
+        fitted = fit(ModelFeatures([train_sets[model] for model in group], len(seeds)), list(seeds) * len(group))
+        for position, model in enumerate(group):
+            heads[model] = fitted[position * len(seeds) : (position + 1) * len(seeds)]
+    return heads
+
+
 def clip_per_seed(parameters: list[torch.Tensor], max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_`` applied to each seed's slice of stacked ``[seeds, ...]`` parameters."""
     grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
@@ -144,3 +163,9 @@ def mean_measurements(rows: list[list[dict]]) -> dict[str, Measurement]:
 
 def seeds_text(seeds: Sequence[int]) -> str:
     return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def fit_label(description: str, features: ModelFeatures, seeds: Sequence[int]) -> str:
+    """What a fit's progress bar says: the probe, how many models it fits together, their seeds."""
+    models = len(features.sets)
+    return f"{description}{f' · {models} models' if models > 1 else ''} · {seeds_text(seeds)}"

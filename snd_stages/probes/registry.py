@@ -27,23 +27,27 @@ from .frames import ProbeFrames
 
 @dataclass(frozen=True)
 class ProbeInputs:
-    """What one probe of one model is given.
+    """What one probe is given: every model's features, so that it can fit the models' heads together.
 
     Attributes:
-        train, test: the frame probes' fitting and test frames with this probe's features (None for pair probes).
-        pair_features: the pair probes' features of every pair's two views (None for frame probes).
+        models: the models' labels, in order.
+        train, test: the frame probes' fitting and test frames, with each model's features for this probe (None for
+            pair probes).
+        pair_features: the pair probes' features of every pair's two views, one set per model (empty for frame
+            probes).
         pairs: the correspondence pairs.
         classes: semantic classes (segmentation).
-        label: what the progress bar calls this probe of this model.
+        label: what the progress bars call this probe.
     """
 
     cfg: EvalCfg
     device: Any
     label: str
     progress: Progress | None
-    train: tuple[FeatureSet, ProbeFrames] | None = None
-    test: tuple[FeatureSet, ProbeFrames] | None = None
-    pair_features: FeatureSet | None = None
+    models: Sequence[str] = ()
+    train: tuple[Sequence[FeatureSet], ProbeFrames] | None = None
+    test: tuple[Sequence[FeatureSet], ProbeFrames] | None = None
+    pair_features: Sequence[FeatureSet] = ()
     pairs: Sequence[CorrespondencePair] = ()
     classes: int = 0
 
@@ -67,7 +71,8 @@ class Probe:
         reads_pairs: a correspondence probe (pairs of views), not a frame probe.
         metrics: the report's rows for it, in order.
         headline: the metric of its column in the report's summary table.
-        run: ``inputs -> (per-unit measurements by metric, the first seed's predictions for the figures or None)``.
+        run: ``inputs -> for each model, (per-unit measurements by metric, the first seed's predictions for the
+            figures or None)``.
         figure: ``(report folder, test frames, {model: its predictions}) -> the picture's path``, or None.
     """
 
@@ -75,12 +80,12 @@ class Probe:
     features: FeatureSpec
     metrics: tuple[Metric, ...]
     headline: str
-    run: Callable[[ProbeInputs], tuple[dict[str, Measurement], Any]]
+    run: Callable[[ProbeInputs], list[tuple[dict[str, Measurement], Any]]]
     figure: Callable[[Path, ProbeFrames, dict[str, Any]], Path] | None = None
     reads_pairs: bool = False
 
 
-def _depth(dense: bool) -> Callable[[ProbeInputs], tuple[dict[str, Measurement], Any]]:
+def _depth(dense: bool) -> Callable[[ProbeInputs], list[tuple[dict[str, Measurement], Any]]]:
     def run(inputs: ProbeInputs):
         return depth_probe(inputs.train, inputs.test, inputs.cfg, inputs.device, inputs.cfg.seeds, dense=dense,
                            description=inputs.label, progress=inputs.progress)
@@ -93,13 +98,14 @@ def _normals(inputs: ProbeInputs):
 
 
 def _segmentation(inputs: ProbeInputs):
-    return segmentation_probe(inputs.train, inputs.test, inputs.classes, inputs.cfg, inputs.device, inputs.cfg.seeds,
-                              description=inputs.label, progress=inputs.progress), None
+    return [(scores, None) for scores in segmentation_probe(
+        inputs.train, inputs.test, inputs.classes, inputs.cfg, inputs.device, inputs.cfg.seeds,
+        description=inputs.label, progress=inputs.progress)]
 
 
-def _correspondence(inputs: ProbeInputs):
-    return correspondence_probe(inputs.pair_features, list(inputs.pairs), inputs.cfg, inputs.device, inputs.label,
-                                inputs.progress)
+def _correspondence(inputs: ProbeInputs):  # nothing is fitted: each model on its own
+    return [correspondence_probe(features, list(inputs.pairs), inputs.cfg, inputs.device, f"{inputs.label} · {model}",
+                                 inputs.progress) for features, model in zip(inputs.pair_features, inputs.models)]
 
 
 _DEPTH_METRICS = (Metric("rmse", False, "{:.4f}"), Metric("abs_rel", False, "{:.4f}"), Metric("delta1", True, "{:.3f}"))

@@ -345,7 +345,8 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
                                               class_token=backbone_spec(train.backbone).class_tokens > 0)},
                      "metrics": metric_table(), "headline": {name: probe.headline for name, probe in PROBES.items()},
                      "models": {}, "reference": reference, "notes": notes}
-    memory_bytes = cfg.feature_memory_gb * 2**30
+    # Every model's features are held at once (their probes are fitted together): the memory is shared among them.
+    memory_bytes = cfg.feature_memory_gb * 2**30 / len(models)
     frame_specs = [PROBE_FEATURES[probe] for probe in probes if probe in PROBE_FEATURES]
     outputs, uses, measurements = {}, [], {}
 
@@ -355,33 +356,37 @@ def evaluate(data: DataCfg, train: TrainCfg, cfg: EvalCfg, runs: list[Path], pro
         uses.extend(used)
         return sets
 
-    seen_by_model = [0] + [samples_seen(manifest) for manifest in manifests]
-    for backbone, seen in zip(track(models, "probing models", progress, unit="model"), seen_by_model):
-        scores, predictions = {}, {}
-        train_sets = features_of(backbone, train_frames.frame_set("train"), frame_specs) if frame_specs else {}
-        test_sets = features_of(backbone, test_frames.frame_set("test"), frame_specs) if frame_specs else {}
-        for name in probes:
-            probe = PROBES[name]
-            if probe.reads_pairs:
-                pair_sets = features_of(backbone, pairs_frame_set(pairs, pairs_identity), [probe.features])
-                inputs = ProbeInputs(cfg, device, f"{name} · {backbone.label}", progress,
-                                     pair_features=pair_sets[probe.features], pairs=pairs)
-            else:
-                inputs = ProbeInputs(cfg, device, f"{name} probe · {backbone.label}", progress,
-                                     train=(train_sets[probe.features], train_frames),
-                                     test=(test_sets[probe.features], test_frames), classes=classes)
-            with phase("probes"):
-                scores[name], shown = probe.run(inputs)
-            if shown is not None:
-                predictions[name] = shown
+    labels = [backbone.label for backbone in models]
+    train_sets, test_sets, pair_sets = [], [], []
+    pair_specs = list(dict.fromkeys(PROBES[name].features for name in probes if PROBES[name].reads_pairs))
+    for backbone in track(models, "features of each model", progress, unit="model"):
+        train_sets.append(features_of(backbone, train_frames.frame_set("train"), frame_specs) if frame_specs else {})
+        tests = features_of(backbone, test_frames.frame_set("test"), frame_specs) if frame_specs else {}
+        pair_sets.append(features_of(backbone, pairs_frame_set(pairs, pairs_identity), pair_specs) if pair_specs else {})
         # PCA picture of the first test frame's final-normed last block (a one-frame set unless segmentation has it).
-        if SEGMENTATION_FEATURES not in test_sets:
-            test_sets = features_of(backbone, test_frames.frame_set("first test frame", 1), [SEGMENTATION_FEATURES])
-        predictions["pca"] = test_sets[SEGMENTATION_FEATURES].view(0)
-        measurements[backbone.label] = scores
+        pca = tests if SEGMENTATION_FEATURES in tests else features_of(
+            backbone, test_frames.frame_set("first test frame", 1), [SEGMENTATION_FEATURES])
+        outputs[backbone.label] = {"pca": pca[SEGMENTATION_FEATURES].view(0)}
+        test_sets.append(tests)
+    scores: list[dict] = [{} for _ in models]
+    for name in probes:
+        probe = PROBES[name]
+        if probe.reads_pairs:
+            inputs = ProbeInputs(cfg, device, name, progress, labels, pairs=pairs,
+                                 pair_features=[sets[probe.features] for sets in pair_sets])
+        else:
+            inputs = ProbeInputs(cfg, device, f"{name} probe", progress, labels,
+                                 train=([sets[probe.features] for sets in train_sets], train_frames),
+                                 test=([sets[probe.features] for sets in test_sets], test_frames), classes=classes)
+        with phase("probes"):
+            for model, (model_scores, shown) in enumerate(probe.run(inputs)):
+                scores[model][name] = model_scores
+                if shown is not None:
+                    outputs[labels[model]][name] = shown
+    for backbone, seen, model_scores in zip(models, [0] + [samples_seen(m) for m in manifests], scores):
+        measurements[backbone.label] = model_scores
         results["models"][backbone.label] = {"backbone": backbone.name, "weights": backbone.weights,
                                              "samples_seen": seen}
-        outputs[backbone.label] = predictions
     with phase("report"):
         summarise(results, measurements, cfg)
         notes += short_run_notes(results)
