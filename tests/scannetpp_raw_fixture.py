@@ -263,12 +263,12 @@ def _write_colmap(folder: Path, truth: RawSceneTruth, names: list[str], rng: np.
         for point2d_index, point in enumerate(np.flatnonzero(inside)):
             observations.append(f"{pixels[point, 0]:.3f} {pixels[point, 1]:.3f} {point + 1}")
             tracks[point].append((image_id, point2d_index))
-        qw, qx, qy, qz = _quaternion(world_to_camera[:3, :3])
-        tx, ty, tz = world_to_camera[:3, 3]
+        qw, qx, qy, qz = _quaternion(world_to_camera[:3, :3]).tolist()
+        tx, ty, tz = world_to_camera[:3, 3].tolist()
         lines += [f"{image_id} {qw!r} {qx!r} {qy!r} {qz!r} {tx!r} {ty!r} {tz!r} 1 {name}", " ".join(observations)]
     (folder / "images.txt").write_text("\n".join(lines) + "\n")
     point_lines = ["# 3D point list"]
-    for index, point in enumerate(points):
+    for index, point in enumerate(points.tolist()):
         if tracks[index]:
             track = " ".join(f"{image_id} {slot}" for image_id, slot in tracks[index])
             point_lines.append(f"{index + 1} {point[0]!r} {point[1]!r} {point[2]!r} 128 128 128 0.5 {track}")
