@@ -289,11 +289,11 @@ def write_release_metadata(root: Path, train: list[str], val: list[str]) -> None
         "class,count,semantic_map_to,instance_map_to\nwall,10,,\ndesk,3,table,table\nplant,2,,\nfloor,9,,\n")
 
 
-def semantic_truth(objects: np.ndarray, truth: RawSceneTruth, anno_path: Path) -> np.ndarray:
+def semantic_truth(objects: np.ndarray, anno_path: Path) -> np.ndarray:
     """Class ids the preparation should give: the group's label after the renaming, its index in CLASSES, 255 else."""
     labels = {group["objectId"]: group["label"] for group in json.loads(Path(anno_path).read_text())["segGroups"]}
     renamed = {"desk": "table"}
-    lookup = np.full(objects.max() + 1, 255)
+    lookup = np.full(max(objects.max(), *labels) + 1, 255)
     for object_id, label in labels.items():
         label = renamed.get(label, label)
         if label in CLASSES:
