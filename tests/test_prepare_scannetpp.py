@@ -54,9 +54,10 @@ def release(root: Path, train=("scene_a",), val=(), extra=()) -> dict:
 
 @pytest.fixture(scope="module")
 def prepared(module_tmp_path):
-    """scene_a (train) and scene_b (val) prepared; nvs_test (train) has no scans/, as the release's NVS test scenes."""
+    """scene_a (train), scene_b and scene_c (val) prepared; nvs_test (train) has no scans/, as the release's NVS
+    test scenes."""
     raw, out = module_tmp_path / "release", module_tmp_path / "prepared"
-    truths = release(raw, train=("scene_a", "nvs_test"), val=("scene_b",))
+    truths = release(raw, train=("scene_a", "nvs_test"), val=("scene_b", "scene_c"))
     shutil.rmtree(raw / "data" / "nvs_test" / "scans")
     return raw, out, truths, prepare_scannetpp(raw, out, CFG)
 
@@ -137,10 +138,10 @@ def test_checks_pass_with_their_numbers_in_the_report(prepared):
 
 def test_scenes_without_a_mesh_are_skipped_with_the_reason_and_splits_name_prepared_scenes(prepared):
     _, out, _, result = prepared
-    assert sorted(result.prepared) == ["scene_a", "scene_b"]
+    assert sorted(result.prepared) == ["scene_a", "scene_b", "scene_c"]
     assert set(result.skipped) == {"nvs_test"} and "no mesh" in result.skipped["nvs_test"]
     assert not (out / "scenes" / "nvs_test").exists()
-    assert list_scene_ids(out, "train") == ["scene_a"] and list_scene_ids(out, "val") == ["scene_b"]
+    assert list_scene_ids(out, "train") == ["scene_a"] and list_scene_ids(out, "val") == ["scene_b", "scene_c"]
     assert (out / "metadata" / "semantic_classes.txt").read_text().split() == list(CLASSES)
     classes = np.unique(read_scene(out, "scene_a").load_semantics(0))
     assert IGNORE_LABEL in classes or classes.max() < len(CLASSES)
@@ -150,7 +151,7 @@ def test_a_rerun_prepares_nothing_and_the_release_is_unchanged(prepared):
     raw, out, _, _ = prepared
     before = {path: path.stat().st_mtime_ns for path in raw.rglob("*")}
     again = prepare_scannetpp(raw, out, CFG)
-    assert again.prepared == [] and sorted(again.resumed) == ["scene_a", "scene_b"]
+    assert again.prepared == [] and sorted(again.resumed) == ["scene_a", "scene_b", "scene_c"]
     assert {path: path.stat().st_mtime_ns for path in raw.rglob("*")} == before
 
 
@@ -280,3 +281,36 @@ def test_the_command_reports_each_scene_and_fails_on_a_failed_check(tmp_path):
     assert "1 scene(s) failed their checks" in text and "scene_c" in text and "depth:" in text
     assert list_scene_ids(out, "train") == ["scene_a"]
     assert (RAW_WIDTH, RAW_HEIGHT) == (2 * WIDTH, 2 * HEIGHT)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_the_pipeline_trains_and_evaluates_on_the_prepared_scenes(prepared, tmp_path):
+    from snd_stages.pipeline import load_config
+    from snd_stages.stages.evaluate import evaluate
+    from snd_stages.stages.precompute_gaussians import precompute_gaussians
+    from snd_stages.stages.precompute_masks import precompute_masks
+    from snd_stages.stages.precompute_operators import precompute_operators
+    from snd_stages.stages.sample_views import sample_views
+    from snd_stages.stages.train import train
+    from snd_stages.store import Store
+    from tests.test_train import TINY
+
+    _, out, _, _ = prepared
+    cfg = load_config(None, [*TINY, "data.dataset=scannetpp", f"data.root={out}", f"store.root={tmp_path / 'store'}",
+                             f"train.runs_root={tmp_path / 'runs'}", "gaussians.reconstructor=depth", "masks.source=gt",
+                             "train.steps=2", "eval.dataset=scannetpp", "eval.baseline_weights=random",
+                             "eval.probe_train_scenes=1", "eval.probe_steps=3", "eval.correspondence_pairs=2",
+                             "eval.correspondence_gap=[2,3]", "eval.correspondence_top_k=50",
+                             f"eval.report_dir={tmp_path / 'report'}"])
+    store = Store(cfg.store.root)
+    sample_views(cfg.data, cfg.sampling, store)
+    precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
+    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    result = train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    assert result.steps == 2 and np.isfinite(result.final_loss) and result.student_path.is_file()
+    report = evaluate(cfg.data, cfg.train, cfg.eval, [result.run_dir], store=store)
+    assert len(report.results["models"]) == 2  # the baseline and the trained student
+    for scores in report.results["models"].values():
+        assert np.isfinite(scores["depth"]["rmse"]) and 0 <= scores["segmentation"]["miou"] <= 1
