@@ -140,7 +140,10 @@ def make_demo_data_command(
         cfg = _load(config, set_, {"data", "demo"})
         with make_progress() as progress:
             result = make_demo_data(cfg.data, cfg.demo, force=force, progress=progress)
-        if result.skipped:
+        if result.dataset != "demo":
+            console.print(f"[green]make-demo-data[/]: data.dataset is {result.dataset}: nothing to generate, "
+                          f"{result.root} is read as it is (snd prepare-scannetpp writes it)")
+        elif result.skipped:
             console.print(f"[green]make-demo-data[/]: up to date, nothing to do ({result.root}, key {result.key})")
         else:
             console.print(

@@ -314,3 +314,12 @@ def test_the_pipeline_trains_and_evaluates_on_the_prepared_scenes(prepared, tmp_
     assert len(report.results["models"]) == 2  # the baseline and the trained student
     for scores in report.results["models"].values():
         assert np.isfinite(scores["depth"]["rmse"]) and 0 <= scores["segmentation"]["miou"] <= 1
+
+
+def test_make_demo_data_leaves_a_prepared_root_as_it_is_so_make_all_runs_on_it(prepared, tmp_path):
+    _, out, _, _ = prepared
+    (tmp_path / "pipeline.yaml").write_text(f"data:\n  dataset: scannetpp\n  root: {out}\n")
+    before = sorted(str(path) for path in out.rglob("*"))
+    result = CliRunner().invoke(app, ["make-demo-data", "--config", str(tmp_path / "pipeline.yaml")])
+    assert result.exit_code == 0 and "nothing to generate" in " ".join(result.output.split())
+    assert sorted(str(path) for path in out.rglob("*")) == before

@@ -46,6 +46,7 @@ class DemoDataResult:
     skipped: bool
     generated: list[str]
     resumed: list[str]
+    dataset: str = "demo"
 
 
 def demo_scene_ids(demo: DemoCfg) -> dict[str, list[str]]:
@@ -63,13 +64,11 @@ def scene_seed(demo: DemoCfg, scene_id: str) -> int:
 
 def make_demo_data(data: DataCfg, demo: DemoCfg, force: bool = False, progress: Progress | None = None) -> DemoDataResult:
     """Write (or resume, or skip) the demo dataset described by ``demo`` under ``data.root``."""
-    if data.dataset != "demo":
-        raise ConfigError(
-            f"data.dataset = {data.dataset!r}: make-demo-data writes generated scenes and only runs with "
-            "data.dataset = 'demo' (so it never writes into a real dataset root)"
-        )
     root = Path(data.root)
     spec = demo_spec(demo)
+    if data.dataset != "demo":
+        # Nothing to generate, and never anything written into a real dataset's root: make all runs on it as is.
+        return DemoDataResult(root, spec.key, skipped=True, generated=[], resumed=[], dataset=data.dataset)
     manifest_path, marker_path = root / MANIFEST, root / PARTIAL_MARKER
 
     existing = _read_json(manifest_path) or _read_json(marker_path)
