@@ -150,7 +150,7 @@ class _Colmap:
     world_to_camera: dict[str, np.ndarray]
     image_ids: dict[str, int]
     points: np.ndarray  # [P, 3]
-    observers: list[np.ndarray]  # per point, the image ids that observe it
+    observed: dict[int, np.ndarray]  # per image id, the indices of the points it observes
 
 
 def _read_colmap(folder: Path) -> _Colmap:
@@ -175,15 +175,17 @@ def _read_colmap(folder: Path) -> _Colmap:
         pose[:3, 3] = [float(value) for value in fields[5:8]]
         name = fields[9].split("/")[-1]  # unreleased data carried a dslr/ prefix
         world_to_camera[name], image_ids[name] = pose, int(fields[0])
-    points, observers = [], []
+    points, observations = [], {}
     for line in (folder / "points3D.txt").read_text().splitlines():
         fields = line.split()
         if not fields or line.startswith("#"):
             continue
+        for image_id in fields[8::2]:  # the track: (image id, 2D point index) pairs
+            observations.setdefault(int(image_id), []).append(len(points))
         points.append([float(value) for value in fields[1:4]])
-        observers.append(np.array(fields[8::2], dtype=np.int64))
+    observed = {image_id: np.array(indices, dtype=np.int64) for image_id, indices in observations.items()}
     return _Colmap((model, int(width), int(height), np.array(params, dtype=np.float64)), world_to_camera, image_ids,
-                   np.array(points, dtype=np.float64).reshape(-1, 3), observers)
+                   np.array(points, dtype=np.float64).reshape(-1, 3), observed)
 
 
 @dataclass(frozen=True)
@@ -461,9 +463,8 @@ def prepare_scene(raw: Path, scene_id: str, out: Path, cfg: PrepareScannetppCfg,
 def _depth_errors(colmap: _Colmap, name: str, world_to_camera: np.ndarray, camera: PinholeCamera,
                   depth: np.ndarray) -> np.ndarray:
     """Relative errors of ``depth`` at the COLMAP points the image observes (those in the undistorted view)."""
-    image_id = colmap.image_ids[name]
-    seen = np.array([image_id in observers for observers in colmap.observers], dtype=bool)
-    if not seen.any():
+    seen = colmap.observed.get(colmap.image_ids[name])
+    if seen is None:
         return np.zeros(0)
     points = colmap.points[seen] @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
     points = points[points[:, 2] > 0]
