@@ -9,7 +9,12 @@ images 24.8 dB PSNR against the truth, 18.2 dB for the fisheye images only resiz
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -36,6 +41,7 @@ from tests.scannetpp_raw_fixture import (
     write_release_metadata,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 72, 48  # the fixture's 144 x 96 fisheye images halved, as FiT3D halves the release's
 MAX_DEPTH_ERROR_MM = 1.0
 MIN_INSTANCE_IOU = 0.98
@@ -323,3 +329,29 @@ def test_make_demo_data_leaves_a_prepared_root_as_it_is_so_make_all_runs_on_it(p
     result = CliRunner().invoke(app, ["make-demo-data", "--config", str(tmp_path / "pipeline.yaml")])
     assert result.exit_code == 0 and "nothing to generate" in " ".join(result.output.split())
     assert sorted(str(path) for path in out.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_killed_run_keeps_only_whole_scenes_and_a_rerun_finishes_them(tmp_path):
+    raw, out = tmp_path / "release", tmp_path / "prepared"
+    release(raw, train=("scene_a", "scene_b", "scene_c"))
+    # At 876 x 584 a scene takes seconds, ample time to kill the run between its first and last scene.
+    (tmp_path / "pipeline.yaml").write_text("prepare_scannetpp:\n  width: 876\n  height: 584\n  workers: 1\n")
+    command = [sys.executable, "-m", "snd_stages.cli", "prepare-scannetpp", "--raw", str(raw), "--out", str(out),
+               "--config", str(tmp_path / "pipeline.yaml")]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "scenes" / "scene_a").is_dir() and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    finished = [path.name for path in (out / "scenes").iterdir() if not path.name.startswith(".")]
+    assert "scene_a" in finished and len(finished) < 3, finished
+    for scene_id in finished:  # whatever reads as a scene is whole
+        scene = read_scene(out, scene_id)
+        assert len(scene) == 8 and all(scene.path(kind, 7).is_file() for kind in ("images", "depth", "normals"))
+    rerun = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"kept {len(finished)} finished earlier" in " ".join(rerun.stdout.split() + rerun.stderr.split())
+    assert sorted(path.name for path in (out / "scenes").iterdir()) == ["scene_a", "scene_b", "scene_c"]
