@@ -355,3 +355,38 @@ def test_a_killed_run_keeps_only_whole_scenes_and_a_rerun_finishes_them(tmp_path
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"kept {len(finished)} finished earlier" in " ".join(rerun.stdout.split() + rerun.stderr.split())
     assert sorted(path.name for path in (out / "scenes").iterdir()) == ["scene_a", "scene_b", "scene_c"]
+
+
+def short_segments(root: Path) -> None:
+    edit_json(root / "scans" / "segments.json", lambda meta: meta.update(segIndices=meta["segIndices"][:-5]))
+
+
+def zero_object_id(root: Path) -> None:
+    edit_json(root / "scans" / "segments_anno.json", lambda meta: meta["segGroups"][0].update(objectId=0))
+
+
+def every_frame_bad(root: Path) -> None:
+    edit_json(root / "dslr" / "nerfstudio" / "transforms.json",
+              lambda meta: [frame.update(is_bad=True) for frame in meta["frames"]])
+
+
+def pinhole_transforms(root: Path) -> None:
+    edit_json(root / "dslr" / "nerfstudio" / "transforms.json", lambda meta: meta.update(camera_model="PINHOLE"))
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (short_segments, ["segments.json: segIndices has", "vertices", "same release"]),
+    (zero_object_id, ["segGroups[0]: objectId 0 is outside 1..65535"]),
+    (every_frame_bad, ["no frame of", "'marked is_bad': 10"]),
+    (lambda root: (root / "dslr" / "colmap" / "points3D.txt").unlink(), ["points3D.txt is missing", "dslr_colmap_dir"]),
+    (pinhole_transforms, ["expected camera_model OPENCV_FISHEYE", "'PINHOLE'"]),
+    (lambda root: shutil.rmtree(root), ["listed in the splits", "is missing; download it"]),
+])
+def test_malformed_scene_files_fail_the_scene_with_the_fix(tmp_path, damage, fragments):
+    raw, out = tmp_path / "release", tmp_path / "prepared"
+    release(raw)
+    damage(raw / "data" / "scene_a")
+    result = prepare_scannetpp(raw, out, CFG)
+    assert result.prepared == [] and list((out / "scenes").iterdir()) == []
+    for fragment in fragments:
+        assert fragment in result.failed["scene_a"], (fragment, result.failed["scene_a"])
