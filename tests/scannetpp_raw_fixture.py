@@ -172,7 +172,7 @@ def write_raw_scene(root: Path, scene_id: str, seed: int = 0) -> RawSceneTruth:
         folder.mkdir(parents=True, exist_ok=True)
 
     palette = rng.uniform(0.15, 0.95, (64, 3))
-    vertices, triangles, vertex_group, face_object, face_colour, groups = [], [], [], [], [], []
+    vertices, triangles, face_object, face_colour, groups = [], [], [], [], []
     count = 0
     for index, (label, mesh) in enumerate(_objects(rng)):
         mesh_vertices, mesh_triangles = np.asarray(mesh.vertices), np.asarray(mesh.triangles)
