@@ -140,13 +140,54 @@ def make_demo_data_command(
         cfg = _load(config, set_, {"data", "demo"})
         with make_progress() as progress:
             result = make_demo_data(cfg.data, cfg.demo, force=force, progress=progress)
-        if result.skipped:
+        if result.dataset != "demo":
+            console.print(f"[green]make-demo-data[/]: data.dataset is {result.dataset}: nothing to generate, "
+                          f"{result.root} is read as it is (snd prepare-scannetpp writes it)")
+        elif result.skipped:
             console.print(f"[green]make-demo-data[/]: up to date, nothing to do ({result.root}, key {result.key})")
         else:
             console.print(
                 f"[green]make-demo-data[/]: wrote {len(result.generated)} scene(s) to {result.root}"
                 + (f", kept {len(result.resumed)} from an interrupted run" if result.resumed else "")
             )
+
+    _run(action)
+
+
+@app.command("prepare-scannetpp")
+def prepare_scannetpp_command(
+    raw: Annotated[Path, typer.Option("--raw", help="The ScanNet++ release root (splits/, metadata/, data/<scene>/); "
+                                                    "only read.")],
+    out: Annotated[Path, typer.Option("--out", help="The prepared root to write (set data.root to it, with "
+                                                    "data.dataset=scannetpp).")],
+    config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], shard: ShardOption = None,
+) -> None:
+    """Prepare the official ScanNet++ release: undistorted, downscaled DSLR frames with depth, instance, class and
+    normal maps rendered from the annotated mesh, checked, one scene at a time (resumable, shardable)."""
+    from .artifacts.protocol import Shard
+    from .stages.prepare_scannetpp import prepare_scannetpp
+
+    def action() -> None:
+        cfg = _load(config, set_, {"prepare_scannetpp"})
+        with make_progress() as progress:
+            result = prepare_scannetpp(raw, out, cfg.prepare_scannetpp, Shard.parse(shard), progress)
+        for scene, reason in result.skipped.items():
+            console.print(f"[yellow]prepare-scannetpp[/]: skipped {scene}: {escape(reason)}")
+        for scene, report in result.reports.items():
+            frames = report["frames"]
+            excluded = ", ".join(f"{count} {reason}" for reason, count in frames["excluded"].items()) or "none"
+            checks = report["checks"]
+            depth = checks["depth_median_relative_error"]
+            console.print(f"prepare-scannetpp: {scene}: {frames['prepared']} of {frames['listed']} frames (excluded: "
+                          f"{escape(excluded)}); pose error {checks['pose_rotation_error_degrees']:.2g} deg / "
+                          f"{checks['pose_translation_error_m'] * 1000:.2g} mm; edge shift {checks['edge_shift_px']} px; "
+                          f"depth vs COLMAP points {'n/a' if depth is None else f'{depth:.1%}'}")
+        console.print(f"[green]prepare-scannetpp[/]: prepared {len(result.prepared)} scene(s) in {result.seconds:.1f} s "
+                      f"({result.scenes_per_hour:.0f} scenes/hour), kept {len(result.resumed)} finished earlier, "
+                      f"skipped {len(result.skipped)}; wrote {out}")
+        if result.failed:
+            raise SndError(f"{len(result.failed)} scene(s) failed their checks and were not written: "
+                           + " | ".join(result.failed.values()))
 
     _run(action)
 

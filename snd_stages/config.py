@@ -67,6 +67,44 @@ class DemoCfg:
 
 
 @dataclass(frozen=True)
+class PrepareScannetppCfg:
+    """``snd prepare-scannetpp``: the official ScanNet++ release -> the layout ``data.dataset: scannetpp`` reads.
+
+    Paths of the class list and the label mapping are relative to the release root (``--raw``). The tolerances are
+    the checks' limits; a scene that exceeds one is not written and the command fails naming it.
+    """
+
+    width: int = 876  # FiT3D's size: the release's 1752 x 1168 fisheye images halved, then undistorted
+    height: int = 584
+    splits: tuple[str, ...] = ("nvs_sem_train", "nvs_sem_val")
+    classes: str = "metadata/semantic_benchmark/top100.txt"
+    label_mapping: str = "metadata/semantic_benchmark/map_benchmark.csv"  # used where present
+    near: float = 0.05  # metres; the toolkit's depth renderer's clipping planes
+    far: float = 20.0
+    min_mask_coverage: float = 0.5  # frames whose anonymisation mask keeps less of the image are excluded
+    max_edge_shift: int = 1  # pixels between label edges and image edges
+    max_depth_error: float = 0.05  # median relative error of rendered depth at the COLMAP points
+    max_rotation_error_degrees: float = 0.01  # nerfstudio pose vs COLMAP pose
+    max_translation_error: float = 0.001  # metres
+    workers: int = 0  # scenes prepared at once, one process each; 0 = one per two available cores
+
+    def __post_init__(self) -> None:
+        require(self.width >= 16 and self.height >= 16, "prepare_scannetpp.width/height", (self.width, self.height),
+                "integers >= 16")
+        require(len(self.splits) >= 1 and all(split in ("nvs_sem_train", "nvs_sem_val") for split in self.splits),
+                "prepare_scannetpp.splits", self.splits, "a non-empty list of nvs_sem_train and nvs_sem_val")
+        require(0 < self.near < self.far <= 65.535, "prepare_scannetpp.near/far", (self.near, self.far),
+                "0 < near < far <= 65.535 (metres; depth is stored as uint16 millimetres)")
+        require(0 <= self.min_mask_coverage <= 1, "prepare_scannetpp.min_mask_coverage", self.min_mask_coverage,
+                "a fraction in [0, 1]")
+        require(self.max_edge_shift >= 0, "prepare_scannetpp.max_edge_shift", self.max_edge_shift, "an integer >= 0")
+        for key in ("max_depth_error", "max_rotation_error_degrees", "max_translation_error"):
+            require(getattr(self, key) > 0, f"prepare_scannetpp.{key}", getattr(self, key), "a number > 0")
+        require(self.workers >= 0, "prepare_scannetpp.workers", self.workers,
+                "an integer >= 0 (0 = one per two available cores)")
+
+
+@dataclass(frozen=True)
 class SamplingCfg:
     """How (scene, two context frames, targets) samples are drawn; frozen into a manifest by ``snd sample-views``.
 

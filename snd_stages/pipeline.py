@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DataCfg, DemoCfg, EvalCfg, SamplingCfg, StoreCfg, TrainCfg, read_config, require_choice
+from .config import DataCfg, DemoCfg, EvalCfg, PrepareScannetppCfg, SamplingCfg, StoreCfg, TrainCfg, read_config, require_choice
 from .masks import MasksCfg
 from .models.backbones import registered_backbones
 from .probes.registry import PROBES
@@ -25,6 +25,7 @@ from .reconstruct import GaussiansCfg
 class PipelineCfg:
     data: DataCfg = field(default_factory=DataCfg)
     demo: DemoCfg = field(default_factory=DemoCfg)
+    prepare_scannetpp: PrepareScannetppCfg = field(default_factory=PrepareScannetppCfg)
     sampling: SamplingCfg = field(default_factory=SamplingCfg)
     gaussians: GaussiansCfg = field(default_factory=GaussiansCfg)
     masks: MasksCfg = field(default_factory=MasksCfg)

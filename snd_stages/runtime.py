@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import multiprocessing
 import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
@@ -28,3 +35,41 @@ def worker_count(requested: int, units: int, threads_per_worker: int = 1) -> int
     the available cores hold when each worker keeps ``threads_per_worker`` of them busy; never more than there are
     units."""
     return max(1, min(requested or available_cores() // threads_per_worker, units))
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
+def in_processes(function: Callable, arguments: list[tuple], workers: int) -> Iterator:
+    """``function(*args)`` for each of ``arguments``, ``workers`` at once; yields the results as they finish.
+
+    One worker runs in this process (no start-up cost, plain tracebacks). Otherwise the workers are fresh
+    interpreters (spawn), not forks of this one: torch's and open3d's thread pools do not survive a fork; each gets
+    its share of the cores for the threads it starts itself. A failure (or ^C) cancels what has not started.
+    """
+    if workers == 1:
+        for args in arguments:
+            yield function(*args)
+        return
+    threads = max(1, available_cores() // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(threads, os.getpid())) as pool:
+        futures = [pool.submit(function, *args) for args in arguments]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _start_worker(threads: int, parent: int) -> None:
+    torch.set_num_threads(threads)
+    # A killed parent must not leave workers behind that finish units under a rerun's feet: on Linux the kernel
+    # stops a worker when its parent dies (PR_SET_PDEATHSIG); if the parent is already gone, stop now.
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)

@@ -22,6 +22,8 @@ import open3d as o3d
 import skimage.data
 from PIL import Image
 
+from .raycast import pixel_rays
+
 SEMANTIC_CLASSES: tuple[str, ...] = (
     "wall", "floor", "ceiling", "door", "picture", "rug", "table", "chair", "cabinet", "shelf",
     "bed", "sofa", "lamp", "plant", "box", "ball", "vase", "cone", "ring",
@@ -562,12 +564,8 @@ class _Renderer:
 
     def render(self, intrinsics: np.ndarray, world_to_camera: np.ndarray, height: int, width: int) -> dict:
         """The :class:`DemoScene` arrays but the camera's, keyed by field name."""
-        rows, cols = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
-        offsets = np.array([(0.0, 0.0), *_SUBPIXEL_OFFSETS])  # the centre ray first
-        pixels = np.stack([(cols.ravel() + offsets[:, :1]).ravel(), (rows.ravel() + offsets[:, 1:]).ravel()], -1)
-        # The rays have camera z = 1, so t_hit is the z-depth.
-        homogeneous = np.concatenate([pixels, np.ones_like(pixels[:, :1])], -1)
-        rays_camera = (homogeneous @ np.linalg.inv(intrinsics).T).astype(np.float32)
+        # The centre ray first; the rays have camera z = 1, so t_hit is the z-depth.
+        rays_camera = pixel_rays(intrinsics, height, width, ((0.0, 0.0), *_SUBPIXEL_OFFSETS))
         count, out = height * width, {key: [] for key in ("images", "depth", "normals", "instances", "semantics")}
         for pose in world_to_camera:
             centre = -pose[:3, :3].T @ pose[:3, 3]

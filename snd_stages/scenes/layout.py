@@ -426,6 +426,18 @@ def write_scene(
     count, height, width = images.shape[:3]
     assert images.dtype == np.uint8 and images.shape[3] == 3, f"images must be [F, H, W, 3] uint8, got {images.dtype} {images.shape}"
     assert len(names) == count == len(world_to_camera), "one name and one pose per image"
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(names):
+        Image.fromarray(images[index]).save(directory / "images" / name)
+        write_frame_maps(directory, name, *(None if maps is None else maps[index]
+                                            for maps in (instances, depth, semantics, normals)))
+    write_transforms(directory, transforms_document(intrinsics, width, height, names, world_to_camera))
+
+
+def transforms_document(intrinsics: np.ndarray, width: int, height: int, names: list[str],
+                        world_to_camera: np.ndarray, bad: list[bool] | None = None) -> dict:
+    """``transforms_train.json`` of pinhole frames: ``intrinsics`` ``[3, 3]`` shared or ``[F, 3, 3]`` per frame,
+    ``world_to_camera`` ``[F, 4, 4]`` OpenCV (stored as nerfstudio camera-to-world)."""
     per_frame_K = intrinsics.ndim == 3
     shared_K = intrinsics[0] if per_frame_K else intrinsics
     meta = {
@@ -439,28 +451,35 @@ def write_scene(
         entry = {
             "file_path": name,
             "transform_matrix": opencv_world_to_camera_to_opengl_camera_to_world(world_to_camera[index]).tolist(),
-            "is_bad": False,
+            "is_bad": bool(bad[index]) if bad is not None else False,
         }
         if per_frame_K:
             K = intrinsics[index]
             entry.update(fl_x=float(K[0, 0]), fl_y=float(K[1, 1]), cx=float(K[0, 2]), cy=float(K[1, 2]))
         meta["frames"].append(entry)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    for index, name in enumerate(names):
-        Image.fromarray(images[index]).save(directory / "images" / name)
+    return meta
+
+
+def write_transforms(directory: Path, meta: dict) -> None:
+    (Path(directory) / TRANSFORMS).write_text(json.dumps(meta, indent=1))
+
+
+def write_frame_maps(directory: Path, name: str, instances: np.ndarray | None = None, depth: np.ndarray | None = None,
+                     semantics: np.ndarray | None = None, normals: np.ndarray | None = None) -> None:
+    """One frame's ``[H, W]`` ids, ``[H, W]`` depth in metres (0 = none) and ``[H, W, 3]`` camera-frame normals
+    ((0, 0, 0) = none), each into its folder as ``<name>.png``."""
     if instances is not None:
-        _write_maps(directory / "instance_segmentation", names, _as_uint16(instances, "instances"))
+        _write_map(directory / "instance_segmentation", name, _as_uint16(instances, "instances"))
     if semantics is not None:
-        _write_maps(directory / "semantic_segmentation", names, _as_uint16(semantics, "semantics"))
+        _write_map(directory / "semantic_segmentation", name, _as_uint16(semantics, "semantics"))
     if depth is not None:
         millimetres = np.round(np.nan_to_num(depth, nan=0.0, posinf=0.0) * DEPTH_SCALE)
         assert millimetres.max() <= 65535, "depth beyond 65.535 m does not fit uint16 millimetres"
-        _write_maps(directory / "depth", names, millimetres.astype(np.uint16))
+        _write_map(directory / "depth", name, millimetres.astype(np.uint16))
     if normals is not None:
         encoded = np.round((np.clip(normals, -1, 1) + 1.0) / 2.0 * 255.0).astype(np.uint8)
         encoded[~np.isfinite(normals).all(-1) | (np.abs(normals).sum(-1) == 0)] = 0
-        _write_maps(directory / "normals", names, encoded)
-    (directory / TRANSFORMS).write_text(json.dumps(meta, indent=1))
+        _write_map(directory / "normals", name, encoded)
 
 
 def _as_uint16(labels: np.ndarray, what: str) -> np.ndarray:
@@ -468,10 +487,9 @@ def _as_uint16(labels: np.ndarray, what: str) -> np.ndarray:
     return labels.astype(np.uint16)
 
 
-def _write_maps(folder: Path, names: list[str], maps: np.ndarray) -> None:
+def _write_map(folder: Path, name: str, values: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, values in zip(names, maps):
-        Image.fromarray(values).save(folder / f"{name}.png")
+    Image.fromarray(values).save(folder / f"{name}.png")
 
 
 def write_split_files(root: Path, splits: dict[str, list[str]]) -> None:

@@ -13,27 +13,18 @@ the same parameters does nothing, other parameters need ``--force`` (the old sce
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
-import multiprocessing
-import os
 import shutil
-import signal
-import sys
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.progress import Progress
 
 from ..config import DataCfg, DemoCfg, dump_sections, to_dict
 from ..errors import ConfigError
 from ..progress import track
-from ..runtime import available_cores, worker_count
+from ..runtime import in_processes, worker_count
 from ..scenes.layout import frame_file_name, write_scene, write_split_files
 from ..store import ArtifactSpec, atomic_directory, write_text_atomic
 
@@ -45,7 +36,6 @@ PARTIAL_MARKER = ".snd_dataset.partial.json"
 # Cores one scene's generation keeps busy (open3d's ray casting is multi-threaded: 4.4 s of CPU in 2.9 s of wall
 # time on 2 cores), so that the default of one process per core does not oversubscribe.
 SCENE_THREADS = 2
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 log = logging.getLogger(__name__)
 
 
@@ -56,6 +46,7 @@ class DemoDataResult:
     skipped: bool
     generated: list[str]
     resumed: list[str]
+    dataset: str = "demo"
 
 
 def demo_scene_ids(demo: DemoCfg) -> dict[str, list[str]]:
@@ -73,13 +64,11 @@ def scene_seed(demo: DemoCfg, scene_id: str) -> int:
 
 def make_demo_data(data: DataCfg, demo: DemoCfg, force: bool = False, progress: Progress | None = None) -> DemoDataResult:
     """Write (or resume, or skip) the demo dataset described by ``demo`` under ``data.root``."""
-    if data.dataset != "demo":
-        raise ConfigError(
-            f"data.dataset = {data.dataset!r}: make-demo-data writes generated scenes and only runs with "
-            "data.dataset = 'demo' (so it never writes into a real dataset root)"
-        )
     root = Path(data.root)
     spec = demo_spec(demo)
+    if data.dataset != "demo":
+        # Nothing to generate, and never anything written into a real dataset's root: make all runs on it as is.
+        return DemoDataResult(root, spec.key, skipped=True, generated=[], resumed=[], dataset=data.dataset)
     manifest_path, marker_path = root / MANIFEST, root / PARTIAL_MARKER
 
     existing = _read_json(manifest_path) or _read_json(marker_path)
@@ -122,8 +111,8 @@ def make_demo_data(data: DataCfg, demo: DemoCfg, force: bool = False, progress: 
         log.info("resuming: %d of %d scenes were finished by an earlier run", len(resumed), len(all_ids))
     todo = [scene_id for scene_id in all_ids if scene_id not in resumed]
     workers = worker_count(demo.workers, len(todo), threads_per_worker=SCENE_THREADS)
-    for _ in track(_generated(root, demo, todo, workers), "generating demo scenes", progress, total=len(todo),
-                   unit="scene"):
+    generated = in_processes(_generate_and_write, [(root, demo, scene_id) for scene_id in todo], workers)
+    for _ in track(generated, "generating demo scenes", progress, total=len(todo), unit="scene"):
         pass
     write_split_files(root, splits)
     (root / "metadata" / "semantic_classes.txt").write_text("".join(f"{name}\n" for name in SEMANTIC_CLASSES))
@@ -139,38 +128,6 @@ def demo_spec(demo: DemoCfg) -> ArtifactSpec:
     """The demo dataset's identity: the generator's parameters, not how many processes ran it."""
     params = {name: value for name, value in to_dict(demo).items() if name != "workers"}
     return ArtifactSpec(STAGE, SCHEMA_VERSION, params=params, in_store=False)
-
-
-def _generated(root: Path, demo: DemoCfg, scene_ids: list[str], workers: int) -> Iterator[str]:
-    """Generate and write ``scene_ids``, ``workers`` at once; yield each id when its scene is in place."""
-    if workers == 1:  # in this process: no start-up cost, and tracebacks stay plain
-        for scene_id in scene_ids:
-            yield _generate_and_write(root, demo, scene_id)
-        return
-    # Fresh interpreters (spawn), not forks of this one: torch's and open3d's thread pools do not survive a fork.
-    # Each worker gets its share of the cores for the threads it starts itself.
-    threads = max(1, available_cores() // workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(threads, os.getpid())) as pool:
-        futures = [pool.submit(_generate_and_write, root, demo, scene_id) for scene_id in scene_ids]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        except BaseException:
-            for future in futures:  # a failure (or ^C) stops what has not started; finished scenes stay
-                future.cancel()
-            raise
-
-
-def _start_worker(threads: int, parent: int) -> None:
-    torch.set_num_threads(threads)
-    # A killed make-demo-data must not leave workers behind that finish scenes under a rerun's feet: on Linux the
-    # kernel stops a worker when its parent dies (PR_SET_PDEATHSIG); if the parent is already gone, stop now.
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def _generate_and_write(root: Path, demo: DemoCfg, scene_id: str) -> str:
