@@ -1,0 +1,97 @@
+"""Strict loading of DepthSplat's official weights into :class:`DepthSplatEncoder`.
+
+The authors' ``.pth`` files are the Lightning ``ModelWrapper``'s state dict (bare, or under ``state_dict``): the
+encoder's tensors under the prefix ``encoder.`` and nothing else (the decoder and the losses store none). The
+DINOv2 weights are among them (``encoder.depth_predictor.pretrained.*``), so nothing is downloaded. Accepted
+files, read without running anything pickled (:func:`~..mvsplat.checkpoint.read_state_dict_file`):
+
+- a Lightning checkpoint or a bare state dict (``.pth`` / ``.ckpt`` / ``.pt``), keys with or without ``encoder.``;
+- a ``.safetensors`` file, keys with or without the prefix; float16 copies are cast to float32 on load.
+
+Every key and shape must match one configuration of :data:`~.encoder.MODELS`: missing keys, unexpected keys and
+shape mismatches are reported together in one :class:`DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from ...errors import DataError
+from ...models.weights import check_state_dict
+from ..mvsplat.checkpoint import convert_mvsplat_state_dict, read_state_dict_file
+from .encoder import MODELS, DepthSplatEncoder
+
+RELEASED = (
+    "use one of the authors' single-scale checkpoints (depthsplat-gs-small-re10k-256x256-view2-cfeab6b1.pth for "
+    "model small, depthsplat-gs-small-re10kdl3dv-448x768-randview4-10-c08188db.pth for model small_448x768) or a "
+    "state dict converted from one"
+)
+DINOV2_POSITION_KEY = "depth_predictor.pretrained.pos_embed"
+
+
+def read_depthsplat_checkpoint(path: Path) -> dict[str, Tensor]:
+    """The name -> tensor dict stored in ``path`` (names as in the file)."""
+    return read_state_dict_file(path, "DepthSplat checkpoint", "set gaussians.depthsplat.checkpoint to the "
+                                "authors' .pth file or a .safetensors copy")
+
+
+def expected_state_dict(model: str) -> dict[str, Tensor]:
+    """The encoder's state dict for ``model`` (names and shapes only: built on the meta device, no memory)."""
+    with torch.device("meta"):
+        return DepthSplatEncoder(MODELS[model]).state_dict()
+
+
+def infer_model(state_dict: Mapping[str, Tensor], source: str) -> str:
+    """The configuration of :data:`MODELS` whose keys and shapes ``state_dict`` (encoder names) matches exactly.
+
+    Raises:
+        DataError: it matches none; for a DINOv2 wider than ViT-S (the two-scale base and large models), says so.
+    """
+    for name in MODELS:
+        expected = expected_state_dict(name)
+        if expected.keys() == state_dict.keys() and all(
+            state_dict[key].shape == value.shape for key, value in expected.items()
+        ):
+            return name
+    position = state_dict.get(DINOV2_POSITION_KEY)
+    if position is not None and position.shape[-1] != 384:
+        raise DataError(
+            f"{source} holds a DepthSplat model with a {position.shape[-1]}-channel DINOv2 (the two-scale base or "
+            f"large model), which the depthsplat reconstructor does not implement; {RELEASED}"
+        )
+    # No configuration fits: report the differences from the default one.
+    check_state_dict({f"encoder.{key}": value for key, value in expected_state_dict("small").items()},
+                     {f"encoder.{key}": value for key, value in state_dict.items()}, source,
+                     "the DepthSplat encoder (model small)", RELEASED)
+    raise AssertionError("check_state_dict accepted a state dict that matches no configuration")
+
+
+def load_state_dict_strict(encoder: DepthSplatEncoder, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Load a checkpoint-named state dict into ``encoder`` if, and only if, every key and shape matches.
+
+    Raises:
+        DataError: one line naming ``source``, with the counts and the first few of the missing keys, unexpected
+            keys and shape mismatches (names as the file spells them).
+    """
+    converted, _, prefix = convert_mvsplat_state_dict(state_dict)
+    expected = {prefix + key: value for key, value in encoder.state_dict().items()}
+    check_state_dict(expected, state_dict, source, f"the DepthSplat encoder ({len(expected)} tensors)", RELEASED)
+    encoder.load_state_dict({key: value.float() for key, value in converted.items()}, strict=True)
+
+
+def load_depthsplat_encoder(
+    path: Path, device: torch.device | str = "cpu", model: str = "auto"
+) -> DepthSplatEncoder:
+    """Build the encoder for ``model`` (``auto``: the configuration the file's shapes match), load ``path``
+    strictly, and return it in eval mode on ``device``."""
+    state_dict = read_depthsplat_checkpoint(Path(path))
+    source = f"DepthSplat checkpoint {path}"
+    if model == "auto":
+        model = infer_model(convert_mvsplat_state_dict(state_dict)[0], source)
+    encoder = DepthSplatEncoder(MODELS[model])
+    load_state_dict_strict(encoder, state_dict, source)
+    return encoder.to(device).eval()
