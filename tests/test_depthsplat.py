@@ -17,9 +17,25 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 
-from snd_stages.reconstruct.depthsplat import DepthSplatEncoder, DepthSplatOutput, load_depthsplat_encoder
+from snd_stages.errors import ConfigError, DataError
+from snd_stages.geometry import Camera, invert_rigid, project_points, quaternion_to_rotation_matrix
+from snd_stages.pipeline import load_config
+from snd_stages.reconstruct import GaussiansCfg, build_reconstructor
+from snd_stages.reconstruct.depthsplat import (
+    MODELS,
+    DepthSplatEncoder,
+    DepthSplatOutput,
+    encoder_inputs,
+    infer_model,
+    load_depthsplat_encoder,
+    read_depthsplat_checkpoint,
+    reconstruct_pair,
+)
+from snd_stages.reconstruct.depthsplat.checkpoint import expected_state_dict
+from snd_stages.reconstruct.depthsplat.settings import DepthSplatSettings
+from snd_stages.reconstruct.mvsplat.gaussian_adapter import quaternion_xyzw_to_matrix
 
 FIXTURE = Path(
     os.environ.get("SND_DEPTHSPLAT_FIXTURE")
@@ -230,3 +246,275 @@ def test_parity_with_the_official_encoder(parity: dict[str, Case], name: str) ->
     prefix, measure, tolerance = CRITERIA[name]
     value = measure(parity[prefix])
     assert value <= tolerance, f"{name}: {value:.3g} > {tolerance:g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The released configurations and strict loading
+
+
+OFFICIAL_COUNTS = {"small": (567, 38_346_416), "small_448x768": (567, 38_404_880)}  # fixture README, section 2.1
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_released_configurations_have_the_official_tensors_and_parameters(model):
+    expected = expected_state_dict(model)
+    assert (len(expected), sum(value.numel() for value in expected.values())) == OFFICIAL_COUNTS[model]
+    assert infer_model(expected, "test") == model
+
+
+@needs_fixture
+def test_the_encoder_has_exactly_the_fixture_checkpoint_keys():
+    import json
+
+    params = json.loads((FIXTURE / "params.json").read_text())["parameters"]
+    expected = expected_state_dict("small")
+    assert {entry["key"]: tuple(entry["shape"]) for entry in params} == {
+        f"encoder.{key}": tuple(value.shape) for key, value in expected.items()
+    }
+
+
+def test_the_448x768_model_differs_only_where_the_1_8_branch_joins_the_dpt_heads():
+    small, wide = expected_state_dict("small"), expected_state_dict("small_448x768")
+    differing = sorted(key for key in small if small[key].shape != wide[key].shape)
+    assert differing == [f"{head}.concat_projects.{index}.weight"
+                         for head in ("depth_predictor.upsampler", "feature_upsampler") for index in range(3)]
+    assert wide["depth_predictor.upsampler.concat_projects.2.weight"].shape == (192, 128 + 192 + 128 + 1, 1, 1)
+
+
+def test_two_scale_models_are_refused_by_name():
+    state = dict(expected_state_dict("small"))
+    state["depth_predictor.pretrained.pos_embed"] = torch.empty(1, 1370, 768, device="meta")
+    with pytest.raises(DataError, match=r"b\.pth holds a DepthSplat model with a 768-channel DINOv2.*base or large"):
+        infer_model(state, "b.pth")
+
+
+@pytest.fixture(scope="module")
+def random_state() -> dict[str, torch.Tensor]:
+    """Seeded random weights of the small model, keyed as the authors' checkpoints, stored in float16 as the
+    fixture is (the loader casts to float32)."""
+    torch.manual_seed(0)
+    return {f"encoder.{key}": value.half() for key, value in DepthSplatEncoder().state_dict().items()}
+
+
+def _assert_loaded(encoder: DepthSplatEncoder, state: dict[str, torch.Tensor]) -> None:
+    loaded = encoder.state_dict()
+    assert loaded.keys() == {key.removeprefix("encoder.") for key in state}
+    for key in ("depth_predictor.pretrained.pos_embed", "gaussian_head.2.weight", "feature_upsampler.projects.0.bias"):
+        assert loaded[key].dtype == torch.float32
+        torch.testing.assert_close(loaded[key], state[f"encoder.{key}"].float(), rtol=0, atol=0)
+
+
+def test_lightning_checkpoint_loads_without_running_pickled_code(random_state, tmp_path):
+    path = tmp_path / "depthsplat-gs-small-re10k-256x256-view2-cfeab6b1.pth"
+    torch.save({"epoch": 10, "global_step": 300000, "state_dict": random_state, "tripwire": Tripwire()}, path)
+    encoder = load_depthsplat_encoder(path)
+    assert not TRIPPED
+    _assert_loaded(encoder, random_state)
+    assert not encoder.training and encoder.cfg == MODELS["small"]
+
+
+@pytest.mark.parametrize("prefixed", [True, False])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_bare_state_dicts_load_with_or_without_the_prefix(random_state, tmp_path, prefixed, suffix):
+    state = random_state if prefixed else {key.removeprefix("encoder."): value for key, value in random_state.items()}
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    assert read_depthsplat_checkpoint(path).keys() == state.keys()
+    _assert_loaded(load_depthsplat_encoder(path, model="small"), random_state)
+
+
+def test_missing_unexpected_and_misshapen_keys_are_reported_together(random_state, tmp_path):
+    state = dict(random_state)
+    del state["encoder.depth_predictor.pretrained.blocks.7.ls1.gamma"]
+    state["encoder.depth_predictor.pretrained.mask_token"] = torch.zeros(1, 384)
+    state["decoder.background_color"] = torch.zeros(3)
+    state["encoder.gaussian_head.2.bias"] = torch.zeros(84)
+    path = tmp_path / "broken.pth"
+    torch.save({"state_dict": state}, path)
+    for model in ("auto", "small"):
+        with pytest.raises(DataError) as error:
+            load_depthsplat_encoder(path, model=model)
+        message = str(error.value)
+        assert str(path) in message and "\n" not in message
+        assert "1 missing keys: encoder.depth_predictor.pretrained.blocks.7.ls1.gamma" in message
+        assert "2 unexpected keys" in message and "decoder.background_color" in message
+        assert "encoder.depth_predictor.pretrained.mask_token" in message
+        assert "1 shape mismatches: encoder.gaussian_head.2.bias: checkpoint (84,) vs model (37,)" in message
+
+
+def test_a_checkpoint_of_one_configuration_does_not_load_as_the_other(random_state, tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_file(random_state, path)
+    with pytest.raises(DataError, match="6 shape mismatches: encoder.depth_predictor.upsampler.concat_projects.0"):
+        load_depthsplat_encoder(path, model="small_448x768")
+
+
+def test_unreadable_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="DepthSplat checkpoint .*missing.pth does not exist.*gaussians.depthsplat"):
+        read_depthsplat_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="cannot read"):
+        read_depthsplat_checkpoint(tmp_path / "garbage.pth")
+
+
+_TRIPPED: list[str] = []
+TRIPPED = _TRIPPED
+
+
+def _trip():
+    _TRIPPED.append("tripped")
+    return "tripped"
+
+
+class Tripwire:
+    """Runs :func:`_trip` if unpickled by a loader that executes pickled code."""
+
+    def __reduce__(self):
+        return _trip, ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes, the other configuration, and the boundary: our cameras in, our Gaussians out
+
+
+HEIGHT, WIDTH = 32, 48
+
+
+def posed_pair(height: int = HEIGHT, width: int = WIDTH) -> tuple[np.ndarray, Camera]:
+    """Random images and two rotated cameras with off-centre principal points."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, height, width, 3), dtype=np.uint8)
+    poses = []
+    for angle, shift in ((0.2, 0.0), (0.35, 0.3)):
+        axis = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+        rotation = torch.linalg.matrix_exp(angle * skew(axis / axis.norm()))
+        camera_to_world = torch.eye(4, dtype=torch.float64)
+        camera_to_world[:3, :3] = rotation
+        camera_to_world[:3, 3] = torch.tensor([shift, -0.2, 1.5])
+        poses.append(invert_rigid(camera_to_world))
+    K = torch.tensor([[0.9 * width, 0, 0.45 * width], [0, 0.95 * height, 0.55 * height], [0, 0, 1]],
+                     dtype=torch.float64)
+    return images, Camera(torch.stack([K, K * torch.tensor([[1.05], [1.0], [1.0]], dtype=torch.float64)]),
+                          torch.stack(poses), height, width)
+
+
+def skew(axis: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+
+
+@pytest.fixture(scope="module")
+def small_encoder() -> DepthSplatEncoder:
+    torch.manual_seed(0)
+    return DepthSplatEncoder().eval()
+
+
+def test_sizes_are_checked_before_any_work(small_encoder):
+    images, camera = posed_pair(40, 48)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the encoder ran")
+
+    with pytest.raises(DataError, match=r"a.jpg, b.jpg\) are 40x48.*depthsplat reconstructor.*multiples of 16"):
+        reconstruct_pair(FailingEncoder(16), images, camera, near=0.5, far=100.0, names=("a.jpg", "b.jpg"))
+    images, camera = posed_pair(64, 96)
+    with pytest.raises(DataError, match=r"64x96.*multiples of 64.*448x768"):
+        reconstruct_pair(FailingEncoder(64), images, camera, near=0.5, far=200.0)
+    with pytest.raises(ValueError, match="multiples of 16, got 40x48"):
+        small_encoder(torch.zeros(1, 2, 3, 40, 48), torch.eye(3).expand(1, 2, 3, 3), torch.eye(4).expand(1, 2, 4, 4),
+                      torch.ones(1, 2), torch.full((1, 2), 100.0))
+
+
+class FailingEncoder(torch.nn.Module):
+    """An encoder with DepthSplat's size rule whose forward must never be reached."""
+
+    name = "depthsplat"
+
+    def __init__(self, size_multiple: int) -> None:
+        super().__init__()
+        self.size_multiple = size_multiple
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, **inputs):
+        raise AssertionError("the encoder ran before the size was checked")
+
+
+def test_the_448x768_configuration_runs_at_a_multiple_of_64():
+    torch.manual_seed(0)
+    encoder = DepthSplatEncoder(MODELS["small_448x768"]).eval()
+    assert encoder.size_multiple == 64
+    images, camera = posed_pair(64, 128)
+    result = reconstruct_pair(encoder, images, camera, near=0.5, far=200.0)
+    assert len(result.gaussians) == 2 * 64 * 128 and result.depth.shape == (2, 64, 128)
+    assert ((result.depth >= 0.5 - 1e-4) & (result.depth <= 200.0 + 1e-1)).all()
+    scales = result.gaussians.scales
+    assert torch.isfinite(result.gaussians.means).all() and (scales > 0).all() and (scales <= 0.1 + 1e-7).all()
+
+
+def test_gaussians_follow_snd_conventions(small_encoder):
+    images, camera = posed_pair()
+    result = reconstruct_pair(small_encoder, images, camera, near=0.5, far=100.0)
+    gaussians, depth = result.gaussians, result.depth.double()
+    assert len(gaussians) == 2 * HEIGHT * WIDTH and depth.shape == (2, HEIGHT, WIDTH)
+    assert ((depth >= 0.5 - 1e-4) & (depth <= 100.0 + 1e-2)).all()
+    assert gaussians.source_view.tolist() == [0] * (HEIGHT * WIDTH) + [1] * (HEIGHT * WIDTH)
+    assert gaussians.source_pixel.tolist() == list(range(HEIGHT * WIDTH)) * 2
+
+    # Means: the predicted depth is the z-depth of the Gaussian in its source camera, within half a pixel of it.
+    means = gaussians.means.double().reshape(2, -1, 3)
+    uv, z = project_points(means, camera)
+    torch.testing.assert_close(z, depth.reshape(2, -1), rtol=1e-5, atol=0)
+    pixels = gaussians.source_pixel.reshape(2, -1)
+    rows, cols = torch.div(pixels, WIDTH, rounding_mode="floor"), pixels % WIDTH
+    centres = torch.stack([cols + 0.5, rows + 0.5], dim=-1).double()
+    assert ((uv - centres).abs() <= 0.5 + 1e-3).all()
+
+    # Quaternions: unit wxyz in the world frame = the camera-frame rotation (xyzw) turned by the camera's R.
+    with torch.no_grad():
+        output = small_encoder(**encoder_inputs(images, camera, 0.5, 100.0), with_harmonics=False)
+    quats = gaussians.quats.double()
+    torch.testing.assert_close(quats.norm(dim=-1), torch.ones(len(quats), dtype=torch.float64), rtol=0, atol=1e-6)
+    assert (quats[:, 0] >= 0).all()
+    local = quaternion_xyzw_to_matrix(output.rotations[0].double()).reshape(2, -1, 3, 3)
+    expected = camera.camera_to_world[:, None, :3, :3] @ local
+    torch.testing.assert_close(quaternion_to_rotation_matrix(quats).reshape(2, -1, 3, 3), expected, rtol=0, atol=1e-5)
+    # Scales are standard deviations: snd's covariance R diag(s)^2 R^T is DepthSplat's world covariance.
+    covariances = output.covariances[0].double().reshape(-1, 3, 3)
+    size = covariances.abs().amax(dim=(-1, -2), keepdim=True)
+    torch.testing.assert_close(gaussians.covariances().double() / size, covariances / size, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gaussians.opacities, output.opacities[0].reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration and registry
+
+
+def test_depthsplat_needs_a_checkpoint():
+    with pytest.raises(ConfigError, match="gaussians.depthsplat.checkpoint.*DepthSplat's small checkpoints"):
+        load_config(None, ["gaussians.reconstructor=depthsplat"])
+    with pytest.raises(ConfigError, match="gaussians.depthsplat.checkpoint = '/nowhere/d.pth' does not exist"):
+        build_reconstructor(GaussiansCfg(reconstructor="depthsplat",
+                                         depthsplat=DepthSplatSettings(Path("/nowhere/d.pth"))))
+
+
+def test_settings_are_validated():
+    settings = GaussiansCfg().depthsplat
+    assert (settings.model, settings.near, settings.far) == ("auto", 0.5, 100.0)
+    with pytest.raises(ConfigError, match="gaussians.depthsplat.model"):
+        load_config(None, ["gaussians.depthsplat.model=huge"])
+    with pytest.raises(ConfigError, match="gaussians.depthsplat.far"):
+        load_config(None, ["gaussians.depthsplat.near=5", "gaussians.depthsplat.far=2"])
+
+
+def test_registry_entry_needs_no_depth_and_keys_the_checkpoint_by_content(random_state, tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file(random_state, path)
+    cfg = GaussiansCfg(reconstructor="depthsplat", depthsplat=DepthSplatSettings(path), device="cpu")
+    reconstructor = build_reconstructor(cfg)
+    assert reconstructor.name == "depthsplat" and not reconstructor.requires_depth
+    assert reconstructor.reconstruct_with_depth is not None
+    params, inputs = cfg.key()
+    assert params["reconstructor"] == "depthsplat" and params["depthsplat"]["model"] == "auto"
+    assert set(inputs) == {"depthsplat_checkpoint_sha256"}

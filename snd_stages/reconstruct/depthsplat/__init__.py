@@ -11,7 +11,9 @@ Modules, in the order the data flows:
 - :mod:`.encoder`: the whole encoder and the released configurations (:data:`MODELS`);
 - :mod:`.checkpoint`: reading the authors' ``.pth`` (or a safetensors copy), inferring the configuration, strict
   loading;
-- :mod:`.reconstructor`: our cameras in, our :class:`~snd_stages.gaussians.Gaussians` out.
+- the boundary, our cameras in and our :class:`~snd_stages.gaussians.Gaussians` out, is MVSplat's
+  (:func:`reconstruct_pair`, :func:`encoder_inputs`): the same inputs, and the same camera-frame xyzw rotations
+  to turn into world-frame wxyz quaternions.
 
 It reproduces the official code (cvg/depthsplat, small model) to float32 noise; the parity test
 (``tests/test_depthsplat.py``) checks every stage against outputs of the official code.
@@ -24,14 +26,17 @@ Usage::
 """
 
 from .checkpoint import infer_model, load_depthsplat_encoder, load_state_dict_strict, read_depthsplat_checkpoint
+from ..mvsplat.reconstructor import encoder_inputs, reconstruct_pair
 from .encoder import MODELS, DepthSplatEncoder, DepthSplatOutput
 
 __all__ = [
     "MODELS",
     "DepthSplatEncoder",
     "DepthSplatOutput",
+    "encoder_inputs",
     "infer_model",
     "load_depthsplat_encoder",
     "load_state_dict_strict",
     "read_depthsplat_checkpoint",
+    "reconstruct_pair",
 ]

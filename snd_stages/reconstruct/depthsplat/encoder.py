@@ -10,7 +10,8 @@ Layout of the module tree (and of the official checkpoint's ``encoder.*`` keys):
     gaussian_adapter    GaussianAdapter (no parameters)
 
 Conventions at this module's boundary are DepthSplat's, not snd's: intrinsics normalised by the image size,
-OpenCV camera-to-world extrinsics, camera-frame xyzw rotations (:mod:`.reconstructor` converts).
+OpenCV camera-to-world extrinsics, camera-frame xyzw rotations (:func:`..mvsplat.reconstructor.reconstruct_pair`
+converts).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .depth_predictor import DepthPredictor, DepthSplatCfg
 from .dpt import DPTHead
 from .gaussian_adapter import GaussianAdapter
 from .monocular import VITS
+from .settings import MODEL_NAMES
 
 # The released models: the authors' README overrides, each as one configuration. The DPT fusion widths follow
 # the ViT size.
@@ -36,6 +38,7 @@ MODELS: dict[str, DepthSplatCfg] = {
     # depthsplat-gs-small-re10kdl3dv-448x768-randview4-10-c08188db: features and cost volume at 1/8
     "small_448x768": DepthSplatCfg(downsample_factor=8, scale_max=0.1, size_multiple=64),
 }
+assert tuple(MODELS) == MODEL_NAMES, "gaussians.depthsplat.model's choices are the configurations here"
 
 
 @dataclass
@@ -74,9 +77,12 @@ class DepthSplatEncoder(nn.Module):
     """DepthSplat's ``EncoderDepthSplat`` with one depth scale (2 context views, 128 inverse-depth candidates,
     SH degree 2)."""
 
+    name = "depthsplat"
+
     def __init__(self, cfg: DepthSplatCfg = MODELS["small"]) -> None:
         super().__init__()
         self.cfg = cfg
+        self.size_multiple = cfg.size_multiple
         vit = VITS[cfg.vit]
         self.depth_predictor = DepthPredictor(cfg)
         self.feature_upsampler = DPTHead(vit.channels, cfg.feature_fusion_channels, vit.projections,

@@ -66,6 +66,9 @@ class MVSplatEncoder(nn.Module):
     """MVSplat's ``EncoderCostVolume`` in the RE10K configuration (2 context views, 128 depth candidates,
     SH degree 4, scales in [0.5, 15] x depth x pixel footprint)."""
 
+    name = "mvsplat"
+    size_multiple = SIZE_MULTIPLE
+
     def __init__(self, cfg: DepthPredictorCfg = DepthPredictorCfg()) -> None:
         super().__init__()
         self.backbone = BackboneMultiview(feature_channels=cfg.feature_channels)
