@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from snd_stages.errors import ConfigError, DataError
-from snd_stages.geometry import Camera, invert_rigid, project_points, quaternion_to_rotation_matrix
+from snd_stages.geometry import project_points
 from snd_stages.pipeline import load_config
 from snd_stages.reconstruct import GaussiansCfg, build_reconstructor
 from snd_stages.reconstruct.depthsplat import (
@@ -35,7 +35,16 @@ from snd_stages.reconstruct.depthsplat import (
 )
 from snd_stages.reconstruct.depthsplat.checkpoint import expected_state_dict
 from snd_stages.reconstruct.depthsplat.settings import DepthSplatSettings
-from snd_stages.reconstruct.mvsplat.gaussian_adapter import quaternion_xyzw_to_matrix
+from tests.test_mvsplat import (
+    TRIPPED,
+    Tripwire,
+    _array,
+    assert_rotations_scales_and_opacities_in_snd_conventions,
+    max_abs,
+    max_over_rms,
+    posed_pair,
+    run_case,
+)
 
 FIXTURE = Path(
     os.environ.get("SND_DEPTHSPLAT_FIXTURE")
@@ -49,22 +58,6 @@ needs_fixture = pytest.mark.skipif(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parity with the official encoder (README of the fixture, sections 4.2 and 8)
-
-
-def _array(x) -> np.ndarray:
-    return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64)
-
-
-def max_over_rms(x, reference) -> float:
-    x, reference = _array(x), _array(reference)
-    assert x.shape == reference.shape, (x.shape, reference.shape)
-    return float(np.abs(x - reference).max() / np.sqrt(np.mean(reference**2)))
-
-
-def max_abs(x, reference) -> float:
-    x, reference = _array(x), _array(reference)
-    assert x.shape == reference.shape, (x.shape, reference.shape)
-    return float(np.abs(x - reference).max())
 
 
 def disparity_error(depths, reference) -> float:
@@ -110,20 +103,6 @@ def on_grid(x: torch.Tensor, grid: list[int]) -> torch.Tensor:
 def per_view(x: torch.Tensor) -> torch.Tensor:
     """``[B, V, ...]`` -> ``[B V, ...]`` (the official ``(b v)`` layout; B = 1)."""
     return x.reshape(-1, *x.shape[2:])
-
-
-def run_case(encoder: DepthSplatEncoder, inputs, extrinsics_key: str) -> tuple[dict, object]:
-    intermediates: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        output = encoder(
-            torch.from_numpy(inputs["images"]),
-            torch.from_numpy(inputs["intrinsics"]),
-            torch.from_numpy(inputs[extrinsics_key]),
-            torch.from_numpy(inputs["near"]),
-            torch.from_numpy(inputs["far"]),
-            intermediates=intermediates,
-        )
-    return intermediates, output
 
 
 def gaussian_subset(x: torch.Tensor, index: np.ndarray) -> torch.Tensor:
@@ -231,7 +210,7 @@ def parity() -> dict[str, Case]:
     encoder = load_depthsplat_encoder(FIXTURE / "weights.safetensors")
     cases = {}
     for prefix, extrinsics in (("", "extrinsics"), ("posed_", "posed_extrinsics")):
-        intermediates, output = run_case(encoder, inputs, extrinsics)
+        output, intermediates = run_case(encoder, inputs, extrinsics)
         cases[prefix] = Case(intermediates, output, ref, prefix)
     return cases
 
@@ -360,49 +339,11 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path):
         read_depthsplat_checkpoint(tmp_path / "garbage.pth")
 
 
-_TRIPPED: list[str] = []
-TRIPPED = _TRIPPED
-
-
-def _trip():
-    _TRIPPED.append("tripped")
-    return "tripped"
-
-
-class Tripwire:
-    """Runs :func:`_trip` if unpickled by a loader that executes pickled code."""
-
-    def __reduce__(self):
-        return _trip, ()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Sizes, the other configuration, and the boundary: our cameras in, our Gaussians out
 
 
 HEIGHT, WIDTH = 32, 48
-
-
-def posed_pair(height: int = HEIGHT, width: int = WIDTH) -> tuple[np.ndarray, Camera]:
-    """Random images and two rotated cameras with off-centre principal points."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(2, height, width, 3), dtype=np.uint8)
-    poses = []
-    for angle, shift in ((0.2, 0.0), (0.35, 0.3)):
-        axis = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
-        rotation = torch.linalg.matrix_exp(angle * skew(axis / axis.norm()))
-        camera_to_world = torch.eye(4, dtype=torch.float64)
-        camera_to_world[:3, :3] = rotation
-        camera_to_world[:3, 3] = torch.tensor([shift, -0.2, 1.5])
-        poses.append(invert_rigid(camera_to_world))
-    K = torch.tensor([[0.9 * width, 0, 0.45 * width], [0, 0.95 * height, 0.55 * height], [0, 0, 1]],
-                     dtype=torch.float64)
-    return images, Camera(torch.stack([K, K * torch.tensor([[1.05], [1.0], [1.0]], dtype=torch.float64)]),
-                          torch.stack(poses), height, width)
-
-
-def skew(axis: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
 
 
 @pytest.fixture(scope="module")
@@ -471,20 +412,9 @@ def test_gaussians_follow_snd_conventions(small_encoder):
     centres = torch.stack([cols + 0.5, rows + 0.5], dim=-1).double()
     assert ((uv - centres).abs() <= 0.5 + 1e-3).all()
 
-    # Quaternions: unit wxyz in the world frame = the camera-frame rotation (xyzw) turned by the camera's R.
     with torch.no_grad():
         output = small_encoder(**encoder_inputs(images, camera, 0.5, 100.0), with_harmonics=False)
-    quats = gaussians.quats.double()
-    torch.testing.assert_close(quats.norm(dim=-1), torch.ones(len(quats), dtype=torch.float64), rtol=0, atol=1e-6)
-    assert (quats[:, 0] >= 0).all()
-    local = quaternion_xyzw_to_matrix(output.rotations[0].double()).reshape(2, -1, 3, 3)
-    expected = camera.camera_to_world[:, None, :3, :3] @ local
-    torch.testing.assert_close(quaternion_to_rotation_matrix(quats).reshape(2, -1, 3, 3), expected, rtol=0, atol=1e-5)
-    # Scales are standard deviations: snd's covariance R diag(s)^2 R^T is DepthSplat's world covariance.
-    covariances = output.covariances[0].double().reshape(-1, 3, 3)
-    size = covariances.abs().amax(dim=(-1, -2), keepdim=True)
-    torch.testing.assert_close(gaussians.covariances().double() / size, covariances / size, rtol=0, atol=1e-5)
-    torch.testing.assert_close(gaussians.opacities, output.opacities[0].reshape(-1))
+    assert_rotations_scales_and_opacities_in_snd_conventions(gaussians, output, camera)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -390,16 +390,21 @@ def test_gaussians_follow_snd_conventions(small_encoder):
     centres = torch.stack([cols + 0.5, rows + 0.5], dim=-1).double()
     assert (z > 0).all() and ((uv - centres).abs() <= 0.5 + 1e-3).all()  # offsets move at most half a pixel
 
-    # Quaternions: unit wxyz in the world frame = the camera-frame rotation (xyzw) turned by the camera's R.
     with torch.no_grad():
         output = small_encoder(**encoder_inputs(images, camera, 1.0, 100.0), with_harmonics=False)
+    assert_rotations_scales_and_opacities_in_snd_conventions(gaussians, output, camera)
+
+
+def assert_rotations_scales_and_opacities_in_snd_conventions(gaussians, output, camera: Camera) -> None:
+    """``gaussians`` (snd's) are ``output``'s (the encoder's, batch element 0) turned into snd's conventions."""
+    # Quaternions: unit wxyz in the world frame = the camera-frame rotation (xyzw) turned by the camera's R.
     quats = gaussians.quats.double()
     torch.testing.assert_close(quats.norm(dim=-1), torch.ones(len(quats), dtype=torch.float64), rtol=0, atol=1e-6)
     assert (quats[:, 0] >= 0).all()
     local = quaternion_xyzw_to_matrix(output.rotations[0].double()).reshape(2, -1, 3, 3)
     expected = camera.camera_to_world[:, None, :3, :3] @ local
     torch.testing.assert_close(quaternion_to_rotation_matrix(quats).reshape(2, -1, 3, 3), expected, rtol=0, atol=1e-5)
-    # Scales are standard deviations: snd's covariance R diag(s)^2 R^T is MVSplat's world covariance.
+    # Scales are standard deviations: snd's covariance R diag(s)^2 R^T is the encoder's world covariance.
     covariances = output.covariances[0].double().reshape(-1, 3, 3)
     size = covariances.abs().amax(dim=(-1, -2), keepdim=True)
     torch.testing.assert_close(gaussians.covariances().double() / size, covariances / size, rtol=0, atol=1e-5)

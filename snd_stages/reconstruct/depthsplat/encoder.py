@@ -16,14 +16,13 @@ converts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from ..mvsplat.encoder import MVSplatOutput
 from .depth_predictor import DepthPredictor, DepthSplatCfg
 from .dpt import DPTHead
 from .gaussian_adapter import GaussianAdapter
@@ -41,28 +40,9 @@ MODELS: dict[str, DepthSplatCfg] = {
 assert tuple(MODELS) == MODEL_NAMES, "gaussians.depthsplat.model's choices are the configurations here"
 
 
-@dataclass
-class DepthSplatOutput:
-    """Everything the encoder predicts for ``B`` pairs of ``V = 2`` views of ``H x W``; Gaussian ``(v, row, col)``
-    of a sample is pixel (row, col) of view v.
-
-    Attributes:
-        depths: ``[B, V, H, W]`` z-depth per pixel.
-        means: ``[B, V, H, W, 3]`` world positions.
-        covariances: ``[B, V, H, W, 3, 3]`` world-frame covariances.
-        scales: ``[B, V, H, W, 3]`` standard deviations along the Gaussians' axes.
-        rotations: ``[B, V, H, W, 4]`` unit quaternions (x, y, z, w) of those axes in the *camera* frame.
-        harmonics: ``[B, V, H, W, 3, 9]`` world-frame SH coefficients, or None.
-        opacities: ``[B, V, H, W]``.
-    """
-
-    depths: Float[Tensor, "B V H W"]
-    means: Float[Tensor, "B V H W 3"]
-    covariances: Float[Tensor, "B V H W 3 3"]
-    scales: Float[Tensor, "B V H W 3"]
-    rotations: Float[Tensor, "B V H W 4"]
-    harmonics: Float[Tensor, "B V H W 3 9"] | None
-    opacities: Float[Tensor, "B V H W"]
+# MVSplat's output fields, with DepthSplat's meaning: ``depths`` are z-depths (the Gaussians sit at them), and
+# ``harmonics`` are of degree 2 (``[B, V, H, W, 3, 9]``).
+DepthSplatOutput = MVSplatOutput
 
 
 def check_image_size(cfg: DepthSplatCfg, height: int, width: int) -> None:
@@ -145,12 +125,4 @@ class DepthSplatEncoder(nn.Module):
             camera_to_world, intrinsics, depths, raw.reshape(b, v, -1, h, w).permute(0, 1, 3, 4, 2), images,
             with_harmonics=with_harmonics,
         )
-        return DepthSplatOutput(
-            depths=depths,
-            means=gaussians.means,
-            covariances=gaussians.covariances,
-            scales=gaussians.scales,
-            rotations=gaussians.rotations,
-            harmonics=gaussians.harmonics,
-            opacities=gaussians.opacities,
-        )
+        return DepthSplatOutput(depths=depths, **vars(gaussians))

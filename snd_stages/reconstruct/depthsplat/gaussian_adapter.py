@@ -17,12 +17,18 @@ functions it uses):
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from ..mvsplat.gaussian_adapter import QUATERNION_EPS, AdapterOutput, pixel_rays, rotate_harmonics, world_covariances
+from ..mvsplat.gaussian_adapter import GaussianAdapter as MVSplatGaussianAdapter
+from ..mvsplat.gaussian_adapter import (
+    QUATERNION_EPS,
+    AdapterOutput,
+    pixel_rays,
+    rotate_harmonics,
+    world_covariances,
+)
 
 # The degree-0 real spherical harmonic, Y_0^0 = 1 / (2 sqrt(pi)).
 SH_C0 = 0.28209479177387814
@@ -30,31 +36,18 @@ SH_C0 = 0.28209479177387814
 SCALE_SHIFT = 4.0
 
 
-class GaussianAdapter(nn.Module):
-    """Maps depth, image and raw channels to Gaussians. Parameter-free (``sh_mask`` is not persistent)."""
-
-    sh_mask: Tensor
+class GaussianAdapter(MVSplatGaussianAdapter):
+    """Maps depth, image and raw channels to Gaussians. Parameter-free (``sh_mask``, MVSplat's damping of the
+    higher SH degrees, is not persistent); one more raw channel than MVSplat's, the opacity logit."""
 
     def __init__(self, scale_min: float = 1e-10, scale_max: float = 3.0, sh_degree: int = 2) -> None:
-        super().__init__()
-        self.scale_min = scale_min
-        self.scale_max = scale_max
-        self.sh_degree = sh_degree
-        # Damps the higher degrees so that the initial colours are the image's; part of the trained behaviour.
-        mask = torch.ones((sh_degree + 1) ** 2)
-        for degree in range(1, sh_degree + 1):
-            mask[degree**2 : (degree + 1) ** 2] = 0.1 * 0.25**degree
-        self.register_buffer("sh_mask", mask, persistent=False)
-
-    @property
-    def sh_coefficients(self) -> int:
-        return (self.sh_degree + 1) ** 2
+        super().__init__(scale_min, scale_max, sh_degree)
 
     @property
     def raw_channels(self) -> int:
-        return 1 + 2 + 3 + 4 + 3 * self.sh_coefficients
+        return 1 + super().raw_channels
 
-    def forward(
+    def forward(  # type: ignore[override]  # DepthSplat's adapter reads the image, not a density
         self,
         camera_to_world: Float[Tensor, "B V 4 4"],
         intrinsics: Float[Tensor, "B V 3 3"],
