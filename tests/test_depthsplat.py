@@ -9,6 +9,8 @@ skipped where it is absent.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from snd_stages.errors import ConfigError, DataError
@@ -448,3 +451,68 @@ def test_registry_entry_needs_no_depth_and_keys_the_checkpoint_by_content(random
     params, inputs = cfg.key()
     assert params["reconstructor"] == "depthsplat" and params["depthsplat"]["model"] == "auto"
     assert set(inputs) == {"depthsplat_checkpoint_sha256"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# snd precompute-gaussians and snd train on depthsplat Gaussians
+
+
+def _write_config(path: Path, settings: list[str]) -> Path:
+    """``key.sub=value`` settings as a pipeline.yaml (values parsed as YAML, as ``--set`` parses them)."""
+    tree: dict = {}
+    for setting in settings:
+        key, value = setting.split("=", 1)
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.slow
+def test_precompute_gaussians_then_training_run_on_depthsplat_gaussians(random_state, tmp_path):
+    from typer.testing import CliRunner
+
+    from snd_stages.artifacts.gaussians import load_gaussians, read_pair
+    from snd_stages.artifacts.samples import load_samples
+    from snd_stages.cli import app
+    from snd_stages.stages.make_demo_data import make_demo_data
+    from snd_stages.stages.precompute_masks import precompute_masks
+    from snd_stages.stages.precompute_operators import precompute_operators
+    from snd_stages.stages.sample_views import sample_views
+    from snd_stages.stages.train import train
+    from snd_stages.store import Store
+
+    checkpoint = tmp_path / "depthsplat-small.safetensors"
+    save_file(random_state, checkpoint)
+    config = _write_config(tmp_path / "pipeline.yaml", [
+        "demo.train_scenes=1", "demo.eval_scenes=0", "demo.frames_per_scene=8", "demo.height=48", "demo.width=64",
+        "sampling.samples_per_scene=2", "sampling.frame_gap=[3,4]",
+        "gaussians.reconstructor=depthsplat", f"gaussians.depthsplat.checkpoint={checkpoint}",
+        "gaussians.device=cpu",
+        "train.weights=random", "train.allow_random_weights=true", "train.prototypes=256", "train.batch_size=1",
+        "train.log_every=1", "train.steps=2", "train.device=cpu",
+        f"data.root={tmp_path / 'demo'}", f"store.root={tmp_path / 'store'}", f"train.runs_root={tmp_path / 'runs'}",
+    ])
+    cfg = load_config(config, [])
+    make_demo_data(cfg.data, dataclasses.replace(cfg.demo, workers=1))
+    store = Store(cfg.store.root)
+    sample_views(cfg.data, cfg.sampling, store)
+
+    result = CliRunner().invoke(app, ["precompute-gaussians", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    samples_artifact, _ = load_samples(store, cfg.data, cfg.sampling)
+    artifact = load_gaussians(store, cfg.gaussians, samples_artifact.key)
+    assert artifact.group().attrs["reconstructor"] == "depthsplat"
+    pair = read_pair(artifact.unit(artifact.units()[0]))
+    assert len(pair.gaussians) == 2 * 48 * 64 and torch.isfinite(pair.gaussians.means).all()
+    assert ((pair.gaussians.scales > 0) & (pair.gaussians.scales <= 3.0)).all()
+
+    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    run = train(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    lines = (run.run_dir / "metrics.csv").read_text().splitlines()
+    losses = [float(line.split(",")[lines[0].split(",").index("loss")]) for line in lines[1:]]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
