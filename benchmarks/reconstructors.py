@@ -1,6 +1,7 @@
 """The feed-forward reconstructors' throughput and depth quality on demo scenes: mvsplat against depthsplat.
 
-Prints one table with a row per reconstructor (and DepthSplat configuration) and image size: the time to
+Prints one table with a row per reconstructor (and DepthSplat model: small, base, large and the 448x768 ones) and
+image size: the time to
 reconstruct one context pair (the encoder in true float32 plus the conversion to snd's Gaussians: what
 ``snd precompute-gaussians`` pays per pair), pairs/s, the peak GPU memory, and the quality of the encoder's depth
 maps against the scenes' true z-depth (AbsRel and delta1 < 1.25 over valid pixels, both views of every pair).
@@ -9,7 +10,7 @@ cannot take is moved to the nearest one it can (MVSplat and DepthSplat's small m
 448x768 model: multiples of 64, so 576x880 becomes 576x896), and the row says so.
 
     python benchmarks/reconstructors.py                             # 576x880 and 448x768, random weights
-    python benchmarks/reconstructors.py --sizes 64x128 --pairs 2    # a quick CPU check
+    python benchmarks/reconstructors.py --sizes 64x128 --pairs 2 --models mvsplat depthsplat-small   # quick, CPU
     python benchmarks/reconstructors.py --mvsplat re10k.ckpt --depthsplat depthsplat-gs-small-re10k-256x256-view2-cfeab6b1.pth
                                                                     # the authors' weights: meaningful depth
     python benchmarks/reconstructors.py --write-inputs DIR   # generate the input scenes only (needs open3d) ...
@@ -54,7 +55,7 @@ class Model:
 
     @property
     def label(self) -> str:
-        return self.reconstructor if self.configuration is None else f"{self.reconstructor} ({self.configuration})"
+        return self.reconstructor if self.configuration is None else f"{self.reconstructor}-{self.configuration}"
 
 
 MODELS_TO_TIME = (
@@ -158,7 +159,7 @@ def main() -> None:
         from snd_stages.reconstruct.mvsplat.checkpoint import convert_mvsplat_state_dict
 
         state = convert_mvsplat_state_dict(read_depthsplat_checkpoint(args.depthsplat))[0]
-        configuration = infer_model(state, str(args.depthsplat)) or "small"
+        configuration = infer_model(state) or "small"
         models = [model for model in models if model.configuration in (None, configuration)]
     rows = [(model, size, nearest_valid(size, model.size_multiple))
             for size in map(parse_size, args.sizes) for model in models]

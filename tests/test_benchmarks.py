@@ -233,17 +233,19 @@ def test_sizes_move_to_the_nearest_a_model_takes(reconstructors, size, multiple,
 
 def test_every_feed_forward_reconstructor_has_a_row(reconstructors):
     labels = [model.label for model in reconstructors.MODELS_TO_TIME]
-    assert labels == ["mvsplat", "depthsplat (small)", "depthsplat (small_448x768)"]
-    assert [model.size_multiple for model in reconstructors.MODELS_TO_TIME] == [16, 16, 64]
+    assert labels == ["mvsplat", "depthsplat-small", "depthsplat-small_448x768", "depthsplat-base", "depthsplat-large",
+                      "depthsplat-base_448x768"]
+    assert [model.size_multiple for model in reconstructors.MODELS_TO_TIME] == [16, 16, 64, 16, 16, 64]
 
 
 @pytest.mark.slow
 def test_reconstructors_time_every_model_at_a_tiny_size(reconstructors, tmp_path, monkeypatch, capsys):
     pytest.importorskip("open3d")
+    labels = ["mvsplat", "depthsplat-small", "depthsplat-small_448x768"]
     monkeypatch.setattr("sys.argv", ["reconstructors.py", "--sizes", "64x64", "--pairs", "1", "--gap", "1",
-                                     "--device", "cpu"])
+                                     "--device", "cpu", "--models", *labels])
     reconstructors.main()
     output = capsys.readouterr().out
-    for label in ("mvsplat", "depthsplat (small)", "depthsplat (small_448x768)"):
+    for label in labels:
         assert label in output
     assert "64x64" in output and "random init" in output

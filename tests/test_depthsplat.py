@@ -234,14 +234,16 @@ def test_parity_with_the_official_encoder(parity: dict[str, Case], name: str) ->
 # The released configurations and strict loading
 
 
-OFFICIAL_COUNTS = {"small": (567, 38_346_416), "small_448x768": (567, 38_404_880)}  # fixture README, section 2.1
+# Tensors and parameters of the official encoders (fixture README, section 2.1).
+OFFICIAL_COUNTS = {"small": (567, 38_346_416), "small_448x768": (567, 38_404_880), "base": (751, 120_747_896),
+                   "large": (919, 354_337_760), "base_448x768": (751, 120_877_016)}
 
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_released_configurations_have_the_official_tensors_and_parameters(model):
     expected = expected_state_dict(model)
     assert (len(expected), sum(value.numel() for value in expected.values())) == OFFICIAL_COUNTS[model]
-    assert infer_model(expected, "test") == model
+    assert infer_model(expected) == model
 
 
 @needs_fixture
@@ -263,11 +265,40 @@ def test_the_448x768_model_differs_only_where_the_1_8_branch_joins_the_dpt_heads
     assert wide["depth_predictor.upsampler.concat_projects.2.weight"].shape == (192, 128 + 192 + 128 + 1, 1, 1)
 
 
-def test_two_scale_models_are_refused_by_name():
-    state = dict(expected_state_dict("small"))
-    state["depth_predictor.pretrained.pos_embed"] = torch.empty(1, 1370, 768, device="meta")
-    with pytest.raises(DataError, match=r"b\.pth holds a DepthSplat model with a 768-channel DINOv2.*base or large"):
-        infer_model(state, "b.pth")
+def test_the_two_scale_models_have_pyramids_and_a_second_cost_volume():
+    base = expected_state_dict("base")
+    # The finer scale: 32 candidates, the CNN's 96-channel stage, 64-channel transformer and 384-channel DINOv2
+    # features from the pyramids, a 64-wide U-Net with a fourth level whose attention sits at 1/8 of its input.
+    assert base["depth_predictor.regressor.1.0.weight"].shape == (64, 32 + 96 + 64 + 384, 3, 3)
+    assert base["depth_predictor.depth_head.1.2.weight"].shape == (32, 128, 3, 3)
+    assert base["depth_predictor.mv_pyramid.stages.1.0.weight"].shape == (128, 64, 2, 2)
+    assert base["depth_predictor.mono_pyramid.stages.1.2.weight"].shape == (384, 384, 3, 3)
+    assert "depth_predictor.regressor.1.3.input_blocks.7.1.qkv.weight" in base
+    assert base["depth_predictor.upsampler.concat_projects.0.weight"].shape == (96, 64 + 96 + 64 + 1 + 96, 1, 1)
+    assert base["feature_upsampler.scratch.layer1_rn.weight"].shape == (96, 96, 3, 3)
+    assert expected_state_dict("large")["depth_predictor.upsampler.projects.0.weight"].shape == (128, 1024, 1, 1)
+
+
+@pytest.mark.parametrize("model, size", [("base", (32, 48)), ("base_448x768", (64, 128))])
+def test_the_two_scale_models_run(model, size):
+    torch.manual_seed(0)
+    encoder = DepthSplatEncoder(MODELS[model]).eval()
+    images, camera = posed_pair(*size)
+    result = reconstruct_pair(encoder, images, camera, near=0.5, far=100.0)
+    assert result.depth.shape == (2, *size) and len(result.gaussians) == 2 * size[0] * size[1]
+    assert ((result.depth >= 0.5 - 1e-4) & (result.depth <= 100.0 + 1e-2)).all()
+    assert torch.isfinite(result.gaussians.means).all()
+
+
+def test_a_checkpoint_matching_no_configuration_is_reported_against_its_size(tmp_path):
+    state = {f"encoder.{key}": torch.zeros(value.shape, dtype=torch.float16)
+             for key, value in expected_state_dict("base").items()}
+    del state["encoder.depth_predictor.mv_pyramid.stages.1.2.bias"]
+    path = tmp_path / "base.safetensors"
+    save_file(state, path)
+    with pytest.raises(DataError, match=r"into the DepthSplat encoder \(751 tensors\).*1 missing keys: "
+                                        r"encoder.depth_predictor.mv_pyramid.stages.1.2.bias"):
+        load_depthsplat_encoder(path)
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +456,7 @@ def test_gaussians_follow_snd_conventions(small_encoder):
 
 
 def test_depthsplat_needs_a_checkpoint():
-    with pytest.raises(ConfigError, match="gaussians.depthsplat.checkpoint.*DepthSplat's small checkpoints"):
+    with pytest.raises(ConfigError, match="gaussians.depthsplat.checkpoint.*DepthSplat's checkpoints"):
         load_config(None, ["gaussians.reconstructor=depthsplat"])
     with pytest.raises(ConfigError, match="gaussians.depthsplat.checkpoint = '/nowhere/d.pth' does not exist"):
         build_reconstructor(GaussiansCfg(reconstructor="depthsplat",

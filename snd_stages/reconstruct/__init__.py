@@ -123,7 +123,7 @@ def _depthsplat_reconstructor(settings: DepthSplatSettings, device: torch.device
     from .depthsplat import load_depthsplat_encoder
 
     _require_checkpoint("depthsplat", settings.checkpoint,
-                        "one of the DepthSplat authors' small checkpoints (.pth) or a .safetensors copy of it")
+                        "one of the DepthSplat authors' checkpoints (.pth) or a .safetensors copy of it")
     encoder = load_depthsplat_encoder(settings.checkpoint, device, settings.model)
     return _pair_reconstructor("depthsplat", encoder, settings.near, settings.far)
 
@@ -167,7 +167,7 @@ RECONSTRUCTORS: dict[str, ReconstructorEntry] = {
     "depthsplat": ReconstructorEntry(
         DepthSplatSettings, _depthsplat_reconstructor, key=_checkpoint_key("depthsplat"),
         needs=lambda settings: None if settings.checkpoint is not None else (
-            "checkpoint", "the path to one of DepthSplat's small checkpoints (the authors' .pth, or a .safetensors "
+            "checkpoint", "the path to one of DepthSplat's checkpoints (the authors' .pth, or a .safetensors "
                           "copy)")),
 }
 

@@ -15,7 +15,7 @@ Modules, in the order the data flows:
   (:func:`reconstruct_pair`, :func:`encoder_inputs`): the same inputs, and the same camera-frame xyzw rotations
   to turn into world-frame wxyz quaternions.
 
-It reproduces the official code (cvg/depthsplat, small model) to float32 noise; the parity test
+It reproduces the official code (cvg/depthsplat) to float32 noise for the small model; the parity test
 (``tests/test_depthsplat.py``) checks every stage against outputs of the official code.
 
 Usage::

@@ -8,7 +8,7 @@ files, read without running anything pickled (:func:`~..mvsplat.checkpoint.read_
 - a Lightning checkpoint or a bare state dict (``.pth`` / ``.ckpt`` / ``.pt``), keys with or without ``encoder.``;
 - a ``.safetensors`` file, keys with or without the prefix; float16 copies are cast to float32 on load.
 
-Every key and shape must match one configuration of :data:`~.encoder.MODELS`: missing keys, unexpected keys and
+Every key and shape must match one configuration of :data:`~.encoder.MODELS` (``model: auto`` finds it): missing keys, unexpected keys and
 shape mismatches are reported together in one :class:`DataError` naming the file.
 """
 
@@ -26,10 +26,13 @@ from ..mvsplat.checkpoint import convert_mvsplat_state_dict, read_state_dict_fil
 from .encoder import MODELS, DepthSplatEncoder
 
 RELEASED = (
-    "use one of the authors' single-scale checkpoints (depthsplat-gs-small-re10k-256x256-view2-cfeab6b1.pth for "
-    "model small, depthsplat-gs-small-re10kdl3dv-448x768-randview4-10-c08188db.pth for model small_448x768) or a "
+    "use one of the authors' checkpoints (depthsplat-gs-{small,base,large}-re10k-256x256-view2-*.pth for models "
+    "small, base, large; depthsplat-gs-{small,base}-re10kdl3dv-448x768-*.pth for small_448x768, base_448x768) or a "
     "state dict converted from one"
 )
+# The DINOv2 width tells the model size apart, to report a checkpoint that matches no configuration against the
+# nearest one.
+MODEL_BY_VIT_WIDTH = {384: "small", 768: "base", 1024: "large"}
 DINOV2_POSITION_KEY = "depth_predictor.pretrained.pos_embed"
 
 
@@ -45,26 +48,23 @@ def expected_state_dict(model: str) -> dict[str, Tensor]:
         return DepthSplatEncoder(MODELS[model]).state_dict()
 
 
-def infer_model(state_dict: Mapping[str, Tensor], source: str) -> str | None:
+def infer_model(state_dict: Mapping[str, Tensor]) -> str | None:
     """The configuration of :data:`MODELS` whose keys and shapes ``state_dict`` (encoder names) matches exactly, or
-    None (the strict load against the default configuration then lists the differences).
-
-    Raises:
-        DataError: the file holds a DINOv2 wider than ViT-S: a two-scale base or large model.
-    """
+    None."""
     for name in MODELS:
         expected = expected_state_dict(name)
         if expected.keys() == state_dict.keys() and all(
             state_dict[key].shape == value.shape for key, value in expected.items()
         ):
             return name
-    position = state_dict.get(DINOV2_POSITION_KEY)
-    if position is not None and position.shape[-1] != 384:
-        raise DataError(
-            f"{source} holds a DepthSplat model with a {position.shape[-1]}-channel DINOv2 (the two-scale base or "
-            f"large model), which the depthsplat reconstructor does not implement; {RELEASED}"
-        )
     return None
+
+
+def nearest_model(state_dict: Mapping[str, Tensor]) -> str:
+    """The RE10K model of the same DINOv2 size (``small`` if that cannot be told): the one whose differences a
+    failed strict load lists."""
+    position = state_dict.get(DINOV2_POSITION_KEY)
+    return MODEL_BY_VIT_WIDTH.get(position.shape[-1], "small") if position is not None else "small"
 
 
 def load_state_dict_strict(encoder: DepthSplatEncoder, state_dict: Mapping[str, Tensor], source: str) -> None:
@@ -83,12 +83,13 @@ def load_state_dict_strict(encoder: DepthSplatEncoder, state_dict: Mapping[str, 
 def load_depthsplat_encoder(
     path: Path, device: torch.device | str = "cpu", model: str = "auto"
 ) -> DepthSplatEncoder:
-    """Build the encoder for ``model`` (``auto``: the configuration the file's shapes match, else ``small``, whose
-    differences the error lists), load ``path`` strictly, and return it in eval mode on ``device``."""
+    """Build the encoder for ``model`` (``auto``: the configuration the file's shapes match, else the nearest one,
+    whose differences the error lists), load ``path`` strictly, and return it in eval mode on ``device``."""
     state_dict = read_depthsplat_checkpoint(Path(path))
     source = f"DepthSplat checkpoint {path}"
     if model == "auto":
-        model = infer_model(convert_mvsplat_state_dict(state_dict)[0], source) or "small"
+        converted = convert_mvsplat_state_dict(state_dict)[0]
+        model = infer_model(converted) or nearest_model(converted)
     encoder = DepthSplatEncoder(MODELS[model])
     load_state_dict_strict(encoder, state_dict, source)
     return encoder.to(device).eval()

@@ -57,23 +57,32 @@ class FeatureFusionBlock(nn.Module):
         return self.out_conv(F.interpolate(path, **resize, mode="bilinear", align_corners=True))
 
 
+# What joins each of the first three levels (1/2, 1/4, 1/8), in concatenation order, per (finest depth resolution,
+# depth scales): ``cnn<k>`` the CNN's outputs, ``mv<k>`` the transformer's features finest first, ``depth`` the
+# inverse depth of the finest scale (depth head only), ``mono`` the level's projected DINOv2 map.
+LAYOUTS: dict[tuple[int, int], tuple[tuple[str, ...], ...]] = {
+    (4, 1): (("cnn0", "cnn1", "mono"), ("cnn2", "mono", "mv0", "depth"), ("mono",)),
+    (8, 1): (("cnn0", "mono"), ("cnn1", "mono"), ("cnn2", "mono", "mv0", "depth")),
+    (2, 2): (("cnn0", "cnn1", "mv0", "depth", "mono"), ("cnn2", "mono", "mv1"), ("mono",)),
+    (4, 2): (("cnn0", "mono"), ("cnn1", "mono", "mv0", "depth"), ("cnn2", "mono", "mv1")),
+}
+
+
 class DPTHead(nn.Module):
-    """The DPT head of a single-scale DepthSplat model.
+    """The DPT head of DepthSplat.
 
     Its four levels sit at 1/2, 1/4, 1/8 and 1/16 of the image; the DINOv2 maps (all at 1/8) are projected and
     resampled to them (transposed convolutions x4 and x2, identity, a stride-2 convolution). Where the
-    multi-view branch lives decides which level it joins:
-
-    - features at 1/4 (``downsample_factor`` 4): level 1 gets both 1/2 CNN maps, level 2 the 1/4 CNN map, the
-      transformer features and (depth head) the coarse inverse depth; level 3 only a 1x1 projection;
-    - features at 1/8 (``downsample_factor`` 8): level 1 gets the first CNN map, level 2 the second, level 3 the
-      1/8 CNN map, the transformer features and (depth head) the coarse inverse depth.
+    multi-view branch lives decides what joins which level (:data:`LAYOUTS`); e.g. with single-scale features
+    at 1/4, level 1 gets both 1/2 CNN maps, level 2 the 1/4 CNN map, the transformer features and (depth head)
+    the coarse inverse depth, and level 3 only a 1x1 projection.
 
     Args:
         vit_channels: DINOv2's token width.
         fusion_channels: width of the refinement path.
         projections: widths of the four levels.
-        downsample_factor: 4 or 8, the resolution of the multi-view branch.
+        downsample_factor: 2, 4 or 8, the resolution of the finest depth scale.
+        scales: depth scales (1, or 2 for the base and large models).
         predicts_depth: the depth-residual head (takes the coarse inverse depth, ends in ``output_conv``);
             otherwise it returns its full-resolution features.
     """
@@ -85,22 +94,21 @@ class DPTHead(nn.Module):
         projections: tuple[int, int, int, int],
         downsample_factor: int,
         predicts_depth: bool,
+        scales: int = 1,
     ) -> None:
         super().__init__()
-        assert downsample_factor in (4, 8), downsample_factor
-        self.downsample_factor = downsample_factor
-        self.predicts_depth = predicts_depth
-        depth = 1 if predicts_depth else 0
-        half, second, lowest = CNN_CHANNELS
-        if downsample_factor == 4:
-            concat_inputs = (half + second + projections[0], lowest + projections[1] + MULTIVIEW_CHANNELS + depth,
-                             projections[2])
-        else:
-            concat_inputs = (half + projections[0], second + projections[1],
-                             lowest + projections[2] + MULTIVIEW_CHANNELS + depth)
-        self.concat_projects = nn.ModuleList(
-            [nn.Conv2d(inputs, width, 1) for inputs, width in zip(concat_inputs, projections)]
+        self.layout = tuple(
+            tuple(name for name in level if predicts_depth or name != "depth")
+            for level in LAYOUTS[downsample_factor, scales]
         )
+        self.predicts_depth = predicts_depth
+        # The transformer's features are 128 wide at the coarsest scale, half that at the finer one.
+        widths = {"cnn0": CNN_CHANNELS[0], "cnn1": CNN_CHANNELS[1], "cnn2": CNN_CHANNELS[2], "depth": 1,
+                  "mv0": MULTIVIEW_CHANNELS // scales, "mv1": MULTIVIEW_CHANNELS}
+        self.concat_projects = nn.ModuleList([
+            nn.Conv2d(sum(width if name == "mono" else widths[name] for name in level), width, 1)
+            for level, width in zip(self.layout, projections)
+        ])
         self.projects = nn.ModuleList([nn.Conv2d(vit_channels, width, 1) for width in projections])
         self.resize_layers = nn.ModuleList([
             nn.ConvTranspose2d(projections[0], projections[0], 4, stride=4),
@@ -125,7 +133,7 @@ class DPTHead(nn.Module):
         self,
         mono: list[Float[Tensor, "N C h8 w8"]],
         cnn: tuple[Tensor, Tensor, Tensor],
-        multiview: Float[Tensor, "N 128 h w"],
+        multiview: list[Tensor],
         coarse_disparity: Float[Tensor, "N 1 h w"] | None = None,
         intermediates: dict[str, Tensor] | None = None,
         prefix: str = "",
@@ -133,8 +141,8 @@ class DPTHead(nn.Module):
         """Args:
             mono: the four DINOv2 maps at 1/8.
             cnn: the CNN's three outputs (:meth:`~..mvsplat.backbone.CNNEncoder.stages`).
-            multiview: the transformer's features at the multi-view resolution.
-            coarse_disparity: the cost volume's inverse depth there (the depth head only).
+            multiview: the transformer's features per depth scale, finest first.
+            coarse_disparity: the finest scale's inverse depth (the depth head only).
             intermediates: gets ``<prefix>path4`` and ``<prefix>path1`` if given.
 
         Returns:
@@ -142,13 +150,10 @@ class DPTHead(nn.Module):
         """
         assert (coarse_disparity is not None) == self.predicts_depth
         levels = [resize(project(x)) for x, project, resize in zip(mono, self.projects, self.resize_layers)]
-        extra = [coarse_disparity] if coarse_disparity is not None else []
-        if self.downsample_factor == 4:
-            concat = ([cnn[0], cnn[1], levels[0]], [cnn[2], levels[1], multiview, *extra], [levels[2]])
-        else:
-            concat = ([cnn[0], levels[0]], [cnn[1], levels[1]], [cnn[2], levels[2], multiview, *extra])
-        for index, (inputs, project) in enumerate(zip(concat, self.concat_projects)):
-            levels[index] = project(torch.cat(inputs, dim=1))
+        inputs = {"cnn0": cnn[0], "cnn1": cnn[1], "cnn2": cnn[2], "depth": coarse_disparity,
+                  **{f"mv{index}": x for index, x in enumerate(multiview)}}
+        for index, (names, project) in enumerate(zip(self.layout, self.concat_projects)):
+            levels[index] = project(torch.cat([levels[index] if name == "mono" else inputs[name] for name in names], 1))
         scratch = self.scratch
         refined = [getattr(scratch, f"layer{level}_rn")(x) for level, x in enumerate(levels, start=1)]
         path4 = scratch.refinenet4(refined[3], None, refined[2].shape[-2:])

@@ -36,6 +36,15 @@ MODELS: dict[str, DepthSplatCfg] = {
     "small": DepthSplatCfg(),
     # depthsplat-gs-small-re10kdl3dv-448x768-randview4-10-c08188db: features and cost volume at 1/8
     "small_448x768": DepthSplatCfg(downsample_factor=8, scale_max=0.1, size_multiple=64),
+    # depthsplat-gs-base-re10k-256x256-view2-ca7b6795: two depth scales, at 1/4 then 1/2
+    "base": DepthSplatCfg(vit="vitb", downsample_factor=2, scales=2, depth_fusion_channels=48,
+                          feature_fusion_channels=96),
+    # depthsplat-gs-large-re10k-256x256-view2-e0f0f27a
+    "large": DepthSplatCfg(vit="vitl", downsample_factor=2, scales=2, depth_fusion_channels=64,
+                           feature_fusion_channels=128),
+    # depthsplat-gs-base-re10kdl3dv-448x768-randview2-6-f8ddd845: two depth scales, at 1/8 then 1/4
+    "base_448x768": DepthSplatCfg(vit="vitb", downsample_factor=4, scales=2, depth_fusion_channels=48,
+                                  feature_fusion_channels=96, scale_max=0.1, size_multiple=64),
 }
 assert tuple(MODELS) == MODEL_NAMES, "gaussians.depthsplat.model's choices are the configurations here"
 
@@ -54,7 +63,7 @@ def check_image_size(cfg: DepthSplatCfg, height: int, width: int) -> None:
 
 
 class DepthSplatEncoder(nn.Module):
-    """DepthSplat's ``EncoderDepthSplat`` with one depth scale (2 context views, 128 inverse-depth candidates,
+    """DepthSplat's ``EncoderDepthSplat`` in one of :data:`MODELS` (2 context views, 128 inverse-depth candidates,
     SH degree 2)."""
 
     name = "depthsplat"
@@ -66,7 +75,7 @@ class DepthSplatEncoder(nn.Module):
         vit = VITS[cfg.vit]
         self.depth_predictor = DepthPredictor(cfg)
         self.feature_upsampler = DPTHead(vit.channels, cfg.feature_fusion_channels, vit.projections,
-                                         cfg.downsample_factor, predicts_depth=False)
+                                         cfg.downsample_factor, predicts_depth=False, scales=cfg.scales)
         self.gaussian_adapter = GaussianAdapter(scale_max=cfg.scale_max, sh_degree=cfg.sh_degree)
         features, channels = cfg.feature_fusion_channels, cfg.regressor_channels
         self.gaussian_regressor = nn.Sequential(

@@ -46,7 +46,7 @@ class ViTSpec:
 VITS = {
     "vits": ViTSpec("vit_small_patch14_dinov2", 384, (2, 5, 8, 11), (48, 96, 192, 384)),
     "vitb": ViTSpec("vit_base_patch14_dinov2", 768, (2, 5, 8, 11), (96, 192, 384, 768)),
-    "vitl": ViTSpec("vit_large_patch14_dinov2", 1024, (4, 11, 17, 23), (256, 512, 1024, 1024)),
+    "vitl": ViTSpec("vit_large_patch14_dinov2", 1024, (4, 11, 17, 23), (128, 256, 512, 1024)),
 }
 
 

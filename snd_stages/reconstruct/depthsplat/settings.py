@@ -8,9 +8,10 @@ from typing import Literal, get_args
 
 from ...config import require
 
-# The released single-scale models (:data:`.encoder.MODELS`): ``small`` is the RE10K 256x256 model (frames in
-# multiples of 16), ``small_448x768`` the RE10K+DL3DV 448x768 one (multiples of 64).
-ModelName = Literal["small", "small_448x768"]
+# The released models (:data:`.encoder.MODELS`): ``small``, ``base`` and ``large`` are the RE10K 256x256 models
+# (frames in multiples of 16), ``small_448x768`` and ``base_448x768`` the RE10K+DL3DV 448x768 ones (multiples
+# of 64).
+ModelName = Literal["small", "small_448x768", "base", "large", "base_448x768"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 
@@ -20,8 +21,8 @@ class DepthSplatSettings:
 
     # the authors' checkpoint (depthsplat-gs-small-....pth, or a safetensors copy), loaded strictly
     checkpoint: Path | None = None
-    # auto: the configuration the checkpoint's shapes match | small | small_448x768
-    model: Literal["auto", "small", "small_448x768"] = "auto"
+    # auto: the configuration the checkpoint's shapes match | small | base | large | small_448x768 | base_448x768
+    model: Literal["auto", "small", "small_448x768", "base", "large", "base_448x768"] = "auto"
     # the depth range of the cost volume in metres (the authors': 0.5 and 100 for RE10K, 0.5 and 200 for DL3DV)
     near: float = 0.5
     far: float = 100.0
