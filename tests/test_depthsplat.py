@@ -23,7 +23,6 @@ import yaml
 from safetensors.torch import save_file
 
 from snd_stages.errors import ConfigError, DataError
-from snd_stages.geometry import project_points
 from snd_stages.pipeline import load_config
 from snd_stages.reconstruct import GaussiansCfg, build_reconstructor
 from snd_stages.reconstruct.depthsplat import (
@@ -42,6 +41,7 @@ from tests.test_mvsplat import (
     TRIPPED,
     Tripwire,
     _array,
+    assert_pixel_aligned,
     assert_rotations_scales_and_opacities_in_snd_conventions,
     max_abs,
     max_over_rms,
@@ -285,9 +285,8 @@ def test_the_two_scale_models_run(model, size):
     encoder = DepthSplatEncoder(MODELS[model]).eval()
     images, camera = posed_pair(*size)
     result = reconstruct_pair(encoder, images, camera, near=0.5, far=100.0)
-    assert result.depth.shape == (2, *size) and len(result.gaussians) == 2 * size[0] * size[1]
-    assert ((result.depth >= 0.5 - 1e-4) & (result.depth <= 100.0 + 1e-2)).all()
-    assert torch.isfinite(result.gaussians.means).all()
+    z = assert_pixel_aligned(result.gaussians, result.depth.double(), camera, near=0.5, far=100.0)
+    torch.testing.assert_close(z, result.depth.double().reshape(2, -1), rtol=1e-5, atol=0)
 
 
 def test_a_checkpoint_matching_no_configuration_is_reported_against_its_size(tmp_path):
@@ -377,7 +376,6 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path):
 # Sizes, the other configuration, and the boundary: our cameras in, our Gaussians out
 
 
-HEIGHT, WIDTH = 32, 48
 
 
 @pytest.fixture(scope="module")
@@ -422,8 +420,7 @@ def test_the_448x768_configuration_runs_at_a_multiple_of_64():
     assert encoder.size_multiple == 64
     images, camera = posed_pair(64, 128)
     result = reconstruct_pair(encoder, images, camera, near=0.5, far=200.0)
-    assert len(result.gaussians) == 2 * 64 * 128 and result.depth.shape == (2, 64, 128)
-    assert ((result.depth >= 0.5 - 1e-4) & (result.depth <= 200.0 + 1e-1)).all()
+    assert_pixel_aligned(result.gaussians, result.depth.double(), camera, near=0.5, far=200.0)
     scales = result.gaussians.scales
     assert torch.isfinite(result.gaussians.means).all() and (scales > 0).all() and (scales <= 0.1 + 1e-7).all()
 
@@ -432,19 +429,9 @@ def test_gaussians_follow_snd_conventions(small_encoder):
     images, camera = posed_pair()
     result = reconstruct_pair(small_encoder, images, camera, near=0.5, far=100.0)
     gaussians, depth = result.gaussians, result.depth.double()
-    assert len(gaussians) == 2 * HEIGHT * WIDTH and depth.shape == (2, HEIGHT, WIDTH)
-    assert ((depth >= 0.5 - 1e-4) & (depth <= 100.0 + 1e-2)).all()
-    assert gaussians.source_view.tolist() == [0] * (HEIGHT * WIDTH) + [1] * (HEIGHT * WIDTH)
-    assert gaussians.source_pixel.tolist() == list(range(HEIGHT * WIDTH)) * 2
-
-    # Means: the predicted depth is the z-depth of the Gaussian in its source camera, within half a pixel of it.
-    means = gaussians.means.double().reshape(2, -1, 3)
-    uv, z = project_points(means, camera)
+    z = assert_pixel_aligned(gaussians, depth, camera, near=0.5, far=100.0)
+    # Means: the predicted depth is the z-depth of the Gaussian in its source camera.
     torch.testing.assert_close(z, depth.reshape(2, -1), rtol=1e-5, atol=0)
-    pixels = gaussians.source_pixel.reshape(2, -1)
-    rows, cols = torch.div(pixels, WIDTH, rounding_mode="floor"), pixels % WIDTH
-    centres = torch.stack([cols + 0.5, rows + 0.5], dim=-1).double()
-    assert ((uv - centres).abs() <= 0.5 + 1e-3).all()
 
     with torch.no_grad():
         output = small_encoder(**encoder_inputs(images, camera, 0.5, 100.0), with_harmonics=False)
