@@ -20,7 +20,6 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ...errors import DataError
 from ...models.weights import check_state_dict
 from ..mvsplat.checkpoint import convert_mvsplat_state_dict, read_state_dict_file
 from .encoder import MODELS, DepthSplatEncoder
