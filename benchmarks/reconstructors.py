@@ -11,7 +11,7 @@ cannot take is moved to the nearest one it can (MVSplat and DepthSplat's small m
 
     python benchmarks/reconstructors.py                             # 576x880 and 448x768, random weights
     python benchmarks/reconstructors.py --sizes 64x128 --pairs 2 --models mvsplat depthsplat-small   # quick, CPU
-    python benchmarks/reconstructors.py --mvsplat re10k.ckpt --depthsplat depthsplat-gs-small-re10k-256x256-view2-cfeab6b1.pth
+    python benchmarks/reconstructors.py --mvsplat re10k.ckpt --depthsplat depthsplat-gs-small-....pth
                                                                     # the authors' weights: meaningful depth
     python benchmarks/reconstructors.py --write-inputs DIR   # generate the input scenes only (needs open3d) ...
     python benchmarks/reconstructors.py --inputs DIR         # ... and time them on a machine without open3d
@@ -66,7 +66,8 @@ MODELS_TO_TIME = (
 
 def nearest_valid(size: tuple[int, int], multiple: int) -> tuple[int, int]:
     """Each side rounded to the nearest positive multiple of ``multiple`` (ties upwards)."""
-    return tuple(max(multiple, (side + multiple // 2) // multiple * multiple) for side in size)  # type: ignore[return-value]
+    height, width = (max(multiple, (side + multiple // 2) // multiple * multiple) for side in size)
+    return height, width
 
 
 def parse_size(text: str) -> tuple[int, int]:

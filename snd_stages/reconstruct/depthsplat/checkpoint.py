@@ -8,8 +8,8 @@ files, read without running anything pickled (:func:`~..mvsplat.checkpoint.read_
 - a Lightning checkpoint or a bare state dict (``.pth`` / ``.ckpt`` / ``.pt``), keys with or without ``encoder.``;
 - a ``.safetensors`` file, keys with or without the prefix; float16 copies are cast to float32 on load.
 
-Every key and shape must match one configuration of :data:`~.encoder.MODELS` (``model: auto`` finds it): missing keys, unexpected keys and
-shape mismatches are reported together in one :class:`DataError` naming the file.
+Every key and shape must match one configuration of :data:`~.encoder.MODELS` (``model: auto`` finds it): missing
+keys, unexpected keys and shape mismatches are reported together in one :class:`DataError` naming the file.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""snd's boundary around the MVSplat encoder: our cameras in, our :class:`Gaussians` out.
+"""snd's boundary around the MVSplat encoder (and DepthSplat's, which shares it): our cameras in, our
+:class:`Gaussians` out.
 
 In: images ``[V, H, W, 3]`` uint8 and a :class:`Camera` (K in pixels, OpenCV world-to-camera) become MVSplat's
 inputs: RGB in [0, 1], intrinsics normalised by the image size (row 0 / W, row 1 / H, which keeps the

@@ -34,9 +34,12 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if pre_norm:
-            self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+            self.in_layers = nn.Sequential(
+                group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            )
             self.out_layers = nn.Sequential(
-                group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+                group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1),
             )
         else:
             self.in_layers = nn.Sequential(
