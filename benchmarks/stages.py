@@ -10,6 +10,7 @@ wall time). Both runs store the same bytes (tests/test_throughput.py, tests/test
     python benchmarks/stages.py --size 576x880 --train-scenes 2 --frames 24   # the authors' size
     python benchmarks/stages.py --device cpu                         # the CPU alone
     python benchmarks/stages.py --mvsplat re10k.ckpt                 # Gaussians from MVSplat instead of depth
+    python benchmarks/stages.py --depthsplat depthsplat-small.pth    # ... or from DepthSplat
     python benchmarks/stages.py --eval-scenes 4                      # and snd eval of the embedded DINOv2 on them
 
 snd eval's phases are the probes' ground truth, features, probe fits and the report; it probes the embedded
@@ -53,7 +54,9 @@ def settings(args, root: Path, *extra: str) -> list[str]:
             f"eval.device={args.device}", f"eval.probe_steps={args.probe_steps}", "eval.probe_train_scenes=1",
             f"eval.report_dir={root / 'report'}",
             *([] if args.mvsplat is None else ["gaussians.reconstructor=mvsplat",
-                                               f"gaussians.mvsplat.checkpoint={args.mvsplat}"]), *extra]
+                                               f"gaussians.mvsplat.checkpoint={args.mvsplat}"]),
+            *([] if args.depthsplat is None else ["gaussians.reconstructor=depthsplat",
+                                                  f"gaussians.depthsplat.checkpoint={args.depthsplat}"]), *extra]
 
 
 def timed_stage(name: str, mode: str, units, run, rows: list, phase_names=PHASES) -> None:
@@ -105,8 +108,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--mvsplat", type=Path, help="reconstruct with MVSplat from this checkpoint (e.g. the "
                         "authors' re10k.ckpt; frame sides must be multiples of 16)")
+    parser.add_argument("--depthsplat", type=Path, help="reconstruct with DepthSplat from this checkpoint (one of "
+                        "the authors' small models; frame sides must be multiples of 16, or 64 for the 448x768 one)")
     parser.add_argument("--workdir", type=Path, help="where to write (default: a temporary folder, removed after)")
     args = parser.parse_args()
+    if args.mvsplat is not None and args.depthsplat is not None:
+        raise SystemExit("--mvsplat and --depthsplat each choose the reconstructor: pass one of them")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="snd-stages-"))
     rows: list = []
     try:
@@ -116,7 +123,7 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    reconstructor = "depth" if args.mvsplat is None else "MVSplat"
+    reconstructor = "MVSplat" if args.mvsplat is not None else "DepthSplat" if args.depthsplat is not None else "depth"
     table = Table(title=f"Stages around training at {args.size} ({reconstructor} Gaussians): {args.train_scenes} "
                         f"scenes of {args.frames} frames, "
                         f"{args.samples_per_scene} samples per scene (units: scenes for data and masks, pairs for "

@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,41 @@ def test_gemm_ceiling_is_the_fastest_product_of_its_search(train_step):
     assert train_step.matmul_tflops(8192, 8192, 8192, 5) <= 1.05 * ceiling.tflops
     if not math.isnan(train_step.peak_tflops()):  # a GPU the datasheet table knows
         assert ceiling.tflops < train_step.peak_tflops()
+
+
+@pytest.fixture(scope="module")
+def reconstructors():
+    path = Path(__file__).parents[1] / "benchmarks" / "reconstructors.py"
+    spec = importlib.util.spec_from_file_location("benchmark_reconstructors", path)
+    module = importlib.util.module_from_spec(spec)
+    # Registered while it runs: its dataclass looks its module up by name.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize("size, multiple, valid", [((576, 880), 16, (576, 880)), ((576, 880), 64, (576, 896)),
+                                                   ((448, 768), 64, (448, 768)), ((20, 40), 64, (64, 64))])
+def test_sizes_move_to_the_nearest_a_model_takes(reconstructors, size, multiple, valid):
+    assert reconstructors.nearest_valid(size, multiple) == valid
+
+
+def test_every_feed_forward_reconstructor_has_a_row(reconstructors):
+    labels = [model.label for model in reconstructors.MODELS_TO_TIME]
+    assert labels == ["mvsplat", "depthsplat-small", "depthsplat-small_448x768", "depthsplat-base", "depthsplat-large",
+                      "depthsplat-base_448x768"]
+    assert [model.size_multiple for model in reconstructors.MODELS_TO_TIME] == [16, 16, 64, 16, 16, 64]
+
+
+@pytest.mark.slow
+def test_reconstructors_time_every_model_at_a_tiny_size(reconstructors, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("open3d")
+    labels = ["mvsplat", "depthsplat-small", "depthsplat-small_448x768"]
+    monkeypatch.setattr("sys.argv", ["reconstructors.py", "--sizes", "64x64", "--pairs", "1", "--gap", "1",
+                                     "--device", "cpu", "--models", *labels])
+    reconstructors.main()
+    output = capsys.readouterr().out
+    for label in labels:
+        assert label in output
+    assert "64x64" in output and "random init" in output

@@ -56,7 +56,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("sampling:\n  targets: context\n  targets_per_sample: 3\n", ["sampling.targets_per_sample", "at most 2"]),
         ("train:\n  loss: l2\n", ["train.loss", "'l2'", "'dino', 'cosine'"]),
         ("train:\n  teacher: student\n", ["train.teacher", "'student'", "'ema', 'frozen'"]),
-        ("gaussians:\n  reconstructor: nerf\n", ["gaussians.reconstructor", "'nerf'", "['depth', 'mvsplat']"]),
+        ("gaussians:\n  reconstructor: nerf\n", ["gaussians.reconstructor", "'nerf'", "['depth', 'depthsplat', 'mvsplat']"]),
         ("masks:\n  source: grabcut\n", ["masks.source", "'grabcut'", "'felzenszwalb'", "'gt'", "'sam'", "'slic'"]),
         ("gaussians:\n  depth:\n    footprint_scale: 0.01\n", ["gaussians.depth.footprint_scale = 0.01", "[0.05, 10]"]),
         ("gaussians:\n  depth:\n    covariance: cube\n", ["gaussians.depth.covariance", "'disk', 'isotropic'"]),

@@ -375,31 +375,43 @@ def test_gaussians_follow_snd_conventions(small_encoder):
     images, camera = posed_pair()
     result = reconstruct_pair(small_encoder, images, camera, near=1.0, far=100.0)
     gaussians, depth = result.gaussians, result.depth.double()
-    assert len(gaussians) == 2 * HEIGHT * WIDTH and depth.shape == (2, HEIGHT, WIDTH)
-    assert ((depth >= 1.0 - 1e-4) & (depth <= 100.0 + 1e-2)).all()
-    assert gaussians.source_view.tolist() == [0] * (HEIGHT * WIDTH) + [1] * (HEIGHT * WIDTH)
-    assert gaussians.source_pixel.tolist() == list(range(HEIGHT * WIDTH)) * 2
-
+    assert_pixel_aligned(gaussians, depth, camera, near=1.0, far=100.0)
     # Means: the predicted depth is the distance along the unit ray through the (offset) source pixel.
-    means = gaussians.means.double().reshape(2, -1, 3)
-    distance = (means - camera.center[:, None]).norm(dim=-1)
+    distance = (gaussians.means.double().reshape(2, -1, 3) - camera.center[:, None]).norm(dim=-1)
     torch.testing.assert_close(distance, depth.reshape(2, -1), rtol=1e-5, atol=0)
-    uv, z = project_points(means, camera)
-    pixels = gaussians.source_pixel.reshape(2, -1)
-    rows, cols = torch.div(pixels, WIDTH, rounding_mode="floor"), pixels % WIDTH
-    centres = torch.stack([cols + 0.5, rows + 0.5], dim=-1).double()
-    assert (z > 0).all() and ((uv - centres).abs() <= 0.5 + 1e-3).all()  # offsets move at most half a pixel
 
-    # Quaternions: unit wxyz in the world frame = the camera-frame rotation (xyzw) turned by the camera's R.
     with torch.no_grad():
         output = small_encoder(**encoder_inputs(images, camera, 1.0, 100.0), with_harmonics=False)
+    assert_rotations_scales_and_opacities_in_snd_conventions(gaussians, output, camera)
+
+
+def assert_pixel_aligned(gaussians, depth: torch.Tensor, camera: Camera, near: float, far: float) -> torch.Tensor:
+    """One Gaussian per pixel of both views, in (view, row, column) order, in front of its source camera within
+    half a pixel of its pixel's centre, with depth in [near, far]. Returns the Gaussians' z in their source
+    cameras, ``[2, H W]``."""
+    height, width = camera.height, camera.width
+    assert len(gaussians) == 2 * height * width and depth.shape == (2, height, width)
+    assert ((depth >= near - 1e-4) & (depth <= far * (1 + 1e-4))).all()
+    assert gaussians.source_view.tolist() == [0] * (height * width) + [1] * (height * width)
+    assert gaussians.source_pixel.tolist() == list(range(height * width)) * 2
+    uv, z = project_points(gaussians.means.double().reshape(2, -1, 3), camera)
+    pixels = gaussians.source_pixel.reshape(2, -1)
+    rows, cols = torch.div(pixels, width, rounding_mode="floor"), pixels % width
+    centres = torch.stack([cols + 0.5, rows + 0.5], dim=-1).double()
+    assert (z > 0).all() and ((uv - centres).abs() <= 0.5 + 1e-3).all()  # offsets move at most half a pixel
+    return z
+
+
+def assert_rotations_scales_and_opacities_in_snd_conventions(gaussians, output, camera: Camera) -> None:
+    """``gaussians`` (snd's) are ``output``'s (the encoder's, batch element 0) turned into snd's conventions."""
+    # Quaternions: unit wxyz in the world frame = the camera-frame rotation (xyzw) turned by the camera's R.
     quats = gaussians.quats.double()
     torch.testing.assert_close(quats.norm(dim=-1), torch.ones(len(quats), dtype=torch.float64), rtol=0, atol=1e-6)
     assert (quats[:, 0] >= 0).all()
     local = quaternion_xyzw_to_matrix(output.rotations[0].double()).reshape(2, -1, 3, 3)
     expected = camera.camera_to_world[:, None, :3, :3] @ local
     torch.testing.assert_close(quaternion_to_rotation_matrix(quats).reshape(2, -1, 3, 3), expected, rtol=0, atol=1e-5)
-    # Scales are standard deviations: snd's covariance R diag(s)^2 R^T is MVSplat's world covariance.
+    # Scales are standard deviations: snd's covariance R diag(s)^2 R^T is the encoder's world covariance.
     covariances = output.covariances[0].double().reshape(-1, 3, 3)
     size = covariances.abs().amax(dim=(-1, -2), keepdim=True)
     torch.testing.assert_close(gaussians.covariances().double() / size, covariances / size, rtol=0, atol=1e-5)

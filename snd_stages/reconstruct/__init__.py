@@ -9,11 +9,14 @@ Gaussians' key. Adding one: its module with its settings dataclass, and one entr
 - ``depth``: one Gaussian per valid pixel from the dataset's metric depth (:mod:`.depth`).
 - ``mvsplat``: MVSplat's encoder on the RGB pair with the authors' checkpoint (:mod:`.mvsplat`); it also
   exposes its predicted depth maps (``reconstruct_with_depth``).
+- ``depthsplat``: DepthSplat's encoder (cost volume fused with DINOv2) on the RGB pair with the authors'
+  checkpoint (:mod:`.depthsplat`); it exposes its predicted depth maps too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -26,6 +29,7 @@ from ..geometry import Camera
 from ..runtime import resolve_device
 from ..store import checkpoint_by_content
 from .depth import DepthSettings, reconstruct_from_depth
+from .depthsplat.settings import DepthSplatSettings
 from .mvsplat.settings import MVSplatSettings
 
 
@@ -83,27 +87,45 @@ def _depth_reconstructor(settings: DepthSettings, device: torch.device) -> Recon
     return Reconstructor("depth", requires_depth=True, reconstruct=reconstruct)
 
 
-def _mvsplat_reconstructor(settings: MVSplatSettings, device: torch.device) -> Reconstructor:
-    # Imported here: only this reconstructor needs the encoder (and, through it, e3nn).
-    from .mvsplat import load_mvsplat_encoder, reconstruct_pair
+def _require_checkpoint(name: str, path: Path, what: str) -> None:
+    if not path.is_file():
+        raise ConfigError(f"gaussians.{name}.checkpoint = {str(path)!r} does not exist; point it at {what}")
 
-    if not settings.checkpoint.is_file():
-        raise ConfigError(
-            f"gaussians.mvsplat.checkpoint = {str(settings.checkpoint)!r} does not exist; point it at the MVSplat "
-            "authors' RE10K checkpoint (re10k.ckpt) or a .safetensors copy of it"
-        )
-    encoder = load_mvsplat_encoder(settings.checkpoint, device)
+
+def _pair_reconstructor(name: str, encoder: Any, near: float, far: float) -> Reconstructor:
+    """A reconstructor running a feed-forward pair encoder (MVSplat's boundary, :func:`.mvsplat.reconstruct_pair`)."""
+    from .mvsplat import reconstruct_pair
 
     def reconstruct_with_depth(views: ContextViews) -> tuple[Gaussians, torch.Tensor]:
-        result = reconstruct_pair(encoder, views.images, views.camera, settings.near, settings.far, views.names)
+        result = reconstruct_pair(encoder, views.images, views.camera, near, far, views.names)
         return result.gaussians, result.depth
 
     return Reconstructor(
-        "mvsplat",
+        name,
         requires_depth=False,
         reconstruct=lambda views: reconstruct_with_depth(views)[0],
         reconstruct_with_depth=reconstruct_with_depth,
     )
+
+
+def _mvsplat_reconstructor(settings: MVSplatSettings, device: torch.device) -> Reconstructor:
+    # Imported here: only this reconstructor needs the encoder (and, through it, e3nn).
+    from .mvsplat import load_mvsplat_encoder
+
+    _require_checkpoint("mvsplat", settings.checkpoint,
+                        "the MVSplat authors' RE10K checkpoint (re10k.ckpt) or a .safetensors copy of it")
+    encoder = load_mvsplat_encoder(settings.checkpoint, device)
+    return _pair_reconstructor("mvsplat", encoder, settings.near, settings.far)
+
+
+def _depthsplat_reconstructor(settings: DepthSplatSettings, device: torch.device) -> Reconstructor:
+    # Imported here: only this reconstructor needs the encoder (and, through it, timm's DINOv2 and e3nn).
+    from .depthsplat import load_depthsplat_encoder
+
+    _require_checkpoint("depthsplat", settings.checkpoint,
+                        "one of the DepthSplat authors' checkpoints (.pth) or a .safetensors copy of it")
+    encoder = load_depthsplat_encoder(settings.checkpoint, device, settings.model)
+    return _pair_reconstructor("depthsplat", encoder, settings.near, settings.far)
 
 
 def _settings_key(settings: Any) -> tuple[dict, dict]:
@@ -111,9 +133,11 @@ def _settings_key(settings: Any) -> tuple[dict, dict]:
     return to_dict(settings), {}
 
 
-def _mvsplat_key(settings: MVSplatSettings) -> tuple[dict, dict]:
-    return checkpoint_by_content(to_dict(settings), "checkpoint", "mvsplat_checkpoint_sha256",
-                                 "gaussians.mvsplat.checkpoint")
+def _checkpoint_key(name: str) -> Callable[[Any], tuple[dict, dict]]:
+    """The settings' parameters, with the checkpoint entering the key by its contents."""
+    return lambda settings: checkpoint_by_content(
+        to_dict(settings), "checkpoint", f"{name}_checkpoint_sha256", f"gaussians.{name}.checkpoint"
+    )
 
 
 @dataclass(frozen=True)
@@ -136,16 +160,22 @@ class ReconstructorEntry:
 RECONSTRUCTORS: dict[str, ReconstructorEntry] = {
     "depth": ReconstructorEntry(DepthSettings, _depth_reconstructor),
     "mvsplat": ReconstructorEntry(
-        MVSplatSettings, _mvsplat_reconstructor, key=_mvsplat_key,
+        MVSplatSettings, _mvsplat_reconstructor, key=_checkpoint_key("mvsplat"),
         needs=lambda settings: None if settings.checkpoint is not None else (
             "checkpoint", "the path to MVSplat's RE10K checkpoint (re10k.ckpt from the authors' release, or a "
                           ".safetensors copy)")),
+    "depthsplat": ReconstructorEntry(
+        DepthSplatSettings, _depthsplat_reconstructor, key=_checkpoint_key("depthsplat"),
+        needs=lambda settings: None if settings.checkpoint is not None else (
+            "checkpoint", "the path to one of DepthSplat's checkpoints (the authors' .pth, or a .safetensors "
+                          "copy)")),
 }
 
 
 @dataclass(frozen=True)
 class _GaussiansSection:
-    # depth: from the dataset's metric depth; mvsplat: MVSplat's encoder on the RGB pair (needs its checkpoint)
+    # depth: from the dataset's metric depth; mvsplat / depthsplat: MVSplat's / DepthSplat's encoder on the RGB
+    # pair (each needs its checkpoint)
     reconstructor: str = "depth"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
 

@@ -22,6 +22,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SHIFTED_WINDOW_MASK_VALUE = -100.0
 
 
+def imagenet_normalise(images: Float[Tensor, "*batch 3 H W"]) -> Float[Tensor, "*batch 3 H W"]:
+    """RGB in [0, 1] -> ImageNet-normalised, the input both UniMatch's CNN and DINOv2 were trained on."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).reshape(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).reshape(3, 1, 1)
+    return (images - mean) / std
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CNN
 
@@ -50,21 +57,32 @@ class ResidualBlock(nn.Module):
 
 
 class CNNEncoder(nn.Module):
-    """7x7/2 stem, three stages of two residual blocks (64, 96/2, 128), a 1x1 projection: features at 1/4."""
+    """UniMatch's CNN: a 7x7/2 stem, three stages of two residual blocks (64, 96, 128 channels), a 1x1 projection.
 
-    def __init__(self, output_channels: int = 128) -> None:
+    Args:
+        output_channels: width of the 1x1 projection.
+        stage_strides: strides of the second and third stages. MVSplat strides the second, (2, 1), for features at
+            1/4; DepthSplat strides the third, (1, 2), keeping 1/2 after the second stage, or both, (2, 2), for
+            features at 1/8. The weights have the same shapes in every case.
+    """
+
+    def __init__(self, output_channels: int = 128, stage_strides: tuple[int, int] = (2, 1)) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.norm1 = nn.InstanceNorm2d(64)
         self.layer1 = nn.Sequential(ResidualBlock(64, 64), ResidualBlock(64, 64))
-        self.layer2 = nn.Sequential(ResidualBlock(64, 96, stride=2), ResidualBlock(96, 96))
-        # UniMatch strides this stage too for 1/8 features; MVSplat keeps 1/4.
-        self.layer3 = nn.Sequential(ResidualBlock(96, 128), ResidualBlock(128, 128))
+        self.layer2 = nn.Sequential(ResidualBlock(64, 96, stride=stage_strides[0]), ResidualBlock(96, 96))
+        self.layer3 = nn.Sequential(ResidualBlock(96, 128, stride=stage_strides[1]), ResidualBlock(128, 128))
         self.conv2 = nn.Conv2d(128, output_channels, 1)
 
-    def forward(self, images: Float[Tensor, "N 3 H W"]) -> Float[Tensor, "N C H/4 W/4"]:
-        x = F.relu(self.norm1(self.conv1(images)))
-        return self.conv2(self.layer3(self.layer2(self.layer1(x))))
+    def stages(self, images: Float[Tensor, "N 3 H W"]) -> tuple[Tensor, Tensor, Tensor]:
+        """The outputs of the first and second stages and the projected output of the third."""
+        first = self.layer1(F.relu(self.norm1(self.conv1(images))))
+        second = self.layer2(first)
+        return first, second, self.conv2(self.layer3(second))
+
+    def forward(self, images: Float[Tensor, "N 3 H W"]) -> Float[Tensor, "N C h w"]:
+        return self.stages(images)[2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,17 +272,29 @@ class BackboneMultiview(nn.Module):
             intermediates: filled with ``cnn_features``, ``position_embedding`` and ``trans_features`` if given.
         """
         b, v = images.shape[:2]
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).reshape(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).reshape(3, 1, 1)
-        cnn_features = self.backbone(((images - mean) / std).flatten(0, 1))
+        cnn_features = self.backbone(imagenet_normalise(images).flatten(0, 1))
         cnn_features = cnn_features.reshape(b, v, *cnn_features.shape[1:])
-        h, w = cnn_features.shape[-2:]
-        # The same embedding is added to every window of every view: positions are window-relative.
-        position = window_position_embedding(h // splits, w // splits, self.feature_channels, images.device)
-        features = cnn_features + position.repeat(1, splits, splits)
-        trans_features = self.transformer(features, splits)
+        trans_features = attend_across_views(self.transformer, cnn_features, splits, intermediates)
         if intermediates is not None:
-            intermediates.update(
-                cnn_features=cnn_features, position_embedding=position, trans_features=trans_features
-            )
+            intermediates.update(cnn_features=cnn_features)
         return trans_features, cnn_features
+
+
+def attend_across_views(
+    transformer: MultiViewTransformer,
+    cnn_features: Float[Tensor, "B V C h w"],
+    splits: int,
+    intermediates: dict[str, Tensor] | None = None,
+) -> Float[Tensor, "B V C h w"]:
+    """The window position embedding added to the CNN features, then the multi-view transformer.
+
+    ``intermediates``, if given, gets ``position_embedding`` (one window, ``[C, h/splits, w/splits]``) and
+    ``trans_features``.
+    """
+    c, h, w = cnn_features.shape[-3:]
+    # The same embedding is added to every window of every view: positions are window-relative.
+    position = window_position_embedding(h // splits, w // splits, c, cnn_features.device)
+    trans_features = transformer(cnn_features + position.repeat(1, splits, splits), splits)
+    if intermediates is not None:
+        intermediates.update(position_embedding=position, trans_features=trans_features)
+    return trans_features

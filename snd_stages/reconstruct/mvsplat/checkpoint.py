@@ -31,6 +31,11 @@ CHECKPOINT_PREFIX = "encoder."
 
 
 def read_mvsplat_checkpoint(path: Path) -> dict[str, Tensor]:
+    """:func:`read_state_dict_file` for MVSplat's checkpoint."""
+    return read_state_dict_file(path, "MVSplat checkpoint", "set gaussians.mvsplat.checkpoint to re10k.ckpt")
+
+
+def read_state_dict_file(path: Path, label: str, setting_hint: str) -> dict[str, Tensor]:
     """The name -> tensor dict stored in ``path`` (names as in the file), unwrapping Lightning's ``state_dict``.
 
     Pickles are read with ``weights_only=True``, so no code from the file runs. Lightning checkpoints also hold
@@ -38,12 +43,16 @@ def read_mvsplat_checkpoint(path: Path) -> dict[str, Tensor]:
     for those files each such class is replaced by an inert stand-in (:func:`_load_with_inert_globals`) and
     only ``state_dict`` is kept.
 
+    Args:
+        label: what the file is, for messages ("MVSplat checkpoint").
+        setting_hint: how to point at the right file, for the message when it does not exist.
+
     Raises:
         DataError: the file is missing, unreadable, or holds no name -> tensor mapping.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"MVSplat checkpoint {path} does not exist (set gaussians.mvsplat.checkpoint to re10k.ckpt)")
+        raise DataError(f"{label} {path} does not exist ({setting_hint})")
     if path.suffix.lower() == ".safetensors":
         try:
             return safetensors.torch.load_file(path, device="cpu")

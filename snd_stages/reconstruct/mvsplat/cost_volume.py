@@ -46,7 +46,7 @@ def warp_features(
     features: Float[Tensor, "N C h w"],
     intrinsics: Float[Tensor, "N 3 3"],
     pose: Float[Tensor, "N 4 4"],
-    depths: Float[Tensor, "N D"],
+    depths: Float[Tensor, "N D"] | Float[Tensor, "N D h w"],
 ) -> Float[Tensor, "N C D h w"]:
     """Sample ``features`` (the other view) at every reference pixel's projection at every candidate depth.
 
@@ -60,14 +60,15 @@ def warp_features(
         intrinsics: the reference view's pixel intrinsics of the feature grid (:func:`feature_grid_intrinsics`).
             The reference projects into the other view with these too, not with the other view's own.
         pose: reference camera -> other camera (:func:`relative_poses`).
-        depths: candidate z-depths per batch element.
+        depths: candidate z-depths per batch element, or per pixel (DepthSplat's finer scale searches a window
+            around each pixel's coarse estimate).
     """
     n, c, h, w = features.shape
     d = depths.shape[1]
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     grid = torch.stack([cols, rows, torch.ones_like(cols)]).to(features.device, intrinsics.dtype)  # [3, h, w]
     rays = torch.linalg.inv(intrinsics).bmm(grid.reshape(1, 3, -1).expand(n, 3, h * w))  # z = 1 rays, [N, 3, hw]
-    points = torch.bmm(pose[:, :3, :3], rays).unsqueeze(2) * depths.reshape(n, 1, d, 1)  # [N, 3, D, hw]
+    points = torch.bmm(pose[:, :3, :3], rays).unsqueeze(2) * depths.reshape(n, 1, d, -1)  # [N, 3, D, hw]
     points = points + pose[:, :3, -1:].unsqueeze(-1)
     projected = torch.bmm(intrinsics, points.reshape(n, 3, -1)).reshape(n, 3, d, h * w)
     pixels = projected[:, :2] / projected[:, 2:].clamp(min=MIN_PROJECTION_DEPTH)  # [N, 2, D, hw]
@@ -83,10 +84,10 @@ def correlation_volume(
     other: Float[Tensor, "N C h w"],
     intrinsics: Float[Tensor, "N 3 3"],
     pose: Float[Tensor, "N 4 4"],
-    disparities: Float[Tensor, "N D"],
+    disparities: Float[Tensor, "N D"] | Float[Tensor, "N D h w"],
     chunk: int = 32,
 ) -> Float[Tensor, "N D h w"]:
-    """``<F_ref(y, x), F_other(warp_d(y, x))> / sqrt(C)`` for every candidate ``d``.
+    """``<F_ref(y, x), F_other(warp_d(y, x))> / sqrt(C)`` for every candidate ``d`` (per sample or per pixel).
 
     Candidates are processed ``chunk`` at a time: the warped features of all candidates at once would take
     ``N C D h w`` floats (4 GiB for a pair at 576x880), and each candidate is independent of the others.

@@ -41,7 +41,7 @@ class MVSplatOutput:
         covariances: ``[B, V, H, W, 3, 3]`` world-frame covariances.
         scales: ``[B, V, H, W, 3]`` standard deviations along the Gaussians' axes.
         rotations: ``[B, V, H, W, 4]`` unit quaternions (x, y, z, w) of those axes in the *camera* frame.
-        harmonics: ``[B, V, H, W, 3, 25]`` world-frame SH coefficients, or None.
+        harmonics: ``[B, V, H, W, 3, (degree + 1)^2]`` world-frame SH coefficients (degree 4: 25), or None.
         opacities: ``[B, V, H, W]``.
     """
 
@@ -50,7 +50,7 @@ class MVSplatOutput:
     covariances: Float[Tensor, "B V H W 3 3"]
     scales: Float[Tensor, "B V H W 3"]
     rotations: Float[Tensor, "B V H W 4"]
-    harmonics: Float[Tensor, "B V H W 3 25"] | None
+    harmonics: Float[Tensor, "B V H W 3 K"] | None
     opacities: Float[Tensor, "B V H W"]
 
 
@@ -65,6 +65,9 @@ def check_image_size(height: int, width: int) -> None:
 class MVSplatEncoder(nn.Module):
     """MVSplat's ``EncoderCostVolume`` in the RE10K configuration (2 context views, 128 depth candidates,
     SH degree 4, scales in [0.5, 15] x depth x pixel footprint)."""
+
+    name = "mvsplat"
+    size_multiple = SIZE_MULTIPLE
 
     def __init__(self, cfg: DepthPredictorCfg = DepthPredictorCfg()) -> None:
         super().__init__()

@@ -121,43 +121,65 @@ class GaussianAdapter(nn.Module):
             with_harmonics: compute the (large) SH tensor; the reconstructor does not need it.
         """
         b, v, h, w, _ = raw.shape
-        device = raw.device
         offsets, scale_logits, quaternions, sh = raw.split((2, 3, 4, 3 * self.sh_coefficients), dim=-1)
         cameras = (slice(None), slice(None), None, None)  # broadcast [B, V, ...] over the pixels
 
-        # Ray through the pixel centre moved by up to half a pixel, in normalised image coordinates.
-        pixel_size = 1 / torch.tensor((w, h), dtype=raw.dtype, device=device)
-        rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        centres = torch.stack([(cols + 0.5) / w, (rows + 0.5) / h], dim=-1)  # [H, W, 2]
-        coordinates = centres + (offsets.sigmoid() - 0.5) * pixel_size
-        homogeneous = torch.cat([coordinates, torch.ones_like(coordinates[..., :1])], dim=-1)
-        directions = torch.einsum("bvij,bvhwj->bvhwi", torch.linalg.inv(intrinsics), homogeneous)
+        directions = pixel_rays(intrinsics, offsets)
         directions = directions / directions.norm(dim=-1, keepdim=True)
         directions = torch.einsum("bvij,bvhwj->bvhwi", camera_to_world[..., :3, :3], directions)
         origins = camera_to_world[..., :3, 3][cameras]
         means = origins + directions * depths[..., None]
 
         scales = self.scale_min + (self.scale_max - self.scale_min) * scale_logits.sigmoid()
+        pixel_size = 1 / torch.tensor((w, h), dtype=raw.dtype, device=raw.device)
         footprint = torch.einsum("bvij,j->bvi", torch.linalg.inv(intrinsics[..., :2, :2]), pixel_size)
         multiplier = (SCALE_MULTIPLIER * footprint).sum(dim=-1)  # summed, not averaged: the reference's
         scales = scales * depths[..., None] * multiplier[cameras][..., None]
 
         rotations = quaternions / (quaternions.norm(dim=-1, keepdim=True) + QUATERNION_EPS)
-        rotation = quaternion_xyzw_to_matrix(rotations)
-        scale_matrix = scales.diag_embed()
-        covariances = rotation @ scale_matrix @ scale_matrix.transpose(-1, -2) @ rotation.transpose(-1, -2)
-        world_rotation = camera_to_world[..., :3, :3][cameras]
-        covariances = world_rotation @ covariances @ world_rotation.transpose(-1, -2)
-
+        covariances = world_covariances(rotations, scales, camera_to_world)
         harmonics = None
         if with_harmonics:
             sh = sh.reshape(b, v, h, w, 3, self.sh_coefficients) * self.sh_mask
-            blocks = []
-            for degree, matrix in enumerate(sh_rotation_matrices(camera_to_world[..., :3, :3], self.sh_degree)):
-                block = sh[..., degree**2 : (degree + 1) ** 2]
-                blocks.append(torch.einsum("bvij,bvhwcj->bvhwci", matrix, block))
-            harmonics = torch.cat(blocks, dim=-1)
+            harmonics = rotate_harmonics(sh, camera_to_world, self.sh_degree)
 
         # The reference's opacity mapping 0.5 (1 - (1 - rho)^e + rho^(1/e)) with exponent e = 1.
         opacities = 0.5 * (1 - (1 - densities) + densities)
         return AdapterOutput(means, covariances, scales, rotations, harmonics, opacities)
+
+
+def pixel_rays(intrinsics: Float[Tensor, "B V 3 3"], offsets: Float[Tensor, "B V H W 2"]) -> Float[Tensor, "B V H W 3"]:
+    """Camera-frame ``K^-1 (u, v, 1)`` (z = 1) through each pixel's centre moved by its predicted sub-pixel offset.
+
+    ``(u, v) = ((j + 0.5) / W, (i + 0.5) / H) + (sigmoid(offset) - 0.5) / (W, H)``: up to half a pixel either
+    way, in normalised image coordinates (``intrinsics`` are normalised by the image size).
+    """
+    h, w = offsets.shape[2:4]
+    device = offsets.device
+    pixel_size = 1 / torch.tensor((w, h), dtype=offsets.dtype, device=device)
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    centres = torch.stack([(cols + 0.5) / w, (rows + 0.5) / h], dim=-1)  # [H, W, 2]
+    coordinates = centres + (offsets.sigmoid() - 0.5) * pixel_size
+    homogeneous = torch.cat([coordinates, torch.ones_like(coordinates[..., :1])], dim=-1)
+    return torch.einsum("bvij,bvhwj->bvhwi", torch.linalg.inv(intrinsics), homogeneous)
+
+
+def world_covariances(
+    rotations: Float[Tensor, "B V H W 4"], scales: Float[Tensor, "B V H W 3"], camera_to_world: Float[Tensor, "B V 4 4"]
+) -> Float[Tensor, "B V H W 3 3"]:
+    """``R (R_q diag(s)^2 R_q^T) R^T``: covariances from camera-frame xyzw quaternions and scales, in the world."""
+    rotation = quaternion_xyzw_to_matrix(rotations)
+    scale_matrix = scales.diag_embed()
+    covariances = rotation @ scale_matrix @ scale_matrix.transpose(-1, -2) @ rotation.transpose(-1, -2)
+    world_rotation = camera_to_world[..., :3, :3][:, :, None, None]
+    return world_rotation @ covariances @ world_rotation.transpose(-1, -2)
+
+
+def rotate_harmonics(
+    sh: Float[Tensor, "B V H W 3 K"], camera_to_world: Float[Tensor, "B V 4 4"], degree: int
+) -> Float[Tensor, "B V H W 3 K"]:
+    """Camera-frame SH coefficients -> world frame, each degree block by e3nn's Wigner-D of the camera rotation."""
+    blocks = []
+    for l, matrix in enumerate(sh_rotation_matrices(camera_to_world[..., :3, :3], degree)):
+        blocks.append(torch.einsum("bvij,bvhwcj->bvhwci", matrix, sh[..., l**2 : (l + 1) ** 2]))
+    return torch.cat(blocks, dim=-1)

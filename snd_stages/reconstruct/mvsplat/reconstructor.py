@@ -1,4 +1,5 @@
-"""snd's boundary around the MVSplat encoder: our cameras in, our :class:`Gaussians` out.
+"""snd's boundary around the MVSplat encoder (and DepthSplat's, which shares it): our cameras in, our
+:class:`Gaussians` out.
 
 In: images ``[V, H, W, 3]`` uint8 and a :class:`Camera` (K in pixels, OpenCV world-to-camera) become MVSplat's
 inputs: RGB in [0, 1], intrinsics normalised by the image size (row 0 / W, row 1 / H, which keeps the
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -27,29 +28,48 @@ from ...geometry import Camera, canonical_quaternion, image_to_tensor, quaternio
 from .encoder import SIZE_MULTIPLE, MVSplatEncoder, MVSplatOutput
 
 
+class PairEncoder(Protocol):
+    """What :func:`reconstruct_pair` needs of an encoder besides MVSplat's: its name, its size rule, and MVSplat's
+    call signature and output fields (``depths``, ``means``, ``scales``, camera-frame xyzw ``rotations``,
+    ``opacities``)."""
+
+    name: str
+    size_multiple: int
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def __call__(self, *, images: Tensor, intrinsics: Tensor, camera_to_world: Tensor, near: Tensor, far: Tensor,
+                 with_harmonics: bool) -> MVSplatOutput: ...
+
+
 @dataclass(frozen=True)
 class MVSplatReconstruction:
-    """One context pair reconstructed by MVSplat.
+    """One context pair reconstructed by MVSplat (or DepthSplat).
 
     Attributes:
         gaussians: ``2 H W`` Gaussians in snd's conventions, on the CPU.
         depth: ``[V, H, W]`` the encoder's per-pixel depth (metres, on the CPU). MVSplat's cost volume estimates it
-            as a z-depth; its Gaussians sit at this distance along the unit ray through their pixel.
+            as a z-depth; its Gaussians sit at this distance along the unit ray through their pixel. DepthSplat's
+            Gaussians sit at this z-depth.
     """
 
     gaussians: Gaussians
     depth: Float[Tensor, "V H W"]
 
 
-def check_context_size(height: int, width: int, names: tuple[str, ...] = ()) -> None:
-    """Raise :class:`DataError` unless ``height`` and ``width`` suit MVSplat (multiples of 16)."""
-    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+def check_context_size(
+    height: int, width: int, names: tuple[str, ...] = (), multiple: int = SIZE_MULTIPLE, reconstructor: str = "mvsplat"
+) -> None:
+    """Raise :class:`DataError` unless ``height`` and ``width`` are multiples of ``multiple`` (16 for MVSplat,
+    whose U-Nets halve the image four times; DepthSplat's models say their own)."""
+    if height % multiple or width % multiple:
         frames = f" ({', '.join(names)})" if names else ""
+        example = next(size for size in ("576x880", "448x768", "512x1024")
+                       if all(int(side) % multiple == 0 for side in size.split("x")))
         raise DataError(
-            f"context frames{frames} are {height}x{width}, but the mvsplat reconstructor needs height and width "
-            f"that are multiples of {SIZE_MULTIPLE} (its U-Nets halve the image four times); resize the dataset "
-            "frames, e.g. to 576x880 as the MVSplat and Splat-and-Distill authors do (for the demo dataset: set "
-            "demo.height and demo.width to multiples of 16)"
+            f"context frames{frames} are {height}x{width}, but the {reconstructor} reconstructor needs height and "
+            f"width that are multiples of {multiple}; resize the dataset frames, e.g. to {example} (for the demo "
+            f"dataset: set demo.height and demo.width to multiples of {multiple})"
         )
 
 
@@ -123,7 +143,7 @@ def full_float32() -> Iterator[None]:
 
 
 def reconstruct_pair(
-    encoder: MVSplatEncoder,
+    encoder: MVSplatEncoder | PairEncoder,
     images: np.ndarray,
     camera: Camera,
     near: float,
@@ -133,14 +153,15 @@ def reconstruct_pair(
     """Run ``encoder`` (on its own device, float32, TF32 off) on one context pair.
 
     Args:
-        images: ``[2, H, W, 3]`` uint8 RGB, H and W multiples of 16.
+        encoder: MVSplat's, or another encoder with its boundary (DepthSplat's).
+        images: ``[2, H, W, 3]`` uint8 RGB, H and W multiples of the encoder's ``size_multiple``.
         camera: ``[2]`` cameras of the images (K in pixels, world-to-camera).
-        near, far: depth range in metres (the authors use 1 and 100).
+        near, far: depth range in metres (MVSplat's authors use 1 and 100).
         names: frame names for error messages.
     """
     if images.shape[0] != 2:
-        raise DataError(f"the mvsplat reconstructor takes exactly 2 context views, got {images.shape[0]}")
-    check_context_size(images.shape[1], images.shape[2], names)
+        raise DataError(f"the {encoder.name} reconstructor takes exactly 2 context views, got {images.shape[0]}")
+    check_context_size(images.shape[1], images.shape[2], names, encoder.size_multiple, encoder.name)
     device = next(encoder.parameters()).device
     inputs = encoder_inputs(images, camera, near, far, device)
     with torch.no_grad(), full_float32():
