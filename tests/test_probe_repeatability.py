@@ -13,9 +13,10 @@ from snd_stages.probes.fitting import clip_per_seed
 from snd_stages.probes.frames import ProbeFrames
 from snd_stages.probes.resize import upsample
 
-# CPU and CUDA kernels round differently; after a few hundred steps the fitted probes' scores may differ by this
-# much at most (relative): the bound this GPU-tier test holds the probes to.
-CPU_CUDA_RELATIVE = 2e-3
+# CPU and CUDA kernels round differently, and 400 optimiser steps carry the difference into the fitted heads: on an
+# H200 (2026-12-05) one test image's depth abs_rel differed by 2.3 % (relative; 8e-4 absolute) between the devices,
+# while each device repeated itself to the bit. Per image, this is the bound this GPU-tier test holds them to.
+CPU_CUDA_RELATIVE = 5e-2
 
 
 def synthetic_probe_data(frames: int, seed: int, height: int = 28, width: int = 42, channels: int = 24):
