@@ -20,8 +20,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ...models.weights import check_state_dict
-from ..mvsplat.checkpoint import convert_mvsplat_state_dict, read_state_dict_file
+from ..mvsplat.checkpoint import convert_mvsplat_state_dict, load_encoder_strict, read_state_dict_file
 from .encoder import MODELS, DepthSplatEncoder
 
 RELEASED = (
@@ -67,16 +66,9 @@ def nearest_model(state_dict: Mapping[str, Tensor]) -> str:
 
 
 def load_state_dict_strict(encoder: DepthSplatEncoder, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Load a checkpoint-named state dict into ``encoder`` if, and only if, every key and shape matches.
-
-    Raises:
-        DataError: one line naming ``source``, with the counts and the first few of the missing keys, unexpected
-            keys and shape mismatches (names as the file spells them).
-    """
-    converted, _, prefix = convert_mvsplat_state_dict(state_dict)
-    expected = {prefix + key: value for key, value in encoder.state_dict().items()}
-    check_state_dict(expected, state_dict, source, f"the DepthSplat encoder ({len(expected)} tensors)", RELEASED)
-    encoder.load_state_dict({key: value.float() for key, value in converted.items()}, strict=True)
+    """:func:`~snd_stages.reconstruct.mvsplat.checkpoint.load_encoder_strict` for DepthSplat's encoder (a float16
+    checkpoint loads as float32)."""
+    load_encoder_strict(encoder, state_dict, source, "the DepthSplat encoder", RELEASED)
 
 
 def load_depthsplat_encoder(

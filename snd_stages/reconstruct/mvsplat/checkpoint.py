@@ -130,22 +130,29 @@ def convert_mvsplat_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[s
     return converted, foreign, CHECKPOINT_PREFIX
 
 
-def load_state_dict_strict(encoder: MVSplatEncoder, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Load a checkpoint-named state dict into ``encoder`` if, and only if, every key and shape matches.
+def load_encoder_strict(encoder: torch.nn.Module, state_dict: Mapping[str, Tensor], source: str, what: str,
+                        fix: str) -> None:
+    """Load a checkpoint-named state dict (with or without the Lightning ``encoder.`` prefix) into ``encoder`` if,
+    and only if, every key and shape matches; half-precision tensors are copied into the float32 parameters.
 
     Raises:
-        DataError: one line naming ``source``, with the counts and the first few of the missing keys, unexpected
-            keys and shape mismatches (names as the file spells them).
+        DataError: one line naming ``source`` and ``what``, with the counts and the first few of the missing keys,
+            unexpected keys and shape mismatches (names as the file spells them), and ``fix``.
     """
     converted, _, prefix = convert_mvsplat_state_dict(state_dict)
     # Compared under the file's names, so that the message spells keys as the user will find them in it.
     expected = {prefix + key: value for key, value in encoder.state_dict().items()}
-    check_state_dict(
-        expected, state_dict, source, f"the MVSplat encoder ({len(expected)} tensors)",
+    check_state_dict(expected, state_dict, source, f"{what} ({len(expected)} tensors)", fix)
+    encoder.load_state_dict(converted, strict=True)
+
+
+def load_state_dict_strict(encoder: MVSplatEncoder, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """:func:`load_encoder_strict` for MVSplat's encoder."""
+    load_encoder_strict(
+        encoder, state_dict, source, "the MVSplat encoder",
         "use the authors' RE10K checkpoint (re10k.ckpt, the costvolume encoder with 128 depth candidates and 2 "
         "context views) or a state dict converted from it",
     )
-    encoder.load_state_dict(converted, strict=True)
 
 
 def load_mvsplat_encoder(path: Path, device: torch.device | str = "cpu") -> MVSplatEncoder:
