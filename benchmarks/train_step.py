@@ -262,11 +262,12 @@ def step_tables() -> tuple[Table, Table, Table]:
     return parts, steps, operators
 
 
-def compose_operator(sample: TrainingSample, size: str, device: torch.device, operators: Table) -> SizeInputs:
+def compose_operator(sample: TrainingSample, size: str, device: torch.device, operators: Table,
+                     backbones: list[str]) -> SizeInputs:
     """Times composing the sample's operator (a row of ``operators``) and keeps the operator on the GPU in the
     sample, as training keeps its cached operators."""
     height, width = sample.target_image.shape[-2:]
-    grid = token_grid(args.backbones, height, width)
+    grid = token_grid(backbones, height, width)
     gaussians = sample.pair.gaussians.to(device)
     camera = sample.target_camera.to(device=device, dtype=torch.float32)
     masks, target_mask = sample.context_masks.to(device), sample.target_mask.to(device)
@@ -417,7 +418,7 @@ def time_steps(args) -> None:
     ceilings.add(gemm_ceiling_tflops(args.repeats))
     step_rows: list[tuple[list[str], float | None, str]] = []  # cells before the share, TFLOP/s (None: OOM), GiB
     for size in args.sizes:
-        inputs = compose_operator(sample_of(args.inputs, size), size, device, operators)
+        inputs = compose_operator(sample_of(args.inputs, size), size, device, operators, args.backbones)
         for backbone in args.backbones:
             cfg = TrainCfg(backbone=backbone, weights=args.weights, allow_random_weights=args.weights == "random")
             for requested in args.batch:
@@ -521,7 +522,7 @@ def kernel_floor(args) -> None:
     ceiling = gemm_ceiling_tflops(args.repeats)
     for size in args.sizes:
         height, width = (int(side) for side in size.split("x"))
-        grid = token_grid(args.backbones, height, width)
+        grid = token_grid(backbones, height, width)
         patches = grid[0] * grid[1]
         for backbone in args.backbones:
             cfg = TrainCfg(backbone=backbone, weights="random", allow_random_weights=True)
@@ -602,7 +603,7 @@ def attention_backends(args) -> None:
     shapes = []
     for size in args.sizes:
         height, width = (int(side) for side in size.split("x"))
-        grid = token_grid(args.backbones, height, width)
+        grid = token_grid(backbones, height, width)
         for backbone in args.backbones:
             vit = build_model(TrainCfg(backbone=backbone, weights="random", allow_random_weights=True)).teacher.get_base_model()
             heads, tokens = vit.blocks[0].attn.num_heads, grid[0] * grid[1] + vit.num_prefix_tokens

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -22,8 +22,9 @@ def make_progress() -> Progress:
 
 
 def track(items: Sequence[T] | Iterable[T], description: str, progress: Progress | None, total: int | None = None,
-          unit: str = "item") -> Iterator[T]:
-    """Yield ``items``, advancing a bar on ``progress`` (if given) with a live ``unit``/s rate."""
+          unit: str = "item", size: Callable[[T], int] | None = None) -> Iterator[T]:
+    """Yield ``items``, advancing a bar on ``progress`` (if given) with a live ``unit``/s rate; ``size``: how many
+    units an item holds (default: one)."""
     if progress is None:
         yield from items
         return
@@ -32,7 +33,7 @@ def track(items: Sequence[T] | Iterable[T], description: str, progress: Progress
     task = progress.add_task(description, total=total, rate="")
     for item in items:
         yield item
-        progress.advance(task)
+        progress.advance(task, 1 if size is None else size(item))
         speed = progress.tasks[task].speed
         if speed:
             progress.update(task, rate=f"{speed:.2f} {unit}/s")

@@ -51,9 +51,7 @@ def in_processes(function: Callable, arguments: list[tuple], workers: int) -> It
         for args in arguments:
             yield function(*args)
         return
-    threads = max(1, available_cores() // workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(threads, os.getpid())) as pool:
+    with process_pool(workers, max(1, available_cores() // workers)) as pool:
         futures = [pool.submit(function, *args) for args in arguments]
         try:
             for future in as_completed(futures):
@@ -62,6 +60,13 @@ def in_processes(function: Callable, arguments: list[tuple], workers: int) -> It
             for future in futures:
                 future.cancel()
             raise
+
+
+def process_pool(workers: int, threads_per_worker: int) -> ProcessPoolExecutor:
+    """``workers`` fresh interpreters (spawn, see :func:`in_processes`), each limited to ``threads_per_worker`` torch
+    threads and stopped when this process dies."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(threads_per_worker, os.getpid()))
 
 
 def _start_worker(threads: int, parent: int) -> None:

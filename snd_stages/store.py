@@ -527,6 +527,25 @@ class Store:
         return ArtifactWriter(self, spec, config_yaml, final, partial)
 
 
+@dataclass
+class UnitArrays:
+    """A whole unit as plain arrays and attributes, ready to write: what a writing process is sent (numpy arrays
+    pickle as their bytes; tensors and open Zarr groups do not travel).
+
+    ``options`` holds each array's ``create_array`` keywords (chunks, compressors); an array without any gets
+    Zarr's defaults.
+    """
+
+    arrays: dict[str, Any]
+    attributes: dict[str, Any]
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def write(self, group: zarr.Group) -> None:
+        for name, values in self.arrays.items():
+            group.create_array(name, data=values, **self.options.get(name, {}))
+        group.update_attributes(self.attributes)
+
+
 class ArtifactWriter:
     """Writes one artifact unit by unit into ``<key>.partial`` and publishes it with one rename when complete."""
 
@@ -585,6 +604,16 @@ class ArtifactWriter:
         with atomic_directory(self.data / name, scratch=self.scratch) as temporary:
             yield zarr.open_group(store=str(temporary), mode="w", zarr_format=3)
             seal_unit(temporary)
+
+    def write_unit(self, name: str, unit: UnitArrays) -> None:
+        """Write unit ``name`` whole (a writer and a :class:`UnitArrays` pickle, so this runs in any process)."""
+        with self.unit(name) as group:
+            unit.write(group)
+
+    def write_units(self, names: list[str], units: list[UnitArrays]) -> None:
+        """:meth:`write_unit` for each of ``names`` (one call for a batch of units)."""
+        for name, unit in zip(names, units, strict=True):
+            self.write_unit(name, unit)
 
     def write_json(self, name: str, value: Any) -> None:
         """A small JSON document inside the artifact, written atomically."""

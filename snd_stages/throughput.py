@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait, FIRST_COMPLETED
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .runtime import available_cores
+from .runtime import available_cores, process_pool
 
 Item = TypeVar("Item")
 
@@ -90,6 +90,11 @@ def serial() -> Iterator[None]:
         _overlap = previous
 
 
+def overlapping() -> bool:
+    """False inside :func:`serial`: stages then also take their units one at a time (no batches)."""
+    return _overlap
+
+
 # Below this many cores, a stage that computes on the CPU runs serially: torch's own threads already use every
 # core there, and reading and writing beside them slowed the CPU operators stage by a quarter on 2 cores.
 CORES_TO_SPARE_FOR_IO = 8
@@ -131,24 +136,32 @@ def ordered_map(function: Callable[[Item], object], items: Iterable[Item], ahead
 
 def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: Callable[[Item, object], object],
                write: Callable[[Item, object], None], ahead: int | None = None,
-               compute_device: str = "cuda") -> Iterator[Item]:
-    """Run ``read``, ``compute`` and ``write`` on every item, yielding each item once its write is done.
+               compute_device: str = "cuda", write_processes: bool = False) -> Iterator[Item]:
+    """Run ``read``, ``compute`` and ``write`` on every item, yielding each item once its write is done; their
+    times are recorded as the phases ``read``, ``compute`` and ``write``.
 
     Reads run up to ``ahead`` items ahead and writes up to ``ahead`` items behind (bounding the memory held; default:
     twice the threads), each in :func:`io_threads` threads; ``compute`` runs in this thread in item order, on
     ``compute_device`` (a CPU compute leaves threads for reading and writing only on a machine with cores to spare).
+    With ``write_processes`` the writes run in as many processes instead: Zarr runs the coroutines of every write
+    of a process on that process's one event-loop thread, so writing threads queue behind each other wherever a
+    unit's cost is Zarr's Python (many arrays, or large ones); ``write`` and what ``compute`` returns must pickle.
     A failure anywhere stops new work, lets the writes already started finish (their units are whole), and is
     raised here.
     """
     items = list(items)
     threads = io_threads(compute_device)
+    read, compute = timed("read", read), timed("compute", compute)
     if not _overlap or len(items) < 2 or threads == 0:
+        write = timed("write", write)
         for item in items:
             write(item, compute(item, read(item)))
             yield item
         return
     ahead = ahead or 2 * threads
-    with ThreadPoolExecutor(threads, thread_name_prefix="snd-write") as writers:
+    writers = (process_pool(threads, threads_per_worker=1) if write_processes
+               else ThreadPoolExecutor(threads, thread_name_prefix="snd-write"))
+    with writers:
         reads = ordered_map(read, items, ahead, compute_device)
         writes: dict[Future, Item] = {}
         try:
@@ -156,7 +169,7 @@ def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: C
                 result = compute(item, inputs)
                 while len(writes) >= ahead:  # hold at most `ahead` results in memory
                     yield from _finished(writes, wait(writes, return_when=FIRST_COMPLETED).done)
-                writes[writers.submit(write, item, result)] = item
+                writes[writers.submit(_timed_write, write, item, result)] = item
                 yield from _finished(writes, [future for future in writes if future.done()])
             yield from _finished(writes, wait(writes).done)
         except BaseException:
@@ -165,8 +178,17 @@ def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: C
             raise
 
 
+def _timed_write(write: Callable[[Item, object], None], item: Item, result: object) -> float:
+    """``write(item, result)`` and its seconds (a writing process has no recorder: its parent records them)."""
+    start = time.perf_counter()
+    write(item, result)
+    return time.perf_counter() - start
+
+
 def _finished(writes: dict[Future, Item], done) -> Iterator[Item]:
     for future in list(done):
         item = writes.pop(future)
-        future.result()  # a failed write is raised here
+        seconds = future.result()  # a failed write is raised here
+        if _recorder is not None:
+            _recorder.add("write", seconds)
         yield item

@@ -12,7 +12,7 @@ from snd_stages.pipeline import load_config
 from snd_stages.errors import ArtifactError
 from snd_stages.geometry import Camera
 from snd_stages.models.backbones import backbone_spec
-from snd_stages.splat.operator import SplatOperator, build_splat_operator, splat_tokens
+from snd_stages.splat.operator import OperatorInputs, SplatOperator, build_splat_operator, build_splat_operators, splat_tokens
 from snd_stages.splat.quirks import render_inputs
 from snd_stages.splat.render import gsplat_cuda_available, render_features, render_weights
 from snd_stages.artifacts.gaussians import load_gaussians
@@ -154,6 +154,71 @@ def test_gsplat_operator_equals_the_gsplat_path(blending):
     # The twin's operator against gsplat's render: the two rasterisers agree to float32 rounding.
     twin = build_splat_operator(gaussians, camera, masks, target_mask, grid, grid, backend="torch")
     assert relative_error(twin.apply(tokens, blending), expected) < 1e-4
+
+
+def assert_same_operators(together: list[SplatOperator], alone: list[SplatOperator]) -> None:
+    """Every stored array of each operator equal, bit for bit (what snd precompute-operators writes)."""
+    assert len(together) == len(alone)
+    for composed, reference in zip(together, alone):
+        composed_arrays, reference_arrays = composed.to_arrays(), reference.to_arrays()
+        assert sorted(composed_arrays) == sorted(reference_arrays)
+        for name, values in reference_arrays.items():
+            assert composed_arrays[name].dtype == values.dtype and np.array_equal(composed_arrays[name], values), name
+
+
+def synthetic_batch(device: torch.device, seeds=(1, 2, 3, 4)) -> list[OperatorInputs]:
+    inputs = []
+    for seed in seeds:
+        gaussians, camera, masks, target_mask = synthetic_sample(torch.Generator().manual_seed(seed))
+        inputs.append(OperatorInputs(gaussians.to(device), camera.to(device), masks.to(device), target_mask.to(device)))
+    return inputs
+
+
+@pytest.mark.parametrize("mask_aware", [True, False])
+def test_operators_composed_together_are_each_composed_alone(mask_aware):
+    """Composing several samples at once (block-diagonal factors) changes no bit of any sample's operator."""
+    samples = synthetic_batch(torch.device("cpu"))
+    grid = VITS14.token_grid(samples[0].target_camera.height, samples[0].target_camera.width)
+    alone = [build_splat_operator(s.gaussians, s.target_camera, s.context_masks, s.target_mask, grid, grid, mask_aware)
+             for s in samples]
+    together = build_splat_operators(samples, grid, grid, mask_aware)
+    assert_same_operators(together, alone)
+    assert len({operator.nonzeros() for operator in alone}) > 1  # the samples differ, so a mix-up would show
+
+
+def test_the_composition_stores_what_it_stored_before_batching():
+    """The sha256 of the operators of fixed synthetic samples, against the value the one-sample composition gave
+    before samples were composed together (2026-12-05): a change here changes stored operators."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for seed in (1, 2, 3):
+        for mask_aware in (True, False):
+            gaussians, camera, masks, target_mask = synthetic_sample(torch.Generator().manual_seed(seed))
+            grid = VITS14.token_grid(camera.height, camera.width)
+            operator = build_splat_operator(gaussians, camera, masks, target_mask, grid, grid, mask_aware)
+            for name, values in sorted(operator.to_arrays().items()):
+                digest.update(name.encode())
+                digest.update(values.tobytes())
+    assert digest.hexdigest()[:20] == "3321b4f1e8b285482697"
+
+
+def test_operators_of_different_render_sizes_are_refused_together():
+    samples = synthetic_batch(torch.device("cpu"), seeds=(1,))
+    gaussians, camera, masks, target_mask = synthetic_sample(torch.Generator().manual_seed(2), height=56, width=84)
+    samples.append(OperatorInputs(gaussians, camera, masks, target_mask))
+    with pytest.raises(ValueError, match="must hold the 2 context views of one size"):
+        build_splat_operators(samples, (5, 7), (5, 7))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gsplat_cuda_available(), reason="needs a CUDA device and gsplat's CUDA extension")
+def test_gsplat_operators_composed_together_are_each_composed_alone():
+    samples = synthetic_batch(torch.device("cuda"))
+    grid = VITS14.token_grid(samples[0].target_camera.height, samples[0].target_camera.width)
+    alone = [build_splat_operator(s.gaussians, s.target_camera, s.context_masks, s.target_mask, grid, grid)
+             for s in samples]
+    assert_same_operators(build_splat_operators(samples, grid, grid, output_device="cpu"), alone)
 
 
 def test_a_damaged_stored_operator_is_an_error_not_an_out_of_bounds_read():

@@ -39,7 +39,7 @@ from ..geometry import Camera
 from ..scenes.layout import Scene
 from ..scenes.sampling import ViewSample
 from ..reconstruct import GaussiansCfg
-from ..store import Artifact, ArtifactSpec, Store
+from ..store import Artifact, ArtifactSpec, Store, UnitArrays
 
 STAGE = "gaussians"
 SCHEMA_VERSION = 2  # 2: the per-Gaussian arrays in Blosc LZ4 (the same values as 1's zstd)
@@ -81,10 +81,11 @@ def pairs_of(samples: list[ViewSample]) -> dict[str, tuple[str, tuple[int, int],
     return {name: (scene, context, sorted(targets)) for name, (scene, context, targets) in sorted(pairs.items())}
 
 
-def write_pair(group, scene: Scene, context: tuple[int, int], targets: list[int], gaussians: Gaussians) -> None:
+def pair_unit(scene: Scene, context: tuple[int, int], targets: list[int], gaussians: Gaussians) -> UnitArrays:
+    """One context pair's unit: its Gaussians (float16 where the renderer needs no more) and cameras."""
     count = len(gaussians)
     chunk = min(count, 1 << 18)
-    arrays = {
+    per_gaussian = {
         "means": gaussians.means.numpy().astype(np.float32),
         "quats": gaussians.quats.numpy().astype(np.float16),
         "scales": gaussians.scales.numpy().astype(np.float16),
@@ -92,17 +93,18 @@ def write_pair(group, scene: Scene, context: tuple[int, int], targets: list[int]
         "source_view": gaussians.source_view.numpy().astype(np.uint8),
         "source_pixel": gaussians.source_pixel.numpy().astype(np.int32),
     }
-    for name, values in arrays.items():
-        group.create_array(name, data=values, chunks=(chunk, *values.shape[1:]), compressors=PER_GAUSSIAN_CODEC)
     context_camera = scene.camera[list(context)]
     target_camera = scene.camera[targets]
-    group.create_array("context_intrinsics", data=context_camera.intrinsics.numpy())
-    group.create_array("context_world_to_camera", data=context_camera.world_to_camera.numpy())
-    group.create_array("target_positions", data=np.asarray(targets, dtype=np.int32))
-    group.create_array("target_intrinsics", data=target_camera.intrinsics.numpy())
-    group.create_array("target_world_to_camera", data=target_camera.world_to_camera.numpy())
-    group.update_attributes(
-        {
+    return UnitArrays(
+        arrays={
+            **per_gaussian,
+            "context_intrinsics": context_camera.intrinsics.numpy(),
+            "context_world_to_camera": context_camera.world_to_camera.numpy(),
+            "target_positions": np.asarray(targets, dtype=np.int32),
+            "target_intrinsics": target_camera.intrinsics.numpy(),
+            "target_world_to_camera": target_camera.world_to_camera.numpy(),
+        },
+        attributes={
             "scene": scene.scene_id,
             "context_positions": list(context),
             "context_frames": [scene.frames[p].name for p in context],
@@ -110,8 +112,14 @@ def write_pair(group, scene: Scene, context: tuple[int, int], targets: list[int]
             "height": scene.camera.height,
             "width": scene.camera.width,
             "count": count,
-        }
+        },
+        options={name: {"chunks": (chunk, *values.shape[1:]), "compressors": PER_GAUSSIAN_CODEC}
+                 for name, values in per_gaussian.items()},
     )
+
+
+def write_pair(group, scene: Scene, context: tuple[int, int], targets: list[int], gaussians: Gaussians) -> None:
+    pair_unit(scene, context, targets, gaussians).write(group)
 
 
 def read_pair(group) -> PairGaussians:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from ..config import TrainCfg
 from ..models.backbones import backbone_spec
 from ..splat.operator import SplatOperator
-from ..store import Artifact, ArtifactSpec, Store
+from ..store import Artifact, ArtifactSpec, Store, UnitArrays
 from .gaussians import pair_unit_name
 
 STAGE = "operators"
@@ -37,16 +37,18 @@ def operators_spec(train: TrainCfg, samples_key: str, gaussians_key: str, masks_
                         inputs={"samples": samples_key, "gaussians": gaussians_key, "masks": masks_key})
 
 
+def operator_unit(operator: SplatOperator, scene: str, context: tuple[int, int], target: int) -> UnitArrays:
+    """One (context pair, target) unit: the operator's five packed arrays."""
+    arrays = operator.to_arrays()
+    return UnitArrays(arrays, {"scene": scene, "context_positions": list(context), "target_position": target,
+                               "nonzeros": operator.nonzeros(),
+                               "bytes": int(sum(values.nbytes for values in arrays.values()))})
+
+
 def write_operator(writer, name: str, operator: SplatOperator, scene: str, context: tuple[int, int],
                    target: int) -> None:
     """Write one (context pair, target) unit."""
-    with writer.unit(name) as group:
-        arrays = operator.to_arrays()
-        for array_name, values in arrays.items():
-            group.create_array(array_name, data=values)
-        group.update_attributes({"scene": scene, "context_positions": list(context), "target_position": target,
-                            "nonzeros": operator.nonzeros(),
-                            "bytes": int(sum(values.nbytes for values in arrays.values()))})
+    writer.write_unit(name, operator_unit(operator, scene, context, target))
 
 
 def load_operators(store: Store, train: TrainCfg, samples_key: str, gaussians_key: str, masks_key: str) -> Artifact:

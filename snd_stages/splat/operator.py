@@ -177,6 +177,23 @@ def splat_tokens(
     return downsample_to_tokens(blended, target_grid)[0], token_coverage(rendered.alpha, target_grid)[0]
 
 
+@dataclass
+class OperatorInputs:
+    """One sample's inputs to :func:`build_splat_operators` (every tensor on one device).
+
+    Attributes:
+        gaussians: the context pair's Gaussians, as the renderer gets them (after any reference quirks).
+        target_camera: ``[1]`` target camera, as the renderer gets it.
+        context_masks: segment labels of the two context views at the Gaussians' image size.
+        target_mask: segment labels of the target at the render size.
+    """
+
+    gaussians: Gaussians
+    target_camera: Camera
+    context_masks: Int[Tensor, "2 H W"]
+    target_mask: Int[Tensor, "Ht Wt"]
+
+
 @torch.no_grad()
 def build_splat_operator(
     gaussians: Gaussians,
@@ -188,66 +205,138 @@ def build_splat_operator(
     mask_aware_upsampling: bool = True,
     backend: Backend = "auto",
 ) -> SplatOperator:
-    """Compose a sample's operator from its renderer weights (every tensor on one device).
+    """One sample's operator, on its tensors' device (see :func:`build_splat_operators`)."""
+    return build_splat_operators([OperatorInputs(gaussians, target_camera, context_masks, target_mask)],
+                                 context_grid, target_grid, mask_aware_upsampling, backend)[0]
+
+
+@torch.no_grad()
+def build_splat_operators(
+    samples: list[OperatorInputs],
+    context_grid: tuple[int, int],
+    target_grid: tuple[int, int],
+    mask_aware_upsampling: bool = True,
+    backend: Backend = "auto",
+    output_device: torch.device | str | None = None,
+) -> list[SplatOperator]:
+    """Compose several samples' operators from their renderer weights, at once.
+
+    Each factor of all the samples is one block-diagonal sparse matrix, so the sorting, products and conversions
+    run once per call instead of once per sample: on a GPU, what a small sample costs is those launches and
+    synchronisations, not arithmetic. Every sample's entries sit in their own diagonal block, in the order and
+    summed in the order they would be alone (the sorts are stable), so each operator is the one composed alone, bit
+    for bit. Samples must share their image sizes.
 
     Args:
-        gaussians: the context pair's Gaussians, as the renderer gets them (after any reference quirks).
-        target_camera: ``[1]`` target camera, as the renderer gets it.
-        context_masks: segment labels of the two context views at the Gaussians' image size.
-        target_mask: segment labels of the target at the render size.
+        samples: each sample's Gaussians, target camera and masks (all on one device).
         context_grid: the teacher's token grid of each context view.
         target_grid: the student's token grid of the target.
         mask_aware_upsampling: False: plain bilinear (align-corners) upsampling, as the method's ablation.
+        backend: the renderer whose compositing weights are used (``auto``: gsplat on CUDA, else the torch twin).
+        output_device: where the operators are returned (default: the samples' device); the CPU gets each
+            matrix in one copy for all samples.
     """
-    views, height, width = context_masks.shape
-    if views != 2:
-        raise ValueError(f"context_masks must hold the 2 context views, got {tuple(context_masks.shape)}")
-    if tuple(target_mask.shape) != (target_camera.height, target_camera.width):
-        raise ValueError(
-            f"target mask {tuple(target_mask.shape)} must match the render size "
-            f"{target_camera.height}x{target_camera.width}"
-        )
-    device = gaussians.means.device
+    first = samples[0]
+    views, height, width = first.context_masks.shape
+    target_height, target_width = first.target_camera.height, first.target_camera.width
+    for sample in samples:
+        if tuple(sample.context_masks.shape) != (2, height, width):
+            raise ValueError(f"context_masks must hold the 2 context views of one size, got "
+                             f"{tuple(sample.context_masks.shape)} beside {(2, height, width)}")
+        camera = sample.target_camera
+        if tuple(sample.target_mask.shape) != (camera.height, camera.width):
+            raise ValueError(f"target mask {tuple(sample.target_mask.shape)} must match the render size "
+                             f"{camera.height}x{camera.width}")
+        if (camera.height, camera.width) != (target_height, target_width):
+            raise ValueError(f"samples composed together must share their render size: {camera.height}x"
+                             f"{camera.width} beside {target_height}x{target_width}")
+    device = first.gaussians.means.device
+    count = len(samples)
     low_h, low_w = context_grid
     context_tokens = 2 * low_h * low_w
-    target_pixels = target_camera.height * target_camera.width
+    target_pixels = target_height * target_width
+    target_tokens = target_grid[0] * target_grid[1]
 
-    # U L: each Gaussian reads four context tokens of its source view.
-    taps = [upsample_taps(mask if mask_aware_upsampling else torch.zeros_like(mask), low_h, low_w)
-            for mask in context_masks]
-    nodes = torch.cat([taps[view][0] + view * low_h * low_w for view in range(2)], dim=1)  # [4, 2HW]
-    tap_weights = torch.cat([taps[view][1] for view in range(2)], dim=1).double()  # [4, 2HW]
-    source = gaussians.source_view.to(device) * (height * width) + gaussians.source_pixel.to(device)  # [G]
+    rows, columns, values, segments, sizes, coverage, segment_counts = [], [], [], [], [], [], []
+    for index, sample in enumerate(samples):
+        # U L: each Gaussian reads four context tokens of its source view (sample `index`'s own columns).
+        taps = [upsample_taps(mask if mask_aware_upsampling else torch.zeros_like(mask), low_h, low_w)
+                for mask in sample.context_masks]
+        nodes = torch.cat([taps[view][0] + view * low_h * low_w for view in range(2)], dim=1) + index * context_tokens
+        tap_weights = torch.cat([taps[view][1] for view in range(2)], dim=1).double()  # [4, 2HW]
+        gaussians = sample.gaussians
+        source = gaussians.source_view.to(device) * (height * width) + gaussians.source_pixel.to(device)  # [G]
+        # W (L U): the renderer's weights of each (pixel, Gaussian), spread over the Gaussian's four taps.
+        weights = render_weights(gaussians, sample.target_camera, backend=backend)
+        source_of_entry = source[weights.gaussian]
+        rows.append(weights.pixel.repeat(4) + index * target_pixels)
+        columns.append(nodes[:, source_of_entry].reshape(-1))
+        values.append((tap_weights[:, source_of_entry] * weights.weight[None]).reshape(-1))
+        labels, segment = torch.unique(sample.target_mask.reshape(-1).to(device), return_inverse=True)
+        segments.append(segment + sum(segment_counts))
+        sizes.append(torch.bincount(segment, minlength=len(labels)).double())
+        segment_counts.append(len(labels))
+        coverage.append(token_coverage(weights.alpha()[None].float(), target_grid)[0])
+    segment_total = sum(segment_counts)
 
-    # R = W (L U), as one coalesced sparse matrix [H'W', S].
-    weights = render_weights(gaussians, target_camera, backend=backend)
-    source_of_entry = source[weights.gaussian]
-    rows = weights.pixel.repeat(4)
-    columns = nodes[:, source_of_entry].reshape(-1)
-    values = (tap_weights[:, source_of_entry] * weights.weight[None]).reshape(-1)
-    rendered = _coalesced(rows, columns, values, (target_pixels, context_tokens))
-
-    downsample = downsample_operator(target_camera.height, target_camera.width, target_grid).to(device).double()
+    # R = W (L U), as one coalesced sparse matrix [count H'W', count S].
+    rendered = _coalesced(torch.cat(rows), torch.cat(columns), torch.cat(values),
+                          (count * target_pixels, count * context_tokens))
+    downsample = _block_diagonal(
+        downsample_operator(target_height, target_width, target_grid).to(device).double(), count)
     local = torch.sparse.mm(downsample, rendered)
 
-    labels, segment = torch.unique(target_mask.reshape(-1).to(device), return_inverse=True)
-    sizes = torch.bincount(segment, minlength=len(labels)).double()
+    segment = torch.cat(segments)
+    sizes = torch.cat(sizes)
     entries = rendered.indices()
     segment_of_entry = segment[entries[0]]
     segment_means = _coalesced(segment_of_entry, entries[1], rendered.values() / sizes[segment_of_entry],
-                               (len(labels), context_tokens))
-    indicator = _coalesced(torch.arange(target_pixels, device=device), segment,
-                           torch.ones(target_pixels, dtype=torch.float64, device=device), (target_pixels, len(labels)))
+                               (segment_total, count * context_tokens))
+    indicator = _coalesced(torch.arange(count * target_pixels, device=device), segment,
+                           torch.ones(count * target_pixels, dtype=torch.float64, device=device),
+                           (count * target_pixels, segment_total))
     segment_spread = torch.sparse.mm(downsample, indicator)
 
-    coverage = token_coverage(weights.alpha()[None].float(), target_grid)[0]
-    return SplatOperator(
-        local=_csr32(local),
-        segment_means=_csr32(segment_means),
-        segment_spread=_csr32(segment_spread),
-        coverage=coverage,
-        context_grid=(low_h, low_w),
-    )
+    output_device = device if output_device is None else torch.device(output_device)
+    segment_starts = np.cumsum([0, *segment_counts]).tolist()
+    token_blocks = [(index * target_tokens, (index + 1) * target_tokens) for index in range(count)]
+    segment_blocks = list(zip(segment_starts[:-1], segment_starts[1:]))
+    local_parts = _split_csr(_csr32(local).to(output_device), token_blocks,
+                             [index * context_tokens for index in range(count)], context_tokens)
+    means_parts = _split_csr(_csr32(segment_means).to(output_device), segment_blocks,
+                             [index * context_tokens for index in range(count)], context_tokens)
+    spread_parts = _split_csr(_csr32(segment_spread).to(output_device), token_blocks, segment_starts[:-1],
+                              segment_counts)
+    coverage = torch.stack(coverage).to(output_device)
+    return [SplatOperator(local=local_parts[index], segment_means=means_parts[index],
+                          segment_spread=spread_parts[index], coverage=coverage[index], context_grid=(low_h, low_w))
+            for index in range(count)]
+
+
+def _block_diagonal(matrix: Tensor, count: int) -> Tensor:
+    """``count`` copies of a coalesced sparse COO matrix along the diagonal (coalesced: blocks in row order)."""
+    rows, columns = matrix.shape
+    offsets = torch.arange(count, device=matrix.device)[:, None]
+    indices = matrix.indices()
+    stacked = torch.stack([indices[0] + offsets * rows, indices[1] + offsets * columns])  # [2, count, nonzeros]
+    return torch.sparse_coo_tensor(stacked.reshape(2, -1), matrix.values().repeat(count), (count * rows, count * columns),
+                                   check_invariants=False, is_coalesced=True)
+
+
+def _split_csr(matrix: Tensor, row_blocks: list[tuple[int, int]], column_starts: list[int],
+               widths: int | list[int]) -> list[Tensor]:
+    """The diagonal blocks of a block-diagonal CSR matrix: rows ``[start, stop)`` of each block, its columns
+    shifted down by its ``column_starts`` entry, as CSR matrices of width ``widths`` (one or one per block)."""
+    row_pointers, column_indices, values = matrix.crow_indices(), matrix.col_indices(), matrix.values()
+    bounds = row_pointers.cpu().tolist()  # one copy for every block's entry range
+    parts = []
+    for index, (start, stop) in enumerate(row_blocks):
+        first, last = bounds[start], bounds[stop]
+        width = widths if isinstance(widths, int) else widths[index]
+        parts.append(torch.sparse_csr_tensor(row_pointers[start : stop + 1] - first,
+                                             column_indices[first:last] - column_starts[index], values[first:last],
+                                             size=(stop - start, width), check_invariants=False))
+    return parts
 
 
 def _coalesced(rows: Tensor, columns: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -257,6 +346,7 @@ def _coalesced(rows: Tensor, columns: Tensor, values: Tensor, shape: tuple[int, 
 def _csr32(matrix: Tensor) -> Tensor:
     matrix = matrix.coalesce()
     keep = matrix.values() != 0  # exact zeros (e.g. a mask-rejected tap) carry no information
+    # Dropping entries of a coalesced matrix leaves it sorted and without duplicates: no second sort.
     pruned = torch.sparse_coo_tensor(matrix.indices()[:, keep], matrix.values()[keep].float(), matrix.shape,
-                                     check_invariants=False).coalesce()
+                                     check_invariants=False, is_coalesced=True)
     return pruned.to_sparse_csr()

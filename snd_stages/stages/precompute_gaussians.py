@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from ..artifacts.gaussians import BYTES_PER_GAUSSIAN, gaussians_spec, pairs_of, write_pair
+from ..artifacts.gaussians import BYTES_PER_GAUSSIAN, gaussians_spec, pair_unit, pairs_of
 from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
 from ..artifacts.samples import load_samples
 from ..config import DataCfg, SamplingCfg, dump_sections
@@ -28,8 +28,8 @@ from ..progress import track
 from ..reconstruct import ContextViews, build_reconstructor
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
-from ..store import Artifact, ArtifactWriter, Store
-from ..throughput import overlapped, phase, timed
+from ..store import Artifact, ArtifactWriter, Store, UnitArrays
+from ..throughput import overlapped, phase
 
 
 def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool) -> ContextViews:
@@ -78,18 +78,15 @@ def precompute_gaussians(
             scene_id, context, _ = pairs[name]
             return scene_of(scene_id), context_views(scene_of(scene_id), context, reconstructor.requires_depth)
 
-        def compute(name: str, inputs: tuple[Scene, ContextViews]) -> tuple[Scene, Gaussians]:
+        def compute(name: str, inputs: tuple[Scene, ContextViews]) -> UnitArrays:
             scene, views = inputs
-            with torch.no_grad():
-                return scene, reconstructor.reconstruct(views)
-
-        def write(name: str, result: tuple[Scene, Gaussians]) -> None:
-            scene, reconstructed = result
             _, context, targets = pairs[name]
-            with writer.unit(name) as group:
-                write_pair(group, scene, context, targets, reconstructed)
+            with torch.no_grad():
+                return pair_unit(scene, context, targets, reconstructor.reconstruct(views))
 
-        units = overlapped(todo, timed("read", read), timed("compute", compute), timed("write", write),
+        # Writing a pair (eleven Zarr arrays) costs more than reconstructing it on a GPU, and is Python: writing
+        # processes (not threads) run side by side.
+        units = overlapped(todo, read, compute, writer.write_unit, write_processes=True,
                            compute_device=resolve_device(gaussians.device, "gaussians.device").type)
         for _ in track(units, "reconstructing context pairs", progress, total=len(todo), unit="pair"):
             pass

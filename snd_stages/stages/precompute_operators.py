@@ -23,7 +23,7 @@ from rich.progress import Progress
 
 from ..artifacts.gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
 from ..artifacts.masks import MaskReader, load_masks
-from ..artifacts.operators import operators_spec, operator_unit_name, write_operator
+from ..artifacts.operators import operators_spec, operator_unit, operator_unit_name
 from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
 from ..artifacts.samples import load_samples
 from ..config import DataCfg, SamplingCfg, TrainCfg, dump_sections
@@ -32,10 +32,10 @@ from ..models.backbones import backbone_spec
 from ..reconstruct import GaussiansCfg
 from ..progress import track
 from ..runtime import resolve_device
-from ..splat.operator import SplatOperator, build_splat_operator
+from ..splat.operator import OperatorInputs, build_splat_operators
 from ..splat.quirks import render_inputs
-from ..store import Artifact, ArtifactWriter, Store
-from ..throughput import overlapped, phase, timed
+from ..store import Artifact, ArtifactWriter, Store, UnitArrays
+from ..throughput import overlapped, overlapping, phase
 
 
 def precompute_operators(
@@ -76,32 +76,42 @@ def precompute_operators(
             pair = read_pair(gaussians_artifact.unit(pair_unit_name(scene_id, context)))
             return pair, torch.stack([read_mask(scene_id, p) for p in context])
 
-        def read(name: str) -> tuple[PairGaussians, torch.Tensor, torch.Tensor]:
+        def read(name: str) -> tuple[PairGaussians, torch.Tensor, torch.Tensor]:  # one unit
             scene_id, context, target = units[name]
             return (*pair_inputs(scene_id, context), read_mask(scene_id, target))
 
+        per_call = units_per_call(gaussians_artifact, units[todo[0]]) if todo and overlapping() else 1
+        batches = [todo[start : start + per_call] for start in range(0, len(todo), per_call)]
         on_device: dict[str, object] = {}
 
-        def compute(name: str, inputs: tuple[PairGaussians, torch.Tensor, torch.Tensor]) -> SplatOperator:
-            pair, context_masks, target_mask = inputs
-            if on_device.get("pair") is not pair:
-                on_device.update(pair=pair, gaussians=pair.gaussians.to(device), masks=context_masks.to(device))
-            index = pair.target_index(units[name][2])
-            rendered_gaussians, camera = render_inputs(on_device["gaussians"], pair.target_camera[index : index + 1],
-                                                       train.reference_quirks)
-            return build_splat_operator(
-                rendered_gaussians, camera, on_device["masks"], target_mask.to(device),
-                context_grid=backbone.token_grid(*context_masks.shape[-2:]),
-                target_grid=backbone.token_grid(camera.height, camera.width),
-                mask_aware_upsampling=train.mask_aware_upsampling,
-            )
+        def read_batch(batch: list[str]) -> list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]:
+            return [read(name) for name in batch]
 
-        def write(name: str, operator: SplatOperator) -> None:
-            write_operator(writer, name, operator, *units[name])
+        def compute(batch: list[str], inputs: list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]
+                    ) -> list[UnitArrays]:
+            samples = []
+            for name, (pair, context_masks, target_mask) in zip(batch, inputs):
+                if on_device.get("pair") is not pair:
+                    on_device.update(pair=pair, gaussians=pair.gaussians.to(device), masks=context_masks.to(device))
+                index = pair.target_index(units[name][2])
+                rendered_gaussians, camera = render_inputs(on_device["gaussians"],
+                                                           pair.target_camera[index : index + 1],
+                                                           train.reference_quirks)
+                samples.append(OperatorInputs(rendered_gaussians, camera, on_device["masks"], target_mask.to(device)))
+            operators = []
+            for group in _same_size_runs(samples):  # composed together: one call per size in the batch
+                height, width = group[0].context_masks.shape[-2:]
+                camera = group[0].target_camera
+                operators += build_splat_operators(
+                    group, context_grid=backbone.token_grid(height, width),
+                    target_grid=backbone.token_grid(camera.height, camera.width),
+                    mask_aware_upsampling=train.mask_aware_upsampling, output_device="cpu")
+            return [operator_unit(operator, *units[name]) for name, operator in zip(batch, operators)]
 
-        composed = overlapped(todo, timed("read", read), timed("compute", compute), timed("write", write),
+        # A unit's write is small but Python (Zarr): writing processes, not threads, run side by side.
+        composed = overlapped(batches, read_batch, compute, writer.write_units, ahead=4, write_processes=True,
                               compute_device=device.type)
-        for _ in track(composed, "composing teacher operators", progress, total=len(todo), unit="sample"):
+        for _ in track(composed, "composing teacher operators", progress, total=len(todo), unit="sample", size=len):
             pass
 
         def counts() -> dict:
@@ -112,3 +122,29 @@ def precompute_operators(
             return finish_if_complete(writer, list(units), counts)
 
     return run_stage(store, spec, config_yaml, force, build, expected_units=len(units), shard=shard)
+
+
+# Target pixels composed per call: on a GPU a small sample's cost is the composition's launches and
+# synchronisations, so samples share them, as many as keep one call's sparse matrices within a few hundred MB.
+PIXELS_PER_CALL = 1 << 21
+MOST_UNITS_PER_CALL = 32
+
+
+def units_per_call(gaussians_artifact: Artifact, unit: tuple[str, tuple[int, int], int]) -> int:
+    """How many samples one composition takes, from the render size of a unit's context pair."""
+    scene_id, context, _ = unit
+    attributes = gaussians_artifact.unit(pair_unit_name(scene_id, context)).attrs
+    height, width = attributes["height"], attributes["width"]
+    return max(1, min(MOST_UNITS_PER_CALL, PIXELS_PER_CALL // (height * width)))
+
+
+def _same_size_runs(samples: list[OperatorInputs]) -> list[list[OperatorInputs]]:
+    """Consecutive runs of samples sharing their context and target sizes (a dataset's frames usually all do)."""
+    runs: list[list[OperatorInputs]] = []
+    for sample in samples:
+        size = (tuple(sample.context_masks.shape), tuple(sample.target_mask.shape))
+        if runs and (tuple(runs[-1][0].context_masks.shape), tuple(runs[-1][0].target_mask.shape)) == size:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    return runs
