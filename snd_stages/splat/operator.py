@@ -237,7 +237,7 @@ def build_splat_operators(
             matrix in one copy for all samples.
     """
     first = samples[0]
-    views, height, width = first.context_masks.shape
+    height, width = first.context_masks.shape[-2:]
     target_height, target_width = first.target_camera.height, first.target_camera.width
     for sample in samples:
         if tuple(sample.context_masks.shape) != (2, height, width):
@@ -301,10 +301,9 @@ def build_splat_operators(
     segment_starts = np.cumsum([0, *segment_counts]).tolist()
     token_blocks = [(index * target_tokens, (index + 1) * target_tokens) for index in range(count)]
     segment_blocks = list(zip(segment_starts[:-1], segment_starts[1:]))
-    local_parts = _split_csr(_csr32(local).to(output_device), token_blocks,
-                             [index * context_tokens for index in range(count)], context_tokens)
-    means_parts = _split_csr(_csr32(segment_means).to(output_device), segment_blocks,
-                             [index * context_tokens for index in range(count)], context_tokens)
+    context_starts = [index * context_tokens for index in range(count)]
+    local_parts = _split_csr(_csr32(local).to(output_device), token_blocks, context_starts, context_tokens)
+    means_parts = _split_csr(_csr32(segment_means).to(output_device), segment_blocks, context_starts, context_tokens)
     spread_parts = _split_csr(_csr32(segment_spread).to(output_device), token_blocks, segment_starts[:-1],
                               segment_counts)
     coverage = torch.stack(coverage).to(output_device)
