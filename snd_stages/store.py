@@ -529,8 +529,8 @@ class Store:
 
 @dataclass
 class UnitArrays:
-    """A whole unit as plain arrays and attributes, ready to write: what a writing process is sent (numpy arrays
-    pickle as their bytes; tensors and open Zarr groups do not travel).
+    """A whole unit as plain arrays and attributes, ready to write (by a writing thread, or in any process: numpy
+    arrays pickle as their bytes; tensors and open Zarr groups do not travel).
 
     ``options`` holds each array's ``create_array`` keywords (chunks, compressors); an array without any gets
     Zarr's defaults.

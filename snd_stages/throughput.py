@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait, FIRST_COMPLETED
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .runtime import available_cores, process_pool
+from .runtime import available_cores
 
 Item = TypeVar("Item")
 
@@ -136,32 +136,29 @@ def ordered_map(function: Callable[[Item], object], items: Iterable[Item], ahead
 
 def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: Callable[[Item, object], object],
                write: Callable[[Item, object], None], ahead: int | None = None,
-               compute_device: str = "cuda", write_processes: bool = False) -> Iterator[Item]:
+               compute_device: str = "cuda") -> Iterator[Item]:
     """Run ``read``, ``compute`` and ``write`` on every item, yielding each item once its write is done; their
     times are recorded as the phases ``read``, ``compute`` and ``write``.
 
     Reads run up to ``ahead`` items ahead and writes up to ``ahead`` items behind (bounding the memory held; default:
     twice the threads), each in :func:`io_threads` threads; ``compute`` runs in this thread in item order, on
     ``compute_device`` (a CPU compute leaves threads for reading and writing only on a machine with cores to spare).
-    With ``write_processes`` the writes run in as many processes instead: Zarr runs the coroutines of every write
-    of a process on that process's one event-loop thread, so writing threads queue behind each other wherever a
-    unit's cost is Zarr's Python (many arrays, or large ones); ``write`` and what ``compute`` returns must pickle.
+    Writes run in threads, not processes: sending a unit to a writing process costs a copy of it through a pipe
+    (33 MB for a 576x880 pair of Gaussians), and processes wrote 3 to 5 times fewer units per second on a GPU
+    machine (benchmarks/README.md), though Zarr's one event loop per process makes writing threads queue.
     A failure anywhere stops new work, lets the writes already started finish (their units are whole), and is
     raised here.
     """
     items = list(items)
     threads = io_threads(compute_device)
-    read, compute = timed("read", read), timed("compute", compute)
+    read, compute, write = timed("read", read), timed("compute", compute), timed("write", write)
     if not _overlap or len(items) < 2 or threads == 0:
-        write = timed("write", write)
         for item in items:
             write(item, compute(item, read(item)))
             yield item
         return
     ahead = ahead or 2 * threads
-    writers = (process_pool(threads, threads_per_worker=1) if write_processes
-               else ThreadPoolExecutor(threads, thread_name_prefix="snd-write"))
-    with writers:
+    with ThreadPoolExecutor(threads, thread_name_prefix="snd-write") as writers:
         reads = ordered_map(read, items, ahead, compute_device)
         writes: dict[Future, Item] = {}
         try:
@@ -169,7 +166,7 @@ def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: C
                 result = compute(item, inputs)
                 while len(writes) >= ahead:  # hold at most `ahead` results in memory
                     yield from _finished(writes, wait(writes, return_when=FIRST_COMPLETED).done)
-                writes[writers.submit(_timed_write, write, item, result)] = item
+                writes[writers.submit(write, item, result)] = item
                 yield from _finished(writes, [future for future in writes if future.done()])
             yield from _finished(writes, wait(writes).done)
         except BaseException:
@@ -178,17 +175,8 @@ def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: C
             raise
 
 
-def _timed_write(write: Callable[[Item, object], None], item: Item, result: object) -> float:
-    """``write(item, result)`` and its seconds (a writing process has no recorder: its parent records them)."""
-    start = time.perf_counter()
-    write(item, result)
-    return time.perf_counter() - start
-
-
 def _finished(writes: dict[Future, Item], done) -> Iterator[Item]:
     for future in list(done):
         item = writes.pop(future)
-        seconds = future.result()  # a failed write is raised here
-        if _recorder is not None:
-            _recorder.add("write", seconds)
+        future.result()  # a failed write is raised here
         yield item

@@ -77,15 +77,12 @@ def max_abs(x, reference) -> float:
     return float(np.abs(x - reference).max())
 
 
-def run_case(encoder: MVSplatEncoder, inputs, extrinsics_key: str):
+def run_case(encoder: MVSplatEncoder, inputs, extrinsics_key: str, device: str = "cpu"):
     intermediates: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         output = encoder(
-            torch.from_numpy(inputs["images"]),
-            torch.from_numpy(inputs["intrinsics"]),
-            torch.from_numpy(inputs[extrinsics_key]),
-            torch.from_numpy(inputs["near"]),
-            torch.from_numpy(inputs["far"]),
+            *(torch.from_numpy(inputs[key]).to(device)
+              for key in ("images", "intrinsics", extrinsics_key, "near", "far")),
             intermediates=intermediates,
         )
     return output, intermediates

@@ -3,8 +3,6 @@ after the writes in flight finish, and the stored artifacts byte for byte those 
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
 import time
 from pathlib import Path
@@ -86,28 +84,6 @@ def test_a_cpu_computing_stage_overlaps_only_with_cores_to_spare(monkeypatch):
     assert throughput.io_threads("cpu") == 0 and throughput.io_threads("cuda") == 1
     monkeypatch.setattr(throughput, "available_cores", lambda: 16)
     assert throughput.io_threads("cpu") == 2 and throughput.io_threads("cuda") == 8
-
-
-def write_value_and_process(folder: Path, item: int, value: int) -> None:
-    """A write for writing processes (module level: it must pickle)."""
-    if value < 0:
-        raise ValueError(f"item {item} cannot be written")
-    (folder / str(item)).write_text(f"{value} {os.getpid()}")
-
-
-def test_writes_in_processes_are_each_done_once_in_other_processes(tmp_path, monkeypatch):
-    monkeypatch.setattr(throughput, "available_cores", lambda: 4)  # two writing processes
-    write = functools.partial(write_value_and_process, tmp_path)
-    with throughput.recording() as phases:
-        done = list(throughput.overlapped(range(6), lambda item: item, lambda item, value: 10 * value, write,
-                                          write_processes=True))
-    assert sorted(done) == list(range(6)) and phases.counts["write"] == 6
-    written = {int(path.name): path.read_text().split() for path in tmp_path.iterdir()}
-    assert {item: int(value) for item, (value, _) in written.items()} == {item: 10 * item for item in range(6)}
-    assert str(os.getpid()) not in {pid for _, pid in written.values()}
-    with pytest.raises(ValueError, match="item 3 cannot be written"):
-        list(throughput.overlapped(range(6), lambda item: item, lambda item, value: -1 if item == 3 else value, write,
-                                   write_processes=True))
 
 
 def test_phases_are_recorded_only_inside_recording():

@@ -84,9 +84,9 @@ def precompute_gaussians(
             with torch.no_grad():
                 return pair_unit(scene, context, targets, reconstructor.reconstruct(views))
 
-        # Writing a pair (eleven Zarr arrays) costs more than reconstructing it on a GPU, and is Python: writing
-        # processes (not threads) run side by side.
-        units = overlapped(todo, read, compute, writer.write_unit, write_processes=True,
+        # Writing a pair (eleven Zarr arrays) costs more than reconstructing it on a GPU: writing threads run
+        # behind the reconstruction.
+        units = overlapped(todo, read, compute, writer.write_unit,
                            compute_device=resolve_device(gaussians.device, "gaussians.device").type)
         for _ in track(units, "reconstructing context pairs", progress, total=len(todo), unit="pair"):
             pass

@@ -108,8 +108,8 @@ def precompute_operators(
                     mask_aware_upsampling=train.mask_aware_upsampling, output_device="cpu")
             return [operator_unit(operator, *units[name]) for name, operator in zip(batch, operators)]
 
-        # A unit's write is small but Python (Zarr): writing processes, not threads, run side by side.
-        composed = overlapped(batches, read_batch, compute, writer.write_units, ahead=4, write_processes=True,
+        # A unit's write is small but Python (Zarr): writing threads run behind the composition.
+        composed = overlapped(batches, read_batch, compute, writer.write_units, ahead=4,
                               compute_device=device.type)
         for _ in track(composed, "composing teacher operators", progress, total=len(todo), unit="sample", size=len):
             pass
