@@ -42,6 +42,11 @@ ShardOption = Annotated[
     str | None,
     typer.Option("--shard", help="Do only shard i of n (0-based, 'i/n'); shards share one store, the last one publishes."),
 ]
+WorkersOption = Annotated[
+    int,
+    typer.Option("--workers", min=0, help="Processes computing the units at once (0: one per 4 cores beside a GPU, "
+                 "one on the CPU). What is stored does not depend on it."),
+]
 
 
 @app.callback()
@@ -208,7 +213,8 @@ def sample_views_command(
     _run(action)
 
 
-def _precompute(stage: str, section: str, config: Path, overrides: list[str], force: bool, shard: str | None) -> None:
+def _precompute(stage: str, section: str, config: Path, overrides: list[str], force: bool, shard: str | None,
+                workers: int | None = None) -> None:
     """The precompute commands differ only in their stage function and the config sections they read."""
     from .artifacts.protocol import Shard
 
@@ -224,7 +230,8 @@ def _precompute(stage: str, section: str, config: Path, overrides: list[str], fo
         cfg = _load(config, overrides, {"data", "sampling", *sections, "store"})
         with make_progress() as progress:
             result = function(cfg.data, cfg.sampling, *(getattr(cfg, name) for name in sections),
-                              Store(cfg.store.root), force=force, shard=Shard.parse(shard), progress=progress)
+                              Store(cfg.store.root), force=force, shard=Shard.parse(shard), progress=progress,
+                              **({} if workers is None else {"workers": workers}))
         _report(stage, result)
 
     _run(action)
@@ -232,10 +239,11 @@ def _precompute(stage: str, section: str, config: Path, overrides: list[str], fo
 
 @app.command("precompute-gaussians")
 def precompute_gaussians_command(
-    config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: ForceOption = False, shard: ShardOption = None
+    config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: ForceOption = False, shard: ShardOption = None,
+    workers: WorkersOption = 0,
 ) -> None:
     """Reconstruct pixel-aligned 3D Gaussians once per context pair of the frozen samples."""
-    _precompute("precompute-gaussians", "gaussians", config, set_, force, shard)
+    _precompute("precompute-gaussians", "gaussians", config, set_, force, shard, workers)
 
 
 @app.command("precompute-masks")
@@ -248,10 +256,11 @@ def precompute_masks_command(
 
 @app.command("precompute-operators")
 def precompute_operators_command(
-    config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: ForceOption = False, shard: ShardOption = None
+    config: ConfigOption = Path("pipeline.yaml"), set_: SetOption = [], force: ForceOption = False, shard: ShardOption = None,
+    workers: WorkersOption = 0,
 ) -> None:
     """Compose each sample's teacher path (upsample, lift, splat, blend, downsample) into a sparse operator."""
-    _precompute("precompute-operators", "train", config, set_, force, shard)
+    _precompute("precompute-operators", "train", config, set_, force, shard, workers)
 
 
 @app.command("train")

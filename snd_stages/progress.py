@@ -30,10 +30,25 @@ def track(items: Sequence[T] | Iterable[T], description: str, progress: Progress
         return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    task = progress.add_task(description, total=total, rate="")
+    show = counter(progress, description, total, unit)
+    done = 0
     for item in items:
         yield item
-        progress.advance(task, 1 if size is None else size(item))
+        done += 1 if size is None else size(item)
+        show(done)
+
+
+def counter(progress: Progress | None, description: str, total: int | None, unit: str = "item") -> Callable[[int], None]:
+    """A bar on ``progress`` (if given) and the function that sets how many ``unit`` are done, with a live rate
+    (for work counted from outside, such as units other processes write)."""
+    if progress is None:
+        return lambda done: None
+    task = progress.add_task(description, total=total, rate="")
+
+    def show(done: int) -> None:
+        progress.update(task, completed=done)
         speed = progress.tasks[task].speed
         if speed:
             progress.update(task, rate=f"{speed:.2f} {unit}/s")
+
+    return show

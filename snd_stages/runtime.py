@@ -25,8 +25,15 @@ def resolve_device(name: str, key: str) -> torch.device:
     return torch.device(name)
 
 
+# In a worker of process_pool: the cores it was given (its share of the parent's), which its own threads divide.
+_worker_cores: int | None = None
+
+
 def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity: a container's or a job scheduler's share)."""
+    """The CPU cores this process may run on (its affinity: a container's or a job scheduler's share; in a worker
+    process, its share of its parent's)."""
+    if _worker_cores is not None:
+        return _worker_cores
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -70,6 +77,8 @@ def process_pool(workers: int, threads_per_worker: int) -> ProcessPoolExecutor:
 
 
 def _start_worker(threads: int, parent: int) -> None:
+    global _worker_cores
+    _worker_cores = threads
     torch.set_num_threads(threads)
     # A killed parent must not leave workers behind that finish units under a rerun's feet: on Linux the kernel
     # stops a worker when its parent dies (PR_SET_PDEATHSIG); if the parent is already gone, stop now.

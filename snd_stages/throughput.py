@@ -18,11 +18,11 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait, FIRST_COMPLETED
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .runtime import available_cores
+from .runtime import available_cores, process_pool
 
 Item = TypeVar("Item")
 
@@ -109,6 +109,64 @@ def io_threads(compute_device: str = "cuda") -> int:
     # Beside a GPU, writing is the slowest step (compressing a 192x256 pair of Gaussians takes about 50 ms of CPU):
     # half the cores read and write, up to 8 threads each.
     return max(1, min(8, cores // 2))
+
+
+# Beside a GPU, a stage computes its units in one process per this many cores: a unit's reading and writing is
+# Python (Zarr, decoding), and the threads of one process share its interpreter lock. On an H100 machine the demo's
+# 160 reconstructions took 3.3 s of compute serially and 10.8 s beside 16 reading and writing threads.
+CORES_PER_UNIT_PROCESS = 4
+# Fewer units than this per process do not pay for starting one (an interpreter, torch, a CUDA context: seconds).
+MIN_UNITS_PER_PROCESS = 32
+
+
+def unit_processes(requested: int, units: int, compute_device: str = "cuda") -> int:
+    """How many processes compute a stage's ``units``: ``requested`` (at most one per unit), or where it is 0, one
+    per :data:`CORES_PER_UNIT_PROCESS` cores beside a GPU and one on the CPU (torch's threads already use every core
+    there), as long as each keeps :data:`MIN_UNITS_PER_PROCESS` units. One inside :func:`serial`."""
+    if not _overlap:
+        return 1
+    if requested:
+        return max(1, min(requested, units))
+    if compute_device == "cpu":
+        return 1
+    return max(1, min(available_cores() // CORES_PER_UNIT_PROCESS, units // MIN_UNITS_PER_PROCESS))
+
+
+def in_unit_processes(function: Callable[..., None], arguments: tuple, units: list[Item], processes: int,
+                      poll: Callable[[], None] = lambda: None, every: float = 0.5) -> None:
+    """``function(*arguments, share)`` for ``processes`` consecutive shares of ``units`` (neighbours often share
+    inputs: a pair's targets, a scene's frames), each in a fresh process
+    with its share of the cores (:func:`~snd_stages.runtime.process_pool`); ``poll()`` runs here every ``every``
+    seconds meanwhile (to show progress), and the phases the processes record are added to this one's recorder.
+
+    ``function`` and ``arguments`` must pickle. A failure is raised here once the other processes have finished
+    their shares (each unit is written whole, so a rerun keeps them).
+    """
+    size = -(-len(units) // processes)
+    shares = [units[start : start + size] for start in range(0, len(units), size)]
+    with process_pool(len(shares), max(1, available_cores() // len(shares))) as pool:
+        futures = [pool.submit(_recorded, function, *arguments, share) for share in shares]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=every, return_when=FIRST_EXCEPTION)
+            poll()
+            if any(future.exception() is not None for future in done):
+                break
+        for future in futures:
+            seconds, counts = future.result()  # the first failure is raised here (after the others finish)
+            if _recorder is not None:
+                for name, total in seconds.items():
+                    with _recorder.lock:
+                        _recorder.seconds[name] += total
+                        _recorder.counts[name] += counts[name]
+    poll()
+
+
+def _recorded(function: Callable[..., None], *arguments) -> tuple[dict[str, float], dict[str, int]]:
+    """``function(*arguments)`` in a worker process, returning the phases it recorded."""
+    with recording() as phases:
+        function(*arguments)
+    return dict(phases.seconds), dict(phases.counts)
 
 
 def ordered_map(function: Callable[[Item], object], items: Iterable[Item], ahead: int | None = None,

@@ -3,6 +3,7 @@ after the writes in flight finish, and the stored artifacts byte for byte those 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from snd_stages.artifacts.operators import load_operators
 from snd_stages.artifacts.samples import load_samples
 from snd_stages.stages.precompute_gaussians import precompute_gaussians
 from snd_stages.stages.precompute_operators import precompute_operators
-from snd_stages.store import DATA, Store
+from snd_stages.store import DATA, Store, list_units
 from tests.conftest import build_demo_artifacts, tree_digest
 from tests.test_splat_operator import config
 
@@ -223,3 +224,62 @@ def test_ordered_map_keeps_order_and_runs_at_most_ahead_items_in_front():
             assert len(started) <= len(results) + 1 + 5  # never more than `ahead` beyond what was consumed
         results.append(value)
     assert results == [item * item for item in range(40)]
+
+
+def test_the_processes_a_stage_computes_in(monkeypatch):
+    monkeypatch.setattr(throughput, "available_cores", lambda: 16)
+    assert throughput.unit_processes(0, 1000, "cuda") == 4  # one per 4 cores beside a GPU
+    assert throughput.unit_processes(0, 70, "cuda") == 2  # ... each with enough units to pay for its start
+    assert throughput.unit_processes(0, 1000, "cpu") == 1  # torch's threads already use every core
+    assert throughput.unit_processes(3, 2, "cpu") == 2  # as asked, at most one per unit
+    with throughput.serial():
+        assert throughput.unit_processes(3, 1000, "cuda") == 1
+
+
+@pytest.mark.filterwarnings("ignore:random weights")
+def test_stages_computed_in_several_processes_store_the_bytes_of_one(tmp_path):
+    from dataclasses import replace
+
+    from snd_stages.stages.make_demo_data import make_demo_data
+    from snd_stages.stages.precompute_masks import precompute_masks
+    from snd_stages.stages.sample_views import sample_views
+
+    more = ["sampling.samples_per_scene=6", "demo.frames_per_scene=12", "demo.train_scenes=2"]
+    one_cfg = config(tmp_path / "one", *more)
+    build_demo_artifacts(one_cfg, operators=True)  # on this CPU: one process
+    cfg = config(tmp_path / "two", *more)
+    make_demo_data(cfg.data, replace(cfg.demo, workers=1))
+    store = Store(cfg.store.root)
+    sample_views(cfg.data, cfg.sampling, store)
+    with throughput.recording() as phases:
+        precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store, workers=2)
+    pairs = len(unit_files(Path(cfg.store.root), "gaussians")) and len(load_gaussians(
+        store, cfg.gaussians, load_samples(store, cfg.data, cfg.sampling)[0].key).units())
+    assert pairs >= 4 and phases.counts["compute"] == phases.counts["write"] == pairs  # recorded by the workers
+    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store, workers=2)
+    for stage in ("gaussians", "operators"):
+        files = unit_files(Path(cfg.store.root), stage)
+        assert len(files) > 10 and files == unit_files(Path(one_cfg.store.root), stage), stage
+
+
+def test_a_failure_in_a_worker_process_is_raised_and_the_other_units_kept(tmp_path):
+    from dataclasses import replace
+
+    from snd_stages.errors import DataError
+    from snd_stages.stages.make_demo_data import make_demo_data
+    from snd_stages.stages.sample_views import sample_views
+
+    cfg = config(tmp_path, "sampling.samples_per_scene=6", "demo.frames_per_scene=12", "demo.train_scenes=2")
+    make_demo_data(cfg.data, replace(cfg.demo, workers=1))
+    store = Store(cfg.store.root)
+    sample_views(cfg.data, cfg.sampling, store)
+    (scene, *_) = sorted((Path(cfg.data.root) / "scenes").iterdir())
+    for frame in (scene / "images").iterdir():  # the first worker's share: the first scene's pairs
+        stat = frame.stat()  # damaged in place: same size and time, so the samples still match the scenes
+        frame.write_bytes(bytes(stat.st_size))
+        os.utime(frame, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError, match=scene.name):
+        precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store, workers=2)
+    (partial,) = (Path(cfg.store.root) / "gaussians").glob("*.partial")
+    assert len(list_units(partial / DATA)) >= 1  # the other worker's units stay, whole, for a rerun

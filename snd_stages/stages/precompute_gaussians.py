@@ -12,6 +12,7 @@ sample with that pair.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,12 +25,12 @@ from ..config import DataCfg, SamplingCfg, dump_sections
 from ..reconstruct import GaussiansCfg
 from ..errors import DataError
 from ..gaussians import Gaussians
-from ..progress import track
+from ..progress import counter, track
 from ..reconstruct import ContextViews, build_reconstructor
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..store import Artifact, ArtifactWriter, Store, UnitArrays
-from ..throughput import overlapped, phase
+from ..throughput import in_unit_processes, overlapped, phase, unit_processes
 
 
 def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool) -> ContextViews:
@@ -52,6 +53,31 @@ def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool) -
     )
 
 
+def write_pairs(gaussians: GaussiansCfg, dataset_root: Path, pairs: dict[str, tuple[str, tuple[int, int], tuple]],
+                writer: ArtifactWriter, names: list[str], progress: Progress | None = None,
+                description: str = "reconstructing context pairs") -> None:
+    """Reconstruct and write the pairs ``names`` (of ``pairs``: name -> scene, context, targets); in any process."""
+    reconstructor = build_reconstructor(gaussians)
+    scene_of = functools.lru_cache(maxsize=None)(functools.partial(read_scene, dataset_root))
+
+    def read(name: str) -> tuple[Scene, ContextViews]:
+        scene_id, context, _ = pairs[name]
+        return scene_of(scene_id), context_views(scene_of(scene_id), context, reconstructor.requires_depth)
+
+    def compute(name: str, inputs: tuple[Scene, ContextViews]) -> UnitArrays:
+        scene, views = inputs
+        _, context, targets = pairs[name]
+        with torch.no_grad():
+            return pair_unit(scene, context, targets, reconstructor.reconstruct(views))
+
+    # Writing a pair (eleven Zarr arrays) costs more than reconstructing it on a GPU: writing threads run behind the
+    # reconstruction.
+    units = overlapped(names, read, compute, writer.write_unit,
+                       compute_device=resolve_device(gaussians.device, "gaussians.device").type)
+    for _ in track(units, description, progress, total=len(names), unit="pair"):
+        pass
+
+
 def precompute_gaussians(
     data: DataCfg,
     sampling: SamplingCfg,
@@ -60,8 +86,10 @@ def precompute_gaussians(
     force: bool = False,
     shard: Shard = Shard(),
     progress: Progress | None = None,
+    workers: int = 0,
 ) -> StageResult:
-    """Write (or resume, or skip) the Gaussians of every context pair of the frozen samples."""
+    """Write (or resume, or skip) the Gaussians of every context pair of the frozen samples, in ``workers``
+    processes (0: as many as the machine keeps busy, see :func:`~snd_stages.throughput.unit_processes`)."""
     shard.allow_force(force)
     samples_artifact, samples = load_samples(store, data, sampling)
     spec = gaussians_spec(gaussians, samples_artifact.key)
@@ -70,26 +98,16 @@ def precompute_gaussians(
 
     def build(writer: ArtifactWriter) -> Artifact | None:
         writer.prepare({"reconstructor": gaussians.reconstructor})
-        reconstructor = build_reconstructor(gaussians)
         todo = [name for name in shard.select(list(pairs)) if name not in writer.done_units()]
-        scene_of = functools.lru_cache(maxsize=None)(functools.partial(read_scene, samples.dataset_root))
-
-        def read(name: str) -> tuple[Scene, ContextViews]:
-            scene_id, context, _ = pairs[name]
-            return scene_of(scene_id), context_views(scene_of(scene_id), context, reconstructor.requires_depth)
-
-        def compute(name: str, inputs: tuple[Scene, ContextViews]) -> UnitArrays:
-            scene, views = inputs
-            _, context, targets = pairs[name]
-            with torch.no_grad():
-                return pair_unit(scene, context, targets, reconstructor.reconstruct(views))
-
-        # Writing a pair (eleven Zarr arrays) costs more than reconstructing it on a GPU: writing threads run
-        # behind the reconstruction.
-        units = overlapped(todo, read, compute, writer.write_unit,
-                           compute_device=resolve_device(gaussians.device, "gaussians.device").type)
-        for _ in track(units, "reconstructing context pairs", progress, total=len(todo), unit="pair"):
-            pass
+        device = resolve_device(gaussians.device, "gaussians.device").type
+        processes = unit_processes(workers, len(todo), device)
+        description = "reconstructing context pairs"
+        if processes == 1:
+            write_pairs(gaussians, samples.dataset_root, pairs, writer, todo, progress, description)
+        else:
+            show, before = counter(progress, description, len(todo), unit="pair"), len(writer.done_units())
+            in_unit_processes(write_pairs, (gaussians, samples.dataset_root, pairs, writer), todo, processes,
+                              poll=lambda: show(len(writer.done_units()) - before))
         with phase("publish"):
             return finish_if_complete(
                 writer,

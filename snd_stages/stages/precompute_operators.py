@@ -30,12 +30,64 @@ from ..config import DataCfg, SamplingCfg, TrainCfg, dump_sections
 from ..masks import MasksCfg
 from ..models.backbones import backbone_spec
 from ..reconstruct import GaussiansCfg
-from ..progress import track
+from ..progress import counter, track
 from ..runtime import resolve_device
 from ..splat.operator import OperatorInputs, build_splat_operators
 from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactWriter, Store, UnitArrays
-from ..throughput import overlapped, overlapping, phase
+from ..throughput import in_unit_processes, overlapped, overlapping, phase, unit_processes
+
+
+def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, train: TrainCfg,
+                    units: dict[str, tuple[str, tuple[int, int], int]], writer: ArtifactWriter, names: list[str],
+                    progress: Progress | None = None, description: str = "composing teacher operators") -> None:
+    """Compose and write the operators of the samples ``names`` (of ``units``: name -> scene, context, target); in
+    any process."""
+    device = resolve_device(train.device, "train.device")
+    backbone = backbone_spec(train.backbone)
+    read_mask = MaskReader(masks_artifact)
+
+    # Units are sorted, so a pair's targets are adjacent: its Gaussians and context masks are read once (the reading
+    # threads run a few units ahead, hence a few pairs cached) and moved to the device once.
+    @functools.lru_cache(maxsize=8)
+    def pair_inputs(scene_id: str, context: tuple[int, int]) -> tuple[PairGaussians, torch.Tensor]:
+        pair = read_pair(gaussians_artifact.unit(pair_unit_name(scene_id, context)))
+        return pair, torch.stack([read_mask(scene_id, p) for p in context])
+
+    def read(name: str) -> tuple[PairGaussians, torch.Tensor, torch.Tensor]:  # one unit
+        scene_id, context, target = units[name]
+        return (*pair_inputs(scene_id, context), read_mask(scene_id, target))
+
+    per_call = units_per_call(gaussians_artifact, units[names[0]]) if names and overlapping() else 1
+    batches = [names[start : start + per_call] for start in range(0, len(names), per_call)]
+    on_device: dict[str, object] = {}
+
+    def read_batch(batch: list[str]) -> list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]:
+        return [read(name) for name in batch]
+
+    def compute(batch: list[str], inputs: list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]) -> list[UnitArrays]:
+        samples = []
+        for name, (pair, context_masks, target_mask) in zip(batch, inputs):
+            if on_device.get("pair") is not pair:
+                on_device.update(pair=pair, gaussians=pair.gaussians.to(device), masks=context_masks.to(device))
+            index = pair.target_index(units[name][2])
+            rendered_gaussians, camera = render_inputs(on_device["gaussians"], pair.target_camera[index : index + 1],
+                                                       train.reference_quirks)
+            samples.append(OperatorInputs(rendered_gaussians, camera, on_device["masks"], target_mask.to(device)))
+        operators = []
+        for group in _same_size_runs(samples):  # composed together: one call per size in the batch
+            height, width = group[0].context_masks.shape[-2:]
+            camera = group[0].target_camera
+            operators += build_splat_operators(
+                group, context_grid=backbone.token_grid(height, width),
+                target_grid=backbone.token_grid(camera.height, camera.width),
+                mask_aware_upsampling=train.mask_aware_upsampling, output_device="cpu")
+        return [operator_unit(operator, *units[name]) for name, operator in zip(batch, operators)]
+
+    # A unit's write is small but Python (Zarr): writing threads run behind the composition.
+    composed = overlapped(batches, read_batch, compute, writer.write_units, ahead=4, compute_device=device.type)
+    for _ in track(composed, description, progress, total=len(names), unit="sample", size=len):
+        pass
 
 
 def precompute_operators(
@@ -48,8 +100,10 @@ def precompute_operators(
     force: bool = False,
     shard: Shard = Shard(),
     progress: Progress | None = None,
+    workers: int = 0,
 ) -> StageResult:
-    """Write (or resume, or skip) the sparse teacher operator of every (context pair, target) of the samples."""
+    """Write (or resume, or skip) the sparse teacher operator of every (context pair, target) of the samples, in
+    ``workers`` processes (0: as many as the machine keeps busy, see :func:`~snd_stages.throughput.unit_processes`)."""
     shard.allow_force(force)
     samples_artifact, samples = load_samples(store, data, sampling)
     gaussians_artifact = load_gaussians(store, gaussians, samples_artifact.key)
@@ -66,53 +120,16 @@ def precompute_operators(
 
     def build(writer: ArtifactWriter) -> Artifact | None:
         writer.prepare({"patch": backbone.patch})
-        read_mask = MaskReader(masks_artifact)
         todo = [name for name in shard.select(list(units)) if name not in writer.done_units()]
-
-        # Units are sorted, so a pair's targets are adjacent: its Gaussians and context masks are read once (the
-        # reading threads run a few units ahead, hence a few pairs cached) and moved to the device once.
-        @functools.lru_cache(maxsize=8)
-        def pair_inputs(scene_id: str, context: tuple[int, int]) -> tuple[PairGaussians, torch.Tensor]:
-            pair = read_pair(gaussians_artifact.unit(pair_unit_name(scene_id, context)))
-            return pair, torch.stack([read_mask(scene_id, p) for p in context])
-
-        def read(name: str) -> tuple[PairGaussians, torch.Tensor, torch.Tensor]:  # one unit
-            scene_id, context, target = units[name]
-            return (*pair_inputs(scene_id, context), read_mask(scene_id, target))
-
-        per_call = units_per_call(gaussians_artifact, units[todo[0]]) if todo and overlapping() else 1
-        batches = [todo[start : start + per_call] for start in range(0, len(todo), per_call)]
-        on_device: dict[str, object] = {}
-
-        def read_batch(batch: list[str]) -> list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]:
-            return [read(name) for name in batch]
-
-        def compute(batch: list[str], inputs: list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]
-                    ) -> list[UnitArrays]:
-            samples = []
-            for name, (pair, context_masks, target_mask) in zip(batch, inputs):
-                if on_device.get("pair") is not pair:
-                    on_device.update(pair=pair, gaussians=pair.gaussians.to(device), masks=context_masks.to(device))
-                index = pair.target_index(units[name][2])
-                rendered_gaussians, camera = render_inputs(on_device["gaussians"],
-                                                           pair.target_camera[index : index + 1],
-                                                           train.reference_quirks)
-                samples.append(OperatorInputs(rendered_gaussians, camera, on_device["masks"], target_mask.to(device)))
-            operators = []
-            for group in _same_size_runs(samples):  # composed together: one call per size in the batch
-                height, width = group[0].context_masks.shape[-2:]
-                camera = group[0].target_camera
-                operators += build_splat_operators(
-                    group, context_grid=backbone.token_grid(height, width),
-                    target_grid=backbone.token_grid(camera.height, camera.width),
-                    mask_aware_upsampling=train.mask_aware_upsampling, output_device="cpu")
-            return [operator_unit(operator, *units[name]) for name, operator in zip(batch, operators)]
-
-        # A unit's write is small but Python (Zarr): writing threads run behind the composition.
-        composed = overlapped(batches, read_batch, compute, writer.write_units, ahead=4,
-                              compute_device=device.type)
-        for _ in track(composed, "composing teacher operators", progress, total=len(todo), unit="sample", size=len):
-            pass
+        processes = unit_processes(workers, len(todo), device.type)
+        arguments = (gaussians_artifact, masks_artifact, train, units, writer)
+        description = "composing teacher operators"
+        if processes == 1:
+            write_operators(*arguments, todo, progress, description)
+        else:
+            show, before = counter(progress, description, len(todo), unit="sample"), len(writer.done_units())
+            in_unit_processes(write_operators, arguments, todo, processes,
+                              poll=lambda: show(len(writer.done_units()) - before))
 
         def counts() -> dict:
             stored = [writer.unit_attributes(name)["bytes"] for name in writer.done_units()]
