@@ -529,8 +529,11 @@ def with_sub_sections(base: type, name: str, sub_sections: Mapping[str, type], d
     registry thus declares a component's settings once: its entry names them."""
     section = dataclasses.make_dataclass(
         name, [(key, settings, field(default_factory=settings)) for key, settings in sub_sections.items()],
-        bases=(base,), frozen=True, namespace={"__module__": base.__module__, "__doc__": doc},
+        bases=(base,), frozen=True, namespace={"__doc__": doc},
     )
+    # Where pickle finds it (worker processes receive configs): Python 3.12's make_dataclass names its caller's
+    # module, this one, whatever the namespace says.
+    section.__module__ = base.__module__
     return section
 
 

@@ -115,8 +115,10 @@ def io_threads(compute_device: str = "cuda") -> int:
 # Python (Zarr, decoding), and the threads of one process share its interpreter lock. On an H100 machine the demo's
 # 160 reconstructions took 3.3 s of compute serially and 10.8 s beside 16 reading and writing threads.
 CORES_PER_UNIT_PROCESS = 4
-# Fewer units than this per process do not pay for starting one (an interpreter, torch, a CUDA context: seconds).
-MIN_UNITS_PER_PROCESS = 32
+# Fewer units than this per process do not pay for starting one: in the ablation job on an H200 (12 processes of
+# about 90 units each, --shard i/12) each process computed 10 units/s once started, but the stage took 33 s, more
+# than twice that, for the interpreters, torch and the CUDA contexts to start.
+MIN_UNITS_PER_PROCESS = 100
 
 
 def unit_processes(requested: int, units: int, compute_device: str = "cuda") -> int:

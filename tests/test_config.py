@@ -196,3 +196,17 @@ def test_each_registered_component_with_settings_is_a_sub_section_of_its_section
     masks = {field.name: field.type for field in dataclasses.fields(MasksCfg)}
     assert masks == {"source": "str", **{name: entry.settings for name, entry in MASK_SOURCES.items() if entry.settings}}
     assert "gt" not in masks and GaussiansCfg().depth == RECONSTRUCTORS["depth"].settings()
+
+
+def test_every_section_pickles_to_an_equal_section():
+    """Worker processes receive sections by pickle, which finds a class by its module and name: the sections that
+    registries assemble (gaussians, masks) must name the module that holds them, on every Python."""
+    import importlib
+    import pickle
+
+    cfg = load_config(None, ["gaussians.depth.footprint_scale=0.5", "masks.source=slic"])
+    for name in ("data", "sampling", "gaussians", "masks", "train", "eval"):
+        section = getattr(cfg, name)
+        cls = type(section)
+        assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls, name
+        assert pickle.loads(pickle.dumps(section)) == section, name

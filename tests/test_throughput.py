@@ -229,7 +229,7 @@ def test_ordered_map_keeps_order_and_runs_at_most_ahead_items_in_front():
 def test_the_processes_a_stage_computes_in(monkeypatch):
     monkeypatch.setattr(throughput, "available_cores", lambda: 16)
     assert throughput.unit_processes(0, 1000, "cuda") == 4  # one per 4 cores beside a GPU
-    assert throughput.unit_processes(0, 70, "cuda") == 2  # ... each with enough units to pay for its start
+    assert throughput.unit_processes(0, 250, "cuda") == 2  # ... each with enough units to pay for its start
     assert throughput.unit_processes(0, 1000, "cpu") == 1  # torch's threads already use every core
     assert throughput.unit_processes(3, 2, "cpu") == 2  # as asked, at most one per unit
     with throughput.serial():
