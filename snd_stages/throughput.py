@@ -121,15 +121,16 @@ CORES_PER_UNIT_PROCESS = 4
 MIN_UNITS_PER_PROCESS = 100
 
 
-def unit_processes(requested: int, units: int, compute_device: str = "cuda") -> int:
+def unit_processes(requested: int, units: int, compute_device: str = "cuda", shards: int = 1) -> int:
     """How many processes compute a stage's ``units``: ``requested`` (at most one per unit), or where it is 0, one
     per :data:`CORES_PER_UNIT_PROCESS` cores beside a GPU and one on the CPU (torch's threads already use every core
-    there), as long as each keeps :data:`MIN_UNITS_PER_PROCESS` units. One inside :func:`serial`."""
+    there), as long as each keeps :data:`MIN_UNITS_PER_PROCESS` units; one in a shard of several (``--shard i/n``
+    already divides the machine) and inside :func:`serial`."""
     if not _overlap:
         return 1
     if requested:
         return max(1, min(requested, units))
-    if compute_device == "cpu":
+    if compute_device == "cpu" or shards > 1:
         return 1
     return max(1, min(available_cores() // CORES_PER_UNIT_PROCESS, units // MIN_UNITS_PER_PROCESS))
 

@@ -232,6 +232,8 @@ def test_the_processes_a_stage_computes_in(monkeypatch):
     assert throughput.unit_processes(0, 250, "cuda") == 2  # ... each with enough units to pay for its start
     assert throughput.unit_processes(0, 1000, "cpu") == 1  # torch's threads already use every core
     assert throughput.unit_processes(3, 2, "cpu") == 2  # as asked, at most one per unit
+    assert throughput.unit_processes(0, 1000, "cuda", shards=4) == 1  # shards already divide the machine
+    assert throughput.unit_processes(2, 1000, "cuda", shards=4) == 2
     with throughput.serial():
         assert throughput.unit_processes(3, 1000, "cuda") == 1
 

@@ -100,7 +100,7 @@ def precompute_gaussians(
         writer.prepare({"reconstructor": gaussians.reconstructor})
         todo = [name for name in shard.select(list(pairs)) if name not in writer.done_units()]
         device = resolve_device(gaussians.device, "gaussians.device").type
-        processes = unit_processes(workers, len(todo), device)
+        processes = unit_processes(workers, len(todo), device, shard.count)
         description = "reconstructing context pairs"
         if processes == 1:
             write_pairs(gaussians, samples.dataset_root, pairs, writer, todo, progress, description)

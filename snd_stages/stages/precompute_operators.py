@@ -121,7 +121,7 @@ def precompute_operators(
     def build(writer: ArtifactWriter) -> Artifact | None:
         writer.prepare({"patch": backbone.patch})
         todo = [name for name in shard.select(list(units)) if name not in writer.done_units()]
-        processes = unit_processes(workers, len(todo), device.type)
+        processes = unit_processes(workers, len(todo), device.type, shard.count)
         arguments = (gaussians_artifact, masks_artifact, train, units, writer)
         description = "composing teacher operators"
         if processes == 1:
