@@ -130,8 +130,8 @@ def test_overlapped_stages_store_the_bytes_of_a_serial_run(tmp_path, monkeypatch
 def test_the_unit_writers_store_the_same_bytes_as_before(tmp_path):
     """write_pair and write_operator on fixed synthetic inputs: every stored file's sha256, against the listing the
     writers gave before the overlap and the single attribute write (a change here changes stored artifacts; the
-    Gaussians' codec and the operators' packing changed it, each with its schema version; the values are the same: the
-    test below and tests/test_splat_operator.py)."""
+    Gaussians' codec and packing and the operators' packing changed it, each with its schema version; the values are
+    the same: the test below and tests/test_splat_operator.py)."""
     import hashlib
 
     import numpy as np
@@ -170,23 +170,23 @@ def test_the_unit_writers_store_the_same_bytes_as_before(tmp_path):
     write_operator(writer, "operator", operator, "scene", (0, 1), 2)
     listing = "".join(f"{path.relative_to(writer.data)} {hashlib.sha256(path.read_bytes()).hexdigest()[:16]}\n"
                       for path in sorted(writer.data.rglob("*")) if path.is_file() and path.parent != writer.data)
-    assert listing.count("\n") == 36
-    assert hashlib.sha256(listing.encode()).hexdigest()[:20] == "3ea8ac7718f06f481147"
+    assert listing.count("\n") == 20
+    assert hashlib.sha256(listing.encode()).hexdigest()[:20] == "dc4e5c16c8505402c1a6"
 
 
-def test_the_gaussians_codec_stores_the_values_zstd_stored(tmp_path):
-    """Schema 2 of the Gaussians changed only their compression: every array of a unit, read back, is bit for bit
-    what Zarr's default zstd (schema 1) gives back, and the per-Gaussian arrays really are in Blosc LZ4."""
-    import numpy as np
+def test_a_pair_reads_back_as_the_eleven_arrays_of_schema_2_did(tmp_path):
+    """Schema 3 of the Gaussians packs the per-Gaussian fields into three arrays and the cameras into the attributes;
+    a unit reads back bit for bit what schema 2 stored: positions in float32, rotations, scales and opacities rounded
+    to float16, the source indices, and the scenes' float64 cameras."""
     import torch
     import zarr
 
-    from snd_stages.artifacts.gaussians import write_pair
+    from snd_stages.artifacts.gaussians import read_pair, write_pair
     from snd_stages.gaussians import Gaussians
     from snd_stages.scenes.layout import read_scene
     from tests.scannetpp_fixture import write_fixture
 
-    write_fixture(tmp_path, "scene", frame_numbers=(1, 2, 3))
+    write_fixture(tmp_path, "scene", frame_numbers=(1, 2, 3, 4))
     scene = read_scene(tmp_path, "scene")
     generator = torch.Generator().manual_seed(1)
     count = 70000  # over a Blosc block, with values of every exponent the stages store
@@ -196,17 +196,25 @@ def test_the_gaussians_codec_stores_the_values_zstd_stored(tmp_path):
                           opacities=torch.rand(count, generator=generator),
                           source_view=torch.randint(0, 2, (count,), generator=generator),
                           source_pixel=torch.randint(0, 1 << 20, (count,), generator=generator))
-    new = zarr.open_group(store=str(tmp_path / "new.zarr"), mode="w", zarr_format=3)
-    write_pair(new, scene, (0, 1), [2], gaussians)
-    old = zarr.open_group(store=str(tmp_path / "old.zarr"), mode="w", zarr_format=3)
-    for name, values in new.arrays():
-        old.create_array(name, data=np.asarray(values[...]), chunks=values.chunks)  # Zarr's default codec
-    for name, values in zarr.open_group(store=str(tmp_path / "old.zarr"), mode="r").arrays():
-        stored = np.asarray(new[name][...])
-        assert stored.dtype == values.dtype and stored.tobytes() == np.asarray(values[...]).tobytes(), name
-    assert np.array_equal(np.asarray(new["means"][...]), gaussians.means.numpy())
-    assert type(new["means"].compressors[0]).__name__ == "BloscCodec"
-    assert type(new["context_intrinsics"].compressors[0]).__name__ == "ZstdCodec"
+    group = zarr.open_group(store=str(tmp_path / "pair.zarr"), mode="w", zarr_format=3)
+    write_pair(group, scene, (0, 1), [2, 3], gaussians)
+    pair = read_pair(zarr.open_group(store=str(tmp_path / "pair.zarr"), mode="r"))
+
+    def same(value: torch.Tensor, expected: torch.Tensor) -> bool:
+        return value.dtype == expected.dtype and value.shape == expected.shape and torch.equal(value, expected)
+
+    half = lambda x: x.to(torch.float16).to(torch.float32)  # noqa: E731
+    read = pair.gaussians
+    assert same(read.means, gaussians.means) and same(read.quats, half(gaussians.quats))
+    assert same(read.scales, half(gaussians.scales)) and same(read.opacities, half(gaussians.opacities))
+    assert same(read.source_view, gaussians.source_view) and same(read.source_pixel, gaussians.source_pixel)
+    for camera, positions in ((pair.context_camera, [0, 1]), (pair.target_camera, [2, 3])):
+        assert same(camera.intrinsics, scene.camera[positions].intrinsics)
+        assert same(camera.world_to_camera, scene.camera[positions].world_to_camera)
+        assert (camera.height, camera.width) == (scene.camera.height, scene.camera.width)
+    assert pair.target_positions == [2, 3] and pair.context_positions == (0, 1) and pair.scene == "scene"
+    assert sorted(name for name, _ in group.arrays()) == ["means", "shape", "source"]
+    assert all(type(array.compressors[0]).__name__ == "BloscCodec" for _, array in group.arrays())
 
 
 def test_ordered_map_keeps_order_and_runs_at_most_ahead_items_in_front():

@@ -1,29 +1,30 @@
 """Each context pair's pixel-aligned Gaussians, as ``snd precompute-gaussians`` stores them.
 
-One unit per context pair (``<scene>--<first>-<second>``), shared by every sample with that pair. A unit holds:
+One unit per context pair (``<scene>--<first>-<second>``), shared by every sample with that pair. A unit holds
+three arrays, one row per field (each field's values lie together, as compression wants them):
 
 =========================  ==============  ===========  =============================================
-array                      shape           dtype        meaning
+array                      shape           dtype        rows
 =========================  ==============  ===========  =============================================
 means                      [N, 3]          float32      world positions (metres)
-quats                      [N, 4]          float16      unit wxyz rotations
-scales                     [N, 3]          float16      standard deviations (metres; relative error 5e-4)
-opacities                  [N]             float16
-source_view                [N]             uint8        context view each Gaussian was born from
-source_pixel               [N]             int32        row-major pixel index in that view
-context_intrinsics         [2, 3, 3]       float64      K in pixels of height x width
-context_world_to_camera    [2, 4, 4]       float64      OpenCV world-to-camera
-target_positions           [T]             int32        every target frame of the pair's samples
-target_intrinsics          [T, 3, 3]       float64
-target_world_to_camera     [T, 4, 4]       float64
+shape                      [8, N]          float16      unit wxyz rotation (4), standard deviations
+                                                        (3; metres, relative error 5e-4), opacity (1)
+source                     [2, N]          int32        the context view each Gaussian was born from,
+                                                        its row-major pixel index in that view
 =========================  ==============  ===========  =============================================
 
-Positions stay float32 (a float16 mean would move by ~2 mm at 5 m, a visible fraction of a pixel);
-orientation, size and opacity tolerate half precision: 33 bytes per Gaussian before compression.
+and in its attributes, besides the scene, frames and size: ``target_positions`` (every target frame of the pair's
+samples) and the cameras, ``context_intrinsics`` [2, 3, 3], ``context_world_to_camera`` [2, 4, 4],
+``target_intrinsics`` [T, 3, 3] and ``target_world_to_camera`` [T, 4, 4] (float64: JSON keeps every bit; K in pixels
+of height x width, OpenCV world-to-camera).
 
-The per-Gaussian arrays are compressed with Blosc's LZ4 over shuffled bytes, chosen by measurement
-(``benchmarks/compression.py``, table in benchmarks/README.md): against Zarr's default zstd it writes a 576x880 pair
-2.3 times faster (68 against 159 ms on one core) and reads it twice as fast, and stores it no larger.
+Positions stay float32 (a float16 mean would move by ~2 mm at 5 m, a visible fraction of a pixel);
+orientation, size and opacity tolerate half precision: 36 bytes per Gaussian before compression.
+
+The arrays are compressed with Blosc's LZ4 over shuffled bytes, chosen by measurement (``benchmarks/compression.py``,
+table in benchmarks/README.md): against Zarr's default zstd it writes a 576x880 pair 2.3 times faster (68 against
+159 ms on one core) and reads it twice as fast, and stores it no larger. Three arrays, not one per field and camera
+(eleven until schema 3), because a unit's cost was mostly Zarr's fixed cost per array.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ from ..reconstruct import GaussiansCfg
 from ..store import Artifact, ArtifactSpec, Store, UnitArrays
 
 STAGE = "gaussians"
-SCHEMA_VERSION = 2  # 2: the per-Gaussian arrays in Blosc LZ4 (the same values as 1's zstd)
+# 2: the per-Gaussian arrays in Blosc LZ4 (the same values as 1's zstd); 3: three arrays and the cameras in the
+# attributes (the same values as 2's eleven arrays)
+SCHEMA_VERSION = 3
 PER_GAUSSIAN_CODEC = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
-BYTES_PER_GAUSSIAN = 12 + 8 + 6 + 2 + 1 + 4  # means, quats, scales, opacities, source_view, source_pixel
+BYTES_PER_GAUSSIAN = 12 + 8 * 2 + 2 * 4  # means, shape (quats, scales, opacities), source (view, pixel)
+# The rows of ``shape``.
+QUATS, SCALES, OPACITIES = slice(0, 4), slice(4, 7), 7
 
 
 def pair_unit_name(scene: str, context: tuple[int, int]) -> str:
@@ -85,25 +90,16 @@ def pair_unit(scene: Scene, context: tuple[int, int], targets: list[int], gaussi
     """One context pair's unit: its Gaussians (float16 where the renderer needs no more) and cameras."""
     count = len(gaussians)
     chunk = min(count, 1 << 18)
-    per_gaussian = {
+    shape = torch.cat([gaussians.quats, gaussians.scales, gaussians.opacities[:, None]], dim=1)
+    arrays = {
         "means": gaussians.means.numpy().astype(np.float32),
-        "quats": gaussians.quats.numpy().astype(np.float16),
-        "scales": gaussians.scales.numpy().astype(np.float16),
-        "opacities": gaussians.opacities.numpy().astype(np.float16),
-        "source_view": gaussians.source_view.numpy().astype(np.uint8),
-        "source_pixel": gaussians.source_pixel.numpy().astype(np.int32),
+        "shape": np.ascontiguousarray(shape.numpy().astype(np.float16).T),
+        "source": np.stack([gaussians.source_view.numpy(), gaussians.source_pixel.numpy()]).astype(np.int32),
     }
     context_camera = scene.camera[list(context)]
     target_camera = scene.camera[targets]
     return UnitArrays(
-        arrays={
-            **per_gaussian,
-            "context_intrinsics": context_camera.intrinsics.numpy(),
-            "context_world_to_camera": context_camera.world_to_camera.numpy(),
-            "target_positions": np.asarray(targets, dtype=np.int32),
-            "target_intrinsics": target_camera.intrinsics.numpy(),
-            "target_world_to_camera": target_camera.world_to_camera.numpy(),
-        },
+        arrays=arrays,
         attributes={
             "scene": scene.scene_id,
             "context_positions": list(context),
@@ -112,9 +108,15 @@ def pair_unit(scene: Scene, context: tuple[int, int], targets: list[int], gaussi
             "height": scene.camera.height,
             "width": scene.camera.width,
             "count": count,
+            "target_positions": [int(p) for p in targets],
+            "context_intrinsics": context_camera.intrinsics.double().tolist(),
+            "context_world_to_camera": context_camera.world_to_camera.double().tolist(),
+            "target_intrinsics": target_camera.intrinsics.double().tolist(),
+            "target_world_to_camera": target_camera.world_to_camera.double().tolist(),
         },
-        options={name: {"chunks": (chunk, *values.shape[1:]), "compressors": PER_GAUSSIAN_CODEC}
-                 for name, values in per_gaussian.items()},
+        options={"means": {"chunks": (chunk, 3), "compressors": PER_GAUSSIAN_CODEC},
+                 "shape": {"chunks": (8, chunk), "compressors": PER_GAUSSIAN_CODEC},
+                 "source": {"chunks": (2, chunk), "compressors": PER_GAUSSIAN_CODEC}},
     )
 
 
@@ -126,26 +128,31 @@ def read_pair(group) -> PairGaussians:
     """The inverse of :func:`write_pair` (float fields back to float32)."""
     attributes = dict(group.attrs)
     height, width = attributes["height"], attributes["width"]
+    shape, source = np.asarray(group["shape"][...]), np.asarray(group["source"][...])
 
-    def tensor(name: str, dtype=None) -> torch.Tensor:
-        values = torch.from_numpy(np.asarray(group[name][...]))
-        return values.to(dtype) if dtype is not None else values
+    def columns(rows: np.ndarray, dtype) -> torch.Tensor:  # [k, N] -> [N, k] (or [N] from one row), one pass
+        return torch.from_numpy(np.ascontiguousarray(rows.T, dtype=dtype))
 
     gaussians = Gaussians(
-        means=tensor("means", torch.float32),
-        quats=tensor("quats", torch.float32),
-        scales=tensor("scales", torch.float32),
-        opacities=tensor("opacities", torch.float32),
-        source_view=tensor("source_view", torch.int64),
-        source_pixel=tensor("source_pixel", torch.int64),
+        means=torch.from_numpy(np.asarray(group["means"][...])),
+        quats=columns(shape[QUATS], np.float32),
+        scales=columns(shape[SCALES], np.float32),
+        opacities=columns(shape[OPACITIES], np.float32),
+        source_view=columns(source[0], np.int64),
+        source_pixel=columns(source[1], np.int64),
     )
+
+    def camera(prefix: str) -> Camera:
+        return Camera(torch.tensor(attributes[f"{prefix}_intrinsics"], dtype=torch.float64),
+                      torch.tensor(attributes[f"{prefix}_world_to_camera"], dtype=torch.float64), height, width)
+
     return PairGaussians(
         scene=attributes["scene"],
         context_positions=tuple(attributes["context_positions"]),
         gaussians=gaussians,
-        context_camera=Camera(tensor("context_intrinsics"), tensor("context_world_to_camera"), height, width),
-        target_positions=[int(p) for p in group["target_positions"][...]],
-        target_camera=Camera(tensor("target_intrinsics"), tensor("target_world_to_camera"), height, width),
+        context_camera=camera("context"),
+        target_positions=list(attributes["target_positions"]),
+        target_camera=camera("target"),
     )
 
 

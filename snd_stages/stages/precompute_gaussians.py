@@ -70,7 +70,7 @@ def write_pairs(gaussians: GaussiansCfg, dataset_root: Path, pairs: dict[str, tu
         with torch.no_grad():
             return pair_unit(scene, context, targets, reconstructor.reconstruct(views))
 
-    # Writing a pair (eleven Zarr arrays) costs more than reconstructing it on a GPU: writing threads run behind the
+    # Writing a pair (three Zarr arrays) costs more than reconstructing it on a GPU: writing threads run behind the
     # reconstruction.
     units = overlapped(names, read, compute, writer.write_unit,
                        compute_device=resolve_device(gaussians.device, "gaussians.device").type)
