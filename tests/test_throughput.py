@@ -16,6 +16,7 @@ from snd_stages.artifacts.masks import load_masks
 from snd_stages.artifacts.operators import load_operators
 from snd_stages.artifacts.samples import load_samples
 from snd_stages.stages.precompute_gaussians import precompute_gaussians
+from snd_stages.stages import precompute_operators as precompute_operators_module
 from snd_stages.stages.precompute_operators import precompute_operators
 from snd_stages.store import DATA, Store, list_units
 from tests.conftest import build_demo_artifacts, tree_digest
@@ -112,6 +113,7 @@ def test_overlapped_stages_store_the_bytes_of_a_serial_run(tmp_path, monkeypatch
     # these stages compute on the CPU here, which leaves threads for reading and writing only with cores to spare
     monkeypatch.setattr(throughput, "CORES_TO_SPARE_FOR_IO", 1)
     assert throughput.io_threads("cpu") >= 1  # so the stages below overlap
+    monkeypatch.setattr(precompute_operators_module, "BATCHED_DEVICES", ("cuda", "cpu"))  # and compose in batches
     build_demo_artifacts(cfg, operators=True)
     serial_store, store = Path(serial_cfg.store.root), Path(cfg.store.root)
     for stage in ("gaussians", "masks", "operators"):

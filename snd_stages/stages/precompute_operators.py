@@ -58,7 +58,8 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
         scene_id, context, target = units[name]
         return (*pair_inputs(scene_id, context), read_mask(scene_id, target))
 
-    per_call = units_per_call(gaussians_artifact, units[names[0]]) if names and overlapping() else 1
+    batched = names and overlapping() and device.type in BATCHED_DEVICES
+    per_call = units_per_call(gaussians_artifact, units[names[0]]) if batched else 1
     batches = [names[start : start + per_call] for start in range(0, len(names), per_call)]
     on_device: dict[str, object] = {}
 
@@ -145,6 +146,9 @@ def precompute_operators(
 # synchronisations, so samples share them, as many as keep one call's sparse matrices within a few hundred MB.
 PIXELS_PER_CALL = 1 << 21
 MOST_UNITS_PER_CALL = 32
+# On the CPU a sample costs its arithmetic, not launches, and the torch renderer's intermediates for 32 demo samples
+# at once took over 17 GB: one sample per call there.
+BATCHED_DEVICES = ("cuda",)
 
 
 def units_per_call(gaussians_artifact: Artifact, unit: tuple[str, tuple[int, int], int]) -> int:
