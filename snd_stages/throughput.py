@@ -145,7 +145,7 @@ def in_unit_processes(function: Callable[..., None], arguments: tuple, units: li
     ``function`` and ``arguments`` must pickle. A failure is raised here once the other processes have finished
     their shares (each unit is written whole, so a rerun keeps them).
     """
-    size = -(-len(units) // processes)
+    size = max(1, -(-len(units) // processes))
     shares = [units[start : start + size] for start in range(0, len(units), size)]
     with process_pool(len(shares), max(1, available_cores() // len(shares))) as pool:
         futures = [pool.submit(_recorded, function, *arguments, share) for share in shares]

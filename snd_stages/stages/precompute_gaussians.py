@@ -57,6 +57,8 @@ def write_pairs(gaussians: GaussiansCfg, dataset_root: Path, pairs: dict[str, tu
                 writer: ArtifactWriter, names: list[str], progress: Progress | None = None,
                 description: str = "reconstructing context pairs") -> None:
     """Reconstruct and write the pairs ``names`` (of ``pairs``: name -> scene, context, targets); in any process."""
+    if not names:  # a resumed run with nothing left: no model to load
+        return
     reconstructor = build_reconstructor(gaussians)
     scene_of = functools.lru_cache(maxsize=None)(functools.partial(read_scene, dataset_root))
 

@@ -43,6 +43,8 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
                     progress: Progress | None = None, description: str = "composing teacher operators") -> None:
     """Compose and write the operators of the samples ``names`` (of ``units``: name -> scene, context, target); in
     any process."""
+    if not names:
+        return
     device = resolve_device(train.device, "train.device")
     backbone = backbone_spec(train.backbone)
     read_mask = MaskReader(masks_artifact)
@@ -58,7 +60,7 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
         scene_id, context, target = units[name]
         return (*pair_inputs(scene_id, context), read_mask(scene_id, target))
 
-    batched = names and overlapping() and device.type in BATCHED_DEVICES
+    batched = overlapping() and device.type in BATCHED_DEVICES
     per_call = units_per_call(gaussians_artifact, units[names[0]]) if batched else 1
     batches = [names[start : start + per_call] for start in range(0, len(names), per_call)]
     on_device: dict[str, object] = {}
