@@ -116,8 +116,8 @@ def io_threads(compute_device: str = "cuda") -> int:
 # 160 reconstructions took 3.3 s of compute serially and 10.8 s beside 16 reading and writing threads.
 CORES_PER_UNIT_PROCESS = 4
 # Fewer units than this per process do not pay for starting one: in the ablation job on an H200 (12 processes of
-# about 90 units each, --shard i/12) each process computed 10 units/s once started, but the stage took 33 s, more
-# than twice that, for the interpreters, torch and the CUDA contexts to start.
+# about 90 units each, --shard i/12) each process computed 10 units/s once started, about 9 s of work, but the stage
+# took 33 s: the rest was interpreters, torch and CUDA contexts starting.
 MIN_UNITS_PER_PROCESS = 100
 
 
@@ -138,9 +138,9 @@ def unit_processes(requested: int, units: int, compute_device: str = "cuda", sha
 def in_unit_processes(function: Callable[..., None], arguments: tuple, units: list[Item], processes: int,
                       poll: Callable[[], None] = lambda: None, every: float = 0.5) -> None:
     """``function(*arguments, share)`` for ``processes`` consecutive shares of ``units`` (neighbours often share
-    inputs: a pair's targets, a scene's frames), each in a fresh process
-    with its share of the cores (:func:`~snd_stages.runtime.process_pool`); ``poll()`` runs here every ``every``
-    seconds meanwhile (to show progress), and the phases the processes record are added to this one's recorder.
+    inputs: a pair's targets, a scene's frames), each in a fresh process with its share of the cores
+    (:func:`~snd_stages.runtime.process_pool`); ``poll()`` runs here every ``every`` seconds meanwhile (to show
+    progress), and the phases the processes record are added to this one's recorder.
 
     ``function`` and ``arguments`` must pickle. A failure is raised here once the other processes have finished
     their shares (each unit is written whole, so a rerun keeps them).
