@@ -193,8 +193,7 @@ def main() -> None:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     units = args.samples_per_scene * args.train_scenes
     processes = throughput.unit_processes(0, units, device)
-    cores = available_cores() // processes
-    threads = throughput.io_threads(device) if processes == 1 else min(8, max(1, cores // 2))
+    threads = throughput.io_threads(device, available_cores() // processes)  # what each process starts
     console.print(f"torch {torch.__version__}, {available_cores()} CPU cores available, {name}; by default the "
                   f"precompute stages computed on {device} in {processes} process(es) of {units} units, each with "
                   f"{threads} reading and {threads} writing threads (0: serial)")

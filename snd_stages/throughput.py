@@ -100,10 +100,11 @@ def overlapping() -> bool:
 CORES_TO_SPARE_FOR_IO = 8
 
 
-def io_threads(compute_device: str = "cuda") -> int:
+def io_threads(compute_device: str = "cuda", cores: int | None = None) -> int:
     """Threads for each of reading and writing beside a stage computing on ``compute_device`` (0: none, run
-    serially): enough to keep one computing thread fed, never more than the machine's cores."""
-    cores = available_cores()
+    serially) in a process with ``cores`` cores (default: this one's): enough to keep one computing thread fed,
+    never more than the cores."""
+    cores = available_cores() if cores is None else cores
     if compute_device == "cpu":
         return 0 if cores < CORES_TO_SPARE_FOR_IO else max(1, cores // CORES_TO_SPARE_FOR_IO)
     # Beside a GPU, writing is the slowest step (compressing a 192x256 pair of Gaussians takes about 50 ms of CPU):

@@ -14,8 +14,12 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from rich.progress import Progress
+
 from ..errors import ConfigError
+from ..progress import counter
 from ..store import Artifact, ArtifactSpec, ArtifactWriter, Store
+from ..throughput import in_unit_processes
 
 
 @dataclass(frozen=True)
@@ -154,3 +158,15 @@ def finish_if_complete(
     if set(expected_units) - writer.done_units():
         return None
     return writer.finish(expected_units=expected_units, counts=counts)
+
+
+def produce_units(write: Callable[..., None], arguments: tuple, writer: ArtifactWriter, todo: list[str],
+                  processes: int, progress: Progress | None, description: str, unit: str) -> None:
+    """``write(*arguments, todo, progress, description)``, which writes the units ``todo`` through ``writer``: here
+    when ``processes`` is 1, else split over that many worker processes
+    (:func:`~snd_stages.throughput.in_unit_processes`), the bar counting the units they have finished."""
+    if processes == 1:
+        write(*arguments, todo, progress, description)
+        return
+    show, before = counter(progress, description, len(todo), unit=unit), len(writer.done_units())
+    in_unit_processes(write, arguments, todo, processes, poll=lambda: show(len(writer.done_units()) - before))

@@ -19,18 +19,18 @@ import torch
 from rich.progress import Progress
 
 from ..artifacts.gaussians import BYTES_PER_GAUSSIAN, gaussians_spec, pair_unit, pairs_of
-from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
+from ..artifacts.protocol import Shard, StageResult, finish_if_complete, produce_units, run_stage
 from ..artifacts.samples import load_samples
 from ..config import DataCfg, SamplingCfg, dump_sections
 from ..reconstruct import GaussiansCfg
 from ..errors import DataError
 from ..gaussians import Gaussians
-from ..progress import counter, track
+from ..progress import track
 from ..reconstruct import ContextViews, build_reconstructor
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..store import Artifact, ArtifactWriter, Store, UnitArrays
-from ..throughput import in_unit_processes, overlapped, phase, unit_processes
+from ..throughput import overlapped, phase, unit_processes
 
 
 def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool) -> ContextViews:
@@ -103,13 +103,8 @@ def precompute_gaussians(
         todo = [name for name in shard.select(list(pairs)) if name not in writer.done_units()]
         device = resolve_device(gaussians.device, "gaussians.device").type
         processes = unit_processes(workers, len(todo), device, shard.count)
-        description = "reconstructing context pairs"
-        if processes == 1:
-            write_pairs(gaussians, samples.dataset_root, pairs, writer, todo, progress, description)
-        else:
-            show, before = counter(progress, description, len(todo), unit="pair"), len(writer.done_units())
-            in_unit_processes(write_pairs, (gaussians, samples.dataset_root, pairs, writer), todo, processes,
-                              poll=lambda: show(len(writer.done_units()) - before))
+        produce_units(write_pairs, (gaussians, samples.dataset_root, pairs, writer), writer, todo, processes, progress,
+                      "reconstructing context pairs", unit="pair")
         with phase("publish"):
             return finish_if_complete(
                 writer,

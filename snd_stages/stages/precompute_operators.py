@@ -24,18 +24,18 @@ from rich.progress import Progress
 from ..artifacts.gaussians import PairGaussians, load_gaussians, pair_unit_name, read_pair
 from ..artifacts.masks import MaskReader, load_masks
 from ..artifacts.operators import operators_spec, operator_unit, operator_unit_name
-from ..artifacts.protocol import Shard, StageResult, finish_if_complete, run_stage
+from ..artifacts.protocol import Shard, StageResult, finish_if_complete, produce_units, run_stage
 from ..artifacts.samples import load_samples
 from ..config import DataCfg, SamplingCfg, TrainCfg, dump_sections
 from ..masks import MasksCfg
 from ..models.backbones import backbone_spec
 from ..reconstruct import GaussiansCfg
-from ..progress import counter, track
+from ..progress import track
 from ..runtime import resolve_device
 from ..splat.operator import OperatorInputs, build_splat_operators
 from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactWriter, Store, UnitArrays
-from ..throughput import in_unit_processes, overlapped, overlapping, phase, unit_processes
+from ..throughput import overlapped, overlapping, phase, unit_processes
 
 
 def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, train: TrainCfg,
@@ -125,14 +125,8 @@ def precompute_operators(
         writer.prepare({"patch": backbone.patch})
         todo = [name for name in shard.select(list(units)) if name not in writer.done_units()]
         processes = unit_processes(workers, len(todo), device.type, shard.count)
-        arguments = (gaussians_artifact, masks_artifact, train, units, writer)
-        description = "composing teacher operators"
-        if processes == 1:
-            write_operators(*arguments, todo, progress, description)
-        else:
-            show, before = counter(progress, description, len(todo), unit="sample"), len(writer.done_units())
-            in_unit_processes(write_operators, arguments, todo, processes,
-                              poll=lambda: show(len(writer.done_units()) - before))
+        produce_units(write_operators, (gaussians_artifact, masks_artifact, train, units, writer), writer, todo,
+                      processes, progress, "composing teacher operators", unit="sample")
 
         def counts() -> dict:
             stored = [writer.unit_attributes(name)["bytes"] for name in writer.done_units()]
