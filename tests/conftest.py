@@ -38,12 +38,9 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
-def build_demo_artifacts(cfg, operators: bool = True):
-    """Generate ``cfg``'s demo scenes and every precompute artifact the training stage reads; returns the store."""
+def build_demo_samples(cfg):
+    """Generate ``cfg``'s demo scenes and freeze their samples; returns the store."""
     from snd_stages.stages.make_demo_data import make_demo_data  # open3d: CPU tier
-    from snd_stages.stages.precompute_gaussians import precompute_gaussians
-    from snd_stages.stages.precompute_masks import precompute_masks
-    from snd_stages.stages.precompute_operators import precompute_operators
     from snd_stages.stages.sample_views import sample_views
     from snd_stages.store import Store
 
@@ -51,6 +48,16 @@ def build_demo_artifacts(cfg, operators: bool = True):
     make_demo_data(cfg.data, dataclasses.replace(cfg.demo, workers=1))
     store = Store(cfg.store.root)
     sample_views(cfg.data, cfg.sampling, store)
+    return store
+
+
+def build_demo_artifacts(cfg, operators: bool = True):
+    """Generate ``cfg``'s demo scenes and every precompute artifact the training stage reads; returns the store."""
+    from snd_stages.stages.precompute_gaussians import precompute_gaussians
+    from snd_stages.stages.precompute_masks import precompute_masks
+    from snd_stages.stages.precompute_operators import precompute_operators
+
+    store = build_demo_samples(cfg)
     precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
     precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
     if operators:

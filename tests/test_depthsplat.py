@@ -9,7 +9,6 @@ skipped where it is absent.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -527,12 +526,10 @@ def test_precompute_gaussians_then_training_run_on_depthsplat_gaussians(random_s
     from snd_stages.artifacts.gaussians import load_gaussians, read_pair
     from snd_stages.artifacts.samples import load_samples
     from snd_stages.cli import app
-    from snd_stages.stages.make_demo_data import make_demo_data
     from snd_stages.stages.precompute_masks import precompute_masks
     from snd_stages.stages.precompute_operators import precompute_operators
-    from snd_stages.stages.sample_views import sample_views
     from snd_stages.stages.train import train
-    from snd_stages.store import Store
+    from tests.conftest import build_demo_samples
 
     checkpoint = tmp_path / "depthsplat-small.safetensors"
     save_file(random_state, checkpoint)
@@ -546,9 +543,7 @@ def test_precompute_gaussians_then_training_run_on_depthsplat_gaussians(random_s
         f"data.root={tmp_path / 'demo'}", f"store.root={tmp_path / 'store'}", f"train.runs_root={tmp_path / 'runs'}",
     ])
     cfg = load_config(config, [])
-    make_demo_data(cfg.data, dataclasses.replace(cfg.demo, workers=1))
-    store = Store(cfg.store.root)
-    sample_views(cfg.data, cfg.sampling, store)
+    store = build_demo_samples(cfg)
 
     result = CliRunner().invoke(app, ["precompute-gaussians", "--config", str(config)])
     assert result.exit_code == 0, result.output

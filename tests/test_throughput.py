@@ -19,7 +19,7 @@ from snd_stages.stages.precompute_gaussians import precompute_gaussians
 from snd_stages.stages import precompute_operators as precompute_operators_module
 from snd_stages.stages.precompute_operators import precompute_operators
 from snd_stages.store import DATA, Store, list_units
-from tests.conftest import build_demo_artifacts, tree_digest
+from tests.conftest import build_demo_artifacts, build_demo_samples, tree_digest
 from tests.test_splat_operator import config
 
 
@@ -250,23 +250,16 @@ def test_the_processes_a_stage_computes_in(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:random weights")
 def test_stages_computed_in_several_processes_store_the_bytes_of_one(tmp_path):
-    from dataclasses import replace
-
-    from snd_stages.stages.make_demo_data import make_demo_data
     from snd_stages.stages.precompute_masks import precompute_masks
-    from snd_stages.stages.sample_views import sample_views
 
     more = ["sampling.samples_per_scene=6", "demo.frames_per_scene=12", "demo.train_scenes=2"]
     one_cfg = config(tmp_path / "one", *more)
     build_demo_artifacts(one_cfg, operators=True)  # on this CPU: one process
     cfg = config(tmp_path / "two", *more)
-    make_demo_data(cfg.data, replace(cfg.demo, workers=1))
-    store = Store(cfg.store.root)
-    sample_views(cfg.data, cfg.sampling, store)
+    store = build_demo_samples(cfg)
     with throughput.recording() as phases:
         precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store, workers=2)
-    pairs = len(unit_files(Path(cfg.store.root), "gaussians")) and len(load_gaussians(
-        store, cfg.gaussians, load_samples(store, cfg.data, cfg.sampling)[0].key).units())
+    pairs = len(load_gaussians(store, cfg.gaussians, load_samples(store, cfg.data, cfg.sampling)[0].key).units())
     assert pairs >= 4 and phases.counts["compute"] == phases.counts["write"] == pairs  # recorded by the workers
     precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
     precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store, workers=2)
@@ -276,16 +269,10 @@ def test_stages_computed_in_several_processes_store_the_bytes_of_one(tmp_path):
 
 
 def test_a_failure_in_a_worker_process_is_raised_and_the_other_units_kept(tmp_path):
-    from dataclasses import replace
-
     from snd_stages.errors import DataError
-    from snd_stages.stages.make_demo_data import make_demo_data
-    from snd_stages.stages.sample_views import sample_views
 
     cfg = config(tmp_path, "sampling.samples_per_scene=6", "demo.frames_per_scene=12", "demo.train_scenes=2")
-    make_demo_data(cfg.data, replace(cfg.demo, workers=1))
-    store = Store(cfg.store.root)
-    sample_views(cfg.data, cfg.sampling, store)
+    store = build_demo_samples(cfg)
     (scene, *_) = sorted((Path(cfg.data.root) / "scenes").iterdir())
     for frame in (scene / "images").iterdir():  # the first worker's share: the first scene's pairs
         stat = frame.stat()  # damaged in place: same size and time, so the samples still match the scenes
