@@ -36,10 +36,10 @@ class Phases:
     counts: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, count: int = 1) -> None:
         with self.lock:
             self.seconds[name] += seconds
-            self.counts[name] += 1
+            self.counts[name] += count
 
 
 _recorder: Phases | None = None
@@ -160,9 +160,7 @@ def in_unit_processes(function: Callable[..., None], arguments: tuple, units: li
             seconds, counts = future.result()  # the first failure is raised here (after the others finish)
             if _recorder is not None:
                 for name, total in seconds.items():
-                    with _recorder.lock:
-                        _recorder.seconds[name] += total
-                        _recorder.counts[name] += counts[name]
+                    _recorder.add(name, total, counts[name])
     poll()
 
 
