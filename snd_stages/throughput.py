@@ -139,8 +139,9 @@ def unit_processes(requested: int, units: int, compute_device: str = "cuda", sha
 def in_unit_processes(function: Callable[..., None], arguments: tuple, units: list[Item], processes: int,
                       poll: Callable[[], None] = lambda: None, every: float = 0.5) -> None:
     """``function(*arguments, share)`` for ``processes`` consecutive shares of ``units`` (neighbours often share
-    inputs: a pair's targets, a scene's frames), each in a fresh process with its share of the cores
-    (:func:`~snd_stages.runtime.process_pool`); ``poll()`` runs here every ``every`` seconds meanwhile (to show
+    inputs: a pair's targets, a scene's frames), each in a fresh process with its share of the cores, forked from a
+    server that imported ``function``'s module once (:func:`~snd_stages.runtime.process_pool`); ``poll()`` runs
+    here every ``every`` seconds meanwhile (to show
     progress), and the phases the processes record are added to this one's recorder.
 
     ``function`` and ``arguments`` must pickle. A failure is raised here once the other processes have finished
@@ -148,7 +149,7 @@ def in_unit_processes(function: Callable[..., None], arguments: tuple, units: li
     """
     size = max(1, -(-len(units) // processes))
     shares = [units[start : start + size] for start in range(0, len(units), size)]
-    with process_pool(len(shares), max(1, available_cores() // len(shares))) as pool:
+    with process_pool(len(shares), max(1, available_cores() // len(shares)), preload=(function.__module__,)) as pool:
         futures = [pool.submit(_recorded, function, *arguments, share) for share in shares]
         pending = set(futures)
         while pending:

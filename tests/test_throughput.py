@@ -282,3 +282,61 @@ def test_a_failure_in_a_worker_process_is_raised_and_the_other_units_kept(tmp_pa
         precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store, workers=2)
     (partial,) = (Path(cfg.store.root) / "gaussians").glob("*.partial")
     assert len(list_units(partial / DATA)) >= 1  # the other worker's units stay, whole, for a rerun
+
+
+PARENT_WITH_WORKERS = """
+import os, sys, time
+from snd_stages.runtime import process_pool
+
+def wait_forever(path):
+    with open(path + ".tmp", "w") as handle:
+        handle.write(f"{os.getpid()} {os.getppid()}")
+    os.rename(path + ".tmp", path)
+    time.sleep(600)
+
+if __name__ == "__main__":
+    with process_pool(2, 1, preload=sys.argv[2:]) as pool:
+        for worker in range(2):
+            pool.submit(wait_forever, os.path.join(sys.argv[1], str(worker)))
+        time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("preload", [["json"], []], ids=["fork server", "spawned"])
+def test_workers_die_with_their_parent(tmp_path, preload):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_WITH_WORKERS)
+    repository = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repository), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path), *preload], env=environment)
+    try:
+        reports = [tmp_path / "0", tmp_path / "1"]
+        deadline = time.monotonic() + 120
+        while not all(report.exists() for report in reports):
+            assert parent.poll() is None and time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.1)
+        workers, servers = zip(*(map(int, report.read_text().split()) for report in reports))
+        assert len(set(workers)) == 2
+        assert len(set(servers)) == 1  # one fork server, or the parent
+        assert (servers[0] != parent.pid) == bool(preload)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a dead child of the server not yet reaped (a zombie) counts as gone
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its killed parent"
+        time.sleep(0.1)

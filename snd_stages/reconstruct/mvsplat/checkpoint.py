@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ...errors import DataError
-from ...models.weights import check_state_dict, short_list
+from ...models.state_dicts import check_state_dict, short_list
 from .encoder import MVSplatEncoder
 
 CHECKPOINT_PREFIX = "encoder."
