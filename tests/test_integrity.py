@@ -40,8 +40,13 @@ def chunk(store: Store, index: int = 1, name: str = "a") -> Path:
     return unit_path(store, name) / "means" / "c" / str(index)
 
 
-def read(store: Store, name: str = "a") -> np.ndarray:
-    return np.asarray(store.open(SPEC.stage, SPEC.key).unit(name)["means"][...])
+def read(store: Store, name: str = "a", reader: str = "unit") -> np.ndarray:
+    """Unit ``name``'s values through Artifact.unit (files verified, then read by Zarr) or Artifact.load_unit (read
+    into memory, verified from the bytes read)."""
+    return np.asarray(getattr(store.open(SPEC.stage, SPEC.key), reader)(name)["means"][...])
+
+
+READERS = pytest.mark.parametrize("reader", ["unit", "load_unit"])
 
 
 @pytest.fixture
@@ -49,8 +54,10 @@ def fresh(tmp_path) -> Store:
     return published(tmp_path / "store")
 
 
-def test_an_intact_artifact_reads_back_exactly(fresh):
-    np.testing.assert_array_equal(read(fresh), np.arange(24, dtype=np.float32))
+@READERS
+def test_an_intact_artifact_reads_back_exactly(fresh, reader):
+    np.testing.assert_array_equal(read(fresh, reader=reader), np.arange(24, dtype=np.float32))
+    np.testing.assert_array_equal(read(fresh, "b", reader), np.r_[np.zeros(16), np.ones(8)])
     assert store_module.UNIT_RECORD in {path.name for path in unit_path(fresh).iterdir()}
     assert fresh.open(SPEC.stage, SPEC.key).read_json("samples.json") == {"samples": [1, 2, 3]}
 
@@ -75,11 +82,12 @@ def test_an_intact_artifact_reads_back_exactly(fresh):
     ids=["deleted chunk", "truncated chunk", "same-size edit", "added chunk", "corrupt array metadata",
          "edited dtype", "missing seal", "damaged seal"],
 )
-def test_a_damaged_unit_is_an_error_naming_the_file_and_the_fix(fresh, damage, fragments):
+@READERS
+def test_a_damaged_unit_is_an_error_naming_the_file_and_the_fix(fresh, damage, fragments, reader):
     name = "b" if "was not written" in fragments[0] else "a"
     damage(fresh)
     with pytest.raises(ArtifactError) as raised:
-        read(fresh, name)
+        read(fresh, name, reader)
     message = str(raised.value)
     assert "\n" not in message and "and rerun snd precompute-gaussians" in message
     for fragment in fragments:

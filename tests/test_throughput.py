@@ -139,7 +139,7 @@ def test_the_unit_writers_store_the_same_bytes_as_before(tmp_path):
     import numpy as np
     import torch
 
-    from snd_stages.artifacts.gaussians import write_pair
+    from snd_stages.artifacts.gaussians import pair_unit, write_pair
     from snd_stages.artifacts.operators import write_operator
     from snd_stages.gaussians import Gaussians
     from snd_stages.scenes.layout import read_scene
@@ -167,13 +167,19 @@ def test_the_unit_writers_store_the_same_bytes_as_before(tmp_path):
                              coverage=torch.from_numpy(rng.random((4, 5)) < 0.5), context_grid=(4, 6))
     writer = Store(tmp_path / "store").writer(ArtifactSpec("pin", 1, {}), "")
     writer.prepare()
-    with writer.unit("pair") as group:
-        write_pair(group, scene, (0, 1), [2], gaussians)
+    writer.write_unit("pair", pair_unit(scene, (0, 1), [2], gaussians))  # encoded in memory, then written
     write_operator(writer, "operator", operator, "scene", (0, 1), 2)
-    listing = "".join(f"{path.relative_to(writer.data)} {hashlib.sha256(path.read_bytes()).hexdigest()[:16]}\n"
-                      for path in sorted(writer.data.rglob("*")) if path.is_file() and path.parent != writer.data)
-    assert listing.count("\n") == 20
-    assert hashlib.sha256(listing.encode()).hexdigest()[:20] == "dc4e5c16c8505402c1a6"
+
+    def listing(*units: str, within: Path = writer.data) -> str:
+        return "".join(f"{path.relative_to(within)} {hashlib.sha256(path.read_bytes()).hexdigest()[:16]}\n"
+                       for unit in units for path in sorted((writer.data / unit).rglob("*")) if path.is_file())
+
+    assert listing("operator", "pair").count("\n") == 20
+    assert hashlib.sha256(listing("operator", "pair").encode()).hexdigest()[:20] == "dc4e5c16c8505402c1a6"
+    with writer.unit("pair-file-by-file") as group:  # Zarr writing to disk as it goes: the same files
+        write_pair(group, scene, (0, 1), [2], gaussians)
+    assert listing("pair-file-by-file", within=writer.data / "pair-file-by-file") == listing(
+        "pair", within=writer.data / "pair")
 
 
 def test_a_pair_reads_back_as_the_eleven_arrays_of_schema_2_did(tmp_path):

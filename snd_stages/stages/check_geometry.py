@@ -103,7 +103,7 @@ def check_geometry(
     artifact = load_gaussians(store, gaussians_cfg, samples_artifact.key)
     checks, pictures = [], []
     for name in track(artifact.units()[:max_pairs], "re-rendering colours", progress, unit="pair"):
-        pair = read_pair(artifact.unit(name))
+        pair = read_pair(artifact.load_unit(name))
         scene = read_scene(samples.dataset_root, pair.scene)
         context = torch.stack([image_to_tensor(scene.load_image(p)) for p in pair.context_positions])
         rendered, alpha = render_source_colours(pair, context, pair.target_camera, device)
@@ -131,7 +131,7 @@ def export_pair_ply(
     pair_name = pair_name or names[0]
     if pair_name not in names:
         raise ArtifactError(f"no pair {pair_name!r} in {artifact.path}; pairs look like {names[0]!r}")
-    pair = read_pair(artifact.unit(pair_name))
+    pair = read_pair(artifact.load_unit(pair_name))
     scene = read_scene(samples.dataset_root, pair.scene)
     context = torch.stack([image_to_tensor(scene.load_image(p)) for p in pair.context_positions])
     export_point_cloud_ply(pair.gaussians, lift_features(context, pair.gaussians), path)

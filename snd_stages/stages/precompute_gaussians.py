@@ -29,7 +29,7 @@ from ..progress import track
 from ..reconstruct import ContextViews, build_reconstructor
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
-from ..store import Artifact, ArtifactWriter, Store, UnitArrays
+from ..store import Artifact, ArtifactWriter, Store
 from ..throughput import overlapped, phase, unit_processes
 
 
@@ -66,15 +66,17 @@ def write_pairs(gaussians: GaussiansCfg, dataset_root: Path, pairs: dict[str, tu
         scene_id, context, _ = pairs[name]
         return scene_of(scene_id), context_views(scene_of(scene_id), context, reconstructor.requires_depth)
 
-    def compute(name: str, inputs: tuple[Scene, ContextViews]) -> UnitArrays:
-        scene, views = inputs
-        _, context, targets = pairs[name]
+    def compute(name: str, inputs: tuple[Scene, ContextViews]) -> Gaussians:
         with torch.no_grad():
-            return pair_unit(scene, context, targets, reconstructor.reconstruct(views))
+            return reconstructor.reconstruct(inputs[1])
 
-    # Writing a pair (three Zarr arrays) costs more than reconstructing it on a GPU: writing threads run behind the
-    # reconstruction.
-    units = overlapped(names, read, compute, writer.write_unit,
+    def write(name: str, gaussians: Gaussians) -> None:
+        scene_id, context, targets = pairs[name]
+        writer.write_unit(name, pair_unit(scene_of(scene_id), context, targets, gaussians))
+
+    # Packing and writing a pair (three Zarr arrays) costs more than reconstructing it on a GPU: both run in the
+    # writing threads, behind the reconstruction.
+    units = overlapped(names, read, compute, write,
                        compute_device=resolve_device(gaussians.device, "gaussians.device").type)
     for _ in track(units, description, progress, total=len(names), unit="pair"):
         pass

@@ -32,9 +32,9 @@ from ..models.backbones import backbone_spec
 from ..reconstruct import GaussiansCfg
 from ..progress import track
 from ..runtime import resolve_device
-from ..splat.operator import OperatorInputs, build_splat_operators
+from ..splat.operator import OperatorInputs, SplatOperator, build_splat_operators
 from ..splat.quirks import render_inputs
-from ..store import Artifact, ArtifactWriter, Store, UnitArrays
+from ..store import Artifact, ArtifactWriter, Store
 from ..throughput import overlapped, overlapping, phase, unit_processes
 
 
@@ -53,7 +53,7 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
     # threads run a few units ahead, hence a few pairs cached) and moved to the device once.
     @functools.lru_cache(maxsize=8)
     def pair_inputs(scene_id: str, context: tuple[int, int]) -> tuple[PairGaussians, torch.Tensor]:
-        pair = read_pair(gaussians_artifact.unit(pair_unit_name(scene_id, context)))
+        pair = read_pair(gaussians_artifact.load_unit(pair_unit_name(scene_id, context)))
         return pair, torch.stack([read_mask(scene_id, p) for p in context])
 
     def read(name: str) -> tuple[PairGaussians, torch.Tensor, torch.Tensor]:  # one unit
@@ -68,7 +68,7 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
     def read_batch(batch: list[str]) -> list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]:
         return [read(name) for name in batch]
 
-    def compute(batch: list[str], inputs: list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]) -> list[UnitArrays]:
+    def compute(batch: list[str], inputs: list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]) -> list[SplatOperator]:
         samples = []
         for name, (pair, context_masks, target_mask) in zip(batch, inputs):
             if on_device.get("pair") is not pair:
@@ -85,10 +85,13 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
                 group, context_grid=backbone.token_grid(height, width),
                 target_grid=backbone.token_grid(camera.height, camera.width),
                 mask_aware_upsampling=train.mask_aware_upsampling, output_device="cpu")
-        return [operator_unit(operator, *units[name]) for name, operator in zip(batch, operators)]
+        return operators
 
-    # A unit's write is small but Python (Zarr): writing threads run behind the composition.
-    composed = overlapped(batches, read_batch, compute, writer.write_units, ahead=4, compute_device=device.type)
+    def write(batch: list[str], operators: list[SplatOperator]) -> None:
+        writer.write_units(batch, [operator_unit(operator, *units[name]) for name, operator in zip(batch, operators)])
+
+    # Packing and writing a unit is small but Python (Zarr): both run in the writing threads, behind the composition.
+    composed = overlapped(batches, read_batch, compute, write, ahead=4, compute_device=device.type)
     for _ in track(composed, description, progress, total=len(names), unit="sample", size=len):
         pass
 
