@@ -67,6 +67,19 @@ class Gaussians:
             source_pixel=self.source_pixel.to(device=device),
         )
 
+    def split_by_view(self, views_per_set: int, sets: int) -> "list[Gaussians]":
+        """Gaussians born from ``sets`` consecutive sets of ``views_per_set`` views, ordered by source view (as a
+        pixel-aligned reconstruction of all the views at once gives them) -> each set's own, its source views
+        numbered from 0 again."""
+        counts = torch.bincount(self.source_view, minlength=views_per_set * sets).reshape(sets, views_per_set)
+        parts = []
+        for index, (start, end) in enumerate(zip([0, *counts.sum(1).cumsum(0).tolist()],
+                                                 counts.sum(1).cumsum(0).tolist())):
+            part = self[start:end]
+            part.source_view = part.source_view - index * views_per_set
+            parts.append(part)
+        return parts
+
     def __getitem__(self, index) -> "Gaussians":
         return Gaussians(
             self.means[index],

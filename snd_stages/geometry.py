@@ -77,6 +77,15 @@ class Camera:
     def __getitem__(self, index) -> "Camera":
         return Camera(self.intrinsics[index], self.world_to_camera[index], self.height, self.width)
 
+    @staticmethod
+    def cat(cameras: "list[Camera]") -> "Camera":
+        """Cameras of one image size, batches ``[n_i]`` -> one batch ``[sum n_i]`` in order."""
+        sizes = {(camera.height, camera.width) for camera in cameras}
+        if len(sizes) != 1:
+            raise ValueError(f"cameras of one image size can be concatenated, got sizes {sorted(sizes)}")
+        return Camera(torch.cat([camera.intrinsics for camera in cameras]),
+                      torch.cat([camera.world_to_camera for camera in cameras]), cameras[0].height, cameras[0].width)
+
     def to(self, device=None, dtype=None) -> "Camera":
         return Camera(
             self.intrinsics.to(device=device, dtype=dtype),

@@ -199,13 +199,27 @@ def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: C
                write: Callable[[Item, object], None], ahead: int | None = None,
                compute_device: str = "cuda") -> Iterator[Item]:
     """Run ``read``, ``compute`` and ``write`` on every item, yielding each item once its write is done; their
-    times are recorded as the phases ``read``, ``compute`` and ``write``.
+    times are recorded as the phases ``read``, ``compute`` and ``write``: :func:`overlapped_calls` with one item per
+    call."""
+    def compute_one(batch: list[Item], inputs: list[object]) -> list[object]:
+        return [compute(batch[0], inputs[0])]
+
+    return overlapped_calls(items, read, compute_one, write, 1, ahead, compute_device)
+
+
+def overlapped_calls(items: Iterable[Item], read: Callable[[Item], object],
+                     compute: Callable[[list[Item], list[object]], list[object]], write: Callable[[Item, object], None],
+                     per_call: int = 1, ahead: int | None = None, compute_device: str = "cuda") -> Iterator[Item]:
+    """Read each item, compute up to ``per_call`` consecutive items in one call of ``compute`` (their items and
+    inputs -> their results, in order), write each item's result; yield each item once its write is done. Times are
+    recorded as the phases ``read``, ``compute`` (per call) and ``write``.
 
     Reads run up to ``ahead`` items ahead and writes up to ``ahead`` items behind (bounding the memory held; default:
-    twice the threads), each in :func:`io_threads` threads; ``compute`` runs in this thread in item order, on
-    ``compute_device`` (a CPU compute leaves threads for reading and writing only on a machine with cores to spare).
-    Writes run in threads, not processes: sending a unit to a writing process costs a copy of it through a pipe
-    (33 MB for a 576x880 pair of Gaussians), and processes wrote 3 to 5 times fewer units per second on a GPU
+    twice the threads, and at least two calls' items), each in :func:`io_threads` threads and one item per task, so
+    that a call of many items still reads and writes them in parallel; ``compute`` runs in this thread in item order,
+    on ``compute_device`` (a CPU compute leaves threads for reading and writing only on a machine with cores to
+    spare). Writes run in threads, not processes: sending a unit to a writing process costs a copy of it through a
+    pipe (33 MB for a 576x880 pair of Gaussians), and processes wrote 3 to 5 times fewer units per second on a GPU
     machine (benchmarks/README.md), though Zarr's one event loop per process makes writing threads queue.
     A failure anywhere stops new work, lets the writes already started finish (their units are whole), and is
     raised here.
@@ -214,20 +228,24 @@ def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: C
     threads = io_threads(compute_device)
     read, compute, write = timed("read", read), timed("compute", compute), timed("write", write)
     if not _overlap or len(items) < 2 or threads == 0:
-        for item in items:
-            write(item, compute(item, read(item)))
-            yield item
+        for start in range(0, len(items), per_call):
+            batch = items[start : start + per_call]
+            for item, result in zip(batch, compute(batch, [read(item) for item in batch]), strict=True):
+                write(item, result)
+                yield item
         return
-    ahead = ahead or 2 * threads
+    ahead = max(ahead or 2 * threads, 2 * per_call)
     with ThreadPoolExecutor(threads, thread_name_prefix="snd-write") as writers:
         reads = ordered_map(read, items, ahead, compute_device)
         writes: dict[Future, Item] = {}
         try:
-            for item, inputs in zip(items, reads):
-                result = compute(item, inputs)
-                while len(writes) >= ahead:  # hold at most `ahead` results in memory
-                    yield from _finished(writes, wait(writes, return_when=FIRST_COMPLETED).done)
-                writes[writers.submit(write, item, result)] = item
+            for start in range(0, len(items), per_call):
+                batch = items[start : start + per_call]
+                inputs = [next(reads) for _ in batch]
+                for item, result in zip(batch, compute(batch, inputs), strict=True):
+                    while len(writes) >= ahead:  # hold at most `ahead` results in memory
+                        yield from _finished(writes, wait(writes, return_when=FIRST_COMPLETED).done)
+                    writes[writers.submit(write, item, result)] = item
                 yield from _finished(writes, [future for future in writes if future.done()])
             yield from _finished(writes, wait(writes).done)
         except BaseException:

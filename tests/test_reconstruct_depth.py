@@ -115,3 +115,70 @@ def test_all_invalid_depth_is_an_error():
     depth, camera = tilted_plane_views()
     with pytest.raises(ValueError, match="no valid depth"):
         reconstruct_from_depth(torch.zeros_like(depth), camera, DepthSettings())
+
+
+def context_pairs(count: int = 4) -> list:
+    """``count`` pairs of context views as the stage reads them (float32 depth with invalid pixels, camera-frame
+    normals with some missing), each pair's views and holes different."""
+    import numpy as np
+
+    from snd_stages.reconstruct import ContextViews
+
+    generator = np.random.default_rng(0)
+    pairs = []
+    for index in range(count):
+        depth, camera = tilted_plane_views(tilt_degrees=30.0 + 7 * index)
+        depth = depth.numpy().astype(np.float32)
+        depth[index % 2, 2 + index, 3 : 4 + index] = 0  # invalid pixels: dropped, so the pairs' counts differ
+        normals = generator.normal(size=(2, HEIGHT, WIDTH, 3)).astype(np.float32)
+        normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+        normals[1 - index % 2, :4] = 0  # where the dataset has none: estimated from depth
+        pairs.append(ContextViews(images=np.zeros((2, HEIGHT, WIDTH, 3), np.uint8), camera=camera, depth=depth,
+                                  normals=normals, names=(f"pair{index}-a", f"pair{index}-b")))
+    return pairs
+
+
+def assert_pairs_reconstructed_together_as_one_by_one(device: str) -> None:
+    from snd_stages.pipeline import load_config
+    from snd_stages.reconstruct import build_reconstructor
+
+    pairs = context_pairs()
+    for overrides in ([], ["gaussians.depth.covariance=isotropic"], ["gaussians.depth.invalid_depth=mask"],
+                      ["gaussians.depth.normals=estimate"]):
+        reconstructor = build_reconstructor(load_config(None, [f"gaussians.device={device}", *overrides]).gaussians)
+        assert reconstructor.reconstruct_together is not None
+        together = reconstructor.reconstruct_all(pairs)
+        assert len(together) == len(pairs)
+        for views, gaussians in zip(pairs, together):
+            alone = reconstructor.reconstruct(views)
+            for field in ("means", "quats", "scales", "opacities", "source_view", "source_pixel"):
+                assert torch.equal(getattr(gaussians, field), getattr(alone, field)), (overrides, field)
+        if overrides != ["gaussians.depth.invalid_depth=mask"]:  # holes dropped: the pairs' counts differ
+            assert len({len(gaussians) for gaussians in together}) == len(pairs)
+
+
+def test_pairs_reconstructed_together_are_exactly_the_pairs_one_by_one():
+    assert_pairs_reconstructed_together_as_one_by_one("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pairs_reconstructed_together_on_cuda_are_exactly_the_pairs_one_by_one():
+    assert_pairs_reconstructed_together_as_one_by_one("cuda")
+
+
+def test_pairs_of_other_sizes_or_without_normals_are_reconstructed_one_by_one():
+    from dataclasses import replace
+
+    from snd_stages.pipeline import load_config
+    from snd_stages.reconstruct import build_reconstructor
+
+    first, second, third = context_pairs(3)
+    smaller = replace(second, depth=second.depth[:, :20], normals=second.normals[:, :20],
+                      camera=Camera(second.camera.intrinsics, second.camera.world_to_camera, 20, WIDTH))
+    without_normals = replace(third, normals=None)
+    reconstructor = build_reconstructor(load_config(None, ["gaussians.device=cpu"]).gaussians)
+    together = reconstructor.reconstruct_all([first, smaller, without_normals])
+    for views, gaussians in zip([first, smaller, without_normals], together):
+        assert torch.equal(gaussians.means, reconstructor.reconstruct(views).means)
+    assert len(together[1]) < len(together[0])

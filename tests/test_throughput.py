@@ -15,8 +15,10 @@ from snd_stages.artifacts.gaussians import load_gaussians
 from snd_stages.artifacts.masks import load_masks
 from snd_stages.artifacts.operators import load_operators
 from snd_stages.artifacts.samples import load_samples
+from snd_stages.stages import precompute_gaussians as precompute_gaussians_module
 from snd_stages.stages.precompute_gaussians import precompute_gaussians
 from snd_stages.stages import precompute_operators as precompute_operators_module
+from snd_stages.stages.precompute_masks import precompute_masks
 from snd_stages.stages.precompute_operators import precompute_operators
 from snd_stages.store import DATA, Store, list_units
 from tests.conftest import build_demo_artifacts, build_demo_samples, tree_digest
@@ -49,6 +51,38 @@ def test_every_item_is_read_computed_in_order_and_written_once():
         computed.clear()
         assert list(throughput.overlapped(range(5), read, compute, write)) == list(range(5))
     assert computed == list(range(5))
+
+
+def test_calls_take_consecutive_items_while_each_item_is_read_and_written_on_its_own(monkeypatch):
+    monkeypatch.setattr(throughput, "available_cores", lambda: 16)  # 8 reading and 8 writing threads
+    calls, written, threads_used, lock = [], {}, set(), threading.Lock()
+
+    def read(item):
+        with lock:
+            threads_used.add(threading.current_thread().name)
+        time.sleep(0.002 * (item % 3))
+        return item * 10
+
+    def compute(batch, inputs):
+        assert threading.current_thread() is threading.main_thread()
+        assert inputs == [item * 10 for item in batch]
+        calls.append(list(batch))
+        return [value + 1 for value in inputs]
+
+    def write(item, result):
+        time.sleep(0.001)
+        with lock:
+            assert item not in written
+            written[item] = result
+
+    done = list(throughput.overlapped_calls(range(23), read, compute, write, per_call=5, ahead=4))
+    assert calls == [list(range(start, min(start + 5, 23))) for start in range(0, 23, 5)]
+    assert sorted(done) == list(range(23)) and written == {item: item * 10 + 1 for item in range(23)}
+    assert len(threads_used) > 1  # a call's items were read in parallel
+    written.clear()
+    with throughput.recording() as phases:
+        list(throughput.overlapped_calls(range(23), read, compute, write, per_call=5))
+    assert dict(phases.counts) == {"read": 23, "compute": 5, "write": 23}
 
 
 def test_a_failed_write_is_raised_after_the_writes_in_flight_finish():
@@ -113,8 +147,17 @@ def test_overlapped_stages_store_the_bytes_of_a_serial_run(tmp_path, monkeypatch
     # these stages compute on the CPU here, which leaves threads for reading and writing only with cores to spare
     monkeypatch.setattr(throughput, "CORES_TO_SPARE_FOR_IO", 1)
     assert throughput.io_threads("cpu") >= 1  # so the stages below overlap
-    monkeypatch.setattr(precompute_operators_module, "BATCHED_DEVICES", ("cuda", "cpu"))  # and compose in batches
-    build_demo_artifacts(cfg, operators=True)
+    # and reconstruct and compose several units per call, as on a GPU
+    monkeypatch.setattr(precompute_operators_module, "BATCHED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(precompute_gaussians_module, "BATCHED_DEVICES", ("cuda", "cpu"))
+    store = build_demo_samples(cfg)
+    with throughput.recording() as phases:
+        precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
+    assert phases.counts["compute"] < phases.counts["write"] / 2  # the calls did take several pairs
+    precompute_masks(cfg.data, cfg.sampling, cfg.masks, store)
+    with throughput.recording() as phases:
+        precompute_operators(cfg.data, cfg.sampling, cfg.gaussians, cfg.masks, cfg.train, store)
+    assert phases.counts["compute"] < phases.counts["write"] / 2  # ... and several samples
     serial_store, store = Path(serial_cfg.store.root), Path(cfg.store.root)
     for stage in ("gaussians", "masks", "operators"):
         files = unit_files(store, stage)
@@ -256,8 +299,6 @@ def test_the_processes_a_stage_computes_in(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:random weights")
 def test_stages_computed_in_several_processes_store_the_bytes_of_one(tmp_path):
-    from snd_stages.stages.precompute_masks import precompute_masks
-
     more = ["sampling.samples_per_scene=6", "demo.frames_per_scene=12", "demo.train_scenes=2"]
     one_cfg = config(tmp_path / "one", *more)
     build_demo_artifacts(one_cfg, operators=True)  # on this CPU: one process

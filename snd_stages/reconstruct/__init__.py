@@ -62,29 +62,50 @@ class Reconstructor:
         reconstruct: context views -> Gaussians (on the CPU).
         reconstruct_with_depth: for reconstructors that predict depth, context views -> (Gaussians, their own
             ``[V, H, W]`` depth maps in metres, on the CPU), e.g. to evaluate that depth; None otherwise.
+        reconstruct_together: for reconstructors that can take several pairs in one call, exactly what
+            ``reconstruct`` gives each (on a GPU, one call's launches and synchronisations shared by the pairs);
+            None otherwise.
     """
 
     name: str
     requires_depth: bool
     reconstruct: Callable[[ContextViews], Gaussians]
     reconstruct_with_depth: Callable[[ContextViews], tuple[Gaussians, torch.Tensor]] | None = None
+    reconstruct_together: Callable[[list[ContextViews]], list[Gaussians]] | None = None
+
+    def reconstruct_all(self, pairs: list[ContextViews]) -> list[Gaussians]:
+        """The Gaussians of each of ``pairs``: in one call where the reconstructor can, else one call each."""
+        if self.reconstruct_together is not None and len(pairs) > 1:
+            return self.reconstruct_together(pairs)
+        return [self.reconstruct(views) for views in pairs]
 
 
 def _depth_reconstructor(settings: DepthSettings, device: torch.device) -> Reconstructor:
     def reconstruct(views: ContextViews) -> Gaussians:
-        assert views.depth is not None
-        for depth, name in zip(views.depth, views.names):
-            if not (depth > 0).any():
-                raise DataError(f"frame {name} has no valid depth (all zeros); the depth reconstructor needs it")
-            if not np.isfinite(depth).all():
-                raise DataError(f"depth of frame {name} contains NaN or inf")
-        normals = None
-        if settings.normals == "dataset" and views.normals is not None:
-            normals = torch.from_numpy(views.normals).to(device)
-        depth = torch.from_numpy(views.depth).to(device)
-        return reconstruct_from_depth(depth, views.camera.to(device), settings, normals).to("cpu")
+        return reconstruct_together([views])[0]
 
-    return Reconstructor("depth", requires_depth=True, reconstruct=reconstruct)
+    def reconstruct_together(pairs: list[ContextViews]) -> list[Gaussians]:
+        # Every pixel's Gaussian depends on its own view alone, so the views of all the pairs are reconstructed as one
+        # set and split again: the same values as one pair at a time (tests/test_reconstruct_depth.py).
+        assert all(views.depth is not None for views in pairs)
+        if len({(views.depth.shape, views.normals is None) for views in pairs}) > 1:  # not one set: one at a time
+            return [gaussians for views in pairs for gaussians in reconstruct_together([views])]
+        for views in pairs:
+            for depth, name in zip(views.depth, views.names):
+                if not (depth > 0).any():
+                    raise DataError(f"frame {name} has no valid depth (all zeros); the depth reconstructor needs it")
+                if not np.isfinite(depth).all():
+                    raise DataError(f"depth of frame {name} contains NaN or inf")
+        normals = None
+        if settings.normals == "dataset" and pairs[0].normals is not None:
+            normals = torch.from_numpy(np.concatenate([views.normals for views in pairs])).to(device)
+        depth = torch.from_numpy(np.concatenate([views.depth for views in pairs])).to(device)
+        camera = Camera.cat([views.camera for views in pairs]).to(device)
+        together = reconstruct_from_depth(depth, camera, settings, normals).to("cpu")
+        return together.split_by_view(views_per_set=pairs[0].depth.shape[0], sets=len(pairs))
+
+    return Reconstructor("depth", requires_depth=True, reconstruct=reconstruct,
+                         reconstruct_together=reconstruct_together)
 
 
 def _require_checkpoint(name: str, path: Path, what: str) -> None:

@@ -30,7 +30,7 @@ from ..reconstruct import ContextViews, build_reconstructor
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..store import Artifact, ArtifactWriter, Store
-from ..throughput import overlapped, phase, unit_processes
+from ..throughput import overlapped_calls, overlapping, phase, unit_processes
 
 
 def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool) -> ContextViews:
@@ -62,24 +62,38 @@ def write_pairs(gaussians: GaussiansCfg, dataset_root: Path, pairs: dict[str, tu
     reconstructor = build_reconstructor(gaussians)
     scene_of = functools.lru_cache(maxsize=None)(functools.partial(read_scene, dataset_root))
 
-    def read(name: str) -> tuple[Scene, ContextViews]:
+    def read(name: str) -> ContextViews:
         scene_id, context, _ = pairs[name]
-        return scene_of(scene_id), context_views(scene_of(scene_id), context, reconstructor.requires_depth)
+        return context_views(scene_of(scene_id), context, reconstructor.requires_depth)
 
-    def compute(name: str, inputs: tuple[Scene, ContextViews]) -> Gaussians:
+    device = resolve_device(gaussians.device, "gaussians.device").type
+    per_call = 1
+    if overlapping() and device in BATCHED_DEVICES and reconstructor.reconstruct_together is not None:
+        camera = scene_of(pairs[names[0]][0]).camera
+        per_call = max(1, min(MOST_PAIRS_PER_CALL, PIXELS_PER_CALL // (2 * camera.height * camera.width)))
+
+    def compute(batch: list[str], inputs: list[ContextViews]) -> list[Gaussians]:
         with torch.no_grad():
-            return reconstructor.reconstruct(inputs[1])
+            return reconstructor.reconstruct_all(inputs)
 
-    def write(name: str, gaussians: Gaussians) -> None:
+    def write(name: str, pair_gaussians: Gaussians) -> None:
         scene_id, context, targets = pairs[name]
-        writer.write_unit(name, pair_unit(scene_of(scene_id), context, targets, gaussians))
+        writer.write_unit(name, pair_unit(scene_of(scene_id), context, targets, pair_gaussians))
 
     # Packing and writing a pair (three Zarr arrays) costs more than reconstructing it on a GPU: both run in the
     # writing threads, behind the reconstruction.
-    units = overlapped(names, read, compute, write,
-                       compute_device=resolve_device(gaussians.device, "gaussians.device").type)
+    units = overlapped_calls(names, read, compute, write, per_call, compute_device=device)
     for _ in track(units, description, progress, total=len(names), unit="pair"):
         pass
+
+
+# Context views reconstructed per call where the reconstructor takes several pairs at once (the depth one): on a GPU
+# a small pair's cost is the call's launches and synchronisations, which the pairs then share; its float64
+# intermediates keep a call's memory to a few GB at this many pixels. On the CPU a pair costs its arithmetic: one per
+# call there.
+PIXELS_PER_CALL = 1 << 21
+MOST_PAIRS_PER_CALL = 16
+BATCHED_DEVICES = ("cuda",)
 
 
 def precompute_gaussians(

@@ -35,7 +35,7 @@ from ..runtime import resolve_device
 from ..splat.operator import OperatorInputs, SplatOperator, build_splat_operators
 from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactWriter, Store
-from ..throughput import overlapped, overlapping, phase, unit_processes
+from ..throughput import overlapped_calls, overlapping, phase, unit_processes
 
 
 def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, train: TrainCfg,
@@ -62,11 +62,7 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
 
     batched = overlapping() and device.type in BATCHED_DEVICES
     per_call = units_per_call(gaussians_artifact, units[names[0]]) if batched else 1
-    batches = [names[start : start + per_call] for start in range(0, len(names), per_call)]
     on_device: dict[str, object] = {}
-
-    def read_batch(batch: list[str]) -> list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]:
-        return [read(name) for name in batch]
 
     def compute(batch: list[str], inputs: list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]) -> list[SplatOperator]:
         samples = []
@@ -87,12 +83,12 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
                 mask_aware_upsampling=train.mask_aware_upsampling, output_device="cpu")
         return operators
 
-    def write(batch: list[str], operators: list[SplatOperator]) -> None:
-        writer.write_units(batch, [operator_unit(operator, *units[name]) for name, operator in zip(batch, operators)])
+    def write(name: str, operator: SplatOperator) -> None:
+        writer.write_unit(name, operator_unit(operator, *units[name]))
 
     # Packing and writing a unit is small but Python (Zarr): both run in the writing threads, behind the composition.
-    composed = overlapped(batches, read_batch, compute, write, ahead=4, compute_device=device.type)
-    for _ in track(composed, description, progress, total=len(names), unit="sample", size=len):
+    composed = overlapped_calls(names, read, compute, write, per_call, compute_device=device.type)
+    for _ in track(composed, description, progress, total=len(names), unit="sample"):
         pass
 
 
