@@ -671,11 +671,6 @@ class ArtifactWriter:
         assert "/" not in name and not name.startswith("."), f"bad unit name {name!r}"
         return atomic_directory(self.data / name, scratch=self.scratch)
 
-    def write_units(self, names: list[str], units: list[UnitArrays]) -> None:
-        """:meth:`write_unit` for each of ``names`` (one call for a batch of units)."""
-        for name, unit in zip(names, units, strict=True):
-            self.write_unit(name, unit)
-
     def write_json(self, name: str, value: Any) -> None:
         """A small JSON document inside the artifact, written atomically."""
         self.partial.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,8 @@ def io_threads(compute_device: str = "cuda", cores: int | None = None) -> int:
 CORES_PER_UNIT_PROCESS = 4
 # Fewer units than this per process do not pay for starting one: in the ablation job on an H200 (12 processes of
 # about 90 units each, --shard i/12) each process computed 10 units/s once started, about 9 s of work, but the stage
-# took 33 s: the rest was interpreters, torch and CUDA contexts starting.
+# took 33 s: the rest was interpreters, torch and CUDA contexts starting. Processes forked from the fork server skip
+# the interpreters and imports (runtime.process_pool); the count stays until a GPU run measures what is left.
 MIN_UNITS_PER_PROCESS = 100
 
 

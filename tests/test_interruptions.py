@@ -48,20 +48,27 @@ from tests.test_train import run
 
 project = test_train.project  # fixture: tiny demo data and every input of a training run
 
-# The real CLI, in a process that kills itself just before its `count`-th rename onto a path matching `pattern`.
+# The real CLI, in a process that kills itself just before its `count`-th rename onto, or opening for writing of, a
+# path matching `pattern`.
 KILLED_CLI = textwrap.dedent(
     """
     import os, re, signal, sys
     pattern, count, seen = re.compile(sys.argv[1]), int(sys.argv[2]), 0
 
-    def kill_before_rename(event, args):
+    def kill_before_writing(event, args):
         global seen
-        if event == "os.rename" and pattern.search(os.fsdecode(args[1])):
+        if event == "os.rename":
+            path = args[1]
+        elif event == "open" and isinstance(args[1], str) and "w" in args[1] and not isinstance(args[0], int):
+            path = args[0]
+        else:
+            return
+        if pattern.search(os.fsdecode(path)):
             seen += 1
             if seen == count:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    sys.addaudithook(kill_before_rename)
+    sys.addaudithook(kill_before_writing)
     sys.argv = ["snd", *sys.argv[3:]]
     from snd_stages.cli import main
     main()
@@ -150,8 +157,8 @@ def loaders(directory: Path):
     [
         # after the root group, before samples.json is in place
         ("sample-views", "samples", r"\.partial/samples\.json$", 1),
-        # in the middle of the second context pair's chunks (one pair finished)
-        ("precompute-gaussians", "gaussians", r"\.partial/tmp/.*/c/", 14),
+        # in the middle of the second context pair's chunks (one pair finished; three chunk files a pair)
+        ("precompute-gaussians", "gaussians", r"\.partial/tmp/.*/c/", 5),
         # every unit and the manifest written, the artifact not yet renamed into place
         ("precompute-gaussians", "gaussians", r"gaussians/[0-9a-f]{20}$", 1),
         # the first scene finished, the second one written but not yet published
