@@ -2,7 +2,8 @@
 
 Writing: Zarr writing each file to disk as it goes (``ArtifactWriter.unit``, for units built piece by piece) against
 Zarr encoding the whole unit into memory and the files then going to disk in one pass, sealed from the bytes in hand
-(``ArtifactWriter.write_unit``, what the precompute stages use). Reading: verifying the files, then Zarr reading them
+(what ``ArtifactWriter.write_unit``, which the precompute stages use, does for units up to
+``store.MOST_BYTES_THROUGH_MEMORY``; the column "write_unit takes" says which way it takes for the kind's units). Reading: verifying the files, then Zarr reading them
 (``Artifact.unit``) against reading each file once into memory and verifying those bytes (``Artifact.load_unit``,
 what readers of whole units use). Both ways store and read the same bytes; this script checks that too.
 
@@ -62,9 +63,16 @@ def measure(units: list[UnitArrays], scratch: Path) -> dict[str, float]:
         with writer.unit(name) as group:
             unit.write(group)
 
+    def through_memory(name: str, unit: UnitArrays) -> None:
+        threshold, store_module.MOST_BYTES_THROUGH_MEMORY = store_module.MOST_BYTES_THROUGH_MEMORY, float("inf")
+        try:
+            writer.write_unit(name, unit)
+        finally:
+            store_module.MOST_BYTES_THROUGH_MEMORY = threshold
+
     writes = {"file by file": [], "through memory": []}
     for index, unit in enumerate(units):
-        for label, write in (("file by file", file_by_file), ("through memory", writer.write_unit)):
+        for label, write in (("file by file", file_by_file), ("through memory", through_memory)):
             start = time.perf_counter()
             write(f"{label.split()[0]}-{index}", unit)
             writes[label].append(time.perf_counter() - start)
@@ -94,8 +102,8 @@ def main() -> None:
     store = Store(args.store)
     table = Table(title=f"One stored unit, written and read both ways (median ms per unit, {os.cpu_count()} cores, "
                         "one thread)")
-    for column in ("kind", "units", "MB per unit", "write file by file", "write through memory", "read: unit",
-                   "read: load_unit", "same files"):
+    for column in ("kind", "units", "MB per unit", "write file by file", "write through memory", "write_unit takes",
+                   "read: unit", "read: load_unit", "same files"):
         table.add_column(column, justify="right")
     for kind in KINDS:
         artifacts = store.complete_artifacts(kind)
@@ -107,8 +115,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="snd-units-") as scratch:
             result = measure(units, Path(scratch))
         megabytes = sum(values.nbytes for unit in units for values in unit.arrays.values()) / len(units) / 1e6
+        way = "memory" if megabytes * 1e6 <= store_module.MOST_BYTES_THROUGH_MEMORY else "file by file"
         table.add_row(kind, str(len(units)), f"{megabytes:.2f}", f"{result['write file by file']:.2f}",
-                      f"{result['write through memory']:.2f}", f"{result['read unit']:.2f}",
+                      f"{result['write through memory']:.2f}", way, f"{result['read unit']:.2f}",
                       f"{result['read load_unit']:.2f}", "yes" if result["same"] else "NO")
     Console(width=150).print(table)
 
