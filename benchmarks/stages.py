@@ -206,7 +206,7 @@ def main() -> None:
     processes = throughput.unit_processes(0, units, device)
     threads = throughput.io_threads(device, available_cores() // processes)  # what each process starts
     console.print(f"torch {torch.__version__}, {available_cores()} CPU cores available, {name}; by default the "
-                  f"precompute stages computed on {device} in {processes} process(es) of {units} units, each with "
+                  f"precompute stages computed on {device} in {processes} process(es) for up to {units} units, each with "
                   f"{threads} reading and {threads} writing threads (0: serial)")
 
 
