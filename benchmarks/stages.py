@@ -15,7 +15,7 @@ wall time). Both runs store the same bytes (tests/test_throughput.py, tests/test
     python benchmarks/stages.py --eval-scenes 4                      # and snd eval of the embedded DINOv2 on them
     python benchmarks/stages.py --write-scenes DIR [--size ...]      # generate the scenes only (needs open3d) ...
     python benchmarks/stages.py --scenes DIR [--size ...]            # ... and time the rest where open3d is absent
-    python benchmarks/stages.py --profile                            # and torch.profiler's tables of both precompute stages
+    python benchmarks/stages.py --profile                            # and each precompute stage's profiler table
     python benchmarks/stages.py --workers 4 8                        # and the precompute stages in 4, then 8 processes
 
 With ``--scenes`` the demo scenes come from DIR (written by ``--write-scenes`` with the same size and counts) and
@@ -206,8 +206,8 @@ def main() -> None:
     processes = throughput.unit_processes(0, units, device)
     threads = throughput.io_threads(device, available_cores() // processes)  # what each process starts
     console.print(f"torch {torch.__version__}, {available_cores()} CPU cores available, {name}; by default the "
-                  f"precompute stages computed on {device} in {processes} process(es) for up to {units} units, each with "
-                  f"{threads} reading and {threads} writing threads (0: serial)")
+                  f"precompute stages computed on {device} in {processes} process(es) for up to {units} units, each "
+                  f"with {threads} reading and {threads} writing threads (0: serial)")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Writing: Zarr writing each file to disk as it goes (``ArtifactWriter.unit``, for units built piece by piece) against
 Zarr encoding the whole unit into memory and the files then going to disk in one pass, sealed from the bytes in hand
 (what ``ArtifactWriter.write_unit``, which the precompute stages use, does for units up to
-``store.MOST_BYTES_THROUGH_MEMORY``; the column "write_unit takes" says which way it takes for the kind's units). Reading: verifying the files, then Zarr reading them
-(``Artifact.unit``) against reading each file once into memory and verifying those bytes (``Artifact.load_unit``,
-what readers of whole units use). Both ways store and read the same bytes; this script checks that too.
+``store.MOST_BYTES_THROUGH_MEMORY``; the column "write_unit takes" says which way it takes for the kind's units).
+Reading: verifying the files, then Zarr reading them (``Artifact.unit``) against reading each file once into memory
+and verifying those bytes (``Artifact.load_unit``, what readers of whole units use). Both ways store and read the
+same bytes; this script checks that too.
 
 It takes real units from a store (the newest complete artifact of each kind; `make all` makes one), writes each
 again both ways into a scratch store on local disk, and prints the median milliseconds per unit (one thread,

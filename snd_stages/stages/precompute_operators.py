@@ -64,7 +64,8 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
     per_call = units_per_call(gaussians_artifact, units[names[0]]) if batched else 1
     on_device: dict[str, object] = {}
 
-    def compute(batch: list[str], inputs: list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]) -> list[SplatOperator]:
+    def compute(batch: list[str],
+                inputs: list[tuple[PairGaussians, torch.Tensor, torch.Tensor]]) -> list[SplatOperator]:
         samples = []
         for name, (pair, context_masks, target_mask) in zip(batch, inputs):
             if on_device.get("pair") is not pair:

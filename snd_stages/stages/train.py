@@ -258,7 +258,8 @@ class TrainingData:
         return self._scenes[scene_id]
 
     def _operator(self, name: str) -> SplatOperator:
-        return self._operators.get(name, lambda: read_operator(self.operators.load_unit(name)).to(self._operator_device))
+        return self._operators.get(
+            name, lambda: read_operator(self.operators.load_unit(name)).to(self._operator_device))
 
     def _pair(self, name: str) -> PairGaussians:
         return self._pairs.get(name, lambda: read_pair(self.gaussians.load_unit(name)))
