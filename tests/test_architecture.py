@@ -40,3 +40,15 @@ def test_the_contract_catches_one_stage_importing_another(tmp_path):
     result = lint_imports(coupled)
     assert result.returncode == 1 and "snd_stages.stages.train is not allowed to import snd_stages.artifacts.samples" \
         in result.stdout
+
+
+def test_the_commands_and_the_precompute_stages_start_without_timm():
+    """timm, with the torchvision and torch._dynamo it imports, takes over a second to import: the CLI (whose every
+    command reads the config's registries) and the precompute stages (which their worker processes import) do
+    without it until a backbone is built."""
+    code = ("import sys, snd_stages.cli, snd_stages.stages.precompute_gaussians, "
+            "snd_stages.stages.precompute_operators; "
+            "print(sorted({name.split('.')[0] for name in sys.modules} & {'timm', 'torchvision'}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

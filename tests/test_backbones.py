@@ -220,3 +220,14 @@ def test_patch16_operators_give_the_training_targets_of_rendering(tiny16, tmp_pa
                                             cpu, contextlib.nullcontext)
     assert fast.shape == (2, 192, 5, 7)
     assert relative_error(fast, plain) < RELATIVE_TOLERANCE and torch.equal(fast_coverage, plain_coverage)
+
+
+def test_the_normalisations_are_timms_statistics():
+    from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
+                           IMAGENET_INCEPTION_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+    from snd_stages.models.backbones import IMAGENET, INCEPTION, OPENAI_CLIP
+
+    assert (IMAGENET.mean, IMAGENET.std) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert (INCEPTION.mean, INCEPTION.std) == (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)
+    assert (OPENAI_CLIP.mean, OPENAI_CLIP.std) == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

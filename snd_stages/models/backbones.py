@@ -20,14 +20,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from timm.data import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    IMAGENET_INCEPTION_MEAN,
-    IMAGENET_INCEPTION_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-)
 from torch import Tensor
 
 from ..errors import ConfigError
@@ -56,10 +48,13 @@ class Normalisation:
     std: tuple[float, float, float]
 
 
-IMAGENET = Normalisation("ImageNet", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+# timm.data's IMAGENET_DEFAULT_*, IMAGENET_INCEPTION_* and OPENAI_CLIP_* statistics, written out so that reading the
+# registry (every command does) does not import timm, a second and a half; tests/test_backbones.py checks they are
+# timm's, and tests/test_backbone_families.py that each backbone's are its timm model's.
+IMAGENET = Normalisation("ImageNet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # SigLIP's [-1, 1] scaling, which timm calls the Inception mean/std.
-INCEPTION = Normalisation("Inception", IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)
-OPENAI_CLIP = Normalisation("OpenAI CLIP", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+INCEPTION = Normalisation("Inception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+OPENAI_CLIP = Normalisation("OpenAI CLIP", (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 
 class Architecture(NamedTuple):

