@@ -390,3 +390,17 @@ def test_workers_die_with_their_parent(tmp_path, preload):
     while any(alive(pid) for pid in workers):
         assert time.monotonic() < deadline, "a worker outlived its killed parent"
         time.sleep(0.1)
+
+
+def test_the_depth_gaussians_never_decode_the_colours(tmp_path, monkeypatch):
+    from snd_stages.scenes.layout import Scene
+
+    cfg = config(tmp_path, "sampling.samples_per_scene=4", "demo.frames_per_scene=12", "demo.train_scenes=2")
+    store = build_demo_samples(cfg)
+
+    def no_colours(self, index):
+        raise AssertionError("the depth reconstructor decoded a colour image")
+
+    monkeypatch.setattr(Scene, "load_image", no_colours)
+    result = precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)
+    assert len(result.artifact.units()) >= 4

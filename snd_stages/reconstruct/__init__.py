@@ -38,14 +38,14 @@ class ContextViews:
     """The two context views of a sample, as a reconstructor sees them.
 
     Attributes:
-        images: ``[V, H, W, 3]`` uint8 RGB.
+        images: ``[V, H, W, 3]`` uint8 RGB, or None for a reconstructor that does not look at them.
         camera: ``[V]`` cameras.
         depth: ``[V, H, W]`` metres (0 = invalid), or None where the dataset has none.
         normals: ``[V, H, W, 3]`` camera-frame normals, or None.
         names: file names, for error messages.
     """
 
-    images: np.ndarray
+    images: np.ndarray | None
     camera: Camera
     depth: np.ndarray | None
     normals: np.ndarray | None
@@ -59,6 +59,8 @@ class Reconstructor:
     Attributes:
         name: its key in :data:`RECONSTRUCTORS` (``gaussians.reconstructor``).
         requires_depth: whether it reads the dataset's depth.
+        requires_images: whether it looks at the views' colours (the depth one does not: decoding them is a third
+            of reading a demo pair's inputs).
         reconstruct: context views -> Gaussians (on the CPU).
         reconstruct_with_depth: for reconstructors that predict depth, context views -> (Gaussians, their own
             ``[V, H, W]`` depth maps in metres, on the CPU), e.g. to evaluate that depth; None otherwise.
@@ -69,6 +71,7 @@ class Reconstructor:
 
     name: str
     requires_depth: bool
+    requires_images: bool
     reconstruct: Callable[[ContextViews], Gaussians]
     reconstruct_with_depth: Callable[[ContextViews], tuple[Gaussians, torch.Tensor]] | None = None
     reconstruct_together: Callable[[list[ContextViews]], list[Gaussians]] | None = None
@@ -104,7 +107,7 @@ def _depth_reconstructor(settings: DepthSettings, device: torch.device) -> Recon
         together = reconstruct_from_depth(depth, camera, settings, normals).to("cpu")
         return together.split_by_view(views_per_set=pairs[0].depth.shape[0], sets=len(pairs))
 
-    return Reconstructor("depth", requires_depth=True, reconstruct=reconstruct,
+    return Reconstructor("depth", requires_depth=True, requires_images=False, reconstruct=reconstruct,
                          reconstruct_together=reconstruct_together)
 
 
@@ -124,6 +127,7 @@ def _pair_reconstructor(name: str, encoder: Any, near: float, far: float) -> Rec
     return Reconstructor(
         name,
         requires_depth=False,
+        requires_images=True,
         reconstruct=lambda views: reconstruct_with_depth(views)[0],
         reconstruct_with_depth=reconstruct_with_depth,
     )

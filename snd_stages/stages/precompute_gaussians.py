@@ -33,7 +33,10 @@ from ..store import Artifact, ArtifactWriter, Store
 from ..throughput import overlapped_calls, overlapping, phase, unit_processes
 
 
-def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool) -> ContextViews:
+def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool,
+                  needs_images: bool = True) -> ContextViews:
+    """The views at ``positions`` of ``scene``: their depth (and normals, where the scene has them) if
+    ``needs_depth``, their colours if ``needs_images``."""
     depth = normals = None
     if needs_depth:
         if not scene.has("depth"):
@@ -45,7 +48,7 @@ def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool) -
         if scene.has("normals"):
             normals = np.stack([scene.load_normals(p) for p in positions])
     return ContextViews(
-        images=np.stack([scene.load_image(p) for p in positions]),
+        images=np.stack([scene.load_image(p) for p in positions]) if needs_images else None,
         camera=scene.camera[list(positions)],
         depth=depth,
         normals=normals,
@@ -64,7 +67,7 @@ def write_pairs(gaussians: GaussiansCfg, dataset_root: Path, pairs: dict[str, tu
 
     def read(name: str) -> ContextViews:
         scene_id, context, _ = pairs[name]
-        return context_views(scene_of(scene_id), context, reconstructor.requires_depth)
+        return context_views(scene_of(scene_id), context, reconstructor.requires_depth, reconstructor.requires_images)
 
     device = resolve_device(gaussians.device, "gaussians.device").type
     per_call = 1
