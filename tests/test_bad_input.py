@@ -127,8 +127,9 @@ def shifted_principal_point(project):
 @pytest.mark.parametrize(
     ("corrupt", "command", "fragments"),
     [
-        (remove_images, "precompute-gaussians", ["missing file", "images/DSC0000", "restore it"]),
-        (truncate_images, "precompute-gaussians", ["cannot read image", "images/DSC0000", "replace it"]),
+        # the depth Gaussians never decode colours: re-rendering them from the Gaussians does
+        (remove_images, "check-geometry", ["missing file", "images/DSC0000", "restore it"]),
+        (truncate_images, "check-geometry", ["cannot read image", "images/DSC0000", "replace it"]),
         (shrink_depth, "precompute-gaussians", ["depth/DSC0000", "depth is 10x10", "30x44", "regenerate"]),
         (zero_depth, "precompute-gaussians", ["DSC0000", "no valid depth"]),
         (empty_masks, "precompute-masks", ["instance_segmentation/DSC0000", "no labelled pixel", "masks.source"]),
@@ -143,8 +144,9 @@ def shifted_principal_point(project):
 )
 def test_bad_dataset_files_stop_with_one_line(project, corrupt, command, fragments):
     corrupt(project)
-    if command != "sample-views":
-        assert snd(project, "sample-views").exit_code == 0
+    before = {"sample-views": [], "check-geometry": ["sample-views", "precompute-gaussians"]}.get(command, ["sample-views"])
+    for earlier in before:
+        assert snd(project, earlier).exit_code == 0, earlier
     assert_one_line_error(snd(project, command), *fragments)
 
 
@@ -167,8 +169,9 @@ def test_a_failing_file_system_is_one_line_too(project):
 
 def test_debug_shows_the_traceback_of_a_data_error(project):
     remove_images(project)
-    assert snd(project, "sample-views").exit_code == 0
-    result = CliRunner().invoke(app, ["--debug", "precompute-gaussians", "--config", str(project / "pipeline.yaml")])
+    for earlier in ("sample-views", "precompute-gaussians"):
+        assert snd(project, earlier).exit_code == 0
+    result = CliRunner().invoke(app, ["--debug", "check-geometry", "--config", str(project / "pipeline.yaml")])
     assert result.exit_code != 0 and isinstance(result.exception, DataError)
 
 
