@@ -2,8 +2,9 @@
 recording where each stage's time goes.
 
 :func:`overlapped` runs a stage's units as a three-step pipeline: inputs are read (files decoded, stored units
-loaded) by threads running ahead, each unit is computed in the calling thread in order (the GPU's one stream, or
-the CPU's threads through torch), and results are written (compressed, sealed, renamed) by threads behind it.
+loaded) by threads running ahead, units are computed in the calling thread in order, one or several per call (the
+GPU's one stream, or the CPU's threads through torch), and results are written (packed, compressed, sealed,
+renamed) by threads behind it.
 Decoding PNGs, reading Zarr chunks and compressing them release the GIL, so the three overlap. What a unit stores
 does not depend on the overlap: every unit is written whole by one writer, as it would be serially.
 
@@ -142,8 +143,8 @@ def in_unit_processes(function: Callable[..., None], arguments: tuple, units: li
     """``function(*arguments, share)`` for ``processes`` consecutive shares of ``units`` (neighbours often share
     inputs: a pair's targets, a scene's frames), each in a fresh process with its share of the cores, forked from a
     server that imported ``function``'s module once (:func:`~snd_stages.runtime.process_pool`); ``poll()`` runs
-    here every ``every`` seconds meanwhile (to show
-    progress), and the phases the processes record are added to this one's recorder.
+    here every ``every`` seconds meanwhile (to show progress), and the phases the processes record are added to
+    this one's recorder.
 
     ``function`` and ``arguments`` must pickle. A failure is raised here once the other processes have finished
     their shares (each unit is written whole, so a rerun keeps them).
@@ -196,21 +197,9 @@ def ordered_map(function: Callable[[Item], object], items: Iterable[Item], ahead
                 future.cancel()
 
 
-def overlapped(items: Iterable[Item], read: Callable[[Item], object], compute: Callable[[Item, object], object],
-               write: Callable[[Item, object], None], ahead: int | None = None,
-               compute_device: str = "cuda") -> Iterator[Item]:
-    """Run ``read``, ``compute`` and ``write`` on every item, yielding each item once its write is done; their
-    times are recorded as the phases ``read``, ``compute`` and ``write``: :func:`overlapped_calls` with one item per
-    call."""
-    def compute_one(batch: list[Item], inputs: list[object]) -> list[object]:
-        return [compute(batch[0], inputs[0])]
-
-    return overlapped_calls(items, read, compute_one, write, 1, ahead, compute_device)
-
-
-def overlapped_calls(items: Iterable[Item], read: Callable[[Item], object],
-                     compute: Callable[[list[Item], list[object]], list[object]], write: Callable[[Item, object], None],
-                     per_call: int = 1, ahead: int | None = None, compute_device: str = "cuda") -> Iterator[Item]:
+def overlapped(items: Iterable[Item], read: Callable[[Item], object],
+               compute: Callable[[list[Item], list[object]], list[object]], write: Callable[[Item, object], None],
+               per_call: int = 1, ahead: int | None = None, compute_device: str = "cuda") -> Iterator[Item]:
     """Read each item, compute up to ``per_call`` consecutive items in one call of ``compute`` (their items and
     inputs -> their results, in order), write each item's result; yield each item once its write is done. Times are
     recorded as the phases ``read``, ``compute`` (per call) and ``write``.

@@ -26,6 +26,14 @@ from tests.conftest import build_demo_artifacts, build_demo_samples, tree_digest
 from tests.test_splat_operator import config
 
 
+def one_at_a_time(compute):
+    """A computation of one item as a call of :func:`throughput.overlapped` (which passes lists of items)."""
+    def call(batch, inputs):
+        assert len(batch) == len(inputs) == 1
+        return [compute(batch[0], inputs[0])]
+    return call
+
+
 def test_every_item_is_read_computed_in_order_and_written_once():
     computed, written, lock = [], {}, threading.Lock()
 
@@ -44,13 +52,13 @@ def test_every_item_is_read_computed_in_order_and_written_once():
             assert item not in written
             written[item] = result
 
-    done = list(throughput.overlapped(range(20), read, compute, write, ahead=3))
+    done = list(throughput.overlapped(range(20), read, one_at_a_time(compute), write, ahead=3))
     assert computed == list(range(20)) and sorted(done) == list(range(20))
     assert written == {item: item * 10 + 1 for item in range(20)}
     with throughput.serial():
         written.clear()
         computed.clear()
-        assert list(throughput.overlapped(range(5), read, compute, write)) == list(range(5))
+        assert list(throughput.overlapped(range(5), read, one_at_a_time(compute), write)) == list(range(5))
     assert computed == list(range(5))
 
 
@@ -76,13 +84,13 @@ def test_calls_take_consecutive_items_while_each_item_is_read_and_written_on_its
             assert item not in written
             written[item] = result
 
-    done = list(throughput.overlapped_calls(range(23), read, compute, write, per_call=5, ahead=4))
+    done = list(throughput.overlapped(range(23), read, compute, write, per_call=5, ahead=4))
     assert calls == [list(range(start, min(start + 5, 23))) for start in range(0, 23, 5)]
     assert sorted(done) == list(range(23)) and written == {item: item * 10 + 1 for item in range(23)}
     assert len(threads_used) > 1  # a call's items were read in parallel
     written.clear()
     with throughput.recording() as phases:
-        list(throughput.overlapped_calls(range(23), read, compute, write, per_call=5))
+        list(throughput.overlapped(range(23), read, compute, write, per_call=5))
     assert dict(phases.counts) == {"read": 23, "compute": 5, "write": 23}
 
 
@@ -96,7 +104,7 @@ def test_a_failed_write_is_raised_after_the_writes_in_flight_finish():
         finished.append(item)
 
     with pytest.raises(OSError, match="disk full"):
-        for _ in throughput.overlapped(range(30), lambda item: item, lambda item, value: value, write, ahead=4):
+        for _ in throughput.overlapped(range(30), lambda item: item, one_at_a_time(lambda item, value: value), write, ahead=4):
             pass
     assert 3 not in finished and {0, 1, 2} <= set(finished) and len(finished) < 29
     settled = len(finished)
@@ -112,7 +120,8 @@ def test_a_failed_read_stops_the_run():
 
     written = []
     with pytest.raises(ValueError, match="unreadable frame"):
-        list(throughput.overlapped(range(10), read, lambda item, value: value, lambda item, value: written.append(item)))
+        list(throughput.overlapped(range(10), read, one_at_a_time(lambda item, value: value),
+                                  lambda item, value: written.append(item)))
     assert 5 not in written and set(written) <= {0, 1, 2, 3, 4}
 
 
@@ -127,7 +136,8 @@ def test_phases_are_recorded_only_inside_recording():
     with throughput.phase("compute"):
         pass  # no recorder: nothing to record into
     with throughput.recording() as phases:
-        list(throughput.overlapped(range(4), lambda item: item, lambda item, value: value, lambda item, value: None))
+        list(throughput.overlapped(range(4), lambda item: item, one_at_a_time(lambda item, value: value),
+                                  lambda item, value: None))
     assert dict(phases.counts) == {"read": 4, "compute": 4, "write": 4}
     assert all(seconds >= 0 for seconds in phases.seconds.values())
 

@@ -30,7 +30,7 @@ from ..reconstruct import ContextViews, build_reconstructor
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..store import Artifact, ArtifactWriter, Store
-from ..throughput import overlapped_calls, overlapping, phase, unit_processes
+from ..throughput import overlapped, overlapping, phase, unit_processes
 
 
 def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool,
@@ -85,7 +85,7 @@ def write_pairs(gaussians: GaussiansCfg, dataset_root: Path, pairs: dict[str, tu
 
     # Packing and writing a pair (three Zarr arrays) costs more than reconstructing it on a GPU: both run in the
     # writing threads, behind the reconstruction.
-    units = overlapped_calls(names, read, compute, write, per_call, compute_device=device)
+    units = overlapped(names, read, compute, write, per_call, compute_device=device)
     for _ in track(units, description, progress, total=len(names), unit="pair"):
         pass
 

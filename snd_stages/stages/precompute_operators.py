@@ -35,7 +35,7 @@ from ..runtime import resolve_device
 from ..splat.operator import OperatorInputs, SplatOperator, build_splat_operators
 from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactWriter, Store
-from ..throughput import overlapped_calls, overlapping, phase, unit_processes
+from ..throughput import overlapped, overlapping, phase, unit_processes
 
 
 def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, train: TrainCfg,
@@ -88,7 +88,7 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
         writer.write_unit(name, operator_unit(operator, *units[name]))
 
     # Packing and writing a unit is small but Python (Zarr): both run in the writing threads, behind the composition.
-    composed = overlapped_calls(names, read, compute, write, per_call, compute_device=device.type)
+    composed = overlapped(names, read, compute, write, per_call, compute_device=device.type)
     for _ in track(composed, description, progress, total=len(names), unit="sample"):
         pass
 
