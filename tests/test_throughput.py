@@ -104,7 +104,8 @@ def test_a_failed_write_is_raised_after_the_writes_in_flight_finish():
         finished.append(item)
 
     with pytest.raises(OSError, match="disk full"):
-        for _ in throughput.overlapped(range(30), lambda item: item, one_at_a_time(lambda item, value: value), write, ahead=4):
+        for _ in throughput.overlapped(range(30), lambda item: item, one_at_a_time(lambda item, value: value), write,
+                                       ahead=4):
             pass
     assert 3 not in finished and {0, 1, 2} <= set(finished) and len(finished) < 29
     settled = len(finished)
