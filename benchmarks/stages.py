@@ -190,13 +190,14 @@ def main() -> None:
     for column in ("stage", "mode", "units", "wall s", "units/s", "speed-up", *(f"{phase} s" for phase in PHASES)):
         table.add_column(column, justify="right")
     baseline = "default" if args.skip_serial else "serial"
-    serial_wall = {name: wall for name, mode, _, wall, _ in rows if mode == baseline}
+    baseline_wall = {name: wall for name, mode, _, wall, _ in rows if mode == baseline}
     for name, mode, units, wall, phases in rows:
         if name == "snd eval":  # its own phases, named in its cells (units: test and probe-training frames)
             cells = [f"{phase} {phases[phase]:.2f}" if phases[phase] is not None else "–" for phase in EVAL_PHASES]
         else:
             cells = [f"{phases[phase]:.2f}" if phases[phase] is not None else "–" for phase in PHASES]
-        table.add_row(name, mode, str(units), f"{wall:.2f}", f"{units / wall:.2f}", f"{serial_wall[name] / wall:.2f}x",
+        table.add_row(name, mode, str(units), f"{wall:.2f}", f"{units / wall:.2f}",
+                      f"{baseline_wall[name] / wall:.2f}x",
                       *cells)
     console = Console(width=max(Console().width, 150))  # the table's columns, unabbreviated
     console.print(table)

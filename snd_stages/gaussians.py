@@ -72,9 +72,9 @@ class Gaussians:
         pixel-aligned reconstruction of all the views at once gives them) -> each set's own, its source views
         numbered from 0 again."""
         counts = torch.bincount(self.source_view, minlength=views_per_set * sets).reshape(sets, views_per_set)
+        ends = counts.sum(1).cumsum(0).tolist()
         parts = []
-        for index, (start, end) in enumerate(zip([0, *counts.sum(1).cumsum(0).tolist()],
-                                                 counts.sum(1).cumsum(0).tolist())):
+        for index, (start, end) in enumerate(zip([0, *ends], ends)):
             part = self[start:end]
             part.source_view = part.source_view - index * views_per_set
             parts.append(part)

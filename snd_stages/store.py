@@ -659,8 +659,8 @@ class ArtifactWriter:
 
         A small unit is encoded by Zarr into memory and its files then go to disk in one pass, sealed from the bytes
         in hand: the same files as :meth:`unit` writes, in two thirds of the time (Zarr's local store hands every
-        file operation to a thread; a 192x256 pair of Gaussians: 9.8 instead of 14.4 ms, an operator 7.3 instead of
-        13.8 ms on one core, ``benchmarks/units.py``). A large one is written as Zarr encodes it, which overlaps
+        file operation to a thread; a 192x256 pair of Gaussians: 9.5 instead of 13.8 ms, an operator 7.2 instead of
+        13.3 ms on one core, ``benchmarks/units.py``). A large one is written as Zarr encodes it, which overlaps
         its chunks' compression with their writing (a 576x880 pair: 56 ms to encode, 81 ms to write its 14 MB).
         """
         if sum(values.nbytes for values in unit.arrays.values()) > MOST_BYTES_THROUGH_MEMORY:

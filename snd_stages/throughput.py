@@ -113,6 +113,23 @@ def io_threads(compute_device: str = "cuda", cores: int | None = None) -> int:
     return max(1, min(8, cores // 2))
 
 
+# On a GPU a small unit's cost is its computing call's launches and synchronisations, so consecutive units share a
+# call, up to this many pixels (a call's intermediates then stay within a few GB: the depth Gaussians' float64 ones,
+# the operators' sparse matrices). On the CPU a unit costs its arithmetic and a call of many only multiplies the
+# memory (the torch renderer's intermediates for 32 demo samples at once took over 17 GB): one unit per call there.
+PIXELS_PER_CALL = 1 << 21
+BATCHED_DEVICES = ("cuda",)
+
+
+def units_per_call(compute_device: str, pixels_per_unit: int, most: int) -> int:
+    """How many consecutive units one computing call on ``compute_device`` takes: as many as fit in
+    :data:`PIXELS_PER_CALL`, at most ``most``, at least one; one off :data:`BATCHED_DEVICES` and inside
+    :func:`serial`."""
+    if not _overlap or compute_device not in BATCHED_DEVICES:
+        return 1
+    return max(1, min(most, PIXELS_PER_CALL // pixels_per_unit))
+
+
 # Beside a GPU, a stage computes its units in one process per this many cores: a unit's reading and writing is
 # Python (Zarr, decoding), and the threads of one process share its interpreter lock. On an H100 machine the demo's
 # 160 reconstructions took 3.3 s of compute serially and 10.8 s beside 16 reading and writing threads.

@@ -16,9 +16,7 @@ from snd_stages.artifacts.gaussians import load_gaussians
 from snd_stages.artifacts.masks import load_masks
 from snd_stages.artifacts.operators import load_operators
 from snd_stages.artifacts.samples import load_samples
-from snd_stages.stages import precompute_gaussians as precompute_gaussians_module
 from snd_stages.stages.precompute_gaussians import precompute_gaussians
-from snd_stages.stages import precompute_operators as precompute_operators_module
 from snd_stages.stages.precompute_masks import precompute_masks
 from snd_stages.stages.precompute_operators import precompute_operators
 from snd_stages.store import DATA, Store, list_units
@@ -160,8 +158,7 @@ def test_overlapped_stages_store_the_bytes_of_a_serial_run(tmp_path, monkeypatch
     monkeypatch.setattr(throughput, "CORES_TO_SPARE_FOR_IO", 1)
     assert throughput.io_threads("cpu") >= 1  # so the stages below overlap
     # and reconstruct and compose several units per call, as on a GPU
-    monkeypatch.setattr(precompute_operators_module, "BATCHED_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(precompute_gaussians_module, "BATCHED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(throughput, "BATCHED_DEVICES", ("cuda", "cpu"))
     store = build_demo_samples(cfg)
     with throughput.recording() as phases:
         precompute_gaussians(cfg.data, cfg.sampling, cfg.gaussians, store)

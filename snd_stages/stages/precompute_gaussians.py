@@ -30,7 +30,7 @@ from ..reconstruct import ContextViews, build_reconstructor
 from ..runtime import resolve_device
 from ..scenes.layout import Scene, read_scene
 from ..store import Artifact, ArtifactWriter, Store
-from ..throughput import overlapped, overlapping, phase, unit_processes
+from ..throughput import overlapped, phase, unit_processes, units_per_call
 
 
 def context_views(scene: Scene, positions: tuple[int, int], needs_depth: bool,
@@ -71,9 +71,9 @@ def write_pairs(gaussians: GaussiansCfg, dataset_root: Path, pairs: dict[str, tu
 
     device = resolve_device(gaussians.device, "gaussians.device").type
     per_call = 1
-    if overlapping() and device in BATCHED_DEVICES and reconstructor.reconstruct_together is not None:
+    if reconstructor.reconstruct_together is not None:
         camera = scene_of(pairs[names[0]][0]).camera
-        per_call = max(1, min(MOST_PAIRS_PER_CALL, PIXELS_PER_CALL // (2 * camera.height * camera.width)))
+        per_call = units_per_call(device, 2 * camera.height * camera.width, MOST_PAIRS_PER_CALL)
 
     def compute(batch: list[str], inputs: list[ContextViews]) -> list[Gaussians]:
         with torch.no_grad():
@@ -90,13 +90,9 @@ def write_pairs(gaussians: GaussiansCfg, dataset_root: Path, pairs: dict[str, tu
         pass
 
 
-# Context views reconstructed per call where the reconstructor takes several pairs at once (the depth one): on a GPU
-# a small pair's cost is the call's launches and synchronisations, which the pairs then share; its float64
-# intermediates keep a call's memory to a few GB at this many pixels. On the CPU a pair costs its arithmetic: one per
-# call there.
-PIXELS_PER_CALL = 1 << 21
+# Context pairs reconstructed per call at most, where the reconstructor takes several at once (the depth one; how many
+# fit: throughput.units_per_call).
 MOST_PAIRS_PER_CALL = 16
-BATCHED_DEVICES = ("cuda",)
 
 
 def precompute_gaussians(

@@ -35,7 +35,7 @@ from ..runtime import resolve_device
 from ..splat.operator import OperatorInputs, SplatOperator, build_splat_operators
 from ..splat.quirks import render_inputs
 from ..store import Artifact, ArtifactWriter, Store
-from ..throughput import overlapped, overlapping, phase, unit_processes
+from ..throughput import overlapped, phase, unit_processes, units_per_call
 
 
 def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, train: TrainCfg,
@@ -60,8 +60,7 @@ def write_operators(gaussians_artifact: Artifact, masks_artifact: Artifact, trai
         scene_id, context, target = units[name]
         return (*pair_inputs(scene_id, context), read_mask(scene_id, target))
 
-    batched = overlapping() and device.type in BATCHED_DEVICES
-    per_call = units_per_call(gaussians_artifact, units[names[0]]) if batched else 1
+    per_call = units_per_call(device.type, render_pixels(gaussians_artifact, units[names[0]]), MOST_UNITS_PER_CALL)
     on_device: dict[str, object] = {}
 
     def compute(batch: list[str],
@@ -138,21 +137,15 @@ def precompute_operators(
     return run_stage(store, spec, config_yaml, force, build, expected_units=len(units), shard=shard)
 
 
-# Target pixels composed per call: on a GPU a small sample's cost is the composition's launches and
-# synchronisations, so samples share them, as many as keep one call's sparse matrices within a few hundred MB.
-PIXELS_PER_CALL = 1 << 21
+# Samples composed per call at most (how many fit: throughput.units_per_call).
 MOST_UNITS_PER_CALL = 32
-# On the CPU a sample costs its arithmetic, not launches, and the torch renderer's intermediates for 32 demo samples
-# at once took over 17 GB: one sample per call there.
-BATCHED_DEVICES = ("cuda",)
 
 
-def units_per_call(gaussians_artifact: Artifact, unit: tuple[str, tuple[int, int], int]) -> int:
-    """How many samples one composition takes, from the render size of a unit's context pair."""
+def render_pixels(gaussians_artifact: Artifact, unit: tuple[str, tuple[int, int], int]) -> int:
+    """The pixels a unit's operator renders: its context pair's frame size."""
     scene_id, context, _ = unit
     attributes = gaussians_artifact.unit(pair_unit_name(scene_id, context)).attrs
-    height, width = attributes["height"], attributes["width"]
-    return max(1, min(MOST_UNITS_PER_CALL, PIXELS_PER_CALL // (height * width)))
+    return attributes["height"] * attributes["width"]
 
 
 def _same_size_runs(samples: list[OperatorInputs]) -> list[list[OperatorInputs]]:
